@@ -1,0 +1,38 @@
+use std::hash::Hash;
+
+/// Derives the coalescing key of a request.
+///
+/// `None` means "do not coalesce this request": it goes straight to the inner service.
+/// Requests whose keys are equal and whose calls overlap in time share one call of the
+/// inner service.
+///
+/// Implemented for every closure `Fn(&Req) -> Option<K>`:
+///
+/// ```
+/// use tower_coalesce::coalesce::MakeKey;
+///
+/// struct CreateClient { client_id: String }
+///
+/// let by_client = |req: &CreateClient| Some(req.client_id.clone());
+/// let key = by_client.make_key(&CreateClient { client_id: "c-1".into() });
+/// assert_eq!(key.as_deref(), Some("c-1"));
+/// ```
+pub trait MakeKey<Req> {
+    /// The key. It is cloned once per flight and hashed once per request.
+    type Key: Hash + Eq + Clone + Send + Sync + 'static;
+
+    /// Returns the key of `req`, or `None` to pass it through uncoalesced.
+    fn make_key(&self, req: &Req) -> Option<Self::Key>;
+}
+
+impl<F, Req, K> MakeKey<Req> for F
+where
+    F: Fn(&Req) -> Option<K>,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    type Key = K;
+
+    fn make_key(&self, req: &Req) -> Option<K> {
+        self(req)
+    }
+}

@@ -1,0 +1,311 @@
+//! One flight: the shared work of a key and the callers waiting on it.
+//!
+//! This is the join/leave/complete protocol, kept free of the key registry so that it can
+//! be model-checked with loom (`RUSTFLAGS="--cfg loom" cargo test --lib --release loom`).
+//!
+//! # The protocol
+//!
+//! The work is a boxed future owned by the flight, not by any caller. Whichever waiter is
+//! polled while nobody drives the work takes it out of the lock, polls it with its own
+//! waker and becomes the *driver*. Every other waiter parks its waker in `wakers` and is
+//! not polled again until something happens to the flight:
+//!
+//! - the work completes (or panics): the driver stores the outcome and wakes everybody;
+//! - the driver leaves (its future is dropped): it wakes exactly one parked waiter, which
+//!   finds nobody driving and takes over the *same* future; the work is neither lost nor
+//!   started again;
+//! - the last waiter leaves: the work is dropped and the flight is marked abandoned so
+//!   that no new caller joins it.
+//!
+//! Waiters therefore never busy-poll: a flight of N callers costs N wakes in all.
+//!
+//! The future is polled outside the lock, so a slow poll never blocks callers that join or
+//! leave meanwhile; `Work::Running(None)` marks "taken out by the driver".
+
+use std::any::Any;
+use std::future::Future;
+use std::mem;
+use std::panic::{self, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use slab::Slab;
+
+use crate::sync::{Mutex, MutexGuard};
+
+/// The work of a flight, boxed so that any waiter can move it out and poll it.
+pub(crate) type BoxWork<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+pub(crate) struct Flight<T> {
+    state: Mutex<State<T>>,
+}
+
+struct State<T> {
+    work: Work<T>,
+    /// Id of the waiter whose waker the work saw last; `None` means the next waiter that
+    /// is polled drives.
+    driver: Option<u64>,
+    /// Waiters that have neither received the outcome nor been dropped.
+    waiters: usize,
+    /// Callers that ever joined; also the id of the next one.
+    callers: u64,
+    /// Wakers of waiters that wait for somebody else to drive.
+    wakers: Slab<Waker>,
+}
+
+enum Work<T> {
+    /// `None` while the leader is still building the work or while the driver polls it.
+    Running(Option<BoxWork<T>>),
+    /// `value` is taken, not cloned, by the last waiter to read it.
+    Done { value: Option<T>, shared: bool },
+    Panicked(String),
+    Abandoned,
+}
+
+/// A caller's place in a flight. Not `Clone`: each caller leaves exactly once.
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    id: u64,
+    slot: Option<usize>,
+    finished: bool,
+}
+
+impl Waiter {
+    pub(crate) fn is_leader(&self) -> bool {
+        self.id == 0
+    }
+}
+
+/// What a finished waiter takes away.
+pub(crate) struct Finished<T> {
+    pub(crate) value: T,
+    pub(crate) shared: bool,
+    /// This waiter ended the flight and must free its key in the registry.
+    pub(crate) release_key: bool,
+}
+
+/// The work panicked while this waiter drove it: it must free the key, then resume the
+/// panic with the original payload.
+pub(crate) struct DriverPanicked(pub(crate) Box<dyn Any + Send + 'static>);
+
+impl<T: Clone> Flight<T> {
+    /// A new flight whose leader is still building its work; the returned waiter is the
+    /// leader's. Call [`Flight::start`] (or [`Flight::fail_start`]) next.
+    pub(crate) fn new() -> (Self, Waiter) {
+        let flight = Flight {
+            state: Mutex::new(State {
+                work: Work::Running(None),
+                driver: None,
+                waiters: 1,
+                callers: 1,
+                wakers: Slab::new(),
+            }),
+        };
+        (flight, Waiter::new(0))
+    }
+
+    /// Hands the leader's work to the flight.
+    pub(crate) fn start(&self, work: BoxWork<T>) {
+        let mut state = self.lock();
+        state.work = Work::Running(Some(work));
+        // Followers that joined while the work was being built parked without a driver;
+        // wake one so that the work makes progress even if the leader is never polled.
+        let waker = state.wakers.iter().next().map(|(_, w)| w.clone());
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// The leader could not build its work (its closure panicked).
+    pub(crate) fn fail_start(&self, message: String) {
+        let mut state = self.lock();
+        state.waiters -= 1;
+        state.work = Work::Panicked(message);
+        let wakers = mem::take(&mut state.wakers);
+        drop(state);
+        wakers.into_iter().for_each(|(_, w)| w.wake());
+    }
+
+    /// Joins a running flight; `None` if it has already ended, in which case the caller
+    /// must start a new flight.
+    pub(crate) fn try_join(&self) -> Option<Waiter> {
+        let mut state = self.lock();
+        match state.work {
+            Work::Running(_) => {
+                let id = state.callers;
+                state.callers += 1;
+                state.waiters += 1;
+                Some(Waiter::new(id))
+            }
+            _ => None,
+        }
+    }
+
+    pub(crate) fn poll(
+        &self,
+        waiter: &mut Waiter,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Finished<T>, DriverPanicked>> {
+        assert!(!waiter.finished, "flight polled after completion");
+        let mut state = self.lock();
+        let may_drive = state.driver.is_none_or(|id| id == waiter.id);
+        let mut work = match &mut state.work {
+            Work::Running(work @ Some(_)) if may_drive => work.take().expect("matched Some"),
+            Work::Running(_) => {
+                state.park(waiter, cx.waker());
+                return Poll::Pending;
+            }
+            Work::Done { .. } => return Poll::Ready(Ok(state.read_outcome(waiter))),
+            Work::Panicked(message) => {
+                let message = format!("the shared work of this flight panicked: {message}");
+                state.leave(waiter);
+                drop(state);
+                panic!("{message}");
+            }
+            Work::Abandoned => unreachable!("a flight with a live waiter is never abandoned"),
+        };
+        state.driver = Some(waiter.id);
+        drop(state);
+
+        // Catching the panic is sound because the work is never polled again: it is dropped
+        // below and the flight only remembers the message.
+        let polled = panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx)));
+
+        let mut state = self.lock();
+        match polled {
+            Ok(Poll::Pending) => {
+                state.work = Work::Running(Some(work));
+                Poll::Pending
+            }
+            Ok(Poll::Ready(value)) => {
+                let shared = state.callers > 1;
+                state.work = Work::Done { value: Some(value), shared };
+                let mut finished = state.read_outcome(waiter);
+                finished.release_key = true;
+                let wakers = mem::take(&mut state.wakers);
+                drop(state);
+                // Drop the spent work outside the lock: its destructor is user code.
+                drop(work);
+                wakers.into_iter().for_each(|(_, w)| w.wake());
+                Poll::Ready(Ok(finished))
+            }
+            Err(payload) => {
+                state.work = Work::Panicked(panic_message(payload.as_ref()));
+                state.leave(waiter);
+                let wakers = mem::take(&mut state.wakers);
+                drop(state);
+                drop(work);
+                wakers.into_iter().for_each(|(_, w)| w.wake());
+                Poll::Ready(Err(DriverPanicked(payload)))
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn waiters(&self) -> usize {
+        self.lock().waiters
+    }
+}
+
+impl<T> Flight<T> {
+    /// A waiter goes away before it read the outcome (its future was dropped). Returns
+    /// `true` when it was the last one: the work has been dropped and the caller must free
+    /// the key.
+    pub(crate) fn leave(&self, waiter: &mut Waiter) -> bool {
+        if waiter.finished {
+            return false;
+        }
+        let mut state = self.lock();
+        state.leave(waiter);
+        if !matches!(state.work, Work::Running(_)) {
+            // Done or panicked: the outcome outlives its readers, nothing to hand over.
+            return false;
+        }
+        if state.waiters == 0 {
+            let work = mem::replace(&mut state.work, Work::Abandoned);
+            drop(state);
+            // Nobody is left to receive the result: drop the work now rather than let it
+            // run for nobody. Outside the lock, because its destructor is user code.
+            drop(work);
+            return true;
+        }
+        // If this waiter drove the work, or was woken to take it over, pass the duty on to
+        // one parked waiter; it finds nobody driving and polls the same future.
+        if state.driver.is_none_or(|id| id == waiter.id) {
+            state.driver = None;
+            let waker = state.wakers.iter().next().map(|(_, w)| w.clone());
+            drop(state);
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+        false
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        // No user code runs under this lock, so a poisoned lock still holds a consistent
+        // state; recover it rather than turn one panic into many.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+}
+
+impl<T> State<T> {
+    fn park(&mut self, waiter: &mut Waiter, waker: &Waker) {
+        match waiter.slot.and_then(|slot| self.wakers.get_mut(slot)) {
+            Some(parked) => parked.clone_from(waker),
+            None => waiter.slot = Some(self.wakers.insert(waker.clone())),
+        }
+    }
+
+    fn leave(&mut self, waiter: &mut Waiter) {
+        waiter.finished = true;
+        self.waiters -= 1;
+        // After completion the slab was drained and nobody parks again, so a stale slot
+        // finds nothing here.
+        if let Some(slot) = waiter.slot.take() {
+            self.wakers.try_remove(slot);
+        }
+    }
+}
+
+impl<T: Clone> State<T> {
+    fn read_outcome(&mut self, waiter: &mut Waiter) -> Finished<T> {
+        self.leave(waiter);
+        let last = self.waiters == 0;
+        let Work::Done { value, shared } = &mut self.work else {
+            unreachable!("outcome read before the work completed");
+        };
+        let value = if last {
+            value.take().expect("the last reader takes the value")
+        } else {
+            value.clone().expect("the value stays until the last reader")
+        };
+        Finished {
+            value,
+            shared: *shared,
+            release_key: false,
+        }
+    }
+}
+
+impl Waiter {
+    fn new(id: u64) -> Self {
+        Waiter {
+            id,
+            slot: None,
+            finished: false,
+        }
+    }
+}
+
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "Box<dyn Any>".to_owned()
+    }
+}

@@ -1,0 +1,195 @@
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::panic::{self, AssertUnwindSafe};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+
+use super::flight::{Flight, panic_message};
+use super::future::Run;
+use crate::sync::Arc;
+
+/// The registry of flights: one entry per key whose work is running.
+pub(crate) type Flights<K, T> = DashMap<K, Arc<Entry<K, T>>>;
+
+/// A flight and the key it is registered under, so that whichever caller ends the flight
+/// can free the key without every caller holding a copy of it.
+pub(crate) struct Entry<K, T> {
+    pub(crate) key: K,
+    pub(crate) flight: Flight<T>,
+}
+
+/// A registry of in-flight work, keyed by `K`, whose callers share one result of type `T`.
+///
+/// See the [module docs](crate::single_flight) for the guarantees and an example.
+///
+/// Cloning a `Group` is cheap and the clone shares the registry: callers of either clone
+/// coalesce with each other. Two groups made with [`Group::new`] never do.
+pub struct Group<K, T> {
+    flights: Arc<Flights<K, T>>,
+}
+
+impl<K, T> Group<K, T>
+where
+    K: Hash + Eq + Clone,
+    T: Clone,
+{
+    /// Creates an empty group.
+    pub fn new() -> Self {
+        Group {
+            flights: Arc::new(DashMap::new()),
+        }
+    }
+
+    /// Runs the future made by `make` once for every caller that uses `key` while it runs.
+    ///
+    /// If a flight for `key` is running, the caller joins it and `make` is not called.
+    /// Otherwise the caller becomes the leader of a new flight: `make` is called once,
+    /// right away, and its future becomes the flight's work. The key is claimed when
+    /// `run` is called, not when the returned [`Run`] is first polled, so that callers are
+    /// coalesced in the order in which they call `run`.
+    ///
+    /// The returned future resolves to an [`Outcome`] holding a clone of the result.
+    ///
+    /// # Cancellation
+    ///
+    /// Dropping the returned future leaves the flight. The work goes on as long as any
+    /// caller waits for it, whoever started it; when the last caller leaves, the work is
+    /// dropped where it stands and the key is free for a new flight.
+    ///
+    /// # Panics
+    ///
+    /// If `make` or the work panics, every caller of that flight panics: the caller whose
+    /// task was polling the work resumes the original panic, the others panic with its
+    /// message. The key is free afterwards, and the next call starts a fresh flight.
+    pub fn run<F, Fut>(&self, key: K, make: F) -> Run<K, T>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let entry = match self.flights.entry(key) {
+            MapEntry::Occupied(mut occupied) => {
+                if let Some(waiter) = occupied.get().flight.try_join() {
+                    return Run::new(occupied.get().clone(), self.flights.clone(), waiter);
+                }
+                // The registered flight has ended but its key is not freed yet: replace it.
+                // Its last caller frees the key only if the entry is still its own.
+                let (entry, waiter) = Entry::new(occupied.key().clone());
+                occupied.insert(entry.clone());
+                (entry, waiter)
+            }
+            MapEntry::Vacant(vacant) => {
+                let (entry, waiter) = Entry::new(vacant.key().clone());
+                vacant.insert(entry.clone());
+                (entry, waiter)
+            }
+        };
+        // The registry's shard lock is released here: `make` is user code and must be free
+        // to call into this group again.
+        let (entry, waiter) = entry;
+        match panic::catch_unwind(AssertUnwindSafe(make)) {
+            Ok(work) => {
+                entry.flight.start(Box::pin(work));
+                Run::new(entry, self.flights.clone(), waiter)
+            }
+            Err(payload) => {
+                entry.flight.fail_start(panic_message(payload.as_ref()));
+                release(&self.flights, &entry);
+                panic::resume_unwind(payload)
+            }
+        }
+    }
+
+    /// The number of keys with a flight in progress.
+    pub fn in_flight(&self) -> usize {
+        self.flights.len()
+    }
+}
+
+impl<K, T> Entry<K, T>
+where
+    T: Clone,
+{
+    fn new(key: K) -> (Arc<Self>, super::flight::Waiter) {
+        let (flight, waiter) = Flight::new();
+        (Arc::new(Entry { key, flight }), waiter)
+    }
+}
+
+/// Frees the key of a flight that has ended, unless a newer flight holds it already.
+pub(crate) fn release<K, T>(flights: &Flights<K, T>, entry: &Arc<Entry<K, T>>)
+where
+    K: Hash + Eq,
+{
+    flights.remove_if(&entry.key, |_, registered| Arc::ptr_eq(registered, entry));
+}
+
+impl<K, T> Default for Group<K, T>
+where
+    K: Hash + Eq + Clone,
+    T: Clone,
+{
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K, T> Clone for Group<K, T> {
+    fn clone(&self) -> Self {
+        Group {
+            flights: self.flights.clone(),
+        }
+    }
+}
+
+impl<K, T> fmt::Debug for Group<K, T>
+where
+    K: Hash + Eq,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Group")
+            .field("in_flight", &self.flights.len())
+            .finish()
+    }
+}
+
+/// The result of a [`Run`]: the value and how the caller came by it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome<T> {
+    value: T,
+    shared: bool,
+    leader: bool,
+}
+
+impl<T> Outcome<T> {
+    pub(crate) fn new(value: T, shared: bool, leader: bool) -> Self {
+        Outcome {
+            value,
+            shared,
+            leader,
+        }
+    }
+
+    /// The result of the flight's work.
+    pub fn value(&self) -> &T {
+        &self.value
+    }
+
+    /// Takes the result of the flight's work.
+    pub fn into_value(self) -> T {
+        self.value
+    }
+
+    /// Whether more than one caller joined the flight, as the `shared` result of Go's
+    /// `singleflight.Group.Do`. A follower's outcome is always shared; the leader's is
+    /// shared if anyone joined while the work ran, even a caller who later left.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Whether this caller started the flight (called `make`), rather than joined it.
+    pub fn is_leader(&self) -> bool {
+        self.leader
+    }
+}
