@@ -57,7 +57,10 @@ enum Work<T> {
     /// `None` while the leader is still building the work or while the driver polls it.
     Running(Option<BoxWork<T>>),
     /// `value` is taken, not cloned, by the last waiter to read it.
-    Done { value: Option<T>, shared: bool },
+    Done {
+        value: Option<T>,
+        shared: bool,
+    },
     Panicked(String),
     Abandoned,
 }
@@ -180,7 +183,10 @@ impl<T: Clone> Flight<T> {
             }
             Ok(Poll::Ready(value)) => {
                 let shared = state.callers > 1;
-                state.work = Work::Done { value: Some(value), shared };
+                state.work = Work::Done {
+                    value: Some(value),
+                    shared,
+                };
                 let mut finished = state.read_outcome(waiter);
                 finished.release_key = true;
                 let wakers = mem::take(&mut state.wakers);
@@ -246,9 +252,10 @@ impl<T> Flight<T> {
     fn lock(&self) -> MutexGuard<'_, State<T>> {
         // No user code runs under this lock, so a poisoned lock still holds a consistent
         // state; recover it rather than turn one panic into many.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-
 }
 
 impl<T> State<T> {
@@ -280,7 +287,9 @@ impl<T: Clone> State<T> {
         let value = if last {
             value.take().expect("the last reader takes the value")
         } else {
-            value.clone().expect("the value stays until the last reader")
+            value
+                .clone()
+                .expect("the value stays until the last reader")
         };
         Finished {
             value,

@@ -29,7 +29,11 @@ impl<K, T> Run<K, T>
 where
     K: Hash + Eq,
 {
-    pub(crate) fn new(entry: Arc<Entry<K, T>>, flights: Arc<Flights<K, T>>, waiter: Waiter) -> Self {
+    pub(crate) fn new(
+        entry: Arc<Entry<K, T>>,
+        flights: Arc<Flights<K, T>>,
+        waiter: Waiter,
+    ) -> Self {
         Run {
             entry,
             flights,

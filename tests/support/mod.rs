@@ -1,0 +1,65 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::Semaphore;
+
+/// Holds work back until the test opens it, so that every caller joins the flight first.
+#[derive(Clone)]
+pub struct Gate(Arc<Semaphore>);
+
+impl Gate {
+    pub fn closed() -> Self {
+        Gate(Arc::new(Semaphore::new(0)))
+    }
+
+    pub async fn pass(&self) {
+        self.0
+            .acquire()
+            .await
+            .expect("gate closed for good")
+            .forget();
+    }
+
+    pub fn open(&self) {
+        self.0.add_permits(Semaphore::MAX_PERMITS / 2);
+    }
+}
+
+/// Counts events across tasks.
+#[derive(Clone, Default)]
+pub struct Counter(Arc<AtomicUsize>);
+
+impl Counter {
+    pub fn incr(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst)
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Waits (yielding, never sleeping long) until the count reaches `n`.
+    pub async fn reach(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.get() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "count stuck at {} of {n}",
+                self.get()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// Increments a counter when dropped: tells whether work was dropped before completing.
+pub struct DropFlag(pub Counter);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.incr();
+    }
+}
