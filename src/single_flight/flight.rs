@@ -318,3 +318,174 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
         "Box<dyn Any>".to_owned()
     }
 }
+
+/// Model checks of the protocol: `RUSTFLAGS="--cfg loom" cargo test --lib --release loom`.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use std::future::{Future, poll_fn};
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+
+    use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    use loom::sync::{Arc, Mutex};
+    use loom::thread;
+
+    use super::{Flight, Waiter};
+
+    /// An event the work waits for, set from another thread.
+    #[derive(Clone, Default)]
+    struct Signal(Arc<(AtomicBool, Mutex<Option<Waker>>)>);
+
+    impl Signal {
+        fn set(&self) {
+            self.0.0.store(true, SeqCst);
+            if let Some(waker) = self.0.1.lock().unwrap().take() {
+                waker.wake();
+            }
+        }
+    }
+
+    impl Future for Signal {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            *self.0.1.lock().unwrap() = Some(cx.waker().clone());
+            if self.0.0.load(SeqCst) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Work that waits for `signal`, counts its completions and its drops.
+    fn work(
+        signal: Signal,
+        done: Arc<AtomicUsize>,
+        dropped: Arc<AtomicUsize>,
+    ) -> super::BoxWork<u32> {
+        struct OnDrop(Arc<AtomicUsize>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, SeqCst);
+            }
+        }
+        Box::pin(async move {
+            let _on_drop = OnDrop(dropped);
+            signal.await;
+            done.fetch_add(1, SeqCst);
+            7
+        })
+    }
+
+    fn wait(flight: &Flight<u32>, waiter: &mut Waiter) -> u32 {
+        loom::future::block_on(poll_fn(|cx| flight.poll(waiter, cx)))
+            .unwrap_or_else(|_| panic!("the work does not panic here"))
+            .value
+    }
+
+    /// Leader and follower on two threads, the work released by a third: both get the one
+    /// result, the work completes once.
+    #[test]
+    fn loom_leader_and_follower_share_one_completion() {
+        loom::model(|| {
+            let (signal, done, dropped) = (Signal::default(), Arc::default(), Arc::default());
+            let (flight, mut leader) = Flight::new();
+            let flight = Arc::new(flight);
+            flight.start(work(
+                signal.clone(),
+                Arc::clone(&done),
+                Arc::clone(&dropped),
+            ));
+            let mut follower = flight.try_join().expect("running flight accepts joins");
+
+            let f = flight.clone();
+            let t = thread::spawn(move || wait(&f, &mut follower));
+            let s = thread::spawn(move || signal.set());
+            assert_eq!(wait(&flight, &mut leader), 7);
+            assert_eq!(t.join().unwrap(), 7);
+            s.join().unwrap();
+            assert_eq!(done.load(SeqCst), 1);
+            assert_eq!(dropped.load(SeqCst), 1);
+            assert_eq!(flight.waiters(), 0);
+        });
+    }
+
+    /// The leader leaves while the follower waits: the follower takes over the same work and
+    /// is never stranded (loom reports a deadlock if it is never woken).
+    #[test]
+    fn loom_a_leaving_driver_hands_the_work_over() {
+        loom::model(|| {
+            let (signal, done, dropped) = (Signal::default(), Arc::default(), Arc::default());
+            let (flight, mut leader) = Flight::new();
+            let flight = Arc::new(flight);
+            flight.start(work(
+                signal.clone(),
+                Arc::clone(&done),
+                Arc::clone(&dropped),
+            ));
+            let mut follower = flight.try_join().unwrap();
+
+            // The leader drives once, then is cancelled.
+            let f = flight.clone();
+            let l = thread::spawn(move || {
+                let waker = futures::task::noop_waker();
+                let _ = f.poll(&mut leader, &mut Context::from_waker(&waker));
+                assert!(!f.leave(&mut leader), "the follower still waits");
+            });
+            let s = thread::spawn(move || signal.set());
+            assert_eq!(wait(&flight, &mut follower), 7);
+            l.join().unwrap();
+            s.join().unwrap();
+            assert_eq!(done.load(SeqCst), 1);
+        });
+    }
+
+    /// Both callers leave concurrently: exactly one of them sees the flight abandoned, and the
+    /// work is dropped exactly once, without completing.
+    #[test]
+    fn loom_the_last_caller_to_leave_drops_the_work() {
+        loom::model(|| {
+            let (done, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let (flight, mut leader) = Flight::new();
+            let flight = Arc::new(flight);
+            flight.start(work(Signal::default(), done.clone(), dropped.clone()));
+            let mut follower = flight.try_join().unwrap();
+
+            let f = flight.clone();
+            let t = thread::spawn(move || {
+                let waker = futures::task::noop_waker();
+                let _ = f.poll(&mut follower, &mut Context::from_waker(&waker));
+                f.leave(&mut follower)
+            });
+            let mine = flight.leave(&mut leader);
+            let theirs = t.join().unwrap();
+            assert!(mine ^ theirs, "exactly one caller frees the key");
+            assert_eq!(done.load(SeqCst), 0);
+            assert_eq!(dropped.load(SeqCst), 1);
+            assert!(
+                flight.try_join().is_none(),
+                "an abandoned flight takes no joiners"
+            );
+        });
+    }
+
+    /// A caller joining while the work completes either joins and gets the result, or is
+    /// refused and starts afresh; never stranded.
+    #[test]
+    fn loom_a_join_racing_completion_is_served_or_refused() {
+        loom::model(|| {
+            let (done, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let signal = Signal::default();
+            signal.set();
+            let (flight, mut leader) = Flight::new();
+            let flight = Arc::new(flight);
+            flight.start(work(signal, done.clone(), dropped));
+
+            let f = flight.clone();
+            let t = thread::spawn(move || f.try_join().map(|mut w| wait(&f, &mut w)));
+            assert_eq!(wait(&flight, &mut leader), 7);
+            assert!(t.join().unwrap().is_none_or(|v| v == 7));
+            assert_eq!(done.load(SeqCst), 1);
+        });
+    }
+}
