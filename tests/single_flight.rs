@@ -332,7 +332,7 @@ async fn a_panic_reaches_every_waiter_and_frees_the_key() {
 async fn a_panic_while_making_the_work_reaches_the_leader_and_frees_the_key() {
     let group: Group<u32, u8> = Group::new();
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = group.run(1, || -> std::future::Ready<u8> { panic!("no work today") });
+        drop(group.run(1, || -> std::future::Ready<u8> { panic!("no work today") }));
     }));
     assert!(caught.is_err());
     assert_eq!(group.in_flight(), 0);

@@ -208,7 +208,7 @@ impl<T: Clone> Flight<T> {
         }
     }
 
-    #[cfg(test)]
+    #[cfg(all(test, loom))]
     pub(crate) fn waiters(&self) -> usize {
         self.lock().waiters
     }

@@ -1,0 +1,301 @@
+//! Side-by-side costs of coalescing, in one run:
+//!
+//! - `distinct_keys`: one call per key, nothing to share: the overhead a coalescer adds to
+//!   every request that does not overlap with another. Baseline: a bare `DashMap` insert +
+//!   remove, the least any registry does.
+//! - `fan_in_1000`: 1000 tasks call with one key at once; the work completes once every
+//!   caller has registered. One round = spawn, share, join. Executions per round are
+//!   counted and printed at the end: anything above 1.00 is duplicated work.
+//!
+//! Run with `cargo bench --bench coalesce`; compare within one run.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::{Future, ready};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use dashmap::DashMap;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use tokio::runtime::Runtime;
+use tokio::sync::Semaphore;
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_coalesce::coalesce::CoalesceLayer;
+use tower_coalesce::single_flight::Group;
+
+const FAN_IN: usize = 1000;
+
+/// The obvious hand-rolled coalescer: a mutex around a map of shared boxed futures.
+#[derive(Clone, Default)]
+struct HandRolled {
+    map: Arc<Mutex<HashMap<u64, Shared<BoxFuture<'static, u64>>>>>,
+}
+
+impl HandRolled {
+    async fn work(&self, key: u64, fut: impl Future<Output = u64> + Send + 'static) -> u64 {
+        let (shared, leader) = {
+            let mut map = self.map.lock().unwrap();
+            match map.get(&key) {
+                Some(shared) => (shared.clone(), false),
+                None => {
+                    let shared = fut.boxed().shared();
+                    map.insert(key, shared.clone());
+                    (shared, true)
+                }
+            }
+        };
+        let value = shared.await;
+        if leader {
+            self.map.lock().unwrap().remove(&key);
+        }
+        value
+    }
+}
+
+fn current_thread() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+}
+
+fn multi_thread() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap()
+}
+
+fn distinct_keys(c: &mut Criterion) {
+    let mut group = c.benchmark_group("distinct_keys");
+    let rt = current_thread();
+    let next = AtomicU64::new(0);
+    let key = || next.fetch_add(1, Ordering::Relaxed);
+
+    let map: DashMap<u64, ()> = DashMap::new();
+    group.bench_function("dashmap_insert_remove", |b| {
+        b.iter(|| {
+            let k = key();
+            map.insert(k, ());
+            black_box(map.remove(&k));
+        })
+    });
+
+    let bare = service_fn(|k: u64| ready(Ok::<_, Infallible>(k)));
+    group.bench_function("bare_service", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut svc = bare;
+            async move { svc.ready().await.unwrap().call(key()).await.unwrap() }
+        })
+    });
+
+    let coalesce = CoalesceLayer::new(|k: &u64| Some(*k)).layer(bare);
+    group.bench_function("coalesce_layer", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut svc = coalesce.clone();
+            async move { svc.ready().await.unwrap().call(key()).await.unwrap() }
+        })
+    });
+
+    let unkeyed = CoalesceLayer::new(|_: &u64| None::<u64>).layer(bare);
+    group.bench_function("coalesce_layer_unkeyed", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut svc = unkeyed.clone();
+            async move { svc.ready().await.unwrap().call(key()).await.unwrap() }
+        })
+    });
+
+    let ours: Group<u64, u64> = Group::new();
+    group.bench_function("single_flight_group", |b| {
+        b.to_async(&rt).iter(|| {
+            let k = key();
+            ours.run(k, move || ready(k)).map(|o| o.into_value())
+        })
+    });
+
+    let hand = HandRolled::default();
+    group.bench_function("hand_rolled_mutex_shared", |b| {
+        b.to_async(&rt).iter(|| {
+            let k = key();
+            hand.work(k, ready(k))
+        })
+    });
+
+    let sfa = singleflight_async::SingleFlight::<u64, u64>::new();
+    group.bench_function("singleflight_async", |b| {
+        b.to_async(&rt).iter(|| {
+            let k = key();
+            sfa.work(k, move || ready(k))
+        })
+    });
+
+    let asf = async_singleflight::UnaryGroup::<u64, u64>::new();
+    group.bench_function("async_singleflight", |b| {
+        b.to_async(&rt).iter(|| {
+            let k = key();
+            let asf = &asf;
+            async move { asf.work(&k, ready(k)).await }
+        })
+    });
+
+    let moka = moka::future::Cache::<u64, u64>::new(10_000);
+    group.bench_function("moka_get_with", |b| {
+        b.to_async(&rt).iter(|| {
+            let k = key();
+            let moka = &moka;
+            async move {
+                let v = moka.get_with(k, ready(k)).await;
+                moka.invalidate(&k).await;
+                v
+            }
+        })
+    });
+    group.finish();
+}
+
+/// One fan-in round: `FAN_IN` tasks, each polls its call once (so it is registered with the
+/// coalescer) and checks in; the last to check in releases the work.
+type Caller =
+    Arc<dyn Fn(Arc<Semaphore>, Arc<AtomicUsize>) -> BoxFuture<'static, u64> + Send + Sync>;
+
+/// Resets a contender between rounds (moka caches what it computed).
+type AfterRound = Box<dyn Fn() + Send>;
+
+async fn fan_in_round(caller: Caller, executions: Arc<AtomicUsize>) {
+    let release = Arc::new(Semaphore::new(0));
+    let checked_in = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..FAN_IN)
+        .map(|_| {
+            let (caller, release, checked_in, executions) = (
+                caller.clone(),
+                release.clone(),
+                checked_in.clone(),
+                executions.clone(),
+            );
+            tokio::spawn(async move {
+                let mut call = caller(release.clone(), executions);
+                let first = futures::poll!(&mut call);
+                if checked_in.fetch_add(1, Ordering::AcqRel) + 1 == FAN_IN {
+                    release.close();
+                }
+                match first {
+                    std::task::Poll::Ready(v) => v,
+                    std::task::Poll::Pending => call.await,
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        black_box(task.await.unwrap());
+    }
+}
+
+/// The shared work: counts itself, then waits for the round's release (a closed semaphore).
+async fn work(release: Arc<Semaphore>, executions: Arc<AtomicUsize>) -> u64 {
+    executions.fetch_add(1, Ordering::Relaxed);
+    // Closing releases every waiter, also the work of a late duplicate execution.
+    let _ = release.acquire().await;
+    42
+}
+
+fn fan_in(c: &mut Criterion) {
+    let rt = multi_thread();
+    let mut group = c.benchmark_group("fan_in_1000");
+    group.sample_size(20);
+    let mut report = Vec::new();
+
+    let mut contenders: Vec<(&str, Caller, Option<AfterRound>)> = Vec::new();
+
+    let ours: Group<u64, u64> = Group::new();
+    contenders.push((
+        "single_flight_group",
+        Arc::new(move |r, e| ours.run(1, || work(r, e)).map(|o| o.into_value()).boxed()),
+        None,
+    ));
+
+    let layer_svc =
+        CoalesceLayer::new(|_: &(Arc<Semaphore>, Arc<AtomicUsize>)| Some(1u64)).layer(service_fn(
+            |(r, e): (Arc<Semaphore>, Arc<AtomicUsize>)| work(r, e).map(Ok::<_, Infallible>),
+        ));
+    contenders.push((
+        "coalesce_layer",
+        Arc::new(move |r, e| {
+            let svc = layer_svc.clone();
+            async move { svc.oneshot((r, e)).await.unwrap() }.boxed()
+        }),
+        None,
+    ));
+
+    let hand = HandRolled::default();
+    contenders.push((
+        "hand_rolled_mutex_shared",
+        Arc::new(move |r, e| {
+            let hand = hand.clone();
+            async move { hand.work(1, work(r, e)).await }.boxed()
+        }),
+        None,
+    ));
+
+    let sfa = Arc::new(singleflight_async::SingleFlight::<u64, u64>::new());
+    contenders.push((
+        "singleflight_async",
+        Arc::new(move |r, e| {
+            let sfa = sfa.clone();
+            async move { sfa.work(1, || work(r, e)).await }.boxed()
+        }),
+        None,
+    ));
+
+    let asf = Arc::new(async_singleflight::UnaryGroup::<u64, u64>::new());
+    contenders.push((
+        "async_singleflight",
+        Arc::new(move |r, e| {
+            let asf = asf.clone();
+            async move { asf.work(&1, work(r, e)).await }.boxed()
+        }),
+        None,
+    ));
+
+    let moka = moka::future::Cache::<u64, u64>::new(10);
+    let moka_reset = moka.clone();
+    contenders.push((
+        "moka_get_with",
+        Arc::new(move |r, e| {
+            let moka = moka.clone();
+            async move { moka.get_with(1, work(r, e)).await }.boxed()
+        }),
+        // moka caches: forget the value after each round so that the next one runs again.
+        Some(Box::new(move || moka_reset.invalidate_all())),
+    ));
+
+    for (name, caller, after_round) in contenders {
+        let executions = Arc::new(AtomicUsize::new(0));
+        let rounds = Arc::new(AtomicUsize::new(0));
+        group.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.to_async(&rt).iter(|| {
+                rounds.fetch_add(1, Ordering::Relaxed);
+                let round = fan_in_round(caller.clone(), executions.clone());
+                let after = after_round.as_ref();
+                async move {
+                    round.await;
+                    if let Some(after) = after {
+                        after();
+                    }
+                }
+            })
+        });
+        let per_round =
+            executions.load(Ordering::Relaxed) as f64 / rounds.load(Ordering::Relaxed) as f64;
+        report.push(format!("{name:>26}: {per_round:.3} executions per round"));
+    }
+    group.finish();
+    eprintln!("\nfan_in_1000 executions per round (1.000 = no duplicated work):");
+    for line in report {
+        eprintln!("{line}");
+    }
+}
+
+criterion_group!(benches, distinct_keys, fan_in);
+criterion_main!(benches);
