@@ -1,7 +1,7 @@
-//! Synchronisation primitives, swapped for loom's under `--cfg loom` so that the flight
+//! Synchronisation primitives, swapped for loom's under `--cfg coalesce_loom` so that the flight
 //! protocol can be model-checked.
 
-#[cfg(loom)]
+#[cfg(coalesce_loom)]
 pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
-#[cfg(not(loom))]
+#[cfg(not(coalesce_loom))]
 pub(crate) use std::sync::{Arc, Mutex, MutexGuard};

@@ -1,7 +1,7 @@
 //! One flight: the shared work of a key and the callers waiting on it.
 //!
 //! This is the join/leave/complete protocol, kept free of the key registry so that it can
-//! be model-checked with loom (`RUSTFLAGS="--cfg loom" cargo test --lib --release loom`).
+//! be model-checked with loom (`RUSTFLAGS="--cfg coalesce_loom" cargo test --lib --release loom`).
 //!
 //! # The protocol
 //!
@@ -208,7 +208,7 @@ impl<T: Clone> Flight<T> {
         }
     }
 
-    #[cfg(all(test, loom))]
+    #[cfg(all(test, coalesce_loom))]
     pub(crate) fn waiters(&self) -> usize {
         self.lock().waiters
     }
@@ -319,8 +319,8 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
-/// Model checks of the protocol: `RUSTFLAGS="--cfg loom" cargo test --lib --release loom`.
-#[cfg(all(test, loom))]
+/// Model checks of the protocol: `RUSTFLAGS="--cfg coalesce_loom" cargo test --lib --release loom`.
+#[cfg(all(test, coalesce_loom))]
 mod loom_tests {
     use std::future::{Future, poll_fn};
     use std::pin::Pin;
