@@ -1,6 +1,67 @@
-//! Request coalescing for Tower services.
+//! Request coalescing for Tower services:
+//! `async fn(Request) -> Result<Response, Error>`, run once for concurrent requests with
+//! equal keys.
 //!
-//! See the README for an overview.
+//! # Overview
+//!
+//! Identical requests that arrive together (a double click, several tabs, a client retry)
+//! each run the same handler; a handler that checks whether a row exists and inserts it
+//! otherwise then fails on the unique index for all but one of them
+//! (`duplicate key value violates unique constraint`). [`CoalesceLayer`] puts such requests
+//! onto one shared call: the first request with a key calls the inner service, the requests
+//! with the same key that arrive while it runs wait for it, and every caller receives a clone
+//! of its response or error. The key is free again as soon as the call completes: this
+//! coalesces, it does not cache.
+//!
+//! - [`coalesce`]: the Tower middleware, [`Coalesce`] and [`CoalesceLayer`].
+//! - [`single_flight`]: the core, usable without Tower: [`Group::run`].
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_coalesce::coalesce::CoalesceLayer;
+//!
+//! #[derive(Clone)]
+//! struct CreateClient {
+//!     client_id: String,
+//! }
+//!
+//! async fn create_client(req: CreateClient) -> Result<String, Infallible> {
+//!     // SELECT ... WHERE id = $1; INSERT ... if missing
+//!     Ok(format!("client {}", req.client_id))
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Infallible> {
+//! let svc = ServiceBuilder::new()
+//!     // Requests with the same client id share one call; `None` would pass a request through.
+//!     .layer(CoalesceLayer::new(|req: &CreateClient| Some(req.client_id.clone())))
+//!     .service_fn(create_client);
+//!
+//! let response = svc.oneshot(CreateClient { client_id: "c-1".into() }).await?;
+//! assert_eq!(response, "client c-1");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Guarantees
+//!
+//! - One inner call per flight, however many callers join it, under real races.
+//! - The call belongs to the flight, not to the caller that started it: a cancelled caller
+//!   never cancels it for the others nor makes it run twice; when every caller is gone the
+//!   call is dropped and the key freed.
+//! - A panic in the call reaches every waiter of that flight; the key works again after it.
+//! - Waiting callers are woken once, when the result is there (no busy polling).
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.85 (edition 2024). Raising it is not a breaking change.
+//!
+//! [`CoalesceLayer`]: crate::coalesce::CoalesceLayer
+//! [`Coalesce`]: crate::coalesce::Coalesce
+//! [`Group::run`]: crate::single_flight::Group::run
 
 #![forbid(unsafe_code)]
 #![warn(
@@ -9,6 +70,7 @@
     rust_2018_idioms,
     unreachable_pub
 )]
+#![deny(rustdoc::broken_intra_doc_links)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod coalesce;

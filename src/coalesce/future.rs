@@ -16,7 +16,8 @@ pin_project! {
     /// Response future of [`Coalesce`](super::Coalesce).
     ///
     /// Dropping it leaves the request's flight; the inner call goes on while other callers
-    /// wait for it.
+    /// wait for it, and is dropped with the last of them. If the inner call panics, polling
+    /// this future panics, as it does for every caller of the flight.
     pub struct ResponseFuture<S, Req, K>
     where
         S: Service<Req>,

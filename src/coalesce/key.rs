@@ -6,6 +6,11 @@ use std::hash::Hash;
 /// Requests whose keys are equal and whose calls overlap in time share one call of the
 /// inner service.
 ///
+/// # Panics
+///
+/// `make_key` runs in [`Service::call`](tower::Service::call), before the request joins or
+/// starts a flight: if it panics, only that caller panics, and no flight is affected.
+///
 /// Implemented for every closure `Fn(&Req) -> Option<K>`:
 ///
 /// ```

@@ -12,6 +12,8 @@ use super::Coalesce;
 /// `Router::layer` applies the layer to each route, every route therefore coalesces only
 /// its own requests, and equal keys on two routes never meet.
 ///
+/// Cancellation and panics behave as described on [`Coalesce`].
+///
 /// See the [module docs](crate::coalesce) for an example.
 #[derive(Clone)]
 pub struct CoalesceLayer<F> {
