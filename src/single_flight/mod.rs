@@ -56,7 +56,11 @@
 //! caller of a flight is dropped, the work is dropped and the key is free again.
 //!
 //! Callers that wait while another drives are not polled until the work completes or the
-//! driver leaves: waiting costs no CPU.
+//! driver leaves: waiting costs no CPU. The flip side: the work's waker reaches its driver
+//! only, so a caller that keeps its [`Run`] but stops polling it (without dropping it, e.g.
+//! parked after losing a `select!`) holds the flight up until it is polled or dropped, as
+//! with any design where a caller's task drives the work. Drop a `Run` you no longer wait
+//! for: that hands the work over at once.
 //!
 //! # Panics
 //!
