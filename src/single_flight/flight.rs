@@ -113,11 +113,7 @@ impl<T: Clone> Flight<T> {
         state.work = Work::Running(Some(work));
         // Followers that joined while the work was being built parked without a driver;
         // wake one so that the work makes progress even if the leader is never polled.
-        let waker = state.wakers.iter().next().map(|(_, w)| w.clone());
-        drop(state);
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        wake_one(state);
     }
 
     /// The leader could not build its work (its closure panicked).
@@ -125,9 +121,7 @@ impl<T: Clone> Flight<T> {
         let mut state = self.lock();
         state.waiters -= 1;
         state.work = Work::Panicked(message);
-        let wakers = mem::take(&mut state.wakers);
-        drop(state);
-        wakers.into_iter().for_each(|(_, w)| w.wake());
+        wake_all(state, None);
     }
 
     /// Joins a running flight; `None` if it has already ended, in which case the caller
@@ -189,20 +183,13 @@ impl<T: Clone> Flight<T> {
                 };
                 let mut finished = state.read_outcome(waiter);
                 finished.release_key = true;
-                let wakers = mem::take(&mut state.wakers);
-                drop(state);
-                // Drop the spent work outside the lock: its destructor is user code.
-                drop(work);
-                wakers.into_iter().for_each(|(_, w)| w.wake());
+                wake_all(state, Some(work));
                 Poll::Ready(Ok(finished))
             }
             Err(payload) => {
                 state.work = Work::Panicked(panic_message(payload.as_ref()));
                 state.leave(waiter);
-                let wakers = mem::take(&mut state.wakers);
-                drop(state);
-                drop(work);
-                wakers.into_iter().for_each(|(_, w)| w.wake());
+                wake_all(state, Some(work));
                 Poll::Ready(Err(DriverPanicked(payload)))
             }
         }
@@ -240,18 +227,15 @@ impl<T> Flight<T> {
         // one parked waiter; it finds nobody driving and polls the same future.
         if state.driver.is_none_or(|id| id == waiter.id) {
             state.driver = None;
-            let waker = state.wakers.iter().next().map(|(_, w)| w.clone());
-            drop(state);
-            if let Some(waker) = waker {
-                waker.wake();
-            }
+            wake_one(state);
         }
         false
     }
 
     fn lock(&self) -> MutexGuard<'_, State<T>> {
-        // No user code runs under this lock, so a poisoned lock still holds a consistent
-        // state; recover it rather than turn one panic into many.
+        // Nothing but waker clones runs under this lock and no state is left half-updated
+        // across them, so a poisoned lock still holds a consistent state; recover it rather
+        // than turn one panic into many.
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -307,6 +291,24 @@ impl Waiter {
             finished: false,
         }
     }
+}
+
+/// Wakes one parked waiter, after releasing the lock.
+fn wake_one<T>(state: MutexGuard<'_, State<T>>) {
+    let waker = state.wakers.iter().next().map(|(_, w)| w.clone());
+    drop(state);
+    if let Some(waker) = waker {
+        waker.wake();
+    }
+}
+
+/// Wakes every parked waiter once the flight has ended. The spent work is dropped and
+/// the wakers are woken after releasing the lock: both run code that is not ours.
+fn wake_all<T>(mut state: MutexGuard<'_, State<T>>, spent: Option<BoxWork<T>>) {
+    let wakers = mem::take(&mut state.wakers);
+    drop(state);
+    drop(spent);
+    wakers.into_iter().for_each(|(_, w)| w.wake());
 }
 
 pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
