@@ -229,7 +229,7 @@ async fn a_poll_ready_error_reaches_every_caller_and_is_not_remembered() {
     for _ in 0..50 {
         callers.push(tokio::spawn(svc.ready().await.unwrap().call(req("k"))));
     }
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Every caller joined in `call`; the gate holds the leader's `poll_ready` meanwhile.
     gate.open();
     for caller in callers {
         let res = tokio::time::timeout(Duration::from_secs(10), caller)

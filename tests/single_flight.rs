@@ -228,14 +228,19 @@ async fn a_cancelled_leader_leaves_the_work_to_its_followers() {
             async move { group.run(7, make).await }
         });
         executions.reach(1).await; // the leader's task is driving the work
+        let joined = Counter::default();
         let followers: Vec<_> = (0..50)
             .map(|_| {
-                let (group, make) = (group.clone(), make.clone());
-                tokio::spawn(async move { group.run(7, make).await })
+                let (group, make, joined) = (group.clone(), make.clone(), joined.clone());
+                tokio::spawn(async move {
+                    let run = group.run(7, make);
+                    joined.incr();
+                    run.await
+                })
             })
             .collect();
-        // Let the followers join and park before the leader goes.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Every follower has joined before the leader goes (`run` joins synchronously).
+        joined.reach(50).await;
         leader.abort();
         assert!(leader.await.unwrap_err().is_cancelled());
         gate.open();
