@@ -74,5 +74,11 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod coalesce;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
 pub mod single_flight;
 mod sync;
+
+/// Alias for a type-erased error type.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -41,3 +41,26 @@ where
         self(req)
     }
 }
+
+/// Combines key makers: the key is the tuple of their keys, and `None` if any of them
+/// returns `None`. For example, an idempotency key together with the method and path.
+macro_rules! impl_make_key_for_tuple {
+    ($($name:ident),+) => {
+        impl<Req, $($name),+> MakeKey<Req> for ($($name,)+)
+        where
+            $($name: MakeKey<Req>,)+
+        {
+            type Key = ($($name::Key,)+);
+
+            #[allow(non_snake_case)]
+            fn make_key(&self, req: &Req) -> Option<Self::Key> {
+                let ($($name,)+) = self;
+                Some(($($name.make_key(req)?,)+))
+            }
+        }
+    };
+}
+
+impl_make_key_for_tuple!(A, B);
+impl_make_key_for_tuple!(A, B, C);
+impl_make_key_for_tuple!(A, B, C, D);

@@ -1,6 +1,5 @@
-use std::any::{self, Any};
+use std::any;
 use std::fmt;
-use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use tower::Service;
@@ -8,7 +7,7 @@ use tower::util::Oneshot;
 
 use super::future::ResponseFuture;
 use super::{CoalesceLayer, MakeKey};
-use crate::single_flight::Group;
+use crate::single_flight::LazyGroup;
 
 /// Middleware that runs the inner service once for concurrent requests with equal keys and
 /// gives every caller a clone of the one result.
@@ -54,9 +53,8 @@ use crate::single_flight::Group;
 pub struct Coalesce<S, F> {
     inner: S,
     make_key: F,
-    // The registry's key and result types are known only from the request type, which the
-    // struct does not name; the registry is made on the first call and shared by all clones.
-    flights: Arc<OnceLock<Box<dyn Any + Send + Sync>>>,
+    // Typed by the first request; shared by all clones.
+    flights: LazyGroup,
 }
 
 impl<S, F> Coalesce<S, F> {
@@ -66,7 +64,7 @@ impl<S, F> Coalesce<S, F> {
         Coalesce {
             inner,
             make_key,
-            flights: Arc::new(OnceLock::new()),
+            flights: LazyGroup::default(),
         }
     }
 
@@ -88,23 +86,6 @@ impl<S, F> Coalesce<S, F> {
     /// Consumes `self`, returning the underlying service.
     pub fn into_inner(self) -> S {
         self.inner
-    }
-
-    fn group<K, T>(&self) -> &Group<K, T>
-    where
-        K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
-        T: Clone + Send + 'static,
-    {
-        self.flights
-            .get_or_init(|| Box::new(Group::<K, T>::new()))
-            .downcast_ref()
-            .unwrap_or_else(|| {
-                panic!(
-                    "a Coalesce service was called with a second request type ({}); \
-                     build one Coalesce per request type",
-                    any::type_name::<K>()
-                )
-            })
     }
 }
 
@@ -136,7 +117,8 @@ where
         };
         let inner = &self.inner;
         let run = self
-            .group::<F::Key, Result<S::Response, S::Error>>()
+            .flights
+            .get::<F::Key, Result<S::Response, S::Error>>()
             .run(key, || Oneshot::new(inner.clone(), req));
         ResponseFuture::coalesced(run)
     }

@@ -40,6 +40,11 @@ where
             waiter,
         }
     }
+
+    /// Whether this caller started the flight (called `make`), rather than joined it.
+    pub fn is_leader(&self) -> bool {
+        self.waiter.is_leader()
+    }
 }
 
 impl<K, T> Future for Run<K, T>

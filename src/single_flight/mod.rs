@@ -72,6 +72,8 @@
 mod flight;
 pub mod future;
 mod group;
+mod registry;
 
 pub use self::future::Run;
 pub use self::group::{Group, Outcome};
+pub(crate) use self::registry::LazyGroup;

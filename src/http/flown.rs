@@ -1,0 +1,143 @@
+//! What a flight produces: the leader's response, buffered once for everyone.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::{Bytes, BytesMut};
+use http::Response;
+use http::response::Parts;
+use http_body::Body;
+use http_body_util::BodyExt;
+
+use super::body::{End, ResponseBody};
+use super::metrics::Metrics;
+use crate::BoxError;
+
+/// The shared result of a flight's inner call, cloned for every caller.
+pub(crate) enum Flown<B> {
+    /// The whole body, within the limit: every caller gets a copy.
+    Buffered(Arc<Buffered>),
+    /// Over the limit: the leader's response (what was read, then the rest of the body),
+    /// taken once by the leader; followers get a `503`.
+    TooLarge(Arc<Mutex<Option<Response<ResponseBody<B>>>>>),
+}
+
+impl<B> Clone for Flown<B> {
+    fn clone(&self) -> Self {
+        match self {
+            Flown::Buffered(buffered) => Flown::Buffered(buffered.clone()),
+            Flown::TooLarge(slot) => Flown::TooLarge(slot.clone()),
+        }
+    }
+}
+
+impl<B> fmt::Debug for Flown<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Flown::Buffered(b) => f.debug_tuple("Buffered").field(&b.data.len()).finish(),
+            Flown::TooLarge(_) => f.write_str("TooLarge"),
+        }
+    }
+}
+
+pub(crate) struct Buffered {
+    parts: Parts,
+    data: Bytes,
+    end: Option<End>,
+}
+
+impl Buffered {
+    /// A caller's own response: the same head, and the same bytes without copying them.
+    pub(crate) fn to_response<B>(&self) -> Response<ResponseBody<B>> {
+        Response::from_parts(
+            self.parts.clone(),
+            ResponseBody::buffered(self.data.clone(), self.end.clone()),
+        )
+    }
+}
+
+impl<B> Flown<B> {
+    /// Takes the over-limit response; only the leader calls this, once.
+    pub(crate) fn take_too_large(
+        slot: &Mutex<Option<Response<ResponseBody<B>>>>,
+    ) -> Option<Response<ResponseBody<B>>> {
+        slot.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// Reads the body of `response` into memory, up to `limit` bytes.
+///
+/// A body that ends within the limit is shared whole. A body over the limit stops being
+/// read as soon as that is known (from its size hint, before reading anything, or from
+/// the chunk that crosses the limit) and becomes the leader's, with what was read put back
+/// in front of the rest. An error from the body ends it like trailers would: every caller
+/// gets the bytes read before it, then the error.
+pub(crate) async fn collect<B>(response: Response<B>, limit: usize, metrics: &Metrics) -> Flown<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = response.into_parts();
+    // Boxed so that the body can be read here and still be handed on, unread part and all,
+    // without asking for `B: Unpin`.
+    let mut body = Box::pin(body);
+    let mut chunks = VecDeque::new();
+    let mut len = 0usize;
+    let end = if body.size_hint().lower() > limit as u64 {
+        return too_large(parts, chunks, body, metrics);
+    } else {
+        loop {
+            match body.frame().await {
+                None => break None,
+                Some(Err(error)) => break Some(End::Error(Arc::new(error.into()))),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        len = len.saturating_add(data.len());
+                        chunks.push_back(data);
+                        if len > limit {
+                            return too_large(parts, chunks, body, metrics);
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            // Trailers end the body; a frame after them would be a bug of
+                            // the inner body, and is not read.
+                            break Some(End::Trailers(trailers));
+                        }
+                    }
+                },
+            }
+        }
+    };
+    Flown::Buffered(Arc::new(Buffered {
+        parts,
+        data: concat(chunks, len),
+        end,
+    }))
+}
+
+fn too_large<B>(
+    parts: Parts,
+    read: VecDeque<Bytes>,
+    rest: Pin<Box<B>>,
+    metrics: &Metrics,
+) -> Flown<B> {
+    metrics.body_over_limit();
+    tracing::debug!("response body over the limit; followers get 503");
+    let response = Response::from_parts(parts, ResponseBody::prefixed(read, rest));
+    Flown::TooLarge(Arc::new(Mutex::new(Some(response))))
+}
+
+/// Joins the chunks, copying only if there is more than one.
+fn concat(mut chunks: VecDeque<Bytes>, len: usize) -> Bytes {
+    if chunks.len() <= 1 {
+        return chunks.pop_front().unwrap_or_default();
+    }
+    let mut data = BytesMut::with_capacity(len);
+    for chunk in chunks {
+        data.extend_from_slice(&chunk);
+    }
+    data.freeze()
+}

@@ -1,0 +1,98 @@
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of an [`HttpCoalesceLayer`](super::HttpCoalesceLayer), shared by every service
+/// it builds; read them, or export them to the metrics system you use.
+///
+/// ```
+/// use tower_coalesce::http::{HttpCoalesceLayer, key};
+///
+/// let layer = HttpCoalesceLayer::new(key::idempotency_key());
+/// let metrics = layer.metrics();
+/// // ... serve ...
+/// assert_eq!(metrics.flights_started(), 0);
+/// ```
+///
+/// Counts are monotonic and relaxed: each is exact, but two read one after the other may
+/// not be from the same instant.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    counters: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    flights_started: AtomicU64,
+    callers_joined: AtomicU64,
+    callers_cancelled: AtomicU64,
+    bodies_over_limit: AtomicU64,
+    keys_missing: AtomicU64,
+}
+
+impl Metrics {
+    /// Flights started: requests that found no flight for their key and called the inner
+    /// service.
+    pub fn flights_started(&self) -> u64 {
+        self.counters.flights_started.load(Ordering::Relaxed)
+    }
+
+    /// Callers that joined a running flight instead of calling the inner service.
+    pub fn callers_joined(&self) -> u64 {
+        self.counters.callers_joined.load(Ordering::Relaxed)
+    }
+
+    /// Keyed callers whose response future was dropped before it completed (clients that
+    /// disconnected, timeouts above the layer).
+    pub fn callers_cancelled(&self) -> u64 {
+        self.counters.callers_cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Flights whose response body was over the body limit, so that followers got a `503`.
+    pub fn bodies_over_limit(&self) -> u64 {
+        self.counters.bodies_over_limit.load(Ordering::Relaxed)
+    }
+
+    /// Requests refused with `400` because they had no key and the layer requires one.
+    pub fn keys_missing(&self) -> u64 {
+        self.counters.keys_missing.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn flight_started(&self) {
+        self.counters
+            .flights_started
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn caller_joined(&self) {
+        self.counters.callers_joined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn caller_cancelled(&self) {
+        self.counters
+            .callers_cancelled
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn body_over_limit(&self) {
+        self.counters
+            .bodies_over_limit
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn key_missing(&self) {
+        self.counters.keys_missing.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics")
+            .field("flights_started", &self.flights_started())
+            .field("callers_joined", &self.callers_joined())
+            .field("callers_cancelled", &self.callers_cancelled())
+            .field("bodies_over_limit", &self.bodies_over_limit())
+            .field("keys_missing", &self.keys_missing())
+            .finish()
+    }
+}

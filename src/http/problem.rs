@@ -1,0 +1,73 @@
+//! Responses the layer makes itself, as RFC 9457 problem details.
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+use super::body::ResponseBody;
+
+/// `400`: the route requires a coalescing key and the request has none.
+pub(crate) fn key_required<B>() -> Response<ResponseBody<B>> {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "Coalescing key missing or malformed",
+        "This route requires a key that identifies the request (for example an \
+         Idempotency-Key header) and the request has none, or a malformed one.",
+    )
+}
+
+/// `503`: the flight's response was over the body limit, so only its leader received it.
+pub(crate) fn too_large_to_share<B>() -> Response<ResponseBody<B>> {
+    let mut response = problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Response too large to share",
+        "An identical request was being processed; its response was larger than the limit \
+         this server shares between identical requests, so it went to that request only. \
+         Retry this request.",
+    );
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+fn problem<B>(status: StatusCode, title: &str, detail: &str) -> Response<ResponseBody<B>> {
+    let body = format!(
+        r#"{{"type":"about:blank","title":{},"status":{},"detail":{}}}"#,
+        json_string(title),
+        status.as_u16(),
+        json_string(detail)
+    );
+    let mut response = Response::new(ResponseBody::buffered(Bytes::from(body), None));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    response
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_string("a\"b\\c\nd"), r#""a\"b\\c\u000ad""#);
+    }
+}
