@@ -2,12 +2,14 @@
 
 use std::fmt;
 use std::future::Future;
-use std::hash::Hash;
+use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use http::header::HeaderName;
-use http::{Request, Response};
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response};
 use pin_project_lite::pin_project;
 use tower::Service;
 use tower::util::Oneshot;
@@ -20,6 +22,57 @@ use super::metrics::Metrics;
 use super::problem;
 use super::service::{FlightResult, KeyHash};
 use crate::single_flight::Run;
+
+/// The key of a flight in the registry: the caller's scope, the request's method and path,
+/// and the key its [`MakeKey`](crate::coalesce::MakeKey) made. Flights are never shared
+/// across scopes or routes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FlightKey<Scope, Key> {
+    scope: Option<Scope>,
+    route: Route,
+    key: Key,
+}
+
+impl<Scope, Key> FlightKey<Scope, Key> {
+    pub(crate) fn new(scope: Option<Scope>, parts: &Parts, key: Key) -> Self {
+        FlightKey {
+            scope,
+            route: Route {
+                method: parts.method.clone(),
+                path_and_query: parts.uri.path_and_query().cloned(),
+            },
+            key,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Route {
+    method: Method,
+    // The URI's own bytes, shared rather than copied; only its path counts.
+    path_and_query: Option<PathAndQuery>,
+}
+
+impl Route {
+    fn path(&self) -> &str {
+        self.path_and_query.as_ref().map_or("/", PathAndQuery::path)
+    }
+}
+
+impl PartialEq for Route {
+    fn eq(&self, other: &Self) -> bool {
+        self.method == other.method && self.path() == other.path()
+    }
+}
+
+impl Eq for Route {}
+
+impl Hash for Route {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.method.hash(state);
+        self.path().hash(state);
+    }
+}
 
 const ROLE_HEADER: HeaderName = HeaderName::from_static("coalesce-role");
 

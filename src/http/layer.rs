@@ -5,6 +5,7 @@ use tower::Layer;
 use super::HttpCoalesce;
 use super::metrics::Metrics;
 use super::scope::{DefaultScope, Unscoped};
+use crate::single_flight::LazyGroup;
 
 /// Applies [`HttpCoalesce`] to an HTTP service: concurrent requests with equal keys, from
 /// the same caller identity, share one call and one buffered response.
@@ -15,11 +16,15 @@ use super::scope::{DefaultScope, Unscoped};
 /// - [`require_key`](Self::require_key): off, requests without a key pass through;
 /// - [`role_header`](Self::role_header): off.
 ///
-/// Each call to [`Layer::layer`] creates a new registry of flights: the services built by
-/// one `layer` call (and their clones) coalesce with each other, services built by separate
-/// calls do not. In axum, where `Router::layer` applies the layer to each route, every
-/// route therefore coalesces only its own requests. The [`Metrics`] are shared by every
-/// service the layer (or a clone of it) builds.
+/// # One registry per layer
+///
+/// Every service this layer (or a clone of it) builds shares one registry of flights and
+/// one set of [`Metrics`]; separate layers never coalesce with each other. This differs
+/// from [`CoalesceLayer`](crate::coalesce::CoalesceLayer), whose every `layer` call makes a
+/// registry, because HTTP servers apply layers more often than users think: axum builds a
+/// `Router` without state anew for every connection, and `Router::layer` applies the layer
+/// to every route. A flight key therefore always includes the request's method and path
+/// (as well as its scope): the same key on two routes never shares a response.
 ///
 /// See the [module docs](crate::http) for an example.
 #[derive(Clone)]
@@ -28,6 +33,7 @@ pub struct HttpCoalesceLayer<K, I = DefaultScope> {
     scope: I,
     config: Config,
     metrics: Metrics,
+    flights: LazyGroup,
 }
 
 /// The default of [`HttpCoalesceLayer::body_limit`]: 1 MiB.
@@ -54,6 +60,7 @@ impl<K> HttpCoalesceLayer<K> {
                 role_header: false,
             },
             metrics: Metrics::default(),
+            flights: LazyGroup::default(),
         }
     }
 }
@@ -67,6 +74,7 @@ impl<K, I> HttpCoalesceLayer<K, I> {
             scope,
             config: self.config,
             metrics: self.metrics,
+            flights: self.flights,
         }
     }
 
@@ -115,7 +123,14 @@ impl<K, I> HttpCoalesceLayer<K, I> {
     }
 
     pub(crate) fn into_service<S>(self, inner: S) -> HttpCoalesce<S, K, I> {
-        HttpCoalesce::from_parts(inner, self.make_key, self.scope, self.config, self.metrics)
+        HttpCoalesce {
+            inner,
+            make_key: self.make_key,
+            scope: self.scope,
+            config: self.config,
+            metrics: self.metrics,
+            flights: self.flights,
+        }
     }
 }
 

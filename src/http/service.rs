@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::body::ResponseBody;
 use super::error::ShareError;
 use super::flown::{self, Flown};
-use super::future::ResponseFuture;
+use super::future::{FlightKey, ResponseFuture};
 use super::layer::Config;
 use super::metrics::Metrics;
 use super::scope::DefaultScope;
@@ -64,13 +64,13 @@ use crate::single_flight::LazyGroup;
 /// See the [module docs](crate::http) for an example.
 #[derive(Clone)]
 pub struct HttpCoalesce<S, K, I = DefaultScope> {
-    inner: S,
-    make_key: K,
-    scope: I,
-    config: Config,
-    metrics: Metrics,
-    // Typed by the first request; shared by all clones.
-    flights: LazyGroup,
+    pub(crate) inner: S,
+    pub(crate) make_key: K,
+    pub(crate) scope: I,
+    pub(crate) config: Config,
+    pub(crate) metrics: Metrics,
+    // Typed by the first request; shared by all clones and by the layer.
+    pub(crate) flights: LazyGroup,
 }
 
 impl<S, K> HttpCoalesce<S, K> {
@@ -88,23 +88,6 @@ impl<S, K> HttpCoalesce<S, K> {
 }
 
 impl<S, K, I> HttpCoalesce<S, K, I> {
-    pub(crate) fn from_parts(
-        inner: S,
-        make_key: K,
-        scope: I,
-        config: Config,
-        metrics: Metrics,
-    ) -> Self {
-        HttpCoalesce {
-            inner,
-            make_key,
-            scope,
-            config,
-            metrics,
-            flights: LazyGroup::default(),
-        }
-    }
-
     /// Gets a reference to the underlying service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -125,9 +108,6 @@ impl<S, K, I> HttpCoalesce<S, K, I> {
         self.metrics.clone()
     }
 }
-
-/// The registry key: the caller's scope, then the request's key.
-type FlightKey<I, K> = (Option<I>, K);
 
 /// The value a flight shares.
 pub(crate) type FlightResult<ResB, E> = Result<Flown<ResB>, std::sync::Arc<E>>;
@@ -159,7 +139,7 @@ where
         let key = self
             .make_key
             .make_key(&parts)
-            .map(|key| (self.scope.make_key(&parts), key));
+            .map(|key| FlightKey::new(self.scope.make_key(&parts), &parts, key));
         let req = Request::from_parts(parts, body);
 
         let Some(key) = key else {

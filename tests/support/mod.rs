@@ -63,3 +63,15 @@ impl Drop for DropFlag {
         self.0.incr();
     }
 }
+
+/// Waits (sleeping 1 ms at a time, for at most 10 s) until `condition` holds.
+pub async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
