@@ -13,7 +13,11 @@
 //! of its response or error. The key is free again as soon as the call completes: this
 //! coalesces, it does not cache.
 //!
-//! - [`coalesce`]: the Tower middleware, [`Coalesce`] and [`CoalesceLayer`].
+//! - [`coalesce`]: the Tower middleware, [`Coalesce`] and [`CoalesceLayer`], for services
+//!   whose responses and errors are `Clone`.
+//! - `http` (feature `http`, on by default): the same for HTTP services such as axum
+//!   routers, with the response body buffered once and shared, keys from the request head
+//!   and flights scoped to the caller's identity.
 //! - [`single_flight`]: the core, usable without Tower: [`Group::run`].
 //!
 //! # Example
@@ -54,6 +58,10 @@
 //!   call is dropped and the key freed.
 //! - A panic in the call reaches every waiter of that flight; the key works again after it.
 //! - Waiting callers are woken once, when the result is there (no busy polling).
+//!
+//! # Features
+//!
+//! - `http` (default): the `http` module. Without it the crate depends on no HTTP crate.
 //!
 //! # Minimum supported Rust version
 //!

@@ -50,11 +50,18 @@ pub(crate) struct Buffered {
 
 impl Buffered {
     /// A caller's own response: the same head, and the same bytes without copying them.
-    pub(crate) fn to_response<B>(&self) -> Response<ResponseBody<B>> {
-        Response::from_parts(
-            self.parts.clone(),
-            ResponseBody::buffered(self.data.clone(), self.end.clone()),
-        )
+    /// The last caller to read the flight's result (the only one, if nobody joined) takes
+    /// the head as it is instead of cloning it.
+    pub(crate) fn into_response<B>(self: Arc<Self>) -> Response<ResponseBody<B>> {
+        match Arc::try_unwrap(self) {
+            Ok(Buffered { parts, data, end }) => {
+                Response::from_parts(parts, ResponseBody::buffered(data, end))
+            }
+            Err(shared) => Response::from_parts(
+                shared.parts.clone(),
+                ResponseBody::buffered(shared.data.clone(), shared.end.clone()),
+            ),
+        }
     }
 }
 

@@ -186,7 +186,7 @@ where
                     Role::Follower
                 };
                 let mut response = match outcome.into_value() {
-                    Ok(Flown::Buffered(buffered)) => buffered.to_response(),
+                    Ok(Flown::Buffered(buffered)) => buffered.into_response(),
                     Ok(Flown::TooLarge(slot)) => match role {
                         Role::Leader => Flown::take_too_large(&slot)
                             .expect("the over-limit response is taken once, by the leader"),
