@@ -1,18 +1,13 @@
 //! A million distinct-key flights, a third of them cancelled after one poll, leave the
 //! registry empty and resident memory flat.
 
+mod support;
+
 use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::join_all;
 use tower_coalesce::single_flight::Group;
-
-/// Resident set size in KiB, from `/proc/self/statm`.
-fn rss_kib() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("linux /proc");
-    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4
-}
 
 async fn round(group: &Group<u64, u64>, first: u64, batch: u64) {
     let runs = (first..first + batch).map(|key| {
@@ -46,7 +41,7 @@ async fn a_million_flights_leave_no_trace() {
         round(&group, first, BATCH).await;
     }
     assert_eq!(group.in_flight(), 0);
-    let baseline = rss_kib();
+    let baseline = support::rss_kib();
 
     for first in (TOTAL / 10..TOTAL).step_by(BATCH as usize) {
         round(&group, first, BATCH).await;
@@ -57,7 +52,7 @@ async fn a_million_flights_leave_no_trace() {
         );
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let grown = rss_kib().saturating_sub(baseline);
+    let grown = support::rss_kib().saturating_sub(baseline);
     // 900k flights of ~300 bytes each would be ~270 MiB if any leaked; allow 16 MiB of noise.
     assert!(
         grown < 16 * 1024,

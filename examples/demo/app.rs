@@ -110,11 +110,16 @@ pub fn coalesce_layer() -> HttpCoalesceLayer<key::HeaderKey> {
     HttpCoalesceLayer::new(key::header(CLIENT_ID_HEADER))
 }
 
+/// The app's routes, without state or layers.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/clients", post(create_client))
+        .route("/health", axum::routing::get(|| async { "ok" }))
+}
+
 /// The app: `POST /api/clients`, with or without the coalescing layer.
 pub fn router(state: AppState, layer: Option<HttpCoalesceLayer<key::HeaderKey>>) -> Router {
-    let router = Router::new()
-        .route("/api/clients", post(create_client))
-        .route("/health", axum::routing::get(|| async { "ok" }));
+    let router = routes();
     let router = match layer {
         Some(layer) => router.layer(layer),
         None => router,
@@ -200,10 +205,21 @@ pub struct Received {
 /// opened (with a `GET /health`) before the creates are released together, so that the
 /// creates race each other rather than the TCP handshakes.
 pub async fn fire(base: &str, id: &str, n: usize) -> Vec<Received> {
+    fire_with(base, id, n, &[]).await
+}
+
+/// [`fire`], with more headers on every create.
+pub async fn fire_with(
+    base: &str,
+    id: &str,
+    n: usize,
+    headers: &[(&'static str, String)],
+) -> Vec<Received> {
     let barrier = Arc::new(tokio::sync::Barrier::new(n));
     let tasks: Vec<_> = (0..n)
         .map(|_| {
             let (base, id, barrier) = (base.to_owned(), id.to_owned(), barrier.clone());
+            let headers = headers.to_vec();
             tokio::spawn(async move {
                 let client = reqwest::Client::builder().no_proxy().build().unwrap();
                 let health = client.get(format!("{base}/health")).send().await;
@@ -213,11 +229,14 @@ pub async fn fire(base: &str, id: &str, n: usize) -> Vec<Received> {
                     name: format!("Client {id}"),
                 })
                 .unwrap();
-                let req = client
+                let mut req = client
                     .post(format!("{base}/api/clients"))
                     .header(CLIENT_ID_HEADER, &id)
                     .header("content-type", "application/json")
                     .body(body);
+                for (name, value) in headers {
+                    req = req.header(name, value);
+                }
                 barrier.wait().await;
                 let start = Instant::now();
                 let res = req.send().await.expect("request failed");

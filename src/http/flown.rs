@@ -43,9 +43,9 @@ impl<B> fmt::Debug for Flown<B> {
 }
 
 pub(crate) struct Buffered {
-    parts: Parts,
-    data: Bytes,
-    end: Option<End>,
+    pub(crate) parts: Parts,
+    pub(crate) data: Bytes,
+    pub(crate) end: Option<End>,
 }
 
 impl Buffered {

@@ -127,14 +127,17 @@ impl MakeKey<Parts> for HeaderKey {
     }
 }
 
-fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
+pub(crate) fn single_header<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> Option<&'a HeaderValue> {
     let mut values = headers.get_all(name).iter();
     let value = values.next()?;
     // Two values make the key ambiguous; refuse rather than pick one.
     values.next().is_none().then_some(value)
 }
 
-fn is_valid_key(bytes: &[u8]) -> bool {
+pub(crate) fn is_valid_key(bytes: &[u8]) -> bool {
     !bytes.is_empty()
         && bytes.len() <= MAX_HEADER_KEY_LEN
         && bytes.iter().all(|b| (0x20..=0x7e).contains(b))

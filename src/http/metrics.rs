@@ -28,6 +28,7 @@ struct Counters {
     callers_cancelled: AtomicU64,
     bodies_over_limit: AtomicU64,
     keys_missing: AtomicU64,
+    replayed: AtomicU64,
 }
 
 impl Metrics {
@@ -56,6 +57,17 @@ impl Metrics {
     /// Requests refused with `400` because they had no key and the layer requires one.
     pub fn keys_missing(&self) -> u64 {
         self.counters.keys_missing.load(Ordering::Relaxed)
+    }
+
+    /// Responses replayed from an idempotency store
+    /// ([`IdempotencyLayer`](crate::idempotency::IdempotencyLayer) only).
+    pub fn responses_replayed(&self) -> u64 {
+        self.counters.replayed.load(Ordering::Relaxed)
+    }
+
+    #[cfg_attr(not(feature = "idempotency"), allow(dead_code))]
+    pub(crate) fn replayed(&self) {
+        self.counters.replayed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn flight_started(&self) {
@@ -93,6 +105,7 @@ impl fmt::Debug for Metrics {
             .field("callers_cancelled", &self.callers_cancelled())
             .field("bodies_over_limit", &self.bodies_over_limit())
             .field("keys_missing", &self.keys_missing())
+            .field("responses_replayed", &self.responses_replayed())
             .finish()
     }
 }

@@ -98,14 +98,14 @@
 //! logs flights started and completed and callers joining and cancelling. Keys carry user ids,
 //! so logs name a key by a hash of it, seeded per process. [`Metrics`] counts the same events.
 
-mod body;
+pub(crate) mod body;
 pub mod error;
-mod flown;
+pub(crate) mod flown;
 pub mod future;
 pub mod key;
 mod layer;
 mod metrics;
-mod problem;
+pub(crate) mod problem;
 mod role;
 pub mod scope;
 mod service;

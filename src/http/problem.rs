@@ -31,7 +31,11 @@ pub(crate) fn too_large_to_share<B>() -> Response<ResponseBody<B>> {
     response
 }
 
-fn problem<B>(status: StatusCode, title: &str, detail: &str) -> Response<ResponseBody<B>> {
+pub(crate) fn problem<B>(
+    status: StatusCode,
+    title: &str,
+    detail: &str,
+) -> Response<ResponseBody<B>> {
     let body = format!(
         r#"{{"type":"about:blank","title":{},"status":{},"detail":{}}}"#,
         json_string(title),

@@ -75,3 +75,10 @@ pub async fn eventually(what: &str, condition: impl Fn() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
+
+/// Resident set size in KiB, from `/proc/self/statm`.
+pub fn rss_kib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("linux /proc");
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4
+}

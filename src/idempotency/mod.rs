@@ -1,0 +1,65 @@
+//! Idempotency keys: coalesce concurrent duplicates, then replay the completed response.
+//!
+//! Coalescing helps only requests that overlap in time. A client that times out and retries
+//! a `POST` a second later, or a front end that sends the same create after the first one
+//! finished, still creates twice. [`IdempotencyLayer`] closes that gap for requests that
+//! carry an `Idempotency-Key` header, as the IETF draft
+//! (draft-ietf-httpapi-idempotency-key-header) and Stripe describe:
+//!
+//! 1. While the first request with a key runs, duplicates join its flight, as with
+//!    [`HttpCoalesceLayer`](crate::http::HttpCoalesceLayer): one execution.
+//! 2. Its response is stored (before the flight completes, so that no duplicate can slip
+//!    between the two) for a TTL, 24 hours by default.
+//! 3. A later request with the key gets the stored response replayed, marked with
+//!    `Idempotent-Replayed: true`, without reaching the inner service.
+//!
+//! Unlike middlewares that check the store, call, and then store (where two concurrent
+//! duplicates both run), this one coalesces first and stores second.
+//!
+//! # The rules
+//!
+//! | request | answer | inner service called |
+//! | --- | --- | --- |
+//! | no key, `require_key(false)` (default) | passed through | yes |
+//! | no key, `require_key(true)` | `400`, problem+json | no |
+//! | key empty, over 255 bytes, not visible ASCII, or sent twice | `400`, problem+json | no |
+//! | body over the limit | `413`, problem+json | no |
+//! | same key (and scope), same method, path and body, running | joins the flight | no |
+//! | same key, completed and stored | stored response replayed | no |
+//! | same key, different method, path or body | `422`, problem+json | no |
+//!
+//! What is stored: successful and client-error responses (`2xx`, `3xx`, `4xx`). Not
+//! stored, so that a retry runs again: server errors (`5xx`), errors of the inner service,
+//! flights whose callers all left, bodies over the limit or ending in an error or with
+//! trailers. The key is scoped to the caller's identity as in the HTTP layer
+//! ([`http::scope`](crate::http::scope)): one user's key never replays another user's
+//! response. The store key is a SHA-256 of the scope and key, so stores hold neither raw
+//! keys nor credentials.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{Router, routing::post};
+//! use tower_coalesce::idempotency::IdempotencyLayer;
+//!
+//! async fn create_payment() -> &'static str { "payment p-1 created" }
+//!
+//! let app: Router = Router::new()
+//!     .route("/payments", post(create_payment))
+//!     .layer(IdempotencyLayer::new().require_key(true).ttl(Duration::from_secs(3600)));
+//! ```
+//!
+//! # Storage
+//!
+//! Responses are kept by an [`IdempotencyStore`](store::IdempotencyStore): by default a
+//! [`MemoryStore`](store::MemoryStore) (moka, bounded by bytes, least recently used out
+//! first). A store that fails is logged and treated as empty: the request runs.
+
+pub mod future;
+mod layer;
+mod service;
+pub mod store;
+
+pub use self::layer::IdempotencyLayer;
+pub use self::service::Idempotency;

@@ -1,0 +1,326 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use tower::{Service, ServiceExt};
+
+use super::IdempotencyLayer;
+use super::future::ResponseFuture;
+use super::store::{Fingerprint, IdempotencyStore, StoreKey, StoredResponse};
+use crate::BoxError;
+use crate::coalesce::MakeKey;
+use crate::http::body::ResponseBody;
+use crate::http::error::ShareError;
+use crate::http::flown::{self, Flown};
+use crate::http::key::{is_valid_key, single_header};
+use crate::http::scope::DefaultScope;
+use crate::http::{Role, problem};
+
+const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Middleware that runs a request with an idempotency key once, and answers its duplicates
+/// with the same response: coalesced while it runs, replayed from the store once it
+/// completed.
+///
+/// The inner service receives `Request<Either<Full<Bytes>, ReqB>>`: the buffered body of a
+/// keyed request, or the untouched body of a request without a key. axum routers and
+/// handlers accept any body type.
+///
+/// See the [module docs](crate::idempotency) for the rules and an example.
+pub struct Idempotency<S, I = DefaultScope, St = super::store::MemoryStore> {
+    pub(crate) inner: S,
+    pub(crate) layer: Arc<IdempotencyLayer<I, St>>,
+}
+
+impl<S: Clone, I, St> Clone for Idempotency<S, I, St> {
+    fn clone(&self) -> Self {
+        Idempotency {
+            inner: self.inner.clone(),
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+impl<S, I, St> Idempotency<S, I, St> {
+    /// Gets a reference to the underlying service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Gets a mutable reference to the underlying service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the underlying service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// What a flight shares: a response it produced, or one it found stored after all.
+enum Done<B> {
+    Fresh {
+        flown: Flown<B>,
+        fingerprint: Fingerprint,
+    },
+    Stored(Arc<StoredResponse>),
+}
+
+impl<B> Clone for Done<B> {
+    fn clone(&self) -> Self {
+        match self {
+            Done::Fresh { flown, fingerprint } => Done::Fresh {
+                flown: flown.clone(),
+                fingerprint: *fingerprint,
+            },
+            Done::Stored(stored) => Done::Stored(stored.clone()),
+        }
+    }
+}
+
+type FlightResult<B, E> = Result<Done<B>, Arc<E>>;
+
+impl<S, I, St, ReqB, ResB> Service<Request<ReqB>> for Idempotency<S, I, St>
+where
+    S: Service<Request<Either<Full<Bytes>, ReqB>>, Response = Response<ResB>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: ShareError,
+    I: MakeKey<Parts> + Send + Sync + 'static,
+    St: IdempotencyStore,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<Self::Response, S::Error>;
+
+    #[inline]
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // As for `HttpCoalesce`: followers and replays never call the inner service.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        ResponseFuture::new(Box::pin(handle(
+            self.inner.clone(),
+            self.layer.clone(),
+            req,
+        )))
+    }
+}
+
+async fn handle<S, I, St, ReqB, ResB>(
+    inner: S,
+    layer: Arc<IdempotencyLayer<I, St>>,
+    req: Request<ReqB>,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<Either<Full<Bytes>, ReqB>>, Response = Response<ResB>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: ShareError,
+    I: MakeKey<Parts> + Send + Sync + 'static,
+    St: IdempotencyStore,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let config = &layer.config;
+    let metrics = &layer.metrics;
+    let (parts, body) = req.into_parts();
+
+    let key = match single_header(&parts.headers, &config.header) {
+        Some(value) if is_valid_key(value.as_bytes()) => value.clone(),
+        Some(_) => {
+            return Ok(bad_key(
+                config,
+                "is empty, longer than 255 bytes or not visible ASCII",
+            ));
+        }
+        None if parts.headers.contains_key(&config.header) => {
+            return Ok(bad_key(config, "was sent more than once"));
+        }
+        None if config.require_key => {
+            metrics.key_missing();
+            return Ok(bad_key(config, "is missing, and this route requires it"));
+        }
+        None => {
+            let req = Request::from_parts(parts, Either::Right(body));
+            let response = inner.oneshot(req).await?;
+            return Ok(response.map(ResponseBody::inner));
+        }
+    };
+
+    let bytes = match Limited::new(body, config.body_limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<LengthLimitError>() => {
+            return Ok(problem::problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Request body too large",
+                "The body of a request with an idempotency key is read to fingerprint it, and \
+                 this one is larger than the limit.",
+            ));
+        }
+        Err(_) => {
+            return Ok(problem::problem(
+                StatusCode::BAD_REQUEST,
+                "Request body unreadable",
+                "The request body could not be read to the end.",
+            ));
+        }
+    };
+    let fingerprint = Fingerprint::of(&parts.method, parts.uri.path(), &bytes);
+    let store_key = StoreKey::new(&layer.scope.make_key(&parts), key.as_bytes());
+
+    if let Some(stored) = lookup(&layer.store, &store_key).await {
+        return Ok(replay(&stored, fingerprint, metrics));
+    }
+
+    let (store, ttl, limit) = (layer.store.clone(), config.ttl, config.body_limit);
+    let flight_metrics = metrics.clone();
+    let run = layer
+        .flights
+        .get::<StoreKey, FlightResult<ResB, S::Error>>()
+        .run(store_key.clone(), move || async move {
+            // A flight for this key may have completed, and stored its response, between
+            // the lookup above and the start of this one: look again before calling.
+            if let Some(stored) = lookup(&store, &store_key).await {
+                return Ok(Done::Stored(stored));
+            }
+            flight_metrics.flight_started();
+            let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
+            let response = inner.oneshot(req).await.map_err(Arc::new)?;
+            let flown = flown::collect(response, limit, &flight_metrics).await;
+            // Stored before the flight completes, so that a duplicate either joins the
+            // flight or finds the response stored.
+            if let Some(stored) = storable(&flown, fingerprint) {
+                if let Err(error) = store.put(store_key, Arc::new(stored), ttl).await {
+                    tracing::warn!(%error, "idempotency store put failed; a retry will run again");
+                }
+            }
+            Ok(Done::Fresh { flown, fingerprint })
+        });
+    if !run.is_leader() {
+        metrics.caller_joined();
+    }
+    let outcome = run.await;
+    let role = if outcome.is_leader() {
+        Role::Leader
+    } else {
+        Role::Follower
+    };
+    let mut response = match outcome.into_value() {
+        Err(error) => return Err(S::Error::share(&error)),
+        Ok(Done::Stored(stored)) => return Ok(replay(&stored, fingerprint, metrics)),
+        Ok(Done::Fresh {
+            fingerprint: theirs,
+            ..
+        }) if theirs != fingerprint => {
+            return Ok(key_reused());
+        }
+        Ok(Done::Fresh {
+            flown: Flown::Buffered(buffered),
+            ..
+        }) => buffered.into_response(),
+        Ok(Done::Fresh {
+            flown: Flown::TooLarge(slot),
+            ..
+        }) => match role {
+            Role::Leader => Flown::take_too_large(&slot)
+                .expect("the over-limit response is taken once, by the leader"),
+            Role::Follower => problem::too_large_to_share(),
+        },
+    };
+    response.extensions_mut().insert(role);
+    Ok(response)
+}
+
+/// A completed response as the store keeps it, unless the rules say not to keep it:
+/// server errors (so that a retry runs again), bodies over the limit, and bodies that
+/// ended in an error or with trailers.
+fn storable<B>(flown: &Flown<B>, fingerprint: Fingerprint) -> Option<StoredResponse> {
+    let Flown::Buffered(buffered) = flown else {
+        return None;
+    };
+    let parts = &buffered.parts;
+    if parts.status.is_server_error() || buffered.end.is_some() {
+        return None;
+    }
+    Some(StoredResponse::new(
+        parts.status,
+        parts.version,
+        parts.headers.clone(),
+        buffered.data.clone(),
+        fingerprint,
+    ))
+}
+
+async fn lookup<St: IdempotencyStore>(store: &St, key: &StoreKey) -> Option<Arc<StoredResponse>> {
+    match store.get(key).await {
+        Ok(found) => found,
+        Err(error) => {
+            tracing::warn!(%error, "idempotency store lookup failed; running the request");
+            None
+        }
+    }
+}
+
+fn replay<B>(
+    stored: &StoredResponse,
+    fingerprint: Fingerprint,
+    metrics: &crate::http::Metrics,
+) -> Response<ResponseBody<B>> {
+    if stored.fingerprint() != fingerprint {
+        return key_reused();
+    }
+    metrics.replayed();
+    let mut response = Response::new(ResponseBody::buffered(stored.body().clone(), None));
+    *response.status_mut() = stored.status();
+    *response.version_mut() = stored.version();
+    *response.headers_mut() = stored.headers().clone();
+    response
+        .headers_mut()
+        .insert(REPLAYED, HeaderValue::from_static("true"));
+    response
+}
+
+fn key_reused<B>() -> Response<ResponseBody<B>> {
+    problem::problem(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Idempotency key reused",
+        "This idempotency key was already used for a request with another method, path or \
+         body. Use a new key for a new request.",
+    )
+}
+
+fn bad_key<B>(config: &super::layer::Config, what: &str) -> Response<ResponseBody<B>> {
+    let detail = format!("The {} header {what}.", config.header);
+    problem::problem(
+        StatusCode::BAD_REQUEST,
+        "Idempotency key missing or malformed",
+        &detail,
+    )
+}
+
+impl<S: fmt::Debug, I, St> fmt::Debug for Idempotency<S, I, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,274 @@
+//! Idempotency-Key replay over real HTTP: an axum app on 127.0.0.1, reqwest as the client.
+#![cfg(feature = "idempotency")]
+
+mod support;
+
+#[path = "../examples/demo/app.rs"]
+mod app;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::routing::post;
+use futures::future::join_all;
+use tower_coalesce::idempotency::IdempotencyLayer;
+
+use support::eventually;
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// `POST /orders`: counts its runs, echoes the body, and answers with `status` (500 makes
+/// it a server error). Each answer is unique, so that a replay can't pass for a new run.
+fn orders(layer: IdempotencyLayer, status: Arc<AtomicUsize>) -> (Router, Arc<AtomicUsize>) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = runs.clone();
+        move |body: Bytes| async move {
+            let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+            let status = StatusCode::from_u16(status.load(Ordering::SeqCst) as u16).unwrap();
+            let body = format!("run {n} for {}", String::from_utf8_lossy(&body));
+            (status, [("x-run", n.to_string())], body)
+        }
+    };
+    let router = Router::new().route("/orders", post(handler)).layer(layer);
+    (router, runs)
+}
+
+#[derive(Debug, PartialEq)]
+struct Received {
+    status: StatusCode,
+    replayed: bool,
+    run: Option<String>,
+    body: Bytes,
+}
+
+async fn post_order(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    key: Option<&str>,
+    body: &str,
+) -> Received {
+    let mut req = client
+        .post(format!("http://{addr}/orders"))
+        .body(body.to_owned());
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    let res = req.send().await.unwrap();
+    Received {
+        status: res.status(),
+        replayed: res
+            .headers()
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true"),
+        run: res
+            .headers()
+            .get("x-run")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        body: res.bytes().await.unwrap(),
+    }
+}
+
+fn status(code: u16) -> Arc<AtomicUsize> {
+    Arc::new(AtomicUsize::new(code as usize))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_after_completion_is_replayed_without_running_the_handler() {
+    let (router, runs) = orders(IdempotencyLayer::new(), status(201));
+    let addr = serve(router).await;
+    let client = reqwest::Client::new();
+
+    let first = post_order(&client, addr, Some("order-1"), "2 apples").await;
+    assert_eq!((first.status, first.replayed), (StatusCode::CREATED, false));
+    for _ in 0..3 {
+        let retry = post_order(&client, addr, Some("order-1"), "2 apples").await;
+        assert!(retry.replayed);
+        assert_eq!(
+            (retry.status, &retry.run, &retry.body),
+            (first.status, &first.run, &first.body)
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // Another key is another request.
+    let other = post_order(&client, addr, Some("order-2"), "2 apples").await;
+    assert_eq!(other.run.as_deref(), Some("2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_key_with_another_body_is_refused_with_422() {
+    let (router, runs) = orders(IdempotencyLayer::new(), status(201));
+    let addr = serve(router).await;
+    let client = reqwest::Client::new();
+
+    post_order(&client, addr, Some("k"), "2 apples").await;
+    let reused = post_order(&client, addr, Some("k"), "3 apples").await;
+    assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: serde_json::Value = serde_json::from_slice(&reused.body).unwrap();
+    assert_eq!(problem["status"], 422);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn missing_and_malformed_keys_get_400_and_never_reach_the_handler() {
+    let (router, runs) = orders(IdempotencyLayer::new().require_key(true), status(201));
+    let addr = serve(router).await;
+    let client = reqwest::Client::new();
+
+    let too_long = "k".repeat(256);
+    for key in [
+        None,
+        Some(""),
+        Some("   "),
+        Some(too_long.as_str()),
+        Some("a\tb"),
+    ] {
+        let res = post_order(&client, addr, key, "x").await;
+        assert_eq!(res.status, StatusCode::BAD_REQUEST, "key {key:?}");
+        assert!(String::from_utf8_lossy(&res.body).contains("idempotency-key"));
+    }
+    let twice = client
+        .post(format!("http://{addr}/orders"))
+        .header("idempotency-key", "a")
+        .header("idempotency-key", "b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(twice.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+
+    // Without `require_key`, a request without a key passes through, every time.
+    let (router, runs) = orders(IdempotencyLayer::new(), status(201));
+    let addr = serve(router).await;
+    post_order(&client, addr, None, "x").await;
+    post_order(&client, addr, None, "x").await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_error_is_not_stored_and_the_retry_runs_again() {
+    let code = status(500);
+    let (router, runs) = orders(IdempotencyLayer::new(), code.clone());
+    let addr = serve(router).await;
+    let client = reqwest::Client::new();
+
+    let failed = post_order(&client, addr, Some("k"), "x").await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    code.store(201, Ordering::SeqCst);
+    let retry = post_order(&client, addr, Some("k"), "x").await;
+    assert_eq!((retry.status, retry.replayed), (StatusCode::CREATED, false));
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+
+    // A client error is an outcome, and is replayed.
+    code.store(409, Ordering::SeqCst);
+    let conflict = post_order(&client, addr, Some("k2"), "x").await;
+    let replayed = post_order(&client, addr, Some("k2"), "x").await;
+    assert_eq!(
+        (replayed.status, replayed.replayed),
+        (StatusCode::CONFLICT, true)
+    );
+    assert_eq!(replayed.body, conflict.body);
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_response_runs_again() {
+    let layer = IdempotencyLayer::new().ttl(Duration::from_millis(300));
+    let (router, runs) = orders(layer, status(201));
+    let addr = serve(router).await;
+    let client = reqwest::Client::new();
+
+    post_order(&client, addr, Some("k"), "x").await;
+    assert!(post_order(&client, addr, Some("k"), "x").await.replayed);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after = post_order(&client, addr, Some("k"), "x").await;
+    assert!(!after.replayed);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_user_never_replays_another_users_response() {
+    let (router, runs) = orders(IdempotencyLayer::new(), status(201));
+    let addr = serve(router).await;
+    let client = reqwest::Client::new();
+    let as_user = |token: &'static str| {
+        client
+            .post(format!("http://{addr}/orders"))
+            .header("idempotency-key", "same")
+            .header("authorization", token)
+            .body("x")
+            .send()
+    };
+    let alice = as_user("Bearer alice").await.unwrap();
+    let bob = as_user("Bearer bob").await.unwrap();
+    assert!(bob.headers().get("idempotent-replayed").is_none());
+    assert_ne!(alice.bytes().await.unwrap(), bob.bytes().await.unwrap());
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// The first request and its retries race, some while the first runs and some just after
+/// it completed: every one of them gets the first run's response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_racing_its_retries_runs_once() {
+    for round in 0..60 {
+        let (router, runs) = orders(IdempotencyLayer::new(), status(201));
+        let addr = serve(router).await;
+        let client = reqwest::Client::new();
+        let key = format!("race-{round}");
+        let responses = join_all((0..20).map(|i| {
+            let (client, key) = (client.clone(), key.clone());
+            async move {
+                // Stagger the retries across the first run's lifetime and beyond it.
+                tokio::time::sleep(Duration::from_micros(200 * i)).await;
+                post_order(&client, addr, Some(&key), "x").await
+            }
+        }))
+        .await;
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "round {round}");
+        for res in &responses {
+            assert_eq!(res.status, StatusCode::CREATED);
+            assert_eq!(res.body, responses[0].body);
+        }
+    }
+}
+
+/// The demo's create on SQLite: 50 concurrent POSTs, then 50 retries a second later, all
+/// with one idempotency key: one row, one handler run, and the same answer for all 100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_and_late_retries_make_one_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("clients.db").display()
+    );
+    let state = app::AppState::new(app::connect(&url).await.unwrap(), Duration::from_millis(20));
+    let layer = IdempotencyLayer::new();
+    let metrics = layer.metrics();
+    let router = app::routes().layer(layer).with_state(state.clone());
+    let base = format!("http://{}", serve(router).await);
+
+    let key = [("idempotency-key", "create-client-7".to_owned())];
+    let first = app::fire_with(&base, "client-7", 50, &key).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let retries = app::fire_with(&base, "client-7", 50, &key).await;
+
+    assert_eq!(state.rows("client-7").await, 1);
+    assert_eq!(state.executions(), 1);
+    for r in first.iter().chain(&retries) {
+        assert_eq!(r.status, StatusCode::CREATED);
+        assert_eq!(r.body, first[0].body);
+    }
+    assert_eq!(metrics.responses_replayed(), 50);
+    eventually("counters to settle", || metrics.flights_started() == 1).await;
+}
