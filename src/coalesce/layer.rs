@@ -12,6 +12,12 @@ use super::Coalesce;
 /// `Router::layer` applies the layer to each route, every route therefore coalesces only
 /// its own requests, and equal keys on two routes never meet.
 ///
+/// Mind where the layer is applied: an axum `Router` without state, and a hyper server
+/// that builds its service stack per connection, apply it once per connection, and requests
+/// on different connections then never coalesce. Build the service once and clone it per
+/// connection, or use `http::HttpCoalesceLayer` (feature
+/// `http`), whose services all share the layer's registry.
+///
 /// Cancellation and panics behave as described on [`Coalesce`].
 ///
 /// See the [module docs](crate::coalesce) for an example.
