@@ -21,14 +21,27 @@ pub(crate) enum Flown<B> {
     Buffered(Arc<Buffered>),
     /// Over the limit: the leader's response (what was read, then the rest of the body),
     /// taken once by the leader; followers get a `503`.
-    TooLarge(Arc<Mutex<Option<Response<ResponseBody<B>>>>>),
+    TooLarge(Slot<B>),
+    /// Not to be shared: the leader's response as it came, taken once by the leader; each
+    /// follower calls the inner service itself, one at a time if `turn` is set.
+    Unshared {
+        leader: Slot<B>,
+        turn: Option<Arc<tokio::sync::Semaphore>>,
+    },
 }
+
+/// A response for the leader alone, taken out once.
+pub(crate) type Slot<B> = Arc<Mutex<Option<Response<ResponseBody<B>>>>>;
 
 impl<B> Clone for Flown<B> {
     fn clone(&self) -> Self {
         match self {
             Flown::Buffered(buffered) => Flown::Buffered(buffered.clone()),
             Flown::TooLarge(slot) => Flown::TooLarge(slot.clone()),
+            Flown::Unshared { leader, turn } => Flown::Unshared {
+                leader: leader.clone(),
+                turn: turn.clone(),
+            },
         }
     }
 }
@@ -38,6 +51,7 @@ impl<B> fmt::Debug for Flown<B> {
         match self {
             Flown::Buffered(b) => f.debug_tuple("Buffered").field(&b.data.len()).finish(),
             Flown::TooLarge(_) => f.write_str("TooLarge"),
+            Flown::Unshared { .. } => f.write_str("Unshared"),
         }
     }
 }
@@ -66,8 +80,17 @@ impl Buffered {
 }
 
 impl<B> Flown<B> {
-    /// Takes the over-limit response; only the leader calls this, once.
-    pub(crate) fn take_too_large(
+    /// The leader's response, not to be shared; `one_at_a_time` makes followers take turns.
+    pub(crate) fn unshared(response: Response<B>, one_at_a_time: bool) -> Self {
+        let response = response.map(|body| ResponseBody::prefixed(VecDeque::new(), Box::pin(body)));
+        Flown::Unshared {
+            leader: Arc::new(Mutex::new(Some(response))),
+            turn: one_at_a_time.then(|| Arc::new(tokio::sync::Semaphore::new(1))),
+        }
+    }
+
+    /// Takes the response kept for the leader; only the leader calls this, once.
+    pub(crate) fn take_leader(
         slot: &Mutex<Option<Response<ResponseBody<B>>>>,
     ) -> Option<Response<ResponseBody<B>>> {
         slot.lock().unwrap_or_else(PoisonError::into_inner).take()

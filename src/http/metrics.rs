@@ -29,6 +29,11 @@ struct Counters {
     bodies_over_limit: AtomicU64,
     keys_missing: AtomicU64,
     replayed: AtomicU64,
+    followers_timed_out: AtomicU64,
+    followers_shed: AtomicU64,
+    duplicates_refused: AtomicU64,
+    duplicates_passed_through: AtomicU64,
+    responses_not_shared: AtomicU64,
 }
 
 impl Metrics {
@@ -70,6 +75,61 @@ impl Metrics {
         self.counters.replayed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Followers that stopped waiting at the wait timeout.
+    pub fn followers_timed_out(&self) -> u64 {
+        self.counters.followers_timed_out.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn follower_timed_out(&self) {
+        self.counters
+            .followers_timed_out
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Callers turned away because their flight had as many followers as allowed.
+    pub fn followers_shed(&self) -> u64 {
+        self.counters.followers_shed.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn follower_shed(&self) {
+        self.counters.followers_shed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Duplicates answered `409 Conflict` under `OnDuplicate::Conflict`.
+    pub fn duplicates_refused(&self) -> u64 {
+        self.counters.duplicates_refused.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn duplicate_refused(&self) {
+        self.counters
+            .duplicates_refused
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Duplicates sent to the inner service under `OnDuplicate::PassThrough`.
+    pub fn duplicates_passed_through(&self) -> u64 {
+        self.counters
+            .duplicates_passed_through
+            .load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn duplicate_passed_through(&self) {
+        self.counters
+            .duplicates_passed_through
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Flights whose response was not to be shared, so that their followers ran on their own.
+    pub fn responses_not_shared(&self) -> u64 {
+        self.counters.responses_not_shared.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn response_not_shared(&self) {
+        self.counters
+            .responses_not_shared
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn flight_started(&self) {
         self.counters
             .flights_started
@@ -106,6 +166,14 @@ impl fmt::Debug for Metrics {
             .field("bodies_over_limit", &self.bodies_over_limit())
             .field("keys_missing", &self.keys_missing())
             .field("responses_replayed", &self.responses_replayed())
+            .field("followers_timed_out", &self.followers_timed_out())
+            .field("followers_shed", &self.followers_shed())
+            .field("duplicates_refused", &self.duplicates_refused())
+            .field(
+                "duplicates_passed_through",
+                &self.duplicates_passed_through(),
+            )
+            .field("responses_not_shared", &self.responses_not_shared())
             .finish()
     }
 }

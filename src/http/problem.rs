@@ -18,13 +18,35 @@ pub(crate) fn key_required<B>() -> Response<ResponseBody<B>> {
 
 /// `503`: the flight's response was over the body limit, so only its leader received it.
 pub(crate) fn too_large_to_share<B>() -> Response<ResponseBody<B>> {
-    let mut response = problem(
+    retry_soon(problem(
         StatusCode::SERVICE_UNAVAILABLE,
         "Response too large to share",
         "An identical request was being processed; its response was larger than the limit \
          this server shares between identical requests, so it went to that request only. \
          Retry this request.",
-    );
+    ))
+}
+
+/// `409`: an identical request is in progress (under `OnDuplicate::Conflict`).
+pub(crate) fn in_progress<B>() -> Response<ResponseBody<B>> {
+    retry_soon(problem(
+        StatusCode::CONFLICT,
+        "Identical request in progress",
+        "An identical request is being processed. Retry this request once it has completed.",
+    ))
+}
+
+/// `503`: a follower stopped waiting (wait timeout) or was turned away (follower cap).
+pub(crate) fn gave_up_waiting<B>() -> Response<ResponseBody<B>> {
+    retry_soon(problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Identical request still in progress",
+        "An identical request is being processed, and this server does not let more requests \
+         wait for it, or not for longer. Retry this request.",
+    ))
+}
+
+fn retry_soon<B>(mut response: Response<ResponseBody<B>>) -> Response<ResponseBody<B>> {
     response
         .headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from_static("1"));

@@ -20,12 +20,18 @@ use http::HeaderValue;
 /// }
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Role {
     /// The caller started the flight: its request is the one the inner service received.
     Leader,
     /// The caller joined a running flight: its request never reached the inner service,
     /// and its response is a copy of the flight's one response.
     Follower,
+    /// The caller found a flight for its key but was served by a call of its own: it
+    /// stopped waiting ([`Fallback::PassThrough`](super::Fallback::PassThrough)), was let
+    /// through as a duplicate ([`OnDuplicate::PassThrough`](super::OnDuplicate::PassThrough)),
+    /// or the flight's response was [not to be shared](super::DoNotShare).
+    Own,
 }
 
 impl Role {
@@ -33,6 +39,7 @@ impl Role {
         HeaderValue::from_static(match self {
             Role::Leader => "leader",
             Role::Follower => "follower",
+            Role::Own => "own",
         })
     }
 }

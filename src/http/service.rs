@@ -1,5 +1,6 @@
 use std::any;
 use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
@@ -15,9 +16,10 @@ use tracing::Instrument;
 use super::body::ResponseBody;
 use super::error::ShareError;
 use super::flown::{self, Flown};
-use super::future::{FlightKey, ResponseFuture};
+use super::future::{FlightKey, Own, ResponseFuture, Watch};
 use super::layer::Config;
 use super::metrics::Metrics;
+use super::policy::{Fallback, OnDuplicate, Unshared};
 use super::scope::DefaultScope;
 use super::{HttpCoalesceLayer, problem};
 use crate::BoxError;
@@ -154,36 +156,117 @@ where
 
         // Keys carry user ids: logs get a hash, and only when someone reads them.
         let key_hash = tracing::enabled!(tracing::Level::DEBUG).then(|| KeyHash::of(&key));
-        let inner = &self.inner;
-        let config = self.config;
+        let config = &self.config;
         let metrics = &self.metrics;
+        let inner = &self.inner;
+        // The request goes into the flight if this caller leads it; a follower keeps it, to
+        // call the inner service itself should it stop waiting.
+        let mut request = Some(req);
         let run = self
             .flights
             .get::<FlightKey<I::Key, K::Key>, FlightResult<ResB, S::Error>>()
             .run(key, || {
                 metrics.flight_started();
-                let span = tracing::debug_span!("coalesce_flight", key = key_hash.map(|h| h.0));
-                let metrics = metrics.clone();
-                let work = Oneshot::new(inner.clone(), req);
-                async move {
-                    tracing::debug!("flight started");
-                    let result = match work.await {
-                        Ok(response) => {
-                            Ok(flown::collect(response, config.body_limit, &metrics).await)
-                        }
-                        Err(error) => Err(std::sync::Arc::new(error)),
-                    };
-                    tracing::debug!(ok = result.is_ok(), "flight completed");
-                    result
-                }
-                .instrument(span)
+                let req = request.take().expect("the flight is made once");
+                flight(inner.clone(), req, config, metrics.clone(), key_hash)
             });
-        if !run.is_leader() {
-            self.metrics.caller_joined();
-            tracing::debug!(key = key_hash.map(|h| h.0), "caller joined flight");
+        let watch = Watch {
+            role_header: config.role_header,
+            metrics: metrics.clone(),
+            key_hash,
+            done: false,
+        };
+        let Some(request) = request else {
+            return ResponseFuture::coalesced(run, watch, None, None);
+        };
+
+        // A follower.
+        let mut watch = watch;
+        watch.done = true; // counted as cancelled only once it waits
+        match config.on_duplicate {
+            OnDuplicate::Share => {}
+            OnDuplicate::Conflict => {
+                metrics.duplicate_refused();
+                return ResponseFuture::answered(problem::in_progress());
+            }
+            OnDuplicate::PassThrough => {
+                metrics.duplicate_passed_through();
+                return ResponseFuture::own(inner.clone(), request, config.role_header);
+            }
         }
-        ResponseFuture::coalesced(run, config.role_header, self.metrics.clone(), key_hash)
+        // `waiters` counts this caller, and the leader while it waits.
+        if config
+            .max_followers
+            .is_some_and(|max| run.waiters() > max + 1)
+        {
+            metrics.follower_shed();
+            tracing::debug!(key = key_hash.map(|h| h.0), "follower turned away");
+            return match config.fallback {
+                Fallback::ServiceUnavailable => {
+                    ResponseFuture::answered(problem::gave_up_waiting())
+                }
+                Fallback::PassThrough => {
+                    ResponseFuture::own(inner.clone(), request, config.role_header)
+                }
+            };
+        }
+        metrics.caller_joined();
+        tracing::debug!(key = key_hash.map(|h| h.0), "caller joined flight");
+        watch.done = false;
+        let own = Own {
+            inner: inner.clone(),
+            request,
+            fallback: config.fallback,
+        };
+        let deadline = config
+            .follower_timeout
+            .map(|timeout| Box::pin(tokio::time::sleep(timeout)));
+        ResponseFuture::coalesced(run, watch, Some(own), deadline)
     }
+}
+
+/// The work of a flight: the leader's call, then its response buffered to be shared, or
+/// kept for the leader alone.
+fn flight<S, ReqB, ResB>(
+    inner: S,
+    req: Request<ReqB>,
+    config: &Config,
+    metrics: Metrics,
+    key_hash: Option<KeyHash>,
+) -> impl Future<Output = FlightResult<ResB, S::Error>> + Send + 'static
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + Sync + 'static,
+    ReqB: Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let span = tracing::debug_span!("coalesce_flight", key = key_hash.map(|h| h.0));
+    let (limit, share) = (config.body_limit, config.share.clone());
+    let one_at_a_time = config.unshared == Unshared::OneAfterAnother;
+    let call = Oneshot::new(inner, req);
+    async move {
+        tracing::debug!("flight started");
+        let result = match call.await {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                let shareable = share.allows(&parts);
+                let response = Response::from_parts(parts, body);
+                if shareable {
+                    Ok(flown::collect(response, limit, &metrics).await)
+                } else {
+                    metrics.response_not_shared();
+                    tracing::debug!("response not to be shared; followers run on their own");
+                    Ok(Flown::unshared(response, one_at_a_time))
+                }
+            }
+            Err(error) => Err(std::sync::Arc::new(error)),
+        };
+        tracing::debug!(ok = result.is_ok(), "flight completed");
+        result
+    }
+    .instrument(span)
 }
 
 /// A hash of a flight key for logs, with a per-process random seed so that a logged hash

@@ -237,13 +237,14 @@ where
             flown: Flown::Buffered(buffered),
             ..
         }) => buffered.into_response(),
+        // Idempotency flights share every response they can buffer.
         Ok(Done::Fresh {
-            flown: Flown::TooLarge(slot),
+            flown: Flown::TooLarge(slot) | Flown::Unshared { leader: slot, .. },
             ..
         }) => match role {
-            Role::Leader => Flown::take_too_large(&slot)
+            Role::Leader => Flown::take_leader(&slot)
                 .expect("the over-limit response is taken once, by the leader"),
-            Role::Follower => problem::too_large_to_share(),
+            _ => problem::too_large_to_share(),
         },
     };
     response.extensions_mut().insert(role);

@@ -194,14 +194,14 @@ impl<T: Clone> Flight<T> {
             }
         }
     }
-
-    #[cfg(all(test, coalesce_loom))]
-    pub(crate) fn waiters(&self) -> usize {
-        self.lock().waiters
-    }
 }
 
 impl<T> Flight<T> {
+    /// The waiters that have neither read the outcome nor left.
+    pub(crate) fn waiters(&self) -> usize {
+        self.lock().waiters
+    }
+
     /// A waiter goes away before it read the outcome (its future was dropped). Returns
     /// `true` when it was the last one: the work has been dropped and the caller must free
     /// the key.

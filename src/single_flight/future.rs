@@ -45,6 +45,11 @@ where
     pub fn is_leader(&self) -> bool {
         self.waiter.is_leader()
     }
+
+    /// The callers waiting on the flight now, this one included.
+    pub fn waiters(&self) -> usize {
+        self.entry.flight.waiters()
+    }
 }
 
 impl<K, T> Future for Run<K, T>

@@ -1,0 +1,138 @@
+//! Controls over waiting: what a duplicate does, how long and how many followers wait,
+//! and which responses are not shared.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::header::CACHE_CONTROL;
+use http::response::Parts;
+
+/// What a request does when a flight for its key is already running; see
+/// [`HttpCoalesceLayer::on_duplicate`](super::HttpCoalesceLayer::on_duplicate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnDuplicate {
+    /// Wait for the flight and receive a copy of its response (the default).
+    #[default]
+    Share,
+    /// Answer `409 Conflict` at once, with a problem+json body saying that an identical
+    /// request is in progress, as the IETF Idempotency-Key draft allows: for clients that
+    /// prefer to retry.
+    Conflict,
+    /// Call the inner service as if there were no flight. For safe, read-only routes only:
+    /// on a create, this brings back the duplicate inserts the layer exists to stop.
+    PassThrough,
+}
+
+/// What a follower gets when it stops waiting: after the
+/// [wait timeout](super::HttpCoalesceLayer::follower_timeout), or at once when the flight
+/// has [as many followers as allowed](super::HttpCoalesceLayer::max_followers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fallback {
+    /// `503 Service Unavailable` with `Retry-After: 1` and a problem+json body (the
+    /// default).
+    #[default]
+    ServiceUnavailable,
+    /// The follower calls the inner service itself. For safe, read-only routes only; the
+    /// flight goes on for the others either way.
+    PassThrough,
+}
+
+/// How the followers of a flight whose response is [not to be shared](DoNotShare) get
+/// responses of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unshared {
+    /// Every follower calls the inner service at once (the default).
+    #[default]
+    Concurrently,
+    /// The followers call the inner service one after another.
+    OneAfterAnother,
+}
+
+/// A response extension that keeps a response from being shared.
+///
+/// A handler inserts it into a response that only its own caller may receive (a response
+/// with data of the request's caller that the scope does not capture, or one that must be
+/// produced fresh for each caller). The leader receives the response; each follower of the
+/// flight then calls the inner service itself, concurrently or one after another (see
+/// [`Unshared`]). A predicate on the response head can make the same choice:
+/// [`HttpCoalesceLayer::share_when`](super::HttpCoalesceLayer::share_when).
+///
+/// ```
+/// use axum::response::IntoResponse;
+/// use tower_coalesce::http::DoNotShare;
+///
+/// async fn handler() -> impl IntoResponse {
+///     (axum::Extension(DoNotShare), "for this caller only")
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DoNotShare;
+
+/// A predicate for [`share_when`](super::HttpCoalesceLayer::share_when) that does not share
+/// responses marked `Cache-Control: private` or `no-store`, nor those with [`DoNotShare`].
+pub fn not_private(parts: &Parts) -> bool {
+    let private = parts
+        .headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|directive| directive.trim().to_ascii_lowercase())
+        .any(|d| d == "private" || d.starts_with("private=") || d == "no-store");
+    !private && parts.extensions.get::<DoNotShare>().is_none()
+}
+
+/// The predicate that decides whether a response head may be shared.
+#[derive(Clone)]
+pub(crate) struct SharePredicate(Option<Arc<PartsPredicate>>);
+
+type PartsPredicate = dyn Fn(&Parts) -> bool + Send + Sync;
+
+impl SharePredicate {
+    pub(crate) fn default_marker() -> Self {
+        SharePredicate(None)
+    }
+
+    pub(crate) fn custom(f: impl Fn(&Parts) -> bool + Send + Sync + 'static) -> Self {
+        SharePredicate(Some(Arc::new(f)))
+    }
+
+    pub(crate) fn allows(&self, parts: &Parts) -> bool {
+        match &self.0 {
+            // The default looks for the marker only: no other response changes behaviour.
+            None => parts.extensions.get::<DoNotShare>().is_none(),
+            Some(f) => f(parts),
+        }
+    }
+}
+
+impl fmt::Debug for SharePredicate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "custom"
+        } else {
+            "DoNotShare marker"
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_and_no_store_responses_are_not_shared() {
+        let head = |cc: Option<&str>| {
+            let mut res = http::Response::builder();
+            if let Some(cc) = cc {
+                res = res.header("cache-control", cc);
+            }
+            res.body(()).unwrap().into_parts().0
+        };
+        assert!(not_private(&head(None)));
+        assert!(not_private(&head(Some("max-age=60, public"))));
+        assert!(!not_private(&head(Some("max-age=60, Private"))));
+        assert!(!not_private(&head(Some("private=\"set-cookie\""))));
+        assert!(!not_private(&head(Some("no-store"))));
+    }
+}
