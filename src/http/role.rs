@@ -16,6 +16,7 @@ use http::HeaderValue;
 /// match response.extensions().get::<Role>() {
 ///     Some(Role::Leader) => { /* this caller's request ran the handler */ }
 ///     Some(Role::Follower) => { /* it received a copy of another caller's response */ }
+///     Some(_) => { /* it found a flight, but was served by a call of its own */ }
 ///     None => { /* not coalesced */ }
 /// }
 /// ```
