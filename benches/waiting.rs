@@ -25,13 +25,16 @@ const FOLLOWERS: usize = 1000;
 
 type Layer = HttpCoalesceLayer<key::HeaderKey>;
 
+/// A configuration: its name, and what it does to the default layer.
+type Config = (&'static str, fn(Layer) -> Layer);
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let configs: [(&str, fn(Layer) -> Layer); 3] = [
+    let configs: [Config; 3] = [
         ("no controls", |l| l),
         ("max_followers(100)", |l| l.max_followers(100)),
         ("follower_timeout(200ms)", |l| {
