@@ -273,3 +273,93 @@ async fn concurrent_creates_and_late_retries_make_one_row() {
     assert_eq!(metrics.callers_joined() + metrics.responses_replayed(), 99);
     assert!(metrics.responses_replayed() >= 50);
 }
+
+/// While the first request with a key is held: a `Conflict` policy answers duplicates 409,
+/// a cap turns the extra duplicates away, a wait timeout gives up on them; after the first
+/// completes, a retry is replayed either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_of_a_running_request_are_refused_shed_or_timed_out_as_configured() {
+    use tower_coalesce::http::OnDuplicate;
+
+    // A name, what it does to the layer, and what the refused duplicates get.
+    type Config = (
+        &'static str,
+        fn(IdempotencyLayer) -> IdempotencyLayer,
+        StatusCode,
+    );
+    let configs: [Config; 3] = [
+        (
+            "conflict",
+            |l| l.on_duplicate(OnDuplicate::Conflict),
+            StatusCode::CONFLICT,
+        ),
+        (
+            "cap",
+            |l| l.max_followers(2),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+        (
+            "timeout",
+            |l| l.follower_timeout(Duration::from_millis(50)),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+    ];
+    for (name, configure, refused) in configs {
+        let layer = configure(IdempotencyLayer::new());
+        let metrics = layer.metrics();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let handler = {
+            let (release, runs) = (release.clone(), runs.clone());
+            move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                release.notified().await;
+                (StatusCode::CREATED, "created")
+            }
+        };
+        let addr = serve(Router::new().route("/orders", post(handler)).layer(layer)).await;
+        let client = reqwest::Client::new();
+
+        let first = tokio::spawn({
+            let client = client.clone();
+            async move { post_order(&client, addr, Some("k"), "x").await }
+        });
+        support::eventually("the first request to run", || {
+            runs.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let duplicates = join_all((0..6).map(|_| {
+            let client = client.clone();
+            async move { post_order(&client, addr, Some("k"), "x").await }
+        }));
+        let duplicates = if name == "cap" {
+            // The two that may wait are answered only once the first completes.
+            let duplicates = tokio::spawn(duplicates);
+            support::eventually("four to be turned away", || metrics.followers_shed() == 4).await;
+            release.notify_one();
+            duplicates.await.unwrap()
+        } else {
+            let duplicates = duplicates.await;
+            release.notify_one();
+            duplicates
+        };
+        let first = first.await.unwrap();
+        assert_eq!(first.status, StatusCode::CREATED, "{name}");
+        let refused_count = duplicates.iter().filter(|d| d.status == refused).count();
+        let served = duplicates
+            .iter()
+            .filter(|d| d.status == StatusCode::CREATED)
+            .count();
+        match name {
+            "cap" => assert_eq!((refused_count, served), (4, 2), "{name}"),
+            _ => assert_eq!(refused_count, 6, "{name}"),
+        }
+        let retry = post_order(&client, addr, Some("k"), "x").await;
+        assert_eq!(
+            (retry.status, retry.replayed),
+            (StatusCode::CREATED, true),
+            "{name}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "{name}");
+    }
+}

@@ -7,8 +7,8 @@ use tower::Layer;
 
 use super::Idempotency;
 use super::store::MemoryStore;
-use crate::http::Metrics;
 use crate::http::scope::DefaultScope;
+use crate::http::{Metrics, OnDuplicate};
 use crate::single_flight::LazyGroup;
 
 /// Applies [`Idempotency`] to an HTTP service: requests with an `Idempotency-Key` header
@@ -42,6 +42,9 @@ pub(crate) struct Config {
     pub(crate) require_key: bool,
     pub(crate) ttl: Duration,
     pub(crate) body_limit: usize,
+    pub(crate) on_duplicate: OnDuplicate,
+    pub(crate) follower_timeout: Option<Duration>,
+    pub(crate) max_followers: Option<usize>,
 }
 
 impl IdempotencyLayer {
@@ -53,6 +56,9 @@ impl IdempotencyLayer {
                 require_key: false,
                 ttl: Duration::from_secs(24 * 60 * 60),
                 body_limit: crate::http::DEFAULT_BODY_LIMIT,
+                on_duplicate: OnDuplicate::Share,
+                follower_timeout: None,
+                max_followers: None,
             },
             scope: DefaultScope::default(),
             store: MemoryStore::default(),
@@ -103,6 +109,44 @@ impl<I, St> IdempotencyLayer<I, St> {
     /// followers get `503`, and nothing is stored).
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.config.body_limit = bytes;
+        self
+    }
+
+    /// What a request does while the first request with its key runs: wait and share its
+    /// response ([`OnDuplicate::Share`], the default), or get `409 Conflict` at once
+    /// ([`OnDuplicate::Conflict`]), the IETF draft's answer for clients that retry.
+    ///
+    /// ```
+    /// use tower_coalesce::http::OnDuplicate;
+    /// use tower_coalesce::idempotency::IdempotencyLayer;
+    ///
+    /// let layer = IdempotencyLayer::new().on_duplicate(OnDuplicate::Conflict);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// On [`OnDuplicate::PassThrough`]: running duplicates is what idempotency keys exist
+    /// to prevent.
+    pub fn on_duplicate(mut self, policy: OnDuplicate) -> Self {
+        assert!(
+            policy != OnDuplicate::PassThrough,
+            "OnDuplicate::PassThrough would run duplicate requests: not for idempotency keys"
+        );
+        self.config.on_duplicate = policy;
+        self
+    }
+
+    /// How long a duplicate waits for the first request at most; then it gets `503` with
+    /// `Retry-After: 1`, and the first request goes on. No limit by default.
+    pub fn follower_timeout(mut self, timeout: Duration) -> Self {
+        self.config.follower_timeout = Some(timeout);
+        self
+    }
+
+    /// How many duplicates may wait for the first request; more get `503` with
+    /// `Retry-After: 1` at once. No limit by default.
+    pub fn max_followers(mut self, max: usize) -> Self {
+        self.config.max_followers = Some(max);
         self
     }
 

@@ -24,7 +24,7 @@
 //! | no key, `require_key(true)` | `400`, problem+json | no |
 //! | key empty, over 255 bytes, not visible ASCII, or sent twice | `400`, problem+json | no |
 //! | body over the limit | `413`, problem+json | no |
-//! | same key (and scope), same method, path and body, running | joins the flight | no |
+//! | same key (and scope), same method, path and body, running | joins the flight (or `409` under [`on_duplicate`](IdempotencyLayer::on_duplicate), `503` beyond [`max_followers`](IdempotencyLayer::max_followers) or after [`follower_timeout`](IdempotencyLayer::follower_timeout)) | no |
 //! | same key, completed and stored | stored response replayed | no |
 //! | same key, different method, path or body | `422`, problem+json | no |
 //!

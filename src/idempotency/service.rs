@@ -20,7 +20,7 @@ use crate::http::error::ShareError;
 use crate::http::flown::{self, Flown};
 use crate::http::key::{is_valid_key, single_header};
 use crate::http::scope::DefaultScope;
-use crate::http::{Role, problem};
+use crate::http::{OnDuplicate, Role, problem};
 
 const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
@@ -216,9 +216,31 @@ where
             Ok(Done::Fresh { flown, fingerprint })
         });
     if !run.is_leader() {
+        if config.on_duplicate == OnDuplicate::Conflict {
+            metrics.duplicate_refused();
+            return Ok(problem::in_progress());
+        }
+        // `waiters` counts this caller, and the leader while it waits.
+        if config
+            .max_followers
+            .is_some_and(|max| run.waiters() > max + 1)
+        {
+            metrics.follower_shed();
+            return Ok(problem::gave_up_waiting());
+        }
         metrics.caller_joined();
     }
-    let outcome = run.await;
+    let outcome = match config.follower_timeout.filter(|_| !run.is_leader()) {
+        None => run.await,
+        Some(timeout) => match tokio::time::timeout(timeout, run).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                // Dropping the wait left the flight, which goes on for the others.
+                metrics.follower_timed_out();
+                return Ok(problem::gave_up_waiting());
+            }
+        },
+    };
     let role = if outcome.is_leader() {
         Role::Leader
     } else {
