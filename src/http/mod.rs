@@ -92,6 +92,16 @@
 //! flight ends when its response body has been read to the end (or to the limit), so the
 //! body is read once, whatever happens to the leader's connection.
 //!
+//! # Waiting under control
+//!
+//! By default a duplicate waits for its flight however long it runs, with however many
+//! others. Per layer (so per route, if you layer routes separately), a duplicate can instead
+//! get `409 Conflict` at once or run on its own ([`OnDuplicate`]); followers can be given a
+//! [wait timeout](HttpCoalesceLayer::follower_timeout) and a
+//! [cap](HttpCoalesceLayer::max_followers), after which they get `503` or run on their own
+//! ([`Fallback`]); and a response can be kept from being shared ([`DoNotShare`],
+//! [`share_when`](HttpCoalesceLayer::share_when)).
+//!
 //! # Observability
 //!
 //! With `tracing` at `DEBUG`, each flight runs in a `coalesce_flight` span, and the layer
