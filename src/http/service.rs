@@ -90,20 +90,7 @@ impl<S, K> HttpCoalesce<S, K> {
 }
 
 impl<S, K, I> HttpCoalesce<S, K, I> {
-    /// Gets a reference to the underlying service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// Gets a mutable reference to the underlying service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes `self`, returning the underlying service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 
     /// The counters of this service, shared with the layer that built it.
     pub fn metrics(&self) -> Metrics {

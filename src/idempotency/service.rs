@@ -48,20 +48,7 @@ impl<S: Clone, I, St> Clone for Idempotency<S, I, St> {
 }
 
 impl<S, I, St> Idempotency<S, I, St> {
-    /// Gets a reference to the underlying service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// Gets a mutable reference to the underlying service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes `self`, returning the underlying service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 /// What a flight shares: a response it produced, or one it found stored after all.
