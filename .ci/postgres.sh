@@ -3,6 +3,8 @@
 # DATABASE_URL, and stops the cluster (and removes it) when the calling shell exits.
 # The server runs as the `postgres` user, because initdb refuses to run as root.
 
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 pg_bin() {
   ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -1 | xargs -r dirname
 }
@@ -25,13 +27,13 @@ as_postgres() {
 
 PG_DIR="$(mktemp -d /tmp/tower-coalesce-pg.XXXXXX)"
 [ "$(id -u)" = 0 ] && chown postgres:postgres "$PG_DIR"
-PG_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+PG_PORT="$(free_port)"
 
 stop_postgres() {
   as_postgres "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$PG_DIR"
 }
-trap stop_postgres EXIT
+on_exit stop_postgres
 
 as_postgres "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres -A trust >"$PG_DIR/initdb.log" 2>&1 \
   || { cat "$PG_DIR/initdb.log"; exit 1; }

@@ -1,0 +1,217 @@
+//! Idempotency replay across instances through a real Redis, and what happens when Redis
+//! stops and comes back. The shared server comes from `REDIS_URL` (`.ci/run` starts one);
+//! the stop-and-restart test starts a `redis-server` of its own. Under `CI=true` these tests
+//! fail rather than skip when Redis is missing.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::routing;
+use tower_coalesce::idempotency::IdempotencyLayer;
+use tower_coalesce::redis::RedisStore;
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|ci| ci == "true")
+}
+
+fn redis_url() -> Option<String> {
+    match std::env::var("REDIS_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+    {
+        Some(url) => Some(url),
+        None if in_ci() => {
+            panic!("CI=true but REDIS_URL is not set: the Redis tests must run in CI")
+        }
+        None => {
+            eprintln!("skipped: set REDIS_URL=redis://... to run the Redis tests");
+            None
+        }
+    }
+}
+
+/// A fresh key prefix per test run, so that runs never see each other's responses.
+fn prefix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("tower-coalesce-test:{nanos}:")
+}
+
+/// One instance of the app: its own service stack, its own Redis connection.
+async fn instance(store: RedisStore) -> (SocketAddr, Arc<AtomicUsize>) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = runs.clone();
+        move |body: Bytes| async move {
+            let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+            (
+                StatusCode::CREATED,
+                format!("run {n} for {}", String::from_utf8_lossy(&body)),
+            )
+        }
+    };
+    let app = Router::new()
+        .route("/orders", routing::post(handler))
+        .layer(IdempotencyLayer::new().store(store));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, runs)
+}
+
+async fn post(addr: SocketAddr, key: &str, body: &str) -> (StatusCode, bool, String) {
+    let res = reqwest::Client::new()
+        .post(format!("http://{addr}/orders"))
+        .header("idempotency-key", key)
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let replayed = res.headers().contains_key("idempotent-replayed");
+    (res.status(), replayed, res.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_response_completed_on_one_instance_is_replayed_by_the_others() {
+    let Some(url) = redis_url() else { return };
+    let prefix = prefix();
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        let store = RedisStore::connect(&url)
+            .await
+            .unwrap()
+            .with_prefix(prefix.clone());
+        instances.push(instance(store).await);
+    }
+
+    let first = post(instances[0].0, "order-1", "2 apples").await;
+    assert_eq!((first.0, first.1), (StatusCode::CREATED, false));
+    for (addr, _) in &instances[1..] {
+        let retry = post(*addr, "order-1", "2 apples").await;
+        assert_eq!(retry, (StatusCode::CREATED, true, first.2.clone()));
+        let reused = post(*addr, "order-1", "3 apples").await;
+        assert_eq!(reused.0, StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    let runs: Vec<_> = instances
+        .iter()
+        .map(|(_, r)| r.load(Ordering::SeqCst))
+        .collect();
+    assert_eq!(runs, [1, 0, 0]);
+}
+
+/// A `redis-server` of the test's own on a free port, killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(port: u16) -> Option<Server> {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn();
+        match child {
+            Ok(child) => Some(Server { child, port }),
+            Err(_) if in_ci() => panic!("CI=true but redis-server can't be started"),
+            Err(_) => {
+                eprintln!("skipped: redis-server is not on PATH");
+                None
+            }
+        }
+    }
+
+    async fn connect(&self) -> RedisStore {
+        let url = format!("redis://127.0.0.1:{}", self.port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match RedisStore::connect_with_timeout(&url, Duration::from_millis(200)).await {
+                Ok(store) => return store,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(error) => panic!("redis-server did not come up: {error}"),
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Redis stops: requests are still served, each within the command timeout (the layer
+/// fails open and runs them), and nothing is replayed. Redis comes back on the same port:
+/// the connection manager reconnects and replay works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_are_served_while_redis_is_down_and_replayed_again_once_it_is_back() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let Some(server) = Server::start(port) else {
+        return;
+    };
+    let store = server.connect().await;
+    let (addr, runs) = instance(store).await;
+
+    assert_eq!(post(addr, "before", "x").await.0, StatusCode::CREATED);
+    assert!(
+        post(addr, "before", "x").await.1,
+        "not replayed while redis is up"
+    );
+
+    drop(server);
+    for i in 0..3 {
+        let start = Instant::now();
+        let (status, replayed, _) = post(addr, "during", "x").await;
+        assert_eq!(
+            (status, replayed),
+            (StatusCode::CREATED, false),
+            "request {i}"
+        );
+        // Two commands (the lookup twice, the put) at 200 ms each, at most.
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            start.elapsed()
+        );
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        4,
+        "every request ran while redis was down"
+    );
+
+    let _server = Server::start(port).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut key = 0;
+    loop {
+        key += 1;
+        let key = format!("after-{key}");
+        post(addr, &key, "x").await;
+        if post(addr, &key, "x").await.1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replay did not come back after redis restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
