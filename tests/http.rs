@@ -5,7 +5,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -39,14 +38,6 @@ fn client(version: Version) -> reqwest::Client {
     }
     .build()
     .unwrap()
-}
-
-/// Serves `app` on a fresh loopback port until the test's runtime ends.
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
 }
 
 /// What the handlers see: how often they ran, and the layer's counters.
@@ -155,7 +146,7 @@ async fn two_hundred_concurrent_same_key_posts_run_the_handler_once() {
             HttpCoalesceLayer::new(key::idempotency_key()).role_header(true),
             199,
         );
-        let url = format!("http://{}/api/clients", serve(router).await);
+        let url = format!("http://{}/api/clients", support::serve(router).await);
         let client = client(version);
 
         for round in 1..=3 {
@@ -195,7 +186,7 @@ async fn two_hundred_concurrent_same_key_posts_run_the_handler_once() {
 async fn distinct_keys_and_unkeyed_requests_are_not_coalesced() {
     for version in VERSIONS {
         let (router, app) = app(HttpCoalesceLayer::new(key::idempotency_key()), 0);
-        let url = format!("http://{}/api/clients", serve(router).await);
+        let url = format!("http://{}/api/clients", support::serve(router).await);
         let client = client(version);
 
         let keys: Vec<String> = (0..50).map(|i| format!("k{i}")).collect();
@@ -237,7 +228,7 @@ async fn same_key_from_two_identities_runs_twice() {
         )
         .layer(layer)
         .with_state(app.clone());
-    let url = format!("http://{}/api/clients", serve(router).await);
+    let url = format!("http://{}/api/clients", support::serve(router).await);
     let client = client(Version::Http1);
 
     let as_user = |token: &'static str| {
@@ -272,7 +263,7 @@ async fn a_required_key_that_is_missing_or_malformed_gets_a_400_problem() {
         HttpCoalesceLayer::new(key::idempotency_key()).require_key(true),
         0,
     );
-    let url = format!("http://{}/api/clients", serve(router).await);
+    let url = format!("http://{}/api/clients", support::serve(router).await);
     let client = client(Version::Http1);
 
     let too_long = "k".repeat(256);
@@ -323,7 +314,7 @@ async fn disconnected_clients_leave_the_others_served_by_one_execution() {
         let router = Router::new()
             .route("/api/clients", post(handler))
             .layer(layer);
-        let url = format!("http://{}/api/clients", serve(router).await);
+        let url = format!("http://{}/api/clients", support::serve(router).await);
         // Every caller on its own client, so that aborting one closes its connection (or,
         // on HTTP/2, resets its stream) and nobody else's.
         let call = |url: String| async move {
@@ -363,7 +354,7 @@ async fn disconnected_clients_leave_the_others_served_by_one_execution() {
 async fn a_panicking_handler_gives_every_caller_a_500_and_the_key_works_afterwards() {
     for version in VERSIONS {
         let (router, app) = app(HttpCoalesceLayer::new(key::idempotency_key()), 49);
-        let url = format!("http://{}/api/clients", serve(router).await);
+        let url = format!("http://{}/api/clients", support::serve(router).await);
         let client = client(version);
         let headers = [("idempotency-key", "k")];
 
@@ -425,7 +416,7 @@ async fn an_over_limit_body_goes_whole_to_the_leader_and_followers_get_503() {
             )
             .layer(layer)
             .with_state(state.clone());
-        let url = format!("http://{}/big", serve(router).await);
+        let url = format!("http://{}/big", support::serve(router).await);
         let client = client(Version::Http1);
 
         let responses =
@@ -463,7 +454,7 @@ async fn unkeyed_requests_pass_through_without_a_role() {
             }),
         )
         .layer(layer);
-    let url = format!("http://{}/echo", serve(router).await);
+    let url = format!("http://{}/echo", support::serve(router).await);
     let res = client(Version::Http1)
         .post(&url)
         .body("hello")
@@ -491,7 +482,7 @@ async fn the_same_key_on_two_routes_never_shares_a_response() {
         })
         .layer(layer)
         .with_state(state.clone());
-    let base = format!("http://{}", serve(router).await);
+    let base = format!("http://{}", support::serve(router).await);
     let (clients_url, orders_url) = (format!("{base}/api/clients"), format!("{base}/api/orders"));
     let client = client(Version::Http1);
     let headers = [("idempotency-key", "same")];

@@ -18,13 +18,6 @@ use axum::routing::post;
 use futures::future::join_all;
 use tower_coalesce::idempotency::IdempotencyLayer;
 
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
-
 /// `POST /orders`: counts its runs, echoes the body, and answers with `status` (500 makes
 /// it a server error). Each answer is unique, so that a replay can't pass for a new run.
 fn orders(layer: IdempotencyLayer, status: Arc<AtomicUsize>) -> (Router, Arc<AtomicUsize>) {
@@ -84,7 +77,7 @@ fn status(code: u16) -> Arc<AtomicUsize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_retry_after_completion_is_replayed_without_running_the_handler() {
     let (router, runs) = orders(IdempotencyLayer::new(), status(201));
-    let addr = serve(router).await;
+    let addr = support::serve(router).await;
     let client = reqwest::Client::new();
 
     let first = post_order(&client, addr, Some("order-1"), "2 apples").await;
@@ -107,7 +100,7 @@ async fn a_retry_after_completion_is_replayed_without_running_the_handler() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_key_with_another_body_is_refused_with_422() {
     let (router, runs) = orders(IdempotencyLayer::new(), status(201));
-    let addr = serve(router).await;
+    let addr = support::serve(router).await;
     let client = reqwest::Client::new();
 
     post_order(&client, addr, Some("k"), "2 apples").await;
@@ -121,7 +114,7 @@ async fn the_same_key_with_another_body_is_refused_with_422() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn missing_and_malformed_keys_get_400_and_never_reach_the_handler() {
     let (router, runs) = orders(IdempotencyLayer::new().require_key(true), status(201));
-    let addr = serve(router).await;
+    let addr = support::serve(router).await;
     let client = reqwest::Client::new();
 
     let too_long = "k".repeat(256);
@@ -148,7 +141,7 @@ async fn missing_and_malformed_keys_get_400_and_never_reach_the_handler() {
 
     // Without `require_key`, a request without a key passes through, every time.
     let (router, runs) = orders(IdempotencyLayer::new(), status(201));
-    let addr = serve(router).await;
+    let addr = support::serve(router).await;
     post_order(&client, addr, None, "x").await;
     post_order(&client, addr, None, "x").await;
     assert_eq!(runs.load(Ordering::SeqCst), 2);
@@ -158,7 +151,7 @@ async fn missing_and_malformed_keys_get_400_and_never_reach_the_handler() {
 async fn a_server_error_is_not_stored_and_the_retry_runs_again() {
     let code = status(500);
     let (router, runs) = orders(IdempotencyLayer::new(), code.clone());
-    let addr = serve(router).await;
+    let addr = support::serve(router).await;
     let client = reqwest::Client::new();
 
     let failed = post_order(&client, addr, Some("k"), "x").await;
@@ -184,7 +177,7 @@ async fn a_server_error_is_not_stored_and_the_retry_runs_again() {
 async fn an_expired_response_runs_again() {
     let layer = IdempotencyLayer::new().ttl(Duration::from_millis(300));
     let (router, runs) = orders(layer, status(201));
-    let addr = serve(router).await;
+    let addr = support::serve(router).await;
     let client = reqwest::Client::new();
 
     post_order(&client, addr, Some("k"), "x").await;
@@ -198,7 +191,7 @@ async fn an_expired_response_runs_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_user_never_replays_another_users_response() {
     let (router, runs) = orders(IdempotencyLayer::new(), status(201));
-    let addr = serve(router).await;
+    let addr = support::serve(router).await;
     let client = reqwest::Client::new();
     let as_user = |token: &'static str| {
         client
@@ -221,7 +214,7 @@ async fn one_user_never_replays_another_users_response() {
 async fn a_request_racing_its_retries_runs_once() {
     for round in 0..60 {
         let (router, runs) = orders(IdempotencyLayer::new(), status(201));
-        let addr = serve(router).await;
+        let addr = support::serve(router).await;
         let client = reqwest::Client::new();
         let key = format!("race-{round}");
         let responses = join_all((0..20).map(|i| {
@@ -254,7 +247,7 @@ async fn concurrent_creates_and_late_retries_make_one_row() {
     let layer = IdempotencyLayer::new();
     let metrics = layer.metrics();
     let router = app::routes().layer(layer).with_state(state.clone());
-    let base = format!("http://{}", serve(router).await);
+    let base = format!("http://{}", support::serve(router).await);
 
     let key = [("idempotency-key", "create-client-7".to_owned())];
     let first = app::fire_with(&base, "client-7", 50, &key).await;
@@ -317,7 +310,7 @@ async fn duplicates_of_a_running_request_are_refused_shed_or_timed_out_as_config
                 (StatusCode::CREATED, "created")
             }
         };
-        let addr = serve(Router::new().route("/orders", post(handler)).layer(layer)).await;
+        let addr = support::serve(Router::new().route("/orders", post(handler)).layer(layer)).await;
         let client = reqwest::Client::new();
 
         let first = tokio::spawn({

@@ -23,13 +23,6 @@ use tower_coalesce::http::{
 
 use support::eventually;
 
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
-
 /// A handler whose first run waits for `release`; later runs answer at once. It counts its
 /// runs and the most runs at the same time.
 #[derive(Clone, Default)]
@@ -150,7 +143,7 @@ async fn a_conflict_policy_answers_duplicates_409_at_once() {
     let handler = Handler::default();
     let layer = HttpCoalesceLayer::new(key::idempotency_key()).on_duplicate(OnDuplicate::Conflict);
     let metrics = layer.metrics();
-    let addr = serve(handler.router(layer, None)).await;
+    let addr = support::serve(handler.router(layer, None)).await;
 
     // The duplicates are answered while the leader is still held: no waiting.
     let (leader, duplicates) =
@@ -172,7 +165,7 @@ async fn a_pass_through_policy_runs_every_duplicate() {
     let handler = Handler::default();
     let layer =
         HttpCoalesceLayer::new(key::idempotency_key()).on_duplicate(OnDuplicate::PassThrough);
-    let addr = serve(handler.router(layer, None)).await;
+    let addr = support::serve(handler.router(layer, None)).await;
 
     let (leader, duplicates) =
         leader_and_duplicates(&handler, addr, 10, || handler.runs() == 11).await;
@@ -189,7 +182,7 @@ async fn followers_over_the_cap_are_turned_away_at_once() {
     let handler = Handler::default();
     let layer = HttpCoalesceLayer::new(key::idempotency_key()).max_followers(5);
     let metrics = layer.metrics();
-    let addr = serve(handler.router(layer, None)).await;
+    let addr = support::serve(handler.router(layer, None)).await;
 
     let (leader, duplicates) = leader_and_duplicates(&handler, addr, 20, || {
         metrics.callers_joined() + metrics.followers_shed() == 20
@@ -226,7 +219,7 @@ async fn followers_that_wait_too_long_get_503_and_the_flight_goes_on() {
     let layer =
         HttpCoalesceLayer::new(key::idempotency_key()).follower_timeout(Duration::from_millis(50));
     let metrics = layer.metrics();
-    let addr = serve(handler.router(layer, None)).await;
+    let addr = support::serve(handler.router(layer, None)).await;
 
     let (leader, duplicates) =
         leader_and_duplicates(&handler, addr, 10, || metrics.followers_timed_out() == 10).await;
@@ -248,7 +241,7 @@ async fn followers_that_wait_too_long_may_run_on_their_own() {
     let layer = HttpCoalesceLayer::new(key::idempotency_key())
         .follower_timeout(Duration::from_millis(50))
         .fallback(Fallback::PassThrough);
-    let addr = serve(handler.router(layer, None)).await;
+    let addr = support::serve(handler.router(layer, None)).await;
 
     let (leader, duplicates) =
         leader_and_duplicates(&handler, addr, 10, || handler.runs() == 11).await;
@@ -268,7 +261,7 @@ async fn a_response_marked_do_not_share_goes_to_its_leader_and_followers_run_the
         let handler = Handler::default();
         let layer = HttpCoalesceLayer::new(key::idempotency_key()).unshared(unshared);
         let metrics = layer.metrics();
-        let addr = serve(handler.router(layer, Some("do-not-share"))).await;
+        let addr = support::serve(handler.router(layer, Some("do-not-share"))).await;
 
         let (leader, duplicates) =
             leader_and_duplicates(&handler, addr, 10, || metrics.callers_joined() == 10).await;
@@ -295,7 +288,7 @@ async fn cache_control_private_is_not_shared_under_not_private() {
     let handler = Handler::default();
     let layer = HttpCoalesceLayer::new(key::idempotency_key()).share_when(policy::not_private);
     let metrics = layer.metrics();
-    let addr = serve(handler.router(layer, Some("private, max-age=0"))).await;
+    let addr = support::serve(handler.router(layer, Some("private, max-age=0"))).await;
     let (_, duplicates) =
         leader_and_duplicates(&handler, addr, 5, || metrics.callers_joined() == 5).await;
     assert!(duplicates.iter().all(|d| d.body != "run 1"));
@@ -305,7 +298,7 @@ async fn cache_control_private_is_not_shared_under_not_private() {
     let handler = Handler::default();
     let layer = HttpCoalesceLayer::new(key::idempotency_key());
     let metrics = layer.metrics();
-    let addr = serve(handler.router(layer, Some("private, max-age=0"))).await;
+    let addr = support::serve(handler.router(layer, Some("private, max-age=0"))).await;
     let (_, duplicates) =
         leader_and_duplicates(&handler, addr, 5, || metrics.callers_joined() == 5).await;
     assert!(duplicates.iter().all(|d| d.body == "run 1"));

@@ -64,10 +64,7 @@ async fn instance(store: RedisStore) -> (SocketAddr, Arc<AtomicUsize>) {
     let app = Router::new()
         .route("/orders", routing::post(handler))
         .layer(IdempotencyLayer::new().store(store));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (addr, runs)
+    (support::serve(app).await, runs)
 }
 
 async fn post(addr: SocketAddr, key: &str, body: &str) -> (StatusCode, bool, String) {
