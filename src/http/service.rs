@@ -157,19 +157,18 @@ where
                 let req = request.take().expect("the flight is made once");
                 flight(inner.clone(), req, config, metrics.clone(), key_hash)
             });
-        let watch = Watch {
+        // Made only for a caller that waits: one turned away is not counted as cancelled.
+        let watch = || Watch {
             role_header: config.role_header,
             metrics: metrics.clone(),
             key_hash,
             done: false,
         };
         let Some(request) = request else {
-            return ResponseFuture::coalesced(run, watch, None, None);
+            return ResponseFuture::coalesced(run, watch(), None, None);
         };
 
         // A follower.
-        let mut watch = watch;
-        watch.done = true; // counted as cancelled only once it waits
         match config.on_duplicate {
             OnDuplicate::Share => {}
             OnDuplicate::Conflict => {
@@ -199,7 +198,6 @@ where
         }
         metrics.caller_joined();
         tracing::debug!(key = key_hash.map(|h| h.0), "caller joined flight");
-        watch.done = false;
         let own = Own {
             inner: inner.clone(),
             request,
@@ -208,7 +206,7 @@ where
         let deadline = config
             .follower_timeout
             .map(|timeout| Box::pin(tokio::time::sleep(timeout)));
-        ResponseFuture::coalesced(run, watch, Some(own), deadline)
+        ResponseFuture::coalesced(run, watch(), Some(own), deadline)
     }
 }
 
