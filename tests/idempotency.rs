@@ -260,10 +260,11 @@ async fn concurrent_creates_and_late_retries_make_one_row() {
         assert_eq!(r.status, StatusCode::CREATED);
         assert_eq!(r.body, first[0].body);
     }
-    // Every request but the first joined its flight or was replayed; all 50 retries were
-    // replayed (and a slow one of the first 50 may have been too).
+    // Every request but the first joined its flight or was replayed, and all 50 retries
+    // were replayed. A retry can be both: retries that arrive together share one lookup
+    // of the store.
     assert_eq!(metrics.flights_started(), 1);
-    assert_eq!(metrics.callers_joined() + metrics.responses_replayed(), 99);
+    assert!(metrics.callers_joined() + metrics.responses_replayed() >= 99);
     assert!(metrics.responses_replayed() >= 50);
 }
 

@@ -34,6 +34,8 @@ struct Counters {
     duplicates_refused: AtomicU64,
     duplicates_passed_through: AtomicU64,
     responses_not_shared: AtomicU64,
+    flights_waiting_elsewhere: AtomicU64,
+    store_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -130,6 +132,29 @@ impl Metrics {
             .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Idempotency flights that found the key's lease held by another instance, and waited
+    /// for its response (Redis mode).
+    pub fn flights_waiting_elsewhere(&self) -> u64 {
+        self.counters
+            .flights_waiting_elsewhere
+            .load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn flight_waiting_elsewhere(&self) {
+        self.counters
+            .flights_waiting_elsewhere
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Idempotency store calls that failed or timed out.
+    pub fn store_errors(&self) -> u64 {
+        self.counters.store_errors.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn store_error(&self) {
+        self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn flight_started(&self) {
         self.counters
             .flights_started
@@ -174,6 +199,11 @@ impl fmt::Debug for Metrics {
                 &self.duplicates_passed_through(),
             )
             .field("responses_not_shared", &self.responses_not_shared())
+            .field(
+                "flights_waiting_elsewhere",
+                &self.flights_waiting_elsewhere(),
+            )
+            .field("store_errors", &self.store_errors())
             .finish()
     }
 }

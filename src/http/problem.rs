@@ -46,6 +46,16 @@ pub(crate) fn gave_up_waiting<B>() -> Response<ResponseBody<B>> {
     ))
 }
 
+/// `503`: the idempotency store failed, under `OnStoreError::FailClosed`.
+pub(crate) fn store_unavailable<B>() -> Response<ResponseBody<B>> {
+    retry_soon(problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Idempotency store unavailable",
+        "The store that makes this request safe to retry could not be reached, and this \
+         server does not run such requests without it. Nothing was done. Retry this request.",
+    ))
+}
+
 fn retry_soon<B>(mut response: Response<ResponseBody<B>>) -> Response<ResponseBody<B>> {
     response
         .headers_mut()

@@ -45,6 +45,26 @@ pub(crate) struct Config {
     pub(crate) on_duplicate: OnDuplicate,
     pub(crate) follower_timeout: Option<Duration>,
     pub(crate) max_followers: Option<usize>,
+    pub(crate) on_store_error: OnStoreError,
+}
+
+/// What a request does when the idempotency store fails or times out (Redis down or slow).
+///
+/// Whichever is chosen, no request waits longer than the store's own timeouts, and a store
+/// that fails while the response is being stored doesn't lose the response: the callers
+/// get it, and only the replay is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnStoreError {
+    /// Log a warning and run the request as if nothing were stored and no other instance
+    /// ran it: requests still coalesce within this instance, but an instance no longer
+    /// sees the others' flights, and a retry of a completed request runs again. The
+    /// default: the store is an optimisation of availability, not a dependency of it.
+    #[default]
+    FailOpen,
+    /// Answer `503 Service Unavailable` with `Retry-After: 1` and a problem+json body, and
+    /// don't run the request: for operations where running twice is worse than not at all.
+    FailClosed,
 }
 
 impl IdempotencyLayer {
@@ -59,6 +79,7 @@ impl IdempotencyLayer {
                 on_duplicate: OnDuplicate::Share,
                 follower_timeout: None,
                 max_followers: None,
+                on_store_error: OnStoreError::FailOpen,
             },
             scope: DefaultScope::default(),
             store: MemoryStore::default(),
@@ -147,6 +168,20 @@ impl<I, St> IdempotencyLayer<I, St> {
     /// `Retry-After: 1` at once. No limit by default.
     pub fn max_followers(mut self, max: usize) -> Self {
         self.config.max_followers = Some(max);
+        self
+    }
+
+    /// What a request does when the store fails or times out: run anyway
+    /// ([`OnStoreError::FailOpen`], the default) or answer `503`
+    /// ([`OnStoreError::FailClosed`]).
+    ///
+    /// ```
+    /// use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
+    ///
+    /// let layer = IdempotencyLayer::new().on_store_error(OnStoreError::FailClosed);
+    /// ```
+    pub fn on_store_error(mut self, policy: OnStoreError) -> Self {
+        self.config.on_store_error = policy;
         self
     }
 

@@ -58,8 +58,9 @@
 
 pub mod future;
 mod layer;
+pub mod lease;
 mod service;
 pub mod store;
 
-pub use self::layer::IdempotencyLayer;
+pub use self::layer::{IdempotencyLayer, OnStoreError};
 pub use self::service::Idempotency;

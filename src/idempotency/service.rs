@@ -1,6 +1,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
@@ -10,9 +11,11 @@ use http_body::Body;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use tower::{Service, ServiceExt};
 
-use super::IdempotencyLayer;
 use super::future::ResponseFuture;
+use super::layer::Config;
+use super::lease::{Lease, LeaseGuard};
 use super::store::{Fingerprint, IdempotencyStore, StoreKey, StoredResponse};
+use super::{IdempotencyLayer, OnStoreError};
 use crate::BoxError;
 use crate::coalesce::MakeKey;
 use crate::http::body::ResponseBody;
@@ -20,7 +23,7 @@ use crate::http::error::ShareError;
 use crate::http::flown::{self, Flown};
 use crate::http::key::{is_valid_key, single_header};
 use crate::http::scope::DefaultScope;
-use crate::http::{OnDuplicate, Role, problem};
+use crate::http::{Metrics, OnDuplicate, Role, problem};
 
 const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
@@ -51,13 +54,20 @@ impl<S, I, St> Idempotency<S, I, St> {
     define_inner_service_accessors!();
 }
 
-/// What a flight shares: a response it produced, or one it found stored after all.
+/// What a flight shares: a response it produced, one it found stored after all, or why it
+/// ran nothing.
 enum Done<B> {
     Fresh {
         flown: Flown<B>,
         fingerprint: Fingerprint,
     },
     Stored(Arc<StoredResponse>),
+    /// Another instance runs the key, under `OnDuplicate::Conflict`.
+    InProgress,
+    /// Another instance ran the key for longer than the follower timeout.
+    GaveUp,
+    /// The store failed, under `OnStoreError::FailClosed`.
+    Unavailable,
 }
 
 impl<B> Clone for Done<B> {
@@ -68,6 +78,9 @@ impl<B> Clone for Done<B> {
                 fingerprint: *fingerprint,
             },
             Done::Stored(stored) => Done::Stored(stored.clone()),
+            Done::InProgress => Done::InProgress,
+            Done::GaveUp => Done::GaveUp,
+            Done::Unavailable => Done::Unavailable,
         }
     }
 }
@@ -174,34 +187,20 @@ where
     let fingerprint = Fingerprint::of(&parts.method, parts.uri.path(), &bytes);
     let store_key = StoreKey::new(&layer.scope.make_key(&parts), key.as_bytes());
 
-    if let Some(stored) = lookup(&layer.store, &store_key).await {
-        return Ok(replay(&stored, fingerprint, metrics));
-    }
-
-    let (store, ttl, limit) = (layer.store.clone(), config.ttl, config.body_limit);
-    let flight_metrics = metrics.clone();
+    let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
+    let flight = fly(
+        inner,
+        layer.store.clone(),
+        store_key.clone(),
+        req,
+        fingerprint,
+        config.clone(),
+        metrics.clone(),
+    );
     let run = layer
         .flights
         .get::<StoreKey, FlightResult<ResB, S::Error>>()
-        .run(store_key.clone(), move || async move {
-            // A flight for this key may have completed, and stored its response, between
-            // the lookup above and the start of this one: look again before calling.
-            if let Some(stored) = lookup(&store, &store_key).await {
-                return Ok(Done::Stored(stored));
-            }
-            flight_metrics.flight_started();
-            let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
-            let response = inner.oneshot(req).await.map_err(Arc::new)?;
-            let flown = flown::collect(response, limit, &flight_metrics).await;
-            // Stored before the flight completes, so that a duplicate either joins the
-            // flight or finds the response stored.
-            if let Some(stored) = storable(&flown, fingerprint) {
-                if let Err(error) = store.put(store_key, Arc::new(stored), ttl).await {
-                    tracing::warn!(%error, "idempotency store put failed; a retry will run again");
-                }
-            }
-            Ok(Done::Fresh { flown, fingerprint })
-        });
+        .run(store_key, move || flight);
     if !run.is_leader() {
         if config.on_duplicate == OnDuplicate::Conflict {
             metrics.duplicate_refused();
@@ -236,6 +235,9 @@ where
     let mut response = match outcome.into_value() {
         Err(error) => return Err(S::Error::share(&error)),
         Ok(Done::Stored(stored)) => return Ok(replay(&stored, fingerprint, metrics)),
+        Ok(Done::InProgress) => return Ok(problem::in_progress()),
+        Ok(Done::GaveUp) => return Ok(problem::gave_up_waiting()),
+        Ok(Done::Unavailable) => return Ok(problem::store_unavailable()),
         Ok(Done::Fresh {
             fingerprint: theirs,
             ..
@@ -260,6 +262,114 @@ where
     Ok(response)
 }
 
+/// The flight of a key, once per process: the stored response if there is one, else a run
+/// of the inner service under the key's lease, whose response is stored before the lease is
+/// released.
+async fn fly<S, St, ReqB, ResB>(
+    inner: S,
+    store: St,
+    key: StoreKey,
+    req: Request<Either<Full<Bytes>, ReqB>>,
+    fingerprint: Fingerprint,
+    config: Config,
+    metrics: Metrics,
+) -> FlightResult<ResB, S::Error>
+where
+    S: Service<Request<Either<Full<Bytes>, ReqB>>, Response = Response<ResB>>,
+    St: IdempotencyStore,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    let lease = match take_lease(&store, &key, &config, &metrics).await {
+        Ok(lease) => lease,
+        Err(done) => return Ok(done),
+    };
+    metrics.flight_started();
+    let outcome = match inner.oneshot(req).await {
+        Ok(response) => Ok(flown::collect(response, config.body_limit, &metrics).await),
+        Err(error) => Err(Arc::new(error)),
+    };
+    // Stored before the lease is released and before the flight completes, so that a
+    // duplicate, here or on another instance, either waits for this flight or finds the
+    // response stored.
+    if let Some(stored) = outcome.as_ref().ok().and_then(|f| storable(f, fingerprint)) {
+        if let Err(error) = store.put(key, Arc::new(stored), config.ttl).await {
+            metrics.store_error();
+            tracing::warn!(%error, "idempotency store put failed; a retry will run again");
+        }
+    }
+    if let Some(lease) = lease {
+        if let Err(error) = lease.release().await {
+            metrics.store_error();
+            tracing::warn!(%error, "releasing an idempotency lease failed; it will expire");
+        }
+    }
+    outcome.map(|flown| Done::Fresh { flown, fingerprint })
+}
+
+/// Looks the key up and takes its lease, waiting while another instance holds it.
+/// `Ok` to run (holding the lease if the store has leases), `Err` to answer without running.
+async fn take_lease<St: IdempotencyStore, B>(
+    store: &St,
+    key: &StoreKey,
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<Option<LeaseGuard>, Done<B>> {
+    let started = Instant::now();
+    let mut waited = false;
+    loop {
+        match store.get(key).await {
+            Ok(Some(stored)) => return Err(Done::Stored(stored)),
+            Ok(None) => {}
+            Err(error) => return store_failed(&error, "lookup", config, metrics),
+        }
+        match store.lease(key).await {
+            Ok(Lease::NotShared) => return Ok(None),
+            Ok(Lease::Held(guard)) => return Ok(Some(guard)),
+            Ok(Lease::HeldElsewhere) => {}
+            Err(error) => return store_failed(&error, "lease", config, metrics),
+        }
+        if config.on_duplicate == OnDuplicate::Conflict {
+            metrics.duplicate_refused();
+            return Err(Done::InProgress);
+        }
+        if !waited {
+            waited = true;
+            metrics.flight_waiting_elsewhere();
+        }
+        let released = store.released(key);
+        match config.follower_timeout {
+            None => released.await,
+            Some(timeout) => {
+                let left = timeout.saturating_sub(started.elapsed());
+                if left.is_zero() || tokio::time::timeout(left, released).await.is_err() {
+                    metrics.follower_timed_out();
+                    return Err(Done::GaveUp);
+                }
+            }
+        }
+    }
+}
+
+fn store_failed<B>(
+    error: &BoxError,
+    call: &'static str,
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<Option<LeaseGuard>, Done<B>> {
+    metrics.store_error();
+    match config.on_store_error {
+        OnStoreError::FailClosed => {
+            tracing::warn!(%error, call, "idempotency store failed; answering 503");
+            Err(Done::Unavailable)
+        }
+        _ => {
+            tracing::warn!(%error, call, "idempotency store failed; running the request");
+            Ok(None)
+        }
+    }
+}
+
 /// A completed response as the store keeps it, unless the rules say not to keep it:
 /// server errors (so that a retry runs again), bodies over the limit, and bodies that
 /// ended in an error or with trailers.
@@ -280,20 +390,10 @@ fn storable<B>(flown: &Flown<B>, fingerprint: Fingerprint) -> Option<StoredRespo
     ))
 }
 
-async fn lookup<St: IdempotencyStore>(store: &St, key: &StoreKey) -> Option<Arc<StoredResponse>> {
-    match store.get(key).await {
-        Ok(found) => found,
-        Err(error) => {
-            tracing::warn!(%error, "idempotency store lookup failed; running the request");
-            None
-        }
-    }
-}
-
 fn replay<B>(
     stored: &StoredResponse,
     fingerprint: Fingerprint,
-    metrics: &crate::http::Metrics,
+    metrics: &Metrics,
 ) -> Response<ResponseBody<B>> {
     if stored.fingerprint() != fingerprint {
         return key_reused();
@@ -318,7 +418,7 @@ fn key_reused<B>() -> Response<ResponseBody<B>> {
     )
 }
 
-fn bad_key<B>(config: &super::layer::Config, what: &str) -> Response<ResponseBody<B>> {
+fn bad_key<B>(config: &Config, what: &str) -> Response<ResponseBody<B>> {
     let detail = format!("The {} header {what}.", config.header);
     problem::problem(
         StatusCode::BAD_REQUEST,

@@ -10,17 +10,26 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode, Version};
 use sha2::{Digest, Sha256};
 
+use super::lease::Lease;
 use crate::BoxError;
 
-/// Storage of completed responses by idempotency key.
+/// Storage of completed responses by idempotency key, and, for a store shared by several
+/// instances, the lease that decides which instance runs a key.
 ///
-/// The layer calls [`get`](Self::get) before running a request and again inside the
-/// flight, right before calling the inner service, and [`put`](Self::put) inside the
-/// flight, before the flight completes, so that a request either joins the flight or finds
-/// its response stored. A store error is logged and the request runs as if nothing were
-/// stored (the layer fails open); a `put` error means that a later retry runs again.
+/// Inside a key's flight (one per key and process), the layer:
+/// 1. looks the key up with [`get`](Self::get), and replays what it finds;
+/// 2. takes the key's [`lease`](Self::lease). If another instance holds it, the layer waits
+///    for [`released`](Self::released) and goes back to 1;
+/// 3. calls the inner service, [`put`](Self::put)s the response, and only then releases
+///    the lease, so that whoever waited finds the response stored.
 ///
-/// [`MemoryStore`] is the in-process default; the Redis mode plugs in here.
+/// A store error is logged, and then the layer either runs the request as if nothing were
+/// stored (it fails open, the default) or answers `503`; see
+/// [`IdempotencyLayer::on_store_error`](super::IdempotencyLayer::on_store_error). A `put`
+/// error means that a later retry runs again.
+///
+/// [`MemoryStore`] is the in-process default, and keeps the defaults of `lease` and
+/// `released`; [`RedisStore`](crate::redis) overrides them.
 pub trait IdempotencyStore: Clone + Send + Sync + 'static {
     /// Returns the response stored under `key`, if any and not expired.
     fn get(
@@ -35,6 +44,27 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
         response: Arc<StoredResponse>,
         ttl: Duration,
     ) -> impl Future<Output = Result<(), BoxError>> + Send;
+
+    /// Takes the lease on `key`, which says that this instance runs the request.
+    ///
+    /// The default answers [`Lease::NotShared`]: a store that only one process uses needs
+    /// no lease, the process's flights are enough.
+    fn lease(&self, key: &StoreKey) -> impl Future<Output = Result<Lease, BoxError>> + Send {
+        let _ = key;
+        std::future::ready(Ok(Lease::NotShared))
+    }
+
+    /// Completes when the lease on `key` that another instance holds may have been
+    /// released, or expired; the layer then looks the key up and tries the lease again.
+    /// It must complete within a bounded time even if no release is ever seen (a lost
+    /// message, a dead instance).
+    ///
+    /// Only called after [`lease`](Self::lease) answered [`Lease::HeldElsewhere`]; the
+    /// default completes at once.
+    fn released(&self, key: &StoreKey) -> impl Future<Output = ()> + Send {
+        let _ = key;
+        std::future::ready(())
+    }
 }
 
 /// The key a response is stored under: a SHA-256 of the caller's scope and the
