@@ -1,77 +1,138 @@
-//! Redis as the idempotency store, so that a response completed on one instance is replayed
-//! by every instance.
+//! Redis as the idempotency store: a response completed on one instance is replayed by
+//! every instance, and a request running on one instance is not run again by another.
 //!
 //! [`RedisStore`] implements [`IdempotencyStore`] on a [`redis`] connection manager, which
-//! reconnects on its own after Redis restarts. Every command has a timeout (1 s by default).
-//! A failed or timed-out command is an error to the layer, which logs it and runs the
-//! request (it fails open): Redis being down never hangs a request, and costs at most the
-//! timeout per command.
+//! reconnects on its own after Redis restarts. With it, an [`IdempotencyLayer`] runs each
+//! key once across all the instances that share the Redis:
+//!
+//! 1. Within an instance, requests with the same key coalesce first, so Redis sees one
+//!    flight per key per instance, not one per request.
+//! 2. The flight looks the key's response up (`GET`), and if there is none takes the key's
+//!    lease: `SET lease-key token NX PX lease`, with a token of its own.
+//! 3. The instance that took the lease runs the request, renews the lease every third of
+//!    its duration while it runs, stores the response (`SET .. PX ttl`), and releases the
+//!    lease with a script that deletes it only if the token is still its own, and then
+//!    publishes on the key's channel.
+//! 4. The other instances subscribe to that channel and wait for the message, or for the
+//!    poll interval if no message comes (one was lost, or the leading instance died), and
+//!    then go back to 2: they find the response and replay it, or, once a dead instance's
+//!    lease expired, one of them takes it and runs the request.
+//!
+//! Every command has a timeout (1 s by default). A failed or timed-out command is an error
+//! to the layer, which runs the request anyway or answers `503`, as
+//! [`on_store_error`](IdempotencyLayer::on_store_error) says: Redis being down or slow never
+//! hangs a request.
 //!
 //! ```no_run
+//! use std::time::Duration;
 //! use tower_coalesce::idempotency::IdempotencyLayer;
 //! use tower_coalesce::redis::RedisStore;
 //!
 //! # async fn build() -> Result<(), tower_coalesce::BoxError> {
-//! let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
+//! let store = RedisStore::connect("redis://127.0.0.1:6379")
+//!     .await?
+//!     .with_lease(Duration::from_secs(5));
 //! let layer = IdempotencyLayer::new().store(store);
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! Coalescing of requests that are running on several instances at once is not part of
-//! this store: each instance coalesces its own, and the first to complete stores the
-//! response for all.
+//! # What a lease can't do
+//!
+//! A lease is a promise with a deadline. If the leading instance stalls (or loses Redis)
+//! for longer than the lease while its request still runs, the lease expires and another
+//! instance runs the request too. Renewal every third of the lease makes that need two
+//! missed renewals in a row; choose a lease well above your longest pauses. A database
+//! constraint remains the last line of defence.
+//!
+//! Responses that are not stored (server errors, bodies over the limit) are not shared
+//! across instances either: an instance that waited for one runs the request itself, as a
+//! retry would.
+//!
+//! Redis 6 or newer is needed: the connection speaks RESP3, to receive the release messages
+//! on the connection that sends the commands.
 //!
 //! [`IdempotencyStore`]: crate::idempotency::store::IdempotencyStore
+//! [`IdempotencyLayer`]: crate::idempotency::IdempotencyLayer
+
+mod codec;
+mod lease;
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
-use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, ProtocolVersion, RedisError};
 
+use self::lease::{RELEASE, RENEW, Waiters};
 use crate::BoxError;
-use crate::idempotency::store::{Fingerprint, IdempotencyStore, StoreKey, StoredResponse};
+use crate::idempotency::lease::{Lease, LeaseGuard};
+use crate::idempotency::store::{IdempotencyStore, StoreKey, StoredResponse};
 
 /// The default timeout of every Redis command, and of connecting.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// An [`IdempotencyStore`] on Redis: `GET` and
-/// `SET .. PX ttl` of an encoded response under `prefix` + the hex store key.
+/// The default lease: how long a key stays claimed by an instance that stopped renewing it
+/// (it died, or lost Redis), before another instance may run it.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
+
+/// The default poll interval: how long a waiting instance waits for a release message
+/// before it looks again on its own.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// An [`IdempotencyStore`] on Redis, with leases that run each key on one instance; see the
+/// [module docs](self).
+///
+/// Keys, under a prefix (`tower-coalesce:idempotency:` by default) and the hex store key:
+/// the response at `prefix + key`, the lease at `prefix + "lease:" + key`, and the release
+/// channel `prefix + "released:" + key`.
 ///
 /// Clones share the connection.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    waiters: Arc<Waiters>,
     prefix: Arc<str>,
     timeout: Duration,
+    lease: Duration,
+    poll_interval: Duration,
 }
 
 impl RedisStore {
-    /// Connects to the Redis at `url` (`redis://host:port/db`), with the default timeout
-    /// and the key prefix `tower-coalesce:idempotency:`.
+    /// Connects to the Redis at `url` (`redis://host:port/db`), with the default timeout,
+    /// lease and poll interval.
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
         Self::connect_with_timeout(url, DEFAULT_TIMEOUT).await
     }
 
     /// Connects with a timeout of `timeout` on connecting and on every command.
     pub async fn connect_with_timeout(url: &str, timeout: Duration) -> Result<Self, BoxError> {
-        let client = redis::Client::open(url)?;
+        let info = url.into_connection_info()?;
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(resp3))?;
+        let waiters = Arc::new(Waiters::default());
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
+            .set_number_of_retries(1)
+            .set_push_sender(Waiters::push_sender(Arc::downgrade(&waiters)))
+            .set_automatic_resubscription();
         let conn =
             tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
                 .await
                 .map_err(|_| "timed out connecting to redis")??;
         Ok(RedisStore {
             conn,
+            waiters,
             prefix: "tower-coalesce:idempotency:".into(),
             timeout,
+            lease: DEFAULT_LEASE,
+            poll_interval: DEFAULT_POLL_INTERVAL,
         })
     }
 
@@ -81,13 +142,85 @@ impl RedisStore {
         self
     }
 
-    fn key(&self, key: &StoreKey) -> String {
-        let mut name = String::with_capacity(self.prefix.len() + 64);
+    /// How long a lease lasts without renewal: the longest an instance's death holds up
+    /// the key's other callers (plus one poll interval). It is renewed every third of this.
+    ///
+    /// # Panics
+    ///
+    /// If `lease` is under 3 ms, too short to renew.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        assert!(
+            lease >= Duration::from_millis(3),
+            "a lease of {lease:?} can't be renewed"
+        );
+        self.lease = lease;
+        self
+    }
+
+    /// How long a waiting instance waits for a release message before it looks on its own.
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    fn name(&self, kind: &str, key: &StoreKey) -> String {
+        let mut name = String::with_capacity(self.prefix.len() + kind.len() + 64);
         name.push_str(&self.prefix);
+        name.push_str(kind);
         for b in key.as_bytes() {
             name.push_str(&format!("{b:02x}"));
         }
         name
+    }
+
+    /// Runs one command against the timeout.
+    async fn timed<T>(
+        &self,
+        what: &'static str,
+        command: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, BoxError> {
+        match tokio::time::timeout(self.timeout, command).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(format!("redis {what} timed out after {:?}", self.timeout).into()),
+        }
+    }
+
+    fn millis(duration: Duration) -> u64 {
+        u64::try_from(duration.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Renews the lease every third of its duration until the guard aborts it, or the
+    /// lease turns out to be lost.
+    fn renew(&self, lease_key: String, token: String) -> impl Future<Output = ()> + use<> {
+        let store = self.clone();
+        async move {
+            let mut every = tokio::time::interval(store.lease / 3);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let mut conn = store.conn.clone();
+                let mut renew = RENEW.get().key(&lease_key);
+                renew.arg(&token).arg(Self::millis(store.lease));
+                match store
+                    .timed("lease renewal", renew.invoke_async::<i64>(&mut conn))
+                    .await
+                {
+                    Ok(1) => {}
+                    Ok(_) => {
+                        tracing::warn!(
+                            "an idempotency lease expired while its request ran; another \
+                             instance may run the request too"
+                        );
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "renewing an idempotency lease failed; retrying")
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -96,6 +229,8 @@ impl fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("lease", &self.lease)
+            .field("poll_interval", &self.poll_interval)
             .finish_non_exhaustive()
     }
 }
@@ -103,10 +238,13 @@ impl fmt::Debug for RedisStore {
 impl IdempotencyStore for RedisStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Arc<StoredResponse>>, BoxError> {
         let mut conn = self.conn.clone();
-        let found: Option<Vec<u8>> = tokio::time::timeout(self.timeout, conn.get(self.key(key)))
-            .await
-            .map_err(|_| "redis GET timed out")??;
-        Ok(found.map(|bytes| decode(&bytes)).transpose()?.map(Arc::new))
+        let mut get = redis::cmd("GET");
+        get.arg(self.name("", key));
+        let found: Option<Vec<u8>> = self.timed("GET", get.query_async(&mut conn)).await?;
+        Ok(found
+            .map(|bytes| codec::decode(&bytes))
+            .transpose()?
+            .map(Arc::new))
     }
 
     async fn put(
@@ -116,139 +254,76 @@ impl IdempotencyStore for RedisStore {
         ttl: Duration,
     ) -> Result<(), BoxError> {
         let mut conn = self.conn.clone();
-        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut set = redis::cmd("SET");
-        set.arg(self.key(&key))
-            .arg(encode(&response))
+        set.arg(self.name("", &key))
+            .arg(codec::encode(&response))
             .arg("PX")
-            .arg(millis);
-        tokio::time::timeout(self.timeout, set.exec_async(&mut conn))
-            .await
-            .map_err(|_| "redis SET timed out")??;
-        Ok(())
+            .arg(Self::millis(ttl));
+        self.timed("SET", set.exec_async(&mut conn)).await
     }
-}
 
-const MAGIC: &[u8; 4] = b"TCR1";
-
-/// `TCR1`, status (u16), version (u8), fingerprint (32 bytes), header count (u32), each
-/// header as name length (u16), name, value length (u32), value, then the body. Integers
-/// are big-endian.
-fn encode(response: &StoredResponse) -> Vec<u8> {
-    let mut out = Vec::with_capacity(response.weight());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&response.status().as_u16().to_be_bytes());
-    out.push(match response.version() {
-        Version::HTTP_09 => 0,
-        Version::HTTP_10 => 1,
-        Version::HTTP_2 => 3,
-        Version::HTTP_3 => 4,
-        _ => 2,
-    });
-    out.extend_from_slice(response.fingerprint().as_bytes());
-    out.extend_from_slice(&(response.headers().len() as u32).to_be_bytes());
-    for (name, value) in response.headers() {
-        out.extend_from_slice(&(name.as_str().len() as u16).to_be_bytes());
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
-        out.extend_from_slice(value.as_bytes());
-    }
-    out.extend_from_slice(response.body());
-    out
-}
-
-/// Reads what [`encode`] wrote; anything else is an error, never a panic.
-fn decode(bytes: &[u8]) -> Result<StoredResponse, BoxError> {
-    let mut input = Reader(bytes);
-    if input.take(4)? != MAGIC {
-        return Err("not a stored response (bad magic)".into());
-    }
-    let status = StatusCode::from_u16(u16::from_be_bytes(input.array()?))?;
-    let version = match input.array::<1>()?[0] {
-        0 => Version::HTTP_09,
-        1 => Version::HTTP_10,
-        3 => Version::HTTP_2,
-        4 => Version::HTTP_3,
-        _ => Version::HTTP_11,
-    };
-    let fingerprint = Fingerprint::from_bytes(input.array()?);
-    let count = u32::from_be_bytes(input.array()?);
-    let mut headers = HeaderMap::new();
-    for _ in 0..count {
-        let len = u16::from_be_bytes(input.array()?) as usize;
-        let name = HeaderName::from_bytes(input.take(len)?)?;
-        let len = u32::from_be_bytes(input.array()?) as usize;
-        let value = HeaderValue::from_bytes(input.take(len)?)?;
-        headers.append(name, value);
-    }
-    let body = Bytes::copy_from_slice(input.0);
-    Ok(StoredResponse::new(
-        status,
-        version,
-        headers,
-        body,
-        fingerprint,
-    ))
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], BoxError> {
-        if self.0.len() < n {
-            return Err("stored response is truncated".into());
+    async fn lease(&self, key: &StoreKey) -> Result<Lease, BoxError> {
+        let (lease_key, token) = (self.name("lease:", key), lease::token());
+        let mut conn = self.conn.clone();
+        let mut set = redis::cmd("SET");
+        set.arg(&lease_key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(Self::millis(self.lease));
+        let taken: Option<String> = self.timed("SET NX", set.query_async(&mut conn)).await?;
+        if taken.is_none() {
+            return Ok(Lease::HeldElsewhere);
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
+        let renewer = tokio::spawn(self.renew(lease_key.clone(), token.clone()));
+        let (store, channel) = (self.clone(), self.name("released:", key));
+        let release = async move {
+            let mut conn = store.conn.clone();
+            let mut release = RELEASE.get().key(&lease_key);
+            release.arg(&channel).arg(&token);
+            store
+                .timed("lease release", release.invoke_async::<i64>(&mut conn))
+                .await
+                .map(drop)
+        };
+        Ok(Lease::Held(LeaseGuard::new(release, renewer)))
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], BoxError> {
-        Ok(self.take(N)?.try_into().expect("took exactly N bytes"))
-    }
-}
+    async fn released(&self, key: &StoreKey) {
+        let channel = self.name("released:", key);
+        let registration = self.waiters.register(&channel);
+        let notified = registration.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+        let mut conn = self.conn.clone();
+        let wait = async {
+            if self
+                .timed("SUBSCRIBE", conn.subscribe(&channel))
+                .await
+                .is_err()
+            {
+                // Without the subscription, wait the poll interval out.
+                return std::future::pending().await;
+            }
+            // The release may have come before the subscription: look once.
+            let mut exists = redis::cmd("EXISTS");
+            exists.arg(self.name("lease:", key));
+            if let Ok(0) = self
+                .timed("EXISTS", exists.query_async::<i64>(&mut conn.clone()))
+                .await
+            {
+                return;
+            }
+            notified.await;
+        };
+        let _ = tokio::time::timeout(self.poll_interval, wait).await;
 
-    fn sample() -> StoredResponse {
-        let mut headers = HeaderMap::new();
-        headers.insert("content-type", HeaderValue::from_static("application/json"));
-        headers.append("set-cookie", HeaderValue::from_static("a=1"));
-        headers.append("set-cookie", HeaderValue::from_static("b=2"));
-        StoredResponse::new(
-            StatusCode::CREATED,
-            Version::HTTP_2,
-            headers,
-            Bytes::from_static(b"{\"id\":\"c-1\"}"),
-            Fingerprint::from_bytes([7; 32]),
-        )
-    }
-
-    #[test]
-    fn responses_survive_the_round_trip() {
-        let decoded = decode(&encode(&sample())).unwrap();
-        let original = sample();
-        assert_eq!(decoded.status(), original.status());
-        assert_eq!(decoded.version(), original.version());
-        assert_eq!(decoded.headers(), original.headers());
-        assert_eq!(decoded.body(), original.body());
-        assert_eq!(decoded.fingerprint(), original.fingerprint());
-    }
-
-    #[test]
-    fn every_truncation_and_corruption_is_an_error_not_a_panic() {
-        let bytes = encode(&sample());
-        // The body is the tail, so only cuts before it must fail.
-        let body_start = bytes.len() - sample().body().len();
-        for cut in 0..body_start {
-            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut} decoded");
-        }
-        for i in 0..bytes.len() {
-            let mut corrupt = bytes.clone();
-            corrupt[i] ^= 0xff;
-            let _ = decode(&corrupt); // must not panic
-        }
+        // Off the waiting path. A flight that subscribes to the channel again meanwhile may
+        // lose its subscription to this; it then polls.
+        let store = self.clone();
+        tokio::spawn(async move {
+            let _ = store.timed("UNSUBSCRIBE", conn.unsubscribe(&channel)).await;
+        });
     }
 }

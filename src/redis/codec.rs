@@ -1,0 +1,131 @@
+//! The bytes a stored response is kept as in Redis.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+
+use crate::BoxError;
+use crate::idempotency::store::{Fingerprint, StoredResponse};
+
+const MAGIC: &[u8; 4] = b"TCR1";
+
+/// `TCR1`, status (u16), version (u8), fingerprint (32 bytes), header count (u32), each
+/// header as name length (u16), name, value length (u32), value, then the body. Integers
+/// are big-endian.
+pub(super) fn encode(response: &StoredResponse) -> Vec<u8> {
+    let mut out = Vec::with_capacity(response.weight());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&response.status().as_u16().to_be_bytes());
+    out.push(match response.version() {
+        Version::HTTP_09 => 0,
+        Version::HTTP_10 => 1,
+        Version::HTTP_2 => 3,
+        Version::HTTP_3 => 4,
+        _ => 2,
+    });
+    out.extend_from_slice(response.fingerprint().as_bytes());
+    out.extend_from_slice(&(response.headers().len() as u32).to_be_bytes());
+    for (name, value) in response.headers() {
+        out.extend_from_slice(&(name.as_str().len() as u16).to_be_bytes());
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        out.extend_from_slice(value.as_bytes());
+    }
+    out.extend_from_slice(response.body());
+    out
+}
+
+/// Reads what [`encode`] wrote; anything else is an error, never a panic.
+pub(super) fn decode(bytes: &[u8]) -> Result<StoredResponse, BoxError> {
+    let mut input = Reader(bytes);
+    if input.take(4)? != MAGIC {
+        return Err("not a stored response (bad magic)".into());
+    }
+    let status = StatusCode::from_u16(u16::from_be_bytes(input.array()?))?;
+    let version = match input.array::<1>()?[0] {
+        0 => Version::HTTP_09,
+        1 => Version::HTTP_10,
+        3 => Version::HTTP_2,
+        4 => Version::HTTP_3,
+        _ => Version::HTTP_11,
+    };
+    let fingerprint = Fingerprint::from_bytes(input.array()?);
+    let count = u32::from_be_bytes(input.array()?);
+    let mut headers = HeaderMap::new();
+    for _ in 0..count {
+        let len = u16::from_be_bytes(input.array()?) as usize;
+        let name = HeaderName::from_bytes(input.take(len)?)?;
+        let len = u32::from_be_bytes(input.array()?) as usize;
+        let value = HeaderValue::from_bytes(input.take(len)?)?;
+        headers.append(name, value);
+    }
+    let body = Bytes::copy_from_slice(input.0);
+    Ok(StoredResponse::new(
+        status,
+        version,
+        headers,
+        body,
+        fingerprint,
+    ))
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], BoxError> {
+        if self.0.len() < n {
+            return Err("stored response is truncated".into());
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], BoxError> {
+        Ok(self.take(N)?.try_into().expect("took exactly N bytes"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> StoredResponse {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("set-cookie", HeaderValue::from_static("a=1"));
+        headers.append("set-cookie", HeaderValue::from_static("b=2"));
+        StoredResponse::new(
+            StatusCode::CREATED,
+            Version::HTTP_2,
+            headers,
+            Bytes::from_static(b"{\"id\":\"c-1\"}"),
+            Fingerprint::from_bytes([7; 32]),
+        )
+    }
+
+    #[test]
+    fn responses_survive_the_round_trip() {
+        let decoded = decode(&encode(&sample())).unwrap();
+        let original = sample();
+        assert_eq!(decoded.status(), original.status());
+        assert_eq!(decoded.version(), original.version());
+        assert_eq!(decoded.headers(), original.headers());
+        assert_eq!(decoded.body(), original.body());
+        assert_eq!(decoded.fingerprint(), original.fingerprint());
+    }
+
+    #[test]
+    fn every_truncation_and_corruption_is_an_error_not_a_panic() {
+        let bytes = encode(&sample());
+        // The body is the tail, so only cuts before it must fail.
+        let body_start = bytes.len() - sample().body().len();
+        for cut in 0..body_start {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut} decoded");
+        }
+        for i in 0..bytes.len() {
+            let mut corrupt = bytes.clone();
+            corrupt[i] ^= 0xff;
+            let _ = decode(&corrupt); // must not panic
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Leases on Redis: `SET NX PX` to take one, scripts that check the owner's token to renew
+//! and release it, and a pub/sub message on release for the instances that wait.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redis::{PushInfo, PushKind, Script, Value};
+use tokio::sync::Notify;
+
+/// Extends the lease to `ARGV[2]` ms if `ARGV[1]` still owns it. A lease that expired and
+/// was taken over belongs to the new owner: renewing it would run the key twice at once.
+pub(super) static RENEW: LazyScript = LazyScript::new(
+    r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+        return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    end
+    return 0",
+);
+
+/// Deletes the lease if `ARGV[2]` still owns it, then tells the waiting instances on the
+/// channel `ARGV[1]` to look for the response. The message goes out even if the lease was
+/// lost, because the response was stored before the release either way.
+pub(super) static RELEASE: LazyScript = LazyScript::new(
+    r"local owned = 0
+    if redis.call('GET', KEYS[1]) == ARGV[2] then
+        owned = redis.call('DEL', KEYS[1])
+    end
+    redis.call('PUBLISH', ARGV[1], '1')
+    return owned",
+);
+
+/// A `Script` (which hashes its source) made on first use.
+pub(super) struct LazyScript {
+    source: &'static str,
+    script: OnceLock<Script>,
+}
+
+impl LazyScript {
+    const fn new(source: &'static str) -> Self {
+        LazyScript {
+            source,
+            script: OnceLock::new(),
+        }
+    }
+
+    pub(super) fn get(&self) -> &Script {
+        self.script.get_or_init(|| Script::new(self.source))
+    }
+}
+
+/// A token no other lease, in this process or another, ever has: 64 random bits per
+/// process (the OS-seeded `RandomState`), the time, and a counter.
+pub(super) fn token() -> String {
+    static PROCESS: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let process = *PROCESS.get_or_init(|| RandomState::new().hash_one(std::process::id()));
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{process:016x}-{nanos:x}-{n:x}")
+}
+
+/// The local flights that wait for a release, by channel. The connection's push sender
+/// wakes them when a message arrives on their channel.
+#[derive(Default)]
+pub(super) struct Waiters {
+    channels: Mutex<HashMap<String, Waiting>>,
+}
+
+struct Waiting {
+    notify: Arc<Notify>,
+    count: usize,
+}
+
+impl Waiters {
+    /// Registers interest in `channel` until the returned guard drops.
+    pub(super) fn register(self: &Arc<Self>, channel: &str) -> Registration {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let waiting = channels
+            .entry(channel.to_owned())
+            .or_insert_with(|| Waiting {
+                notify: Arc::new(Notify::new()),
+                count: 0,
+            });
+        waiting.count += 1;
+        Registration {
+            notify: waiting.notify.clone(),
+            waiters: self.clone(),
+            channel: channel.to_owned(),
+        }
+    }
+
+    fn wake(&self, channel: &[u8]) {
+        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(waiting) = std::str::from_utf8(channel)
+            .ok()
+            .and_then(|c| channels.get(c))
+        {
+            waiting.notify.notify_waiters();
+        }
+    }
+
+    /// The push sender of the connection: it must not block, and it doesn't (a short lock).
+    /// Weak, so that the connection doesn't keep the registry alive, nor the other way round.
+    pub(super) fn push_sender(
+        waiters: Weak<Waiters>,
+    ) -> impl Fn(PushInfo) -> Result<(), std::convert::Infallible> + Send + Sync + 'static {
+        move |push: PushInfo| {
+            if let (PushKind::Message, Some(waiters)) = (&push.kind, waiters.upgrade()) {
+                if let Some(Value::BulkString(channel)) = push.data.first() {
+                    waiters.wake(channel);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+pub(super) struct Registration {
+    pub(super) notify: Arc<Notify>,
+    waiters: Arc<Waiters>,
+    channel: String,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut channels = self
+            .waiters
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(waiting) = channels.get_mut(&self.channel) {
+            waiting.count -= 1;
+            if waiting.count == 0 {
+                channels.remove(&self.channel);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_unique() {
+        let tokens: std::collections::HashSet<_> = (0..10_000).map(|_| token()).collect();
+        assert_eq!(tokens.len(), 10_000);
+    }
+
+    #[tokio::test]
+    async fn a_message_wakes_the_flights_registered_on_its_channel_only() {
+        let waiters = Arc::new(Waiters::default());
+        let send = Waiters::push_sender(Arc::downgrade(&waiters));
+        let mine = waiters.register("chan-a");
+        let other = waiters.register("chan-b");
+        {
+            let (mine_woken, other_woken) = (mine.notify.notified(), other.notify.notified());
+            tokio::pin!(mine_woken, other_woken);
+            mine_woken.as_mut().enable();
+            other_woken.as_mut().enable();
+
+            send(PushInfo {
+                kind: PushKind::Message,
+                data: vec![Value::BulkString(b"chan-a".to_vec()), Value::Int(1)],
+            })
+            .unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(1), mine_woken)
+                .await
+                .expect("the registered flight was not woken");
+            assert!(futures::poll!(other_woken).is_pending());
+        }
+        drop((mine, other));
+        assert!(waiters.channels.lock().unwrap().is_empty());
+    }
+}
