@@ -6,8 +6,9 @@
 
 mod support;
 
+use support::redis::{Server, free_port, prefix, redis_url};
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -18,35 +19,6 @@ use axum::http::StatusCode;
 use axum::routing;
 use tower_coalesce::idempotency::IdempotencyLayer;
 use tower_coalesce::redis::RedisStore;
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|ci| ci == "true")
-}
-
-fn redis_url() -> Option<String> {
-    match std::env::var("REDIS_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
-    {
-        Some(url) => Some(url),
-        None if in_ci() => {
-            panic!("CI=true but REDIS_URL is not set: the Redis tests must run in CI")
-        }
-        None => {
-            eprintln!("skipped: set REDIS_URL=redis://... to run the Redis tests");
-            None
-        }
-    }
-}
-
-/// A fresh key prefix per test run, so that runs never see each other's responses.
-fn prefix() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("tower-coalesce-test:{nanos}:")
-}
 
 /// One instance of the app: its own service stack, its own Redis connection.
 async fn instance(store: RedisStore) -> (SocketAddr, Arc<AtomicUsize>) {
@@ -107,60 +79,12 @@ async fn a_response_completed_on_one_instance_is_replayed_by_the_others() {
     assert_eq!(runs, [1, 0, 0]);
 }
 
-/// A `redis-server` of the test's own on a free port, killed on drop.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(port: u16) -> Option<Server> {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn();
-        match child {
-            Ok(child) => Some(Server { child, port }),
-            Err(_) if in_ci() => panic!("CI=true but redis-server can't be started"),
-            Err(_) => {
-                eprintln!("skipped: redis-server is not on PATH");
-                None
-            }
-        }
-    }
-
-    async fn connect(&self) -> RedisStore {
-        let url = format!("redis://127.0.0.1:{}", self.port);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match RedisStore::connect_with_timeout(&url, Duration::from_millis(200)).await {
-                Ok(store) => return store,
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Err(error) => panic!("redis-server did not come up: {error}"),
-            }
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Redis stops: requests are still served, each within the command timeout (the layer
 /// fails open and runs them), and nothing is replayed. Redis comes back on the same port:
 /// the connection manager reconnects and replay works again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_are_served_while_redis_is_down_and_replayed_again_once_it_is_back() {
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let Some(server) = Server::start(port) else {
         return;
     };

@@ -90,3 +90,6 @@ pub async fn serve(app: axum::Router) -> std::net::SocketAddr {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
 }
+
+#[cfg(feature = "redis")]
+pub mod redis;

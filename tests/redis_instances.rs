@@ -1,0 +1,312 @@
+//! Several instances of an app, each with its own service stack and its own Redis
+//! connection, in one test process: a key runs once across all of them, a dropped leader
+//! hands over at once, and Redis going away never hangs a request. Each test starts a
+//! `redis-server` of its own (`.ci/run` installs it), so that it can count the commands
+//! sent, or stop the server. Under `CI=true` a missing `redis-server` fails the tests.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing;
+use futures::future::join_all;
+use support::redis::{Server, free_port, prefix};
+use support::{Counter, Gate, eventually};
+use tower_coalesce::http::Metrics;
+use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
+use tower_coalesce::redis::RedisStore;
+
+/// The handler of every instance: counts its runs, and passes `gate` before it answers.
+fn app(
+    layer: IdempotencyLayer<tower_coalesce::http::scope::DefaultScope, RedisStore>,
+    runs: Counter,
+    gate: Gate,
+) -> Router {
+    let handler = move || {
+        let (runs, gate) = (runs.clone(), gate.clone());
+        async move {
+            let n = runs.incr() + 1;
+            gate.pass().await;
+            (
+                StatusCode::CREATED,
+                [("x-run", n.to_string())],
+                format!("order created by run {n}"),
+            )
+        }
+    };
+    Router::new()
+        .route("/orders", routing::post(handler))
+        .layer(layer)
+}
+
+struct Instance {
+    addr: SocketAddr,
+    metrics: Metrics,
+}
+
+async fn instance(
+    store: RedisStore,
+    policy: OnStoreError,
+    runs: &Counter,
+    gate: &Gate,
+) -> Instance {
+    let layer = IdempotencyLayer::new().store(store).on_store_error(policy);
+    let metrics = layer.metrics();
+    let addr = support::serve(app(layer, runs.clone(), gate.clone())).await;
+    Instance { addr, metrics }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Answer {
+    status: StatusCode,
+    run: Option<String>,
+    replayed: bool,
+    body: String,
+}
+
+async fn post(addr: SocketAddr, key: &str) -> Answer {
+    let res = reqwest::Client::new()
+        .post(format!("http://{addr}/orders"))
+        .header("idempotency-key", key)
+        .body("2 apples")
+        .send()
+        .await
+        .unwrap();
+    let header = |name| {
+        res.headers()
+            .get(name)
+            .map(|v: &reqwest::header::HeaderValue| v.to_str().unwrap().to_owned())
+    };
+    let (run, replayed) = (header("x-run"), header("idempotent-replayed").is_some());
+    Answer {
+        status: res.status(),
+        run,
+        replayed,
+        body: res.text().await.unwrap(),
+    }
+}
+
+/// `n` concurrent posts of `key` to each instance, each on a task (and connection) of its own.
+fn fire(instances: &[Instance], key: &str, n: usize) -> Vec<tokio::task::JoinHandle<Answer>> {
+    instances
+        .iter()
+        .flat_map(|i| std::iter::repeat_n(i.addr, n))
+        .map(|addr| {
+            let key = key.to_owned();
+            tokio::spawn(async move { post(addr, &key).await })
+        })
+        .collect()
+}
+
+fn sum(instances: &[Instance], count: impl Fn(&Metrics) -> u64) -> u64 {
+    instances.iter().map(|i| count(&i.metrics)).sum()
+}
+
+/// Calls per command since the server started, from `INFO commandstats`.
+async fn command_calls(server: &Server) -> HashMap<String, u64> {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|s| s.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+/// 4 instances x 50 concurrent requests with one key: one run, 200 identical answers (the
+/// 150 of the three instances that waited are replays of the stored response), and Redis
+/// sees a handful of commands per instance, not one per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_instances_run_a_key_once_for_all_two_hundred_callers() {
+    let Some(server) = Server::start(free_port()) else {
+        return;
+    };
+    let (runs, gate, prefix) = (Counter::default(), Gate::closed(), prefix());
+    let mut instances = Vec::new();
+    for _ in 0..4 {
+        let store = server.connect().await.with_prefix(prefix.clone());
+        instances.push(instance(store, OnStoreError::FailOpen, &runs, &gate).await);
+    }
+    let before = command_calls(&server).await;
+
+    let requests = fire(&instances, "order-42", 50);
+    // Hold the run until every caller is in: 49 joined per instance, and the three
+    // instances that don't run it waiting on the one that does.
+    eventually("every caller joined its instance's flight", || {
+        sum(&instances, Metrics::callers_joined) == 4 * 49
+            && sum(&instances, Metrics::flights_waiting_elsewhere) == 3
+    })
+    .await;
+    gate.open();
+    let answers: Vec<Answer> = join_all(requests)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+
+    assert_eq!(runs.get(), 1, "runs across the four instances");
+    let first = &answers[0];
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.run.as_deref(), Some("1"));
+    for answer in &answers {
+        assert_eq!(
+            (&answer.status, &answer.run, &answer.body),
+            (&first.status, &first.run, &first.body)
+        );
+    }
+    assert_eq!(answers.iter().filter(|a| a.replayed).count(), 150);
+    assert_eq!(sum(&instances, Metrics::flights_started), 1);
+    assert_eq!(sum(&instances, Metrics::store_errors), 0);
+
+    // Let the waiting instances' unsubscribes land before counting.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = command_calls(&server).await;
+    let mut sent: Vec<(String, u64)> = after
+        .iter()
+        .map(|(name, calls)| (name.clone(), calls - before.get(name).copied().unwrap_or(0)))
+        .filter(|(name, calls)| *calls > 0 && name != "info")
+        .collect();
+    sent.sort();
+    let total: u64 = sent.iter().map(|(_, calls)| calls).sum();
+    eprintln!("redis commands for one key on 4 instances (200 requests): {total}: {sent:?}");
+    assert!(
+        total <= 4 * 8,
+        "{total} commands for one key on 4 instances: {sent:?}"
+    );
+}
+
+/// The leading instance's only caller disconnects while its request runs: its flight is
+/// dropped, and the lease released at once, so the other instance takes over long before
+/// the lease (30 s) would expire, woken by the release message (its poll interval is 30 s
+/// too, so nothing else could wake it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_leader_releases_its_lease_and_another_instance_takes_over_at_once() {
+    let Some(server) = Server::start(free_port()) else {
+        return;
+    };
+    let prefix = prefix();
+    let long = Duration::from_secs(30);
+    let store = || async {
+        server
+            .connect()
+            .await
+            .with_prefix(prefix.clone())
+            .with_lease(long)
+            .with_poll_interval(long)
+    };
+    let runs = Counter::default();
+    // The first instance's run never passes its gate; the second's does.
+    let leader = instance(
+        store().await,
+        OnStoreError::FailOpen,
+        &runs,
+        &Gate::closed(),
+    )
+    .await;
+    let open = Gate::closed();
+    open.open();
+    let other = instance(store().await, OnStoreError::FailOpen, &runs, &open).await;
+
+    let doomed = tokio::spawn(post(leader.addr, "order-7"));
+    runs.reach(1).await;
+    let waiting = fire(std::slice::from_ref(&other), "order-7", 10);
+    eventually("the other instance waits on the leader", || {
+        other.metrics.flights_waiting_elsewhere() == 1
+    })
+    .await;
+
+    let dropped = Instant::now();
+    doomed.abort();
+    let answers = join_all(waiting).await;
+    let takeover = dropped.elapsed();
+    eprintln!("takeover after the leader's flight was dropped: {takeover:?}");
+    assert!(takeover < Duration::from_secs(10), "took {takeover:?}");
+    assert_eq!(runs.get(), 2);
+    for answer in answers {
+        let answer = answer.unwrap();
+        assert_eq!(
+            (answer.status, answer.run.as_deref()),
+            (StatusCode::CREATED, Some("2"))
+        );
+    }
+}
+
+/// Redis stops. Under `FailOpen` each instance runs its requests (coalesced within the
+/// instance) and answers; under `FailClosed` it answers 503 and runs nothing; either way
+/// within the command timeouts. Redis comes back on the same port: the instances reconnect,
+/// and a key runs once across them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_down_requests_fail_open_or_closed_promptly_and_coalesce_again_after() {
+    let port = free_port();
+    let Some(server) = Server::start(port) else {
+        return;
+    };
+    let prefix = prefix();
+    let (runs, open) = (Counter::default(), Gate::closed());
+    open.open();
+    let mut instances = Vec::new();
+    for policy in [OnStoreError::FailOpen, OnStoreError::FailClosed] {
+        let store = server.connect().await.with_prefix(prefix.clone());
+        instances.push(instance(store, policy, &runs, &open).await);
+    }
+    let (fails_open, fails_closed) = (instances[0].addr, instances[1].addr);
+
+    drop(server);
+    for i in 0..3 {
+        let key = format!("during-{i}");
+        let start = Instant::now();
+        let answer = post(fails_open, &key).await;
+        assert_eq!(answer.status, StatusCode::CREATED, "fail open, request {i}");
+        let answer = post(fails_closed, &key).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fail closed, request {i}"
+        );
+        assert!(answer.body.contains("Idempotency store unavailable"));
+        // A few commands at 200 ms each, at most, on each instance.
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(3), "request {i} took {took:?}");
+    }
+    assert_eq!(
+        runs.get(),
+        3,
+        "only the fail-open instance ran, once per key"
+    );
+    assert!(sum(&instances, Metrics::store_errors) >= 6);
+
+    let _server = Server::start(port).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut attempt = 0;
+    while post(fails_closed, &format!("probe-{attempt}")).await.status != StatusCode::CREATED {
+        attempt += 1;
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after redis restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let runs_before = runs.get();
+    let answers = join_all(fire(&instances, "after", 10)).await;
+    let answers: Vec<Answer> = answers.into_iter().map(Result::unwrap).collect();
+    assert!(answers.iter().all(|a| a.status == StatusCode::CREATED));
+    assert!(answers.iter().all(|a| a.body == answers[0].body));
+    assert_eq!(
+        runs.get() - runs_before,
+        1,
+        "one run across both instances again"
+    );
+}
