@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 ///
 /// [`HttpCoalesce`]: crate::http::HttpCoalesce
 pub struct ResponseFuture<T, E> {
-    // Reading the request body, two store lookups and a flight: boxed, and private.
+    // Reading the request body, and a flight with store calls: boxed, and private.
     inner: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
 }
 

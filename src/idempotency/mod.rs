@@ -25,7 +25,9 @@
 //! | key empty, over 255 bytes, not visible ASCII, or sent twice | `400`, problem+json | no |
 //! | body over the limit | `413`, problem+json | no |
 //! | same key (and scope), same method, path and body, running | joins the flight (or `409` under [`on_duplicate`](IdempotencyLayer::on_duplicate), `503` beyond [`max_followers`](IdempotencyLayer::max_followers) or after [`follower_timeout`](IdempotencyLayer::follower_timeout)) | no |
+//! | same key, running on another instance (shared store) | waits for it, then replayed (the same `409` / `503` rules) | no |
 //! | same key, completed and stored | stored response replayed | no |
+//! | store down or timed out | runs as if nothing were stored, or `503` under [`OnStoreError::FailClosed`] | yes / no |
 //! | same key, different method, path or body | `422`, problem+json | no |
 //!
 //! What is stored: successful and client-error responses (`2xx`, `3xx`, `4xx`). Not
@@ -54,7 +56,12 @@
 //!
 //! Responses are kept by an [`IdempotencyStore`](store::IdempotencyStore): by default a
 //! [`MemoryStore`](store::MemoryStore) (moka, bounded by bytes, least recently used out
-//! first). A store that fails is logged and treated as empty: the request runs.
+//! first), or [`RedisStore`](crate::redis) (feature `redis`), which several instances
+//! share. A shared store also hands out a [`lease`](lease::Lease) per key, so that one
+//! instance runs it and the others wait for its stored response.
+//!
+//! A store that fails or times out is logged, and then the request runs anyway (the
+//! default) or gets `503`: see [`OnStoreError`].
 
 pub mod future;
 mod layer;

@@ -20,7 +20,7 @@
 //!
 //! Every command has a timeout (1 s by default). A failed or timed-out command is an error
 //! to the layer, which runs the request anyway or answers `503`, as
-//! [`on_store_error`](IdempotencyLayer::on_store_error) says: Redis being down or slow never
+//! [`on_store_error`](crate::idempotency::IdempotencyLayer::on_store_error) says: Redis being down or slow never
 //! hangs a request.
 //!
 //! ```no_run
