@@ -310,3 +310,60 @@ async fn with_redis_down_requests_fail_open_or_closed_promptly_and_coalesce_agai
         "one run across both instances again"
     );
 }
+
+/// Redis dies while an instance runs a key that another instance waits for. The running
+/// instance can neither store the response nor release the lease, and still answers its
+/// callers (the response is not lost, only its replay). The waiting instance stops waiting
+/// within its poll interval and the command timeouts: under `FailClosed` its callers get
+/// `503`, and the key ran once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_dying_mid_flight_loses_no_response_and_hangs_no_waiter() {
+    let Some(server) = Server::start(free_port()) else {
+        return;
+    };
+    let (prefix, runs, gate) = (prefix(), Counter::default(), Gate::closed());
+    let leader = instance(
+        server.connect().await.with_prefix(prefix.clone()),
+        OnStoreError::FailOpen,
+        &runs,
+        &gate,
+    )
+    .await;
+    let other = instance(
+        server.connect().await.with_prefix(prefix.clone()),
+        OnStoreError::FailClosed,
+        &runs,
+        &gate,
+    )
+    .await;
+
+    let running = fire(std::slice::from_ref(&leader), "order-9", 10);
+    runs.reach(1).await;
+    let waiting = fire(std::slice::from_ref(&other), "order-9", 10);
+    eventually("the other instance waits on the leader", || {
+        other.metrics.flights_waiting_elsewhere() == 1
+    })
+    .await;
+
+    drop(server);
+    let stopped = Instant::now();
+    gate.open();
+    for answer in join_all(running).await {
+        let answer = answer.unwrap();
+        assert_eq!(
+            (answer.status, answer.run.as_deref()),
+            (StatusCode::CREATED, Some("1"))
+        );
+    }
+    for answer in join_all(waiting).await {
+        assert_eq!(answer.unwrap().status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let took = stopped.elapsed();
+    eprintln!("every caller answered {took:?} after redis died");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(runs.get(), 1);
+    assert!(
+        leader.metrics.store_errors() >= 1,
+        "the put or release failed"
+    );
+}

@@ -159,6 +159,11 @@ impl<I, St> IdempotencyLayer<I, St> {
 
     /// How long a duplicate waits for the first request at most; then it gets `503` with
     /// `Retry-After: 1`, and the first request goes on. No limit by default.
+    ///
+    /// With a store shared by several instances, it also bounds how long an instance waits
+    /// for the instance that runs the key; then every caller of the key on the waiting
+    /// instance gets the `503`. Without it, an instance waits as long as the other's
+    /// request runs (and renews its lease).
     pub fn follower_timeout(mut self, timeout: Duration) -> Self {
         self.config.follower_timeout = Some(timeout);
         self
