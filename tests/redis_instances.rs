@@ -179,10 +179,19 @@ async fn four_instances_run_a_key_once_for_all_two_hundred_callers() {
         .filter(|(name, calls)| *calls > 0 && name != "info")
         .collect();
     sent.sort();
+    // Redis counts the commands that scripts call too; the store itself sends only
+    // scripts (EVALSHA), EXISTS and (UN)SUBSCRIBE, never a bare GET, SET, DEL or PUBLISH.
+    let in_scripts = ["get", "set", "del", "publish", "pexpire"];
+    let (scripted, sent): (Vec<_>, Vec<_>) = sent
+        .into_iter()
+        .partition(|(name, _)| in_scripts.contains(&name.as_str()));
     let total: u64 = sent.iter().map(|(_, calls)| calls).sum();
-    eprintln!("redis commands for one key on 4 instances (200 requests): {total}: {sent:?}");
+    eprintln!(
+        "redis commands for one key on 4 instances (200 requests): {total} sent {sent:?}, \
+         calling {scripted:?}"
+    );
     assert!(
-        total <= 4 * 8,
+        total <= 4 * 5,
         "{total} commands for one key on 4 instances: {sent:?}"
     );
 }

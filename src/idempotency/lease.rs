@@ -8,9 +8,12 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+use super::store::StoredResponse;
 use crate::BoxError;
 
 /// The answer of [`IdempotencyStore::lease`](super::store::IdempotencyStore::lease).
@@ -24,40 +27,51 @@ pub enum Lease {
     Held(LeaseGuard),
     /// Another instance holds the lease: wait for it to release, then look up its response.
     HeldElsewhere,
+    /// The key's response is stored already: replay it. A store that hands out leases
+    /// looks the response up in the same step (one round trip instead of two), so it must
+    /// answer this rather than take a lease on a completed key.
+    Stored(Arc<StoredResponse>),
 }
 
-type Release = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+type Completion = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+type Complete = Box<dyn FnOnce(Option<(Arc<StoredResponse>, Duration)>) -> Completion + Send>;
 
 /// A lease this instance holds: it is renewed in the background while the guard lives, and
-/// released by [`release`](Self::release), or, should the guard be dropped without it (the
-/// request's callers all left, or the inner service panicked), by a task spawned on drop.
+/// ended by [`complete`](Self::complete), which stores the response and releases the
+/// lease (one round trip for Redis). Should the guard be dropped instead (the request's
+/// callers all left, or the inner service panicked), a task spawned on drop releases the
+/// lease without storing anything.
 ///
-/// A store builds it from the future that releases the lease and the task that renews it.
-#[must_use = "a lease is held until it is released or dropped"]
+/// A store builds it from a function that stores (if given a response) and releases, and
+/// the task that renews the lease.
+#[must_use = "a lease is held until it is completed or dropped"]
 pub struct LeaseGuard {
-    release: Option<Release>,
+    complete: Option<Complete>,
     renewer: Option<JoinHandle<()>>,
 }
 
 impl LeaseGuard {
-    /// A guard that runs `release` once, and aborts `renewer` first.
-    ///
-    /// `release` is not polled before [`release`](Self::release) or the drop.
-    pub fn new<F>(release: F, renewer: JoinHandle<()>) -> Self
+    /// A guard that calls `complete` once, after aborting `renewer`.
+    pub fn new<C, F>(complete: C, renewer: JoinHandle<()>) -> Self
     where
+        C: FnOnce(Option<(Arc<StoredResponse>, Duration)>) -> F + Send + 'static,
         F: Future<Output = Result<(), BoxError>> + Send + 'static,
     {
         LeaseGuard {
-            release: Some(Box::pin(release)),
+            complete: Some(Box::new(move |response| Box::pin(complete(response)))),
             renewer: Some(renewer),
         }
     }
 
-    /// Stops renewing, and releases the lease.
-    pub async fn release(mut self) -> Result<(), BoxError> {
+    /// Stops renewing, stores `response` for its TTL if there is one, and releases the
+    /// lease, so that the instances waiting for it find the response.
+    pub async fn complete(
+        mut self,
+        response: Option<(Arc<StoredResponse>, Duration)>,
+    ) -> Result<(), BoxError> {
         self.stop_renewing();
-        match self.release.take() {
-            Some(release) => release.await,
+        match self.complete.take() {
+            Some(complete) => complete(response).await,
             None => Ok(()),
         }
     }
@@ -72,11 +86,12 @@ impl LeaseGuard {
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
         self.stop_renewing();
-        let Some(release) = self.release.take() else {
+        let Some(complete) = self.complete.take() else {
             return;
         };
         // Without a runtime (it is shutting down) the lease simply expires.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let release = complete(None);
             runtime.spawn(async move {
                 if let Err(error) = release.await {
                     tracing::warn!(%error, "releasing a dropped lease failed; it will expire");
@@ -89,7 +104,7 @@ impl Drop for LeaseGuard {
 impl fmt::Debug for LeaseGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LeaseGuard")
-            .field("released", &self.release.is_none())
+            .field("completed", &self.complete.is_none())
             .finish()
     }
 }

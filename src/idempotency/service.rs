@@ -292,22 +292,24 @@ where
     // Stored before the lease is released and before the flight completes, so that a
     // duplicate, here or on another instance, either waits for this flight or finds the
     // response stored.
-    if let Some(stored) = outcome.as_ref().ok().and_then(|f| storable(f, fingerprint)) {
-        if let Err(error) = store.put(key, Arc::new(stored), config.ttl).await {
-            metrics.store_error();
-            tracing::warn!(%error, "idempotency store put failed; a retry will run again");
-        }
-    }
-    if let Some(lease) = lease {
-        if let Err(error) = lease.release().await {
-            metrics.store_error();
-            tracing::warn!(%error, "releasing an idempotency lease failed; it will expire");
-        }
+    let stored = outcome
+        .as_ref()
+        .ok()
+        .and_then(|flown| storable(flown, fingerprint))
+        .map(|stored| (Arc::new(stored), config.ttl));
+    let kept = match (lease, stored) {
+        (Some(lease), stored) => lease.complete(stored).await,
+        (None, Some((stored, ttl))) => store.put(key, stored, ttl).await,
+        (None, None) => Ok(()),
+    };
+    if let Err(error) = kept {
+        metrics.store_error();
+        tracing::warn!(%error, "storing an idempotent response failed; a retry will run again");
     }
     outcome.map(|flown| Done::Fresh { flown, fingerprint })
 }
 
-/// Looks the key up and takes its lease, waiting while another instance holds it.
+/// Takes the key's lease (or finds its response), waiting while another instance holds it.
 /// `Ok` to run (holding the lease if the store has leases), `Err` to answer without running.
 async fn take_lease<St: IdempotencyStore, B>(
     store: &St,
@@ -318,14 +320,16 @@ async fn take_lease<St: IdempotencyStore, B>(
     let started = Instant::now();
     let mut waited = false;
     loop {
-        match store.get(key).await {
-            Ok(Some(stored)) => return Err(Done::Stored(stored)),
-            Ok(None) => {}
-            Err(error) => return store_failed(&error, "lookup", config, metrics),
-        }
         match store.lease(key).await {
-            Ok(Lease::NotShared) => return Ok(None),
             Ok(Lease::Held(guard)) => return Ok(Some(guard)),
+            Ok(Lease::Stored(stored)) => return Err(Done::Stored(stored)),
+            Ok(Lease::NotShared) => {
+                return match store.get(key).await {
+                    Ok(Some(stored)) => Err(Done::Stored(stored)),
+                    Ok(None) => Ok(None),
+                    Err(error) => store_failed(&error, "lookup", config, metrics),
+                };
+            }
             Ok(Lease::HeldElsewhere) => {}
             Err(error) => return store_failed(&error, "lease", config, metrics),
         }

@@ -11,22 +11,27 @@ use http::{HeaderMap, StatusCode, Version};
 use sha2::{Digest, Sha256};
 
 use super::lease::Lease;
+#[cfg(doc)]
+use super::lease::LeaseGuard;
 use crate::BoxError;
 
 /// Storage of completed responses by idempotency key, and, for a store shared by several
 /// instances, the lease that decides which instance runs a key.
 ///
 /// Inside a key's flight (one per key and process), the layer:
-/// 1. looks the key up with [`get`](Self::get), and replays what it finds;
-/// 2. takes the key's [`lease`](Self::lease). If another instance holds it, the layer waits
-///    for [`released`](Self::released) and goes back to 1;
-/// 3. calls the inner service, [`put`](Self::put)s the response, and only then releases
-///    the lease, so that whoever waited finds the response stored.
+/// 1. takes the key's [`lease`](Self::lease). A store that has leases looks the response up
+///    in the same step and answers [`Lease::Stored`]; one that has none answers
+///    [`Lease::NotShared`], and the layer looks the response up with [`get`](Self::get).
+///    A stored response is replayed. If another instance holds the lease, the layer waits
+///    for [`released`](Self::released) and starts over;
+/// 2. calls the inner service, and stores the response before the flight completes (and,
+///    holding a lease, before releasing it: [`LeaseGuard::complete`]), so that whoever
+///    waited finds it stored. Without a lease it stores it with [`put`](Self::put).
 ///
 /// A store error is logged, and then the layer either runs the request as if nothing were
 /// stored (it fails open, the default) or answers `503`; see
-/// [`IdempotencyLayer::on_store_error`](super::IdempotencyLayer::on_store_error). A `put`
-/// error means that a later retry runs again.
+/// [`IdempotencyLayer::on_store_error`](super::IdempotencyLayer::on_store_error). A failed
+/// store of the response means that a later retry runs again.
 ///
 /// [`MemoryStore`] is the in-process default, and keeps the defaults of `lease` and
 /// `released`; [`RedisStore`](crate::redis) overrides them.
@@ -45,10 +50,11 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<(), BoxError>> + Send;
 
-    /// Takes the lease on `key`, which says that this instance runs the request.
+    /// Looks `key` up and, if nothing is stored, takes its lease, which says that this
+    /// instance runs the request.
     ///
     /// The default answers [`Lease::NotShared`]: a store that only one process uses needs
-    /// no lease, the process's flights are enough.
+    /// no lease, the process's flights are enough, and the layer calls [`get`](Self::get).
     fn lease(&self, key: &StoreKey) -> impl Future<Output = Result<Lease, BoxError>> + Send {
         let _ = key;
         std::future::ready(Ok(Lease::NotShared))

@@ -1,5 +1,6 @@
-//! Leases on Redis: `SET NX PX` to take one, scripts that check the owner's token to renew
-//! and release it, and a pub/sub message on release for the instances that wait.
+//! Leases on Redis: a script that looks the response up or takes the lease (`SET NX PX`)
+//! in one round trip, scripts that check the owner's token to renew it and to store the
+//! response and release it, and a pub/sub message on release for the instances that wait.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -19,13 +20,31 @@ pub(super) static RENEW: LazyScript = LazyScript::new(
     return 0",
 );
 
-/// Deletes the lease if `ARGV[2]` still owns it, then tells the waiting instances on the
-/// channel `ARGV[1]` to look for the response. The message goes out even if the lease was
-/// lost, because the response was stored before the release either way.
-pub(super) static RELEASE: LazyScript = LazyScript::new(
-    r"local owned = 0
-    if redis.call('GET', KEYS[1]) == ARGV[2] then
-        owned = redis.call('DEL', KEYS[1])
+/// Returns the response stored at `KEYS[1]` if there is one; else takes the lease
+/// `KEYS[2]` for the token `ARGV[1]` and `ARGV[2]` ms (1), or finds it taken (0). The
+/// lookup and the lease in one round trip.
+pub(super) static LOOKUP_OR_LEASE: LazyScript = LazyScript::new(
+    r"local stored = redis.call('GET', KEYS[1])
+    if stored then
+        return stored
+    end
+    if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+        return 1
+    end
+    return 0",
+);
+
+/// Stores the response `ARGV[3]` at `KEYS[1]` for `ARGV[4]` ms if one is given, deletes
+/// the lease `KEYS[2]` if the token `ARGV[2]` still owns it, then tells the waiting
+/// instances on the channel `ARGV[1]` to look. The response is stored, and the message
+/// sent, even if the lease was lost: the response is real either way.
+pub(super) static STORE_AND_RELEASE: LazyScript = LazyScript::new(
+    r"if ARGV[3] then
+        redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+    end
+    local owned = 0
+    if redis.call('GET', KEYS[2]) == ARGV[2] then
+        owned = redis.call('DEL', KEYS[2])
     end
     redis.call('PUBLISH', ARGV[1], '1')
     return owned",

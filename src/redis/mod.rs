@@ -7,12 +7,13 @@
 //!
 //! 1. Within an instance, requests with the same key coalesce first, so Redis sees one
 //!    flight per key per instance, not one per request.
-//! 2. The flight looks the key's response up (`GET`), and if there is none takes the key's
-//!    lease: `SET lease-key token NX PX lease`, with a token of its own.
-//! 3. The instance that took the lease runs the request, renews the lease every third of
-//!    its duration while it runs, stores the response (`SET .. PX ttl`), and releases the
-//!    lease with a script that deletes it only if the token is still its own, and then
-//!    publishes on the key's channel.
+//! 2. The flight runs a script that returns the key's stored response if there is one, and
+//!    else takes the key's lease (`SET lease-key token NX PX lease`, with a token of its
+//!    own): one round trip.
+//! 3. The instance that took the lease runs the request, and renews the lease every third
+//!    of its duration while it runs. A second script then stores the response
+//!    (`SET .. PX ttl`), deletes the lease only if the token is still its own, and
+//!    publishes on the key's channel: a second round trip.
 //! 4. The other instances subscribe to that channel and wait for the message, or for the
 //!    poll interval if no message comes (one was lost, or the leading instance died), and
 //!    then go back to 2: they find the response and replay it, or, once a dead instance's
@@ -64,9 +65,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, ProtocolVersion, RedisError};
+use redis::{IntoConnectionInfo, ProtocolVersion, RedisError, Value};
 
-use self::lease::{RELEASE, RENEW, Waiters};
+use self::lease::{LOOKUP_OR_LEASE, RENEW, STORE_AND_RELEASE, Waiters};
 use crate::BoxError;
 use crate::idempotency::lease::{Lease, LeaseGuard};
 use crate::idempotency::store::{IdempotencyStore, StoreKey, StoredResponse};
@@ -126,6 +127,14 @@ impl RedisStore {
             tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
                 .await
                 .map_err(|_| "timed out connecting to redis")??;
+        // Loaded up front so that the first requests don't pay a NOSCRIPT round trip. After
+        // a Redis restart, each script is loaded again on its first `NOSCRIPT`.
+        for script in [&LOOKUP_OR_LEASE, &STORE_AND_RELEASE, &RENEW] {
+            let mut conn = conn.clone();
+            tokio::time::timeout(timeout, script.get().load_async(&mut conn))
+                .await
+                .map_err(|_| "timed out loading a script into redis")??;
+        }
         Ok(RedisStore {
             conn,
             waiters,
@@ -263,30 +272,38 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn lease(&self, key: &StoreKey) -> Result<Lease, BoxError> {
-        let (lease_key, token) = (self.name("lease:", key), lease::token());
+        let (response_key, lease_key) = (self.name("", key), self.name("lease:", key));
+        let token = lease::token();
         let mut conn = self.conn.clone();
-        let mut set = redis::cmd("SET");
-        set.arg(&lease_key)
+        let mut lookup = LOOKUP_OR_LEASE.get().key(&response_key);
+        lookup
+            .key(&lease_key)
             .arg(&token)
-            .arg("NX")
-            .arg("PX")
             .arg(Self::millis(self.lease));
-        let taken: Option<String> = self.timed("SET NX", set.query_async(&mut conn)).await?;
-        if taken.is_none() {
-            return Ok(Lease::HeldElsewhere);
+        let answer: Value = self
+            .timed("lookup or lease", lookup.invoke_async(&mut conn))
+            .await?;
+        match answer {
+            Value::BulkString(bytes) => return Ok(Lease::Stored(Arc::new(codec::decode(&bytes)?))),
+            Value::Int(0) => return Ok(Lease::HeldElsewhere),
+            Value::Int(1) => {}
+            other => return Err(format!("unexpected answer to lookup or lease: {other:?}").into()),
         }
         let renewer = tokio::spawn(self.renew(lease_key.clone(), token.clone()));
         let (store, channel) = (self.clone(), self.name("released:", key));
-        let release = async move {
+        let complete = move |response: Option<(Arc<StoredResponse>, Duration)>| async move {
             let mut conn = store.conn.clone();
-            let mut release = RELEASE.get().key(&lease_key);
-            release.arg(&channel).arg(&token);
+            let mut script = STORE_AND_RELEASE.get().key(&response_key);
+            script.key(&lease_key).arg(&channel).arg(&token);
+            if let Some((response, ttl)) = response {
+                script.arg(codec::encode(&response)).arg(Self::millis(ttl));
+            }
             store
-                .timed("lease release", release.invoke_async::<i64>(&mut conn))
+                .timed("store and release", script.invoke_async::<i64>(&mut conn))
                 .await
                 .map(drop)
         };
-        Ok(Lease::Held(LeaseGuard::new(release, renewer)))
+        Ok(Lease::Held(LeaseGuard::new(complete, renewer)))
     }
 
     async fn released(&self, key: &StoreKey) {
