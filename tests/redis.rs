@@ -136,3 +136,71 @@ async fn requests_are_served_while_redis_is_down_and_replayed_again_once_it_is_b
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The store's contract, against a real Redis and without the layer: get and put; a lease
+/// taken by one connection is held elsewhere for another; completing it stores the
+/// response and frees the key, which the next lease finds stored; a dropped guard releases
+/// without storing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_gets_puts_and_leases() {
+    use tower_coalesce::idempotency::lease::Lease;
+    use tower_coalesce::idempotency::store::{
+        Fingerprint, IdempotencyStore, StoreKey, StoredResponse,
+    };
+
+    let Some(url) = redis_url() else { return };
+    let prefix = prefix();
+    let connect = || async {
+        RedisStore::connect(&url)
+            .await
+            .unwrap()
+            .with_prefix(prefix.clone())
+    };
+    let (one, other) = (connect().await, connect().await);
+    let response = || {
+        Arc::new(StoredResponse::new(
+            StatusCode::CREATED,
+            axum::http::Version::HTTP_11,
+            axum::http::HeaderMap::new(),
+            Bytes::from_static(b"created"),
+            Fingerprint::from_bytes([1; 32]),
+        ))
+    };
+    let ttl = Duration::from_secs(60);
+
+    let put_key = StoreKey::from_bytes([1; 32]);
+    assert!(one.get(&put_key).await.unwrap().is_none());
+    one.put(put_key.clone(), response(), ttl).await.unwrap();
+    let found = other.get(&put_key).await.unwrap().expect("stored");
+    assert_eq!(found.body(), response().body());
+
+    let key = StoreKey::from_bytes([2; 32]);
+    let Lease::Held(guard) = one.lease(&key).await.unwrap() else {
+        panic!("a fresh key's lease is free");
+    };
+    assert!(matches!(
+        other.lease(&key).await.unwrap(),
+        Lease::HeldElsewhere
+    ));
+    guard.complete(Some((response(), ttl))).await.unwrap();
+    let Lease::Stored(stored) = other.lease(&key).await.unwrap() else {
+        panic!("a completed key is stored");
+    };
+    assert_eq!(stored.status(), StatusCode::CREATED);
+
+    let dropped = StoreKey::from_bytes([3; 32]);
+    let Lease::Held(guard) = one.lease(&dropped).await.unwrap() else {
+        panic!("a fresh key's lease is free");
+    };
+    drop(guard);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match other.lease(&dropped).await.unwrap() {
+            Lease::Held(_) => break,
+            Lease::HeldElsewhere if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            other => panic!("the dropped lease was not released: {other:?}"),
+        }
+    }
+}

@@ -88,6 +88,12 @@ impl StoreKey {
         StoreKey(hasher.0.finalize().into())
     }
 
+    /// A key from its 32 bytes, as a store that keeps them gives them back (and for tests
+    /// of a store).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        StoreKey(bytes)
+    }
+
     /// The key's 32 bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
