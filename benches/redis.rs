@@ -3,7 +3,8 @@
 //! that the difference is Redis's alone; the handler answers at once.
 //!
 //! - `one_caller`: a fresh key, one caller: what Redis adds to a request that coalesces
-//!   with nothing (a lookup, the lease, the store, the release: four round trips).
+//!   with nothing (a lookup-or-lease script, then a store-and-release script: two round
+//!   trips).
 //! - `fan_in_50`: a fresh key, 50 concurrent callers on one instance: Redis is paid once
 //!   per key per instance, so per caller it nearly vanishes.
 //! - `four_instances_one_key`: 4 instances (a layer and a connection each) x 50 callers of
