@@ -59,7 +59,7 @@
 mod codec;
 mod lease;
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,7 +177,7 @@ impl RedisStore {
         name.push_str(&self.prefix);
         name.push_str(kind);
         for b in key.as_bytes() {
-            name.push_str(&format!("{b:02x}"));
+            let _ = write!(name, "{b:02x}"); // Writing to a String can't fail.
         }
         name
     }
