@@ -357,3 +357,69 @@ async fn duplicates_of_a_running_request_are_refused_shed_or_timed_out_as_config
         assert_eq!(runs.load(Ordering::SeqCst), 1, "{name}");
     }
 }
+
+/// A store whose lookups take 100 ms: a flight that only looks up a completed key lasts
+/// long enough for a retry to arrive while it runs.
+#[derive(Clone, Default)]
+struct SlowLookups(tower_coalesce::idempotency::store::MemoryStore);
+
+impl tower_coalesce::idempotency::store::IdempotencyStore for SlowLookups {
+    async fn get(
+        &self,
+        key: &tower_coalesce::idempotency::store::StoreKey,
+    ) -> Result<
+        Option<Arc<tower_coalesce::idempotency::store::StoredResponse>>,
+        tower_coalesce::BoxError,
+    > {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.0.get(key).await
+    }
+
+    async fn put(
+        &self,
+        key: tower_coalesce::idempotency::store::StoreKey,
+        response: Arc<tower_coalesce::idempotency::store::StoredResponse>,
+        ttl: Duration,
+    ) -> Result<(), tower_coalesce::BoxError> {
+        self.0.put(key, response, ttl).await
+    }
+}
+
+/// Under `OnDuplicate::Conflict`, two retries of a completed request that arrive together
+/// are both replayed: the second joins the first's flight, which only looks the key up, and
+/// is not refused as if the request were still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_conflict_concurrent_retries_of_a_completed_request_are_replayed() {
+    use tower_coalesce::http::OnDuplicate;
+
+    let layer = IdempotencyLayer::new()
+        .store(SlowLookups::default())
+        .on_duplicate(OnDuplicate::Conflict);
+    let metrics = layer.metrics();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = runs.clone();
+        move || async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            (StatusCode::CREATED, "created")
+        }
+    };
+    let addr = support::serve(Router::new().route("/orders", post(handler)).layer(layer)).await;
+    let client = reqwest::Client::new();
+
+    let first = post_order(&client, addr, Some("k"), "x").await;
+    assert_eq!((first.status, first.replayed), (StatusCode::CREATED, false));
+    let retries = join_all((0..2).map(|i| {
+        let client = client.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(30 * i)).await;
+            post_order(&client, addr, Some("k"), "x").await
+        }
+    }))
+    .await;
+    for retry in &retries {
+        assert_eq!((retry.status, retry.replayed), (StatusCode::CREATED, true));
+    }
+    assert_eq!(metrics.callers_joined() + metrics.duplicates_refused(), 0);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

@@ -200,9 +200,15 @@ where
     let run = layer
         .flights
         .get::<StoreKey, FlightResult<ResB, S::Error>>()
-        .run(store_key, move || flight);
+        .run(store_key.clone(), move || flight);
     if !run.is_leader() {
         if config.on_duplicate == OnDuplicate::Conflict {
+            drop(run);
+            // The flight may be only the lookup of a completed key (a concurrent retry):
+            // replay rather than refuse.
+            if let Ok(Some(stored)) = layer.store.get(&store_key).await {
+                return Ok(replay(&stored, fingerprint, metrics));
+            }
             metrics.duplicate_refused();
             return Ok(problem::in_progress());
         }
