@@ -188,15 +188,7 @@ where
     let store_key = StoreKey::new(&layer.scope.make_key(&parts), key.as_bytes());
 
     let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
-    let flight = fly(
-        inner,
-        layer.store.clone(),
-        store_key.clone(),
-        req,
-        fingerprint,
-        config.clone(),
-        metrics.clone(),
-    );
+    let flight = fly(inner, layer.clone(), store_key.clone(), req, fingerprint);
     let run = layer
         .flights
         .get::<StoreKey, FlightResult<ResB, S::Error>>()
@@ -271,14 +263,12 @@ where
 /// The flight of a key, once per process: the stored response if there is one, else a run
 /// of the inner service under the key's lease, whose response is stored before the lease is
 /// released.
-async fn fly<S, St, ReqB, ResB>(
+async fn fly<S, I, St, ReqB, ResB>(
     inner: S,
-    store: St,
+    layer: Arc<IdempotencyLayer<I, St>>,
     key: StoreKey,
     req: Request<Either<Full<Bytes>, ReqB>>,
     fingerprint: Fingerprint,
-    config: Config,
-    metrics: Metrics,
 ) -> FlightResult<ResB, S::Error>
 where
     S: Service<Request<Either<Full<Bytes>, ReqB>>, Response = Response<ResB>>,
@@ -286,13 +276,14 @@ where
     ResB: Body<Data = Bytes>,
     ResB::Error: Into<BoxError>,
 {
-    let lease = match take_lease(&store, &key, &config, &metrics).await {
+    let (store, config, metrics) = (&layer.store, &layer.config, &layer.metrics);
+    let lease = match take_lease(&layer, &key).await {
         Ok(lease) => lease,
         Err(done) => return Ok(done),
     };
     metrics.flight_started();
     let outcome = match inner.oneshot(req).await {
-        Ok(response) => Ok(flown::collect(response, config.body_limit, &metrics).await),
+        Ok(response) => Ok(flown::collect(response, config.body_limit, metrics).await),
         Err(error) => Err(Arc::new(error)),
     };
     // Stored before the lease is released and before the flight completes, so that a
@@ -317,12 +308,11 @@ where
 
 /// Takes the key's lease (or finds its response), waiting while another instance holds it.
 /// `Ok` to run (holding the lease if the store has leases), `Err` to answer without running.
-async fn take_lease<St: IdempotencyStore, B>(
-    store: &St,
+async fn take_lease<I, St: IdempotencyStore, B>(
+    layer: &IdempotencyLayer<I, St>,
     key: &StoreKey,
-    config: &Config,
-    metrics: &Metrics,
 ) -> Result<Option<LeaseGuard>, Done<B>> {
+    let (store, config, metrics) = (&layer.store, &layer.config, &layer.metrics);
     let started = Instant::now();
     let mut waited = false;
     loop {
@@ -333,11 +323,11 @@ async fn take_lease<St: IdempotencyStore, B>(
                 return match store.get(key).await {
                     Ok(Some(stored)) => Err(Done::Stored(stored)),
                     Ok(None) => Ok(None),
-                    Err(error) => store_failed(&error, "lookup", config, metrics),
+                    Err(error) => store_failed(&error, "lookup", layer),
                 };
             }
             Ok(Lease::HeldElsewhere) => {}
-            Err(error) => return store_failed(&error, "lease", config, metrics),
+            Err(error) => return store_failed(&error, "lease", layer),
         }
         if config.on_duplicate == OnDuplicate::Conflict {
             metrics.duplicate_refused();
@@ -361,12 +351,12 @@ async fn take_lease<St: IdempotencyStore, B>(
     }
 }
 
-fn store_failed<B>(
+fn store_failed<I, St, B>(
     error: &BoxError,
     call: &'static str,
-    config: &Config,
-    metrics: &Metrics,
+    layer: &IdempotencyLayer<I, St>,
 ) -> Result<Option<LeaseGuard>, Done<B>> {
+    let (config, metrics) = (&layer.config, &layer.metrics);
     metrics.store_error();
     match config.on_store_error {
         OnStoreError::FailClosed => {
