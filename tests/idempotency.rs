@@ -62,10 +62,7 @@ async fn post_order(
             .headers()
             .get("idempotent-replayed")
             .is_some_and(|v| v == "true"),
-        run: res
-            .headers()
-            .get("x-run")
-            .map(|v| v.to_str().unwrap().to_owned()),
+        run: support::header(&res, "x-run"),
         body: res.bytes().await.unwrap(),
     }
 }

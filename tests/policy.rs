@@ -92,11 +92,7 @@ async fn send(client: &reqwest::Client, addr: SocketAddr) -> Received {
         .send()
         .await
         .unwrap();
-    let header = |name| {
-        res.headers()
-            .get(name)
-            .map(|v| v.to_str().unwrap().to_owned())
-    };
+    let header = |name| support::header(&res, name);
     let (role, retry_after) = (header("coalesce-role"), header("retry-after"));
     Received {
         status: res.status(),

@@ -77,12 +77,8 @@ async fn post(addr: SocketAddr, key: &str) -> Answer {
         .send()
         .await
         .unwrap();
-    let header = |name| {
-        res.headers()
-            .get(name)
-            .map(|v: &reqwest::header::HeaderValue| v.to_str().unwrap().to_owned())
-    };
-    let (run, replayed) = (header("x-run"), header("idempotent-replayed").is_some());
+    let run = support::header(&res, "x-run");
+    let replayed = support::header(&res, "idempotent-replayed").is_some();
     Answer {
         status: res.status(),
         run,

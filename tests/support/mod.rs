@@ -91,5 +91,12 @@ pub async fn serve(app: axum::Router) -> std::net::SocketAddr {
     addr
 }
 
+/// A response header as text, if present (and visible ASCII: a test response's are).
+pub fn header(res: &reqwest::Response, name: &str) -> Option<String> {
+    res.headers()
+        .get(name)
+        .map(|value| value.to_str().unwrap().to_owned())
+}
+
 #[cfg(feature = "redis")]
 pub mod redis;
