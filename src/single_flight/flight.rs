@@ -47,6 +47,8 @@ struct State<T> {
     driver: Option<u64>,
     /// Waiters that have neither received the outcome nor been dropped.
     waiters: usize,
+    /// Whether the leader is one of them: followers are `waiters` less the leader.
+    leader_waiting: bool,
     /// Callers that ever joined; also the id of the next one.
     callers: u64,
     /// Wakers of waiters that wait for somebody else to drive.
@@ -79,6 +81,15 @@ impl Waiter {
     }
 }
 
+/// The answer of [`Flight::try_join_if`].
+pub(crate) enum Join {
+    Joined(Waiter),
+    /// The flight runs, and the caller was not admitted to it.
+    Refused,
+    /// The flight has ended: the caller must start a new one.
+    Ended,
+}
+
 /// What a finished waiter takes away.
 pub(crate) struct Finished<T> {
     pub(crate) value: T,
@@ -100,6 +111,7 @@ impl<T: Clone> Flight<T> {
                 work: Work::Running(None),
                 driver: None,
                 waiters: 1,
+                leader_waiting: true,
                 callers: 1,
                 wakers: Slab::new(),
             }),
@@ -120,22 +132,36 @@ impl<T: Clone> Flight<T> {
     pub(crate) fn fail_start(&self, message: String) {
         let mut state = self.lock();
         state.waiters -= 1;
+        state.leader_waiting = false;
         state.work = Work::Panicked(message);
         wake_all(state, None);
     }
 
-    /// Joins a running flight; `None` if it has already ended, in which case the caller
-    /// must start a new flight.
-    pub(crate) fn try_join(&self) -> Option<Waiter> {
+    /// Joins a running flight if `admit`, given the followers waiting now, says so.
+    ///
+    /// The decision and the join happen under one lock, so that a cap on followers is
+    /// exact and a caller turned away never counts as having joined.
+    pub(crate) fn try_join_if(&self, admit: impl FnOnce(usize) -> bool) -> Join {
         let mut state = self.lock();
-        match state.work {
-            Work::Running(_) => {
-                let id = state.callers;
-                state.callers += 1;
-                state.waiters += 1;
-                Some(Waiter::new(id))
-            }
-            _ => None,
+        if !matches!(state.work, Work::Running(_)) {
+            return Join::Ended;
+        }
+        let followers = state.waiters - usize::from(state.leader_waiting);
+        if !admit(followers) {
+            return Join::Refused;
+        }
+        let id = state.callers;
+        state.callers += 1;
+        state.waiters += 1;
+        Join::Joined(Waiter::new(id))
+    }
+
+    /// Joins a running flight; `None` if it has already ended.
+    #[cfg(all(test, coalesce_loom))]
+    pub(crate) fn try_join(&self) -> Option<Waiter> {
+        match self.try_join_if(|_| true) {
+            Join::Joined(waiter) => Some(waiter),
+            Join::Refused | Join::Ended => None,
         }
     }
 
@@ -253,6 +279,9 @@ impl<T> State<T> {
     fn leave(&mut self, waiter: &mut Waiter) {
         waiter.finished = true;
         self.waiters -= 1;
+        if waiter.is_leader() {
+            self.leader_waiting = false;
+        }
         // After completion the slab was drained and nobody parks again, so a stale slot
         // finds nothing here.
         if let Some(slot) = waiter.slot.take() {

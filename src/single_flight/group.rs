@@ -6,7 +6,7 @@ use std::panic::{self, AssertUnwindSafe};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
 
-use super::flight::{Flight, panic_message};
+use super::flight::{Flight, Join, panic_message};
 use super::future::Run;
 use crate::sync::Arc;
 
@@ -68,15 +68,42 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = T> + Send + 'static,
     {
+        self.run_if(key, make, |_, _| true)
+            .expect("a caller admitted to every flight is never refused")
+    }
+
+    /// [`run`](Self::run), with a say on joining: when a flight for `key` is running,
+    /// `admit` is given the key that flight was registered with (the key of its leader,
+    /// which may differ from `key` in what `Eq` ignores) and the followers waiting on it
+    /// now. If it returns `false`, the caller does not join, `make` is not called, and
+    /// `run_if` returns `None`: a caller turned away never counts as having joined.
+    ///
+    /// `admit` runs under the registry's shard lock and the flight's lock: keep it short,
+    /// and never call into the group from it.
+    pub(crate) fn run_if<F, Fut, A>(&self, key: K, make: F, admit: A) -> Option<Run<K, T>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+        A: FnOnce(&K, usize) -> bool,
+    {
         let entry = match self.flights.entry(key) {
-            MapEntry::Occupied(mut occupied) => {
-                if let Some(waiter) = occupied.get().flight.try_join() {
-                    return Run::new(occupied.get().clone(), self.flights.clone(), waiter);
+            MapEntry::Occupied(occupied) => {
+                let joined = occupied
+                    .get()
+                    .flight
+                    .try_join_if(|followers| admit(occupied.key(), followers));
+                match joined {
+                    Join::Joined(waiter) => {
+                        return Some(Run::new(occupied.get().clone(), self.flights.clone(), waiter));
+                    }
+                    Join::Refused => return None,
+                    Join::Ended => {}
                 }
-                // The registered flight has ended but its key is not freed yet: replace it.
+                // The registered flight has ended but its key is not freed yet: replace it,
+                // key and all, so that the registered key is always the running leader's.
                 // Its last caller frees the key only if the entry is still its own.
                 let (entry, waiter) = Entry::new(occupied.key().clone());
-                occupied.insert(entry.clone());
+                occupied.replace_entry(entry.clone());
                 (entry, waiter)
             }
             MapEntry::Vacant(vacant) => {
@@ -91,7 +118,7 @@ where
         match panic::catch_unwind(AssertUnwindSafe(make)) {
             Ok(work) => {
                 entry.flight.start(Box::pin(work));
-                Run::new(entry, self.flights.clone(), waiter)
+                Some(Run::new(entry, self.flights.clone(), waiter))
             }
             Err(payload) => {
                 entry.flight.fail_start(panic_message(payload.as_ref()));
@@ -191,5 +218,28 @@ impl<T> Outcome<T> {
     /// Whether this caller started the flight (called `make`), rather than joined it.
     pub fn is_leader(&self) -> bool {
         self.leader
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_counts_followers_only_and_a_refused_caller_never_joins() {
+        let group: Group<u8, u8> = Group::new();
+        let at_most_one = |_: &u8, followers: usize| followers < 1;
+        let leader = group.run(1, std::future::pending);
+        let follower = group.run_if(1, std::future::pending, at_most_one).unwrap();
+        assert!(group.run_if(1, std::future::pending, at_most_one).is_none());
+        assert_eq!(leader.waiters(), 2, "the refused caller did not join");
+
+        // The leader leaving frees no follower place: the cap counts followers only.
+        drop(leader);
+        assert!(group.run_if(1, std::future::pending, at_most_one).is_none());
+        drop(follower);
+        // Every caller gone: the next one leads a new flight, admitted without asking.
+        let next = group.run_if(1, std::future::pending, |_, _| false).unwrap();
+        assert!(next.is_leader());
     }
 }

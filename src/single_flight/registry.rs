@@ -1,49 +1,76 @@
-use std::any::{self, Any};
+use std::any::Any;
 use std::fmt;
 use std::hash::Hash;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use super::Group;
 
-/// A [`Group`] whose key and result types are fixed by its first use.
+/// The [`Group`]s of one middleware, one per key and result type, made on first use.
 ///
 /// A Tower middleware struct names its inner service but not the request type, so it can't
-/// name the key and result types of its registry. The group is therefore made on the first
-/// call, boxed as `Any`, and downcast afterwards (a type-id comparison). Clones share it.
+/// name the key and result types of its registry. Groups are therefore made on the first
+/// call with each pair of types, boxed as `Any`, and downcast afterwards (a type-id
+/// comparison). A service called with two request or response body types gets a group for
+/// each: requests of different types never share a flight, and nothing panics. Clones share
+/// the groups.
 #[derive(Clone, Default)]
 pub(crate) struct LazyGroup {
-    group: Arc<OnceLock<Box<dyn Any + Send + Sync>>>,
+    groups: Arc<Groups>,
+}
+
+#[derive(Default)]
+struct Groups {
+    // The one pair of types nearly every service sees, found without a lock.
+    first: OnceLock<Box<dyn Any + Send + Sync>>,
+    others: Mutex<Vec<Box<dyn Any + Send + Sync>>>,
 }
 
 impl LazyGroup {
-    /// Returns the group, making it on the first call.
-    ///
-    /// # Panics
-    ///
-    /// If an earlier call used other key or result types: one middleware instance serves one
-    /// request type.
-    pub(crate) fn get<K, T>(&self) -> &Group<K, T>
+    /// Returns the group for keys `K` and results `T`, making it on the first call.
+    pub(crate) fn get<K, T>(&self) -> Group<K, T>
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
         T: Clone + Send + 'static,
     {
-        self.group
-            .get_or_init(|| Box::new(Group::<K, T>::new()))
-            .downcast_ref()
-            .unwrap_or_else(|| {
-                panic!(
-                    "a coalescing service was called with a second request or response type \
-                     (key {}); build one service per request type",
-                    any::type_name::<K>()
-                )
-            })
+        let first = self.groups.first.get_or_init(|| Box::new(Group::<K, T>::new()));
+        if let Some(group) = first.downcast_ref::<Group<K, T>>() {
+            return group.clone();
+        }
+        let mut others = self
+            .groups
+            .others
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(group) = others.iter().find_map(|g| g.downcast_ref::<Group<K, T>>()) {
+            return group.clone();
+        }
+        let group = Group::<K, T>::new();
+        others.push(Box::new(group.clone()));
+        group
     }
 }
 
 impl fmt::Debug for LazyGroup {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LazyGroup")
-            .field("initialized", &self.group.get().is_some())
+            .field("initialized", &self.groups.first.get().is_some())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn two_request_types_get_two_groups_and_no_panic() {
+        let groups = LazyGroup::default();
+        let a = groups.get::<u32, u8>().run(1, || async { 1u8 });
+        let b = groups.get::<u32, String>().run(1, || async { "b".to_owned() });
+        // The same key in the other group is another flight: both lead.
+        assert!(a.is_leader() && b.is_leader());
+        assert_eq!(a.await.into_value(), 1);
+        assert_eq!(b.await.into_value(), "b");
+        assert_eq!(groups.get::<u32, String>().in_flight(), 0);
     }
 }
