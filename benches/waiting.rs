@@ -16,7 +16,7 @@ use http::{Request, Response};
 use http_body_util::Full;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use tower::{ServiceExt, service_fn};
-use tower_coalesce::http::{HttpCoalesceLayer, key};
+use tower_coalesce::http::{HttpCoalesceLayer, RequestBody, key};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -54,11 +54,13 @@ async fn measure(name: &str, layer: Layer) {
     let metrics = layer.metrics();
     let svc = tower::ServiceBuilder::new()
         .layer(layer)
-        .service(service_fn(|_req: Request<Full<Bytes>>| async {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let body = Bytes::from(vec![b'x'; 1024]);
-            Ok::<_, Infallible>(Response::new(Full::new(body)))
-        }));
+        .service(service_fn(
+            |_req: Request<RequestBody<Full<Bytes>>>| async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let body = Bytes::from(vec![b'x'; 1024]);
+                Ok::<_, Infallible>(Response::new(Full::new(body)))
+            },
+        ));
 
     // Results come back over a channel (sized up front) and the join handles are dropped,
     // so that a finished caller's task is freed at once, as a served request would be.

@@ -513,7 +513,7 @@ mod service {
     use tower::{ServiceExt, service_fn};
     use tower_coalesce::BoxError;
     use tower_coalesce::http::error::SharedError;
-    use tower_coalesce::http::{HttpCoalesceLayer, Metrics, Role, key};
+    use tower_coalesce::http::{HttpCoalesceLayer, Metrics, RequestBody, Role, key};
 
     use super::support::Gate;
 
@@ -549,7 +549,7 @@ mod service {
         let metrics = layer.metrics();
         let svc = tower::ServiceBuilder::new().layer(layer).service({
             let (gate, calls) = (gate.clone(), calls.clone());
-            service_fn(move |_req: Request<Full<Bytes>>| {
+            service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {
                 let (gate, calls) = (gate.clone(), calls.clone());
                 async move {
                     calls.fetch_add(1, Ordering::SeqCst);
@@ -576,7 +576,7 @@ mod service {
             let (gate, calls) = (Gate::closed(), Arc::new(AtomicUsize::new(0)));
             let inner = {
                 let (gate, calls) = (gate.clone(), calls.clone());
-                service_fn(move |_req: Request<Full<Bytes>>| {
+                service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {
                     let (gate, calls) = (gate.clone(), calls.clone());
                     async move {
                         calls.fetch_add(1, Ordering::SeqCst);

@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tower_coalesce::BoxError;
-use tower_coalesce::http::{HttpCoalesceLayer, key};
+use tower_coalesce::http::{HttpCoalesceLayer, RequestBody, key};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hyper_service_is_called_once_for_fifty_concurrent_requests() {
@@ -25,7 +25,7 @@ async fn a_hyper_service_is_called_once_for_fifty_concurrent_requests() {
     let runs = Arc::new(AtomicUsize::new(0));
     let svc = tower::ServiceBuilder::new().layer(layer).service_fn({
         let (runs, metrics) = (runs.clone(), metrics.clone());
-        move |req: Request<Incoming>| {
+        move |req: Request<RequestBody<Incoming>>| {
             let (runs, metrics) = (runs.clone(), metrics.clone());
             async move {
                 let body = req.into_body().collect().await?.to_bytes();

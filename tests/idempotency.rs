@@ -136,8 +136,14 @@ async fn missing_and_malformed_keys_get_400_and_never_reach_the_handler() {
     assert_eq!(twice.status(), StatusCode::BAD_REQUEST);
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 
-    // Without `require_key`, a request without a key passes through, every time.
+    // The preset requires a key; with `require_key(false)`, a request without one passes
+    // through, every time.
     let (router, runs) = orders(IdempotencyLayer::new(), status(201));
+    let addr = support::serve(router).await;
+    let res = post_order(&client, addr, None, "x").await;
+    assert_eq!(res.status, StatusCode::BAD_REQUEST);
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    let (router, runs) = orders(IdempotencyLayer::new().require_key(false), status(201));
     let addr = support::serve(router).await;
     post_order(&client, addr, None, "x").await;
     post_order(&client, addr, None, "x").await;

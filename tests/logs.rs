@@ -44,7 +44,7 @@ async fn logs_name_a_flight_by_a_hash_never_by_its_key() {
         .layer(HttpCoalesceLayer::new(key::idempotency_key()))
         .service(tower::service_fn({
             let gate = gate.clone();
-            move |_req: http::Request<Body>| {
+            move |_req: http::Request<tower_coalesce::http::RequestBody<Body>>| {
                 let gate = gate.clone();
                 async move {
                     gate.pass().await;

@@ -316,7 +316,7 @@ async fn the_wait_timeout_fires_on_the_clock_and_not_before() {
         .layer(layer)
         .service(service_fn({
             let runs = runs.clone();
-            move |_req: Request<Full<bytes::Bytes>>| {
+            move |_req: Request<tower_coalesce::http::RequestBody<Full<bytes::Bytes>>>| {
                 runs.fetch_add(1, Ordering::SeqCst);
                 async {
                     tokio::time::sleep(Duration::from_secs(3600)).await;

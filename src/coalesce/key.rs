@@ -28,6 +28,13 @@ pub trait MakeKey<Req> {
 
     /// Returns the key of `req`, or `None` to pass it through uncoalesced.
     fn make_key(&self, req: &Req) -> Option<Self::Key>;
+
+    /// Whether the key is read from the request body rather than its head: the HTTP layer
+    /// then reads the body before it makes the key (as for `http::key::json`). `false`
+    /// unless a key maker says otherwise; a tuple reads the body if any part does.
+    fn reads_body(&self) -> bool {
+        false
+    }
 }
 
 impl<F, Req, K> MakeKey<Req> for F
@@ -56,6 +63,12 @@ macro_rules! impl_make_key_for_tuple {
             fn make_key(&self, req: &Req) -> Option<Self::Key> {
                 let ($($name,)+) = self;
                 Some(($($name.make_key(req)?,)+))
+            }
+
+            #[allow(non_snake_case)]
+            fn reads_body(&self) -> bool {
+                let ($($name,)+) = self;
+                false $(|| $name.reads_body())+
             }
         }
     };

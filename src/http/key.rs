@@ -1,5 +1,11 @@
 //! Ready-made coalescing keys for HTTP requests.
 //!
+//! From the request head: [`header`], [`idempotency_key`], [`method_and_path`],
+//! [`method_path_and_query`], [`path_param`]. From the body: [`json`] and [`form`], for apps
+//! that send the id in the payload (`{"id": "c-1", "name": ...}`): the layer then reads the
+//! body (up to its [request body limit](super::HttpCoalesceLayer::request_body_limit))
+//! before it makes the key, and the inner service still receives the whole body.
+//!
 //! Every key maker here implements [`MakeKey<http::request::Parts>`](crate::coalesce::MakeKey),
 //! as does any closure `Fn(&Parts) -> Option<K>`, and tuples of key makers combine them
 //! (the key is the tuple of keys, and `None` if any part is `None`):
@@ -20,11 +26,20 @@
 //! });
 //! ```
 //!
-//! Whatever the key, the layer also scopes it to the caller's identity; see
-//! [`HttpCoalesceLayer::scope`](super::HttpCoalesceLayer::scope).
+//! Whatever the key, the layer also scopes it to the caller's identity (see
+//! [`HttpCoalesceLayer::scope`](super::HttpCoalesceLayer::scope)), and never shares a flight
+//! between requests whose method, path, query or body differ (see
+//! [`OnMismatch`](super::OnMismatch)).
+//!
+//! Keys, and scopes, implement [`EncodeKey`]: stores shared by several instances keep
+//! flights under a digest of these bytes. It is implemented for strings, byte strings,
+//! integers, header values, methods, `Option`s, `Vec`s and tuples of these; a closure that
+//! returns a type of your own needs an implementation (or returns a `String`).
 
 use std::fmt;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
@@ -212,6 +227,230 @@ impl MakeKey<Parts> for PathParam {
     }
 }
 
+/// Keys requests by the value at `pointer` (RFC 6901, such as `/client_id` or
+/// `/order/id`) in a JSON request body.
+///
+/// A string value is the key as it is; a number is the key as written in its canonical
+/// form (`17`). A request has no key (and passes through, or gets a `400` under
+/// [`require_key`](super::HttpCoalesceLayer::require_key)) if its body is not JSON, has
+/// no value there, or has another kind of value there (`null`, an object, an empty
+/// string).
+///
+/// ```
+/// use axum::{Router, routing::post};
+/// use tower_coalesce::http::{HttpCoalesceLayer, key};
+///
+/// async fn create_client(body: String) -> String { body }
+///
+/// // POST /api/clients {"id": "c-1", "name": "Ada"}: concurrent creates of c-1 run once.
+/// let app: Router = Router::new()
+///     .route("/api/clients", post(create_client))
+///     .layer(HttpCoalesceLayer::new(key::json("/id")));
+/// ```
+///
+/// # Panics
+///
+/// If `pointer` is neither empty nor starts with `/`.
+pub fn json(pointer: &str) -> JsonKey {
+    assert!(
+        pointer.is_empty() || pointer.starts_with('/'),
+        "a JSON pointer is empty or starts with '/': {pointer:?}"
+    );
+    JsonKey {
+        pointer: pointer.into(),
+    }
+}
+
+/// Keys requests by the field `name` of an `application/x-www-form-urlencoded` body.
+///
+/// A request has no key if the field is missing, empty, or sent more than once.
+///
+/// ```
+/// use tower_coalesce::http::{HttpCoalesceLayer, key};
+///
+/// // POST /subscribe with email=ada%40example.com&list=news
+/// let layer = HttpCoalesceLayer::new(key::form("email"));
+/// ```
+pub fn form(name: &str) -> FormKey {
+    FormKey { name: name.into() }
+}
+
+/// The request body, buffered by the layer, where body keys read it.
+#[derive(Clone)]
+pub(crate) struct BufferedBody(pub(crate) Bytes);
+
+fn buffered_body(parts: &Parts) -> Option<&[u8]> {
+    parts.extensions.get::<BufferedBody>().map(|b| &b.0[..])
+}
+
+/// Key maker made by [`json`].
+#[derive(Debug, Clone)]
+pub struct JsonKey {
+    pointer: Arc<str>,
+}
+
+impl MakeKey<Parts> for JsonKey {
+    type Key = String;
+
+    fn make_key(&self, parts: &Parts) -> Option<String> {
+        let value: serde_json::Value = serde_json::from_slice(buffered_body(parts)?).ok()?;
+        match value.pointer(&self.pointer)? {
+            serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+
+    fn reads_body(&self) -> bool {
+        true
+    }
+}
+
+/// Key maker made by [`form`].
+#[derive(Debug, Clone)]
+pub struct FormKey {
+    name: Arc<str>,
+}
+
+impl MakeKey<Parts> for FormKey {
+    type Key = String;
+
+    fn make_key(&self, parts: &Parts) -> Option<String> {
+        let mut values = form_urlencoded::parse(buffered_body(parts)?)
+            .filter(|(name, _)| **name == *self.name)
+            .map(|(_, value)| value);
+        let value = values.next()?;
+        // Two values make the key ambiguous; refuse rather than pick one.
+        (values.next().is_none() && !value.is_empty()).then(|| value.into_owned())
+    }
+
+    fn reads_body(&self) -> bool {
+        true
+    }
+}
+
+/// A key's bytes, the same in every process and on every platform: what
+/// [`StoreKey`](super::store::StoreKey) digests, so that instances sharing a store agree on
+/// a key whatever toolchain built them.
+///
+/// Implementations write a self-delimiting encoding, so that two different keys never give
+/// the same bytes: strings and byte strings as a big-endian `u64` length and the bytes;
+/// integers as 8 big-endian bytes (`bool` as one byte); `Option` as `0x00`, or `0x01` and
+/// the value; sequences as a `u64` count and their items; tuples as their parts in order.
+///
+/// ```
+/// use tower_coalesce::http::key::EncodeKey;
+///
+/// #[derive(Clone, PartialEq, Eq, Hash)]
+/// struct TenantId(u64);
+///
+/// impl EncodeKey for TenantId {
+///     fn encode_key(&self, out: &mut Vec<u8>) {
+///         self.0.encode_key(out);
+///     }
+/// }
+/// ```
+pub trait EncodeKey {
+    /// Appends this key's bytes to `out`.
+    fn encode_key(&self, out: &mut Vec<u8>);
+}
+
+fn encode_bytes(bytes: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+macro_rules! encode_as_bytes {
+    ($($ty:ty => $bytes:expr),+ $(,)?) => {
+        $(impl EncodeKey for $ty {
+            fn encode_key(&self, out: &mut Vec<u8>) {
+                let bytes: fn(&$ty) -> &[u8] = $bytes;
+                encode_bytes(bytes(self), out);
+            }
+        })+
+    };
+}
+
+encode_as_bytes! {
+    str => str::as_bytes,
+    String => String::as_bytes,
+    [u8] => |b| b,
+    Bytes => |b| b,
+    HeaderValue => HeaderValue::as_bytes,
+    Method => |m| m.as_str().as_bytes(),
+    PathAndQuery => |p| p.as_str().as_bytes(),
+}
+
+macro_rules! encode_as_integer {
+    ($($ty:ty),+) => {
+        $(impl EncodeKey for $ty {
+            fn encode_key(&self, out: &mut Vec<u8>) {
+                // Widened to 64 bits, so that `usize` encodes alike on every platform.
+                out.extend_from_slice(&(*self as i128 as u64).to_be_bytes());
+            }
+        })+
+    };
+}
+
+encode_as_integer!(u8, u16, u32, u64, usize, i8, i16, i32, i64, isize);
+
+impl EncodeKey for bool {
+    fn encode_key(&self, out: &mut Vec<u8>) {
+        out.push(u8::from(*self));
+    }
+}
+
+impl EncodeKey for () {
+    fn encode_key(&self, _: &mut Vec<u8>) {}
+}
+
+impl<T: EncodeKey + ?Sized> EncodeKey for &T {
+    fn encode_key(&self, out: &mut Vec<u8>) {
+        (**self).encode_key(out);
+    }
+}
+
+impl<T: EncodeKey + ?Sized> EncodeKey for Arc<T> {
+    fn encode_key(&self, out: &mut Vec<u8>) {
+        (**self).encode_key(out);
+    }
+}
+
+impl<T: EncodeKey> EncodeKey for Option<T> {
+    fn encode_key(&self, out: &mut Vec<u8>) {
+        match self {
+            None => out.push(0),
+            Some(value) => {
+                out.push(1);
+                value.encode_key(out);
+            }
+        }
+    }
+}
+
+impl<T: EncodeKey> EncodeKey for Vec<T> {
+    fn encode_key(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.len() as u64).to_be_bytes());
+        self.iter().for_each(|item| item.encode_key(out));
+    }
+}
+
+macro_rules! encode_tuple {
+    ($($name:ident),+) => {
+        impl<$($name: EncodeKey),+> EncodeKey for ($($name,)+) {
+            #[allow(non_snake_case)]
+            fn encode_key(&self, out: &mut Vec<u8>) {
+                let ($($name,)+) = self;
+                $($name.encode_key(out);)+
+            }
+        }
+    };
+}
+
+encode_tuple!(A, B);
+encode_tuple!(A, B, C);
+encode_tuple!(A, B, C, D);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,5 +509,55 @@ mod tests {
         assert!(key.make_key(&parts(http::Request::post("/x"))).is_none());
         let keyed = parts(http::Request::post("/x").header("idempotency-key", "k"));
         assert!(key.make_key(&keyed).is_some());
+    }
+
+    fn with_body(body: &[u8]) -> Parts {
+        let mut parts = parts(http::Request::post("/"));
+        parts
+            .extensions
+            .insert(BufferedBody(Bytes::copy_from_slice(body)));
+        parts
+    }
+
+    #[test]
+    fn json_keys_read_strings_and_numbers_at_the_pointer() {
+        let id = json("/id");
+        let nested = json("/client/id");
+        let key = |k: &JsonKey, body: &str| k.make_key(&with_body(body.as_bytes()));
+        assert_eq!(
+            key(&id, r#"{"id":"c-1","name":"Ada"}"#).as_deref(),
+            Some("c-1")
+        );
+        assert_eq!(key(&id, r#"{"id":17}"#).as_deref(), Some("17"));
+        assert_eq!(
+            key(&nested, r#"{"client":{"id":"c-2"}}"#).as_deref(),
+            Some("c-2")
+        );
+        for no_key in [
+            r#"{"name":"Ada"}"#,
+            r#"{"id":null}"#,
+            r#"{"id":""}"#,
+            r#"{"id":{}}"#,
+            "id=c-1",
+            "",
+        ] {
+            assert_eq!(key(&id, no_key), None, "{no_key}");
+        }
+        assert_eq!(id.make_key(&parts(http::Request::post("/"))), None);
+        assert!(id.reads_body() && (header("x"), id.clone()).reads_body());
+        assert!(!header("x").reads_body());
+    }
+
+    #[test]
+    fn form_keys_refuse_missing_empty_and_repeated_fields() {
+        let email = form("email");
+        let key = |body: &str| email.make_key(&with_body(body.as_bytes()));
+        assert_eq!(
+            key("email=ada%40example.com&list=news").as_deref(),
+            Some("ada@example.com")
+        );
+        assert_eq!(key("list=news"), None);
+        assert_eq!(key("email=&list=news"), None);
+        assert_eq!(key("email=a&email=b"), None);
     }
 }

@@ -1,6 +1,6 @@
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Counters of an [`HttpCoalesceLayer`](super::HttpCoalesceLayer), shared by every service
 /// it builds; read them, or export them to the metrics system you use.
@@ -36,6 +36,11 @@ struct Counters {
     responses_not_shared: AtomicU64,
     flights_waiting_elsewhere: AtomicU64,
     store_errors: AtomicU64,
+    requests_without_key: AtomicU64,
+    mismatches_queued: AtomicU64,
+    mismatches_rejected: AtomicU64,
+    // Whether the first request without a key has been logged at WARN.
+    warned_without_key: AtomicBool,
 }
 
 impl Metrics {
@@ -66,13 +71,53 @@ impl Metrics {
         self.counters.keys_missing.load(Ordering::Relaxed)
     }
 
-    /// Responses replayed from an idempotency store
-    /// ([`IdempotencyLayer`](crate::idempotency::IdempotencyLayer) only).
+    /// Requests whose key maker found no key, whether they passed through or were refused.
+    /// On a layer where every request should have a key, a count above zero means a
+    /// misconfiguration: see [`HttpCoalesceLayer::require_key`](super::HttpCoalesceLayer::require_key).
+    pub fn requests_without_key(&self) -> u64 {
+        self.counters.requests_without_key.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request without a key; `true` for the first one, which is logged louder.
+    pub(crate) fn request_without_key(&self) -> bool {
+        self.counters
+            .requests_without_key
+            .fetch_add(1, Ordering::Relaxed);
+        !self
+            .counters
+            .warned_without_key
+            .swap(true, Ordering::Relaxed)
+    }
+
+    /// Requests that found their key's flight running for another request and waited for
+    /// it to end before running ([`OnMismatch::Queue`](super::OnMismatch::Queue)).
+    pub fn mismatches_queued(&self) -> u64 {
+        self.counters.mismatches_queued.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn mismatch_queued(&self) {
+        self.counters
+            .mismatches_queued
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests answered `422` because their key belongs to another request.
+    pub fn mismatches_rejected(&self) -> u64 {
+        self.counters.mismatches_rejected.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn mismatch_rejected(&self) {
+        self.counters
+            .mismatches_rejected
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Responses replayed from a store (kept by [`replay`](super::HttpCoalesceLayer::replay),
+    /// or handed over by another instance).
     pub fn responses_replayed(&self) -> u64 {
         self.counters.replayed.load(Ordering::Relaxed)
     }
 
-    #[cfg_attr(not(feature = "idempotency"), allow(dead_code))]
     pub(crate) fn replayed(&self) {
         self.counters.replayed.fetch_add(1, Ordering::Relaxed);
     }
@@ -204,6 +249,9 @@ impl fmt::Debug for Metrics {
                 &self.flights_waiting_elsewhere(),
             )
             .field("store_errors", &self.store_errors())
+            .field("requests_without_key", &self.requests_without_key())
+            .field("mismatches_queued", &self.mismatches_queued())
+            .field("mismatches_rejected", &self.mismatches_rejected())
             .finish()
     }
 }

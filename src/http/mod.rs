@@ -6,37 +6,49 @@
 //! leader's body into memory (up to a [limit](HttpCoalesceLayer::body_limit)) and hands every
 //! caller of the flight its own `Response` with the same head and the same bytes.
 //!
-//! Three things differ from the plain layer:
+//! One engine serves every request, in four steps:
 //!
-//! - **Keys** come from the request head: a header such as `Idempotency-Key`, the method and
-//!   path, a path parameter, a tuple of these, or a closure over
-//!   [`Parts`](http::request::Parts). See [`key`].
-//! - **Scopes**: a flight is shared only by callers of the same identity (by default, the
-//!   same `Authorization` and `Cookie` headers), so one user never receives a response
-//!   made for another. See [`scope`].
-//! - **Answers instead of errors**: what the layer itself refuses becomes a response with
-//!   an RFC 9457 problem+json body (`400` for a missing key under
-//!   [`require_key`](HttpCoalesceLayer::require_key), `503` for a follower whose flight's
-//!   response was too large to share), so the error type stays the inner service's:
-//!   `Infallible` for axum.
+//! 1. **Admit.** The key comes from the request head (a header such as `Idempotency-Key`,
+//!    the method and path, a path parameter) or from the body ([`key::json`],
+//!    [`key::form`]), alone or in tuples, or from a closure over
+//!    [`Parts`](http::request::Parts); see [`key`]. A request without one passes through
+//!    unread. A keyed request's body is read (up to a
+//!    [limit](HttpCoalesceLayer::request_body_limit), else `413`), and the request gets a
+//!    *fingerprint*: its method, path, query and body.
+//! 2. **Join or lead.** Requests share a flight only with the same key, the same identity
+//!    (the [`scope`], by default the `Authorization` and `Cookie` headers) and the same
+//!    fingerprint: **a caller never receives the response to another request**. A different
+//!    request with the key waits for the running one and then runs, or gets `422`
+//!    ([`OnMismatch`]). With a [store](HttpCoalesceLayer::store) shared by several
+//!    instances (Redis), the flight also takes the key's lease, so that one instance runs it.
+//! 3. **Run.** The leader's request calls the inner service; its response is buffered, and
+//!    kept in the store if [`replay`](HttpCoalesceLayer::replay) asks for it.
+//! 4. **Answer.** Every caller gets its copy, a replay, or the layer's own answer: an RFC
+//!    9457 problem+json response (`400` for a missing key under
+//!    [`require_key`](HttpCoalesceLayer::require_key), `409`, `413`, `422`, `503`), so
+//!    that the error type stays the inner service's: `Infallible` for axum.
+//!
+//! [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer) (feature `idempotency`) is the
+//! same engine with strict defaults: a required `Idempotency-Key`, `422` for a reused key,
+//! and 24 hours of replay.
 //!
 //! # Example
 //!
-//! Concurrent `POST /api/clients` with the same `Idempotency-Key`, from the same user,
-//! create the client once; every one of them gets the same `201`:
+//! Concurrent `POST /api/clients` with the same client id in their JSON body, from the same
+//! user, create the client once; every one of them gets the same `201`:
 //!
 //! ```
 //! use axum::{Router, routing::post};
 //! use tower_coalesce::http::{HttpCoalesceLayer, key};
 //!
-//! async fn create_client() -> (http::StatusCode, &'static str) {
+//! async fn create_client(body: String) -> (http::StatusCode, String) {
 //!     // look the client up, insert it if it is missing...
-//!     (http::StatusCode::CREATED, r#"{"id":"c-1"}"#)
+//!     (http::StatusCode::CREATED, body)
 //! }
 //!
 //! let app: Router = Router::new()
 //!     .route("/api/clients", post(create_client))
-//!     .layer(HttpCoalesceLayer::new(key::idempotency_key()));
+//!     .layer(HttpCoalesceLayer::new(key::json("/id")));
 //! ```
 //!
 //! And configured: keyed by a client id header, refusing requests without it, scoped by an
@@ -44,7 +56,7 @@
 //!
 //! ```
 //! use tower::ServiceBuilder;
-//! use tower_coalesce::http::{HttpCoalesceLayer, Role, key, scope};
+//! use tower_coalesce::http::{HttpCoalesceLayer, RequestBody, Role, key, scope};
 //! # use std::convert::Infallible;
 //! # use http::{Request, Response};
 //! # use http_body_util::{BodyExt, Full};
@@ -62,7 +74,7 @@
 //!
 //! let mut svc = ServiceBuilder::new()
 //!     .layer(layer)
-//!     .service_fn(|_req: Request<Full<Bytes>>| async {
+//!     .service_fn(|_req: Request<RequestBody<Full<Bytes>>>| async {
 //!         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("created"))))
 //!     });
 //!
@@ -92,6 +104,17 @@
 //! flight ends when its response body has been read to the end (or to the limit), so the
 //! body is read once, whatever happens to the leader's connection.
 //!
+//! Requests with one key and different fingerprints run one after another, never at once
+//! (or the later ones get `422`, under [`OnMismatch::Reject`]): two different updates of one
+//! record are both applied, in turn.
+//!
+//! # What it costs
+//!
+//! Keyed request bodies are read into memory before the inner service is called (that is
+//! how different bodies are told apart), and the fingerprint is a SHA-256 of them. For
+//! upload or streaming routes, leave them without a key: see
+//! [`HttpCoalesceLayer`]'s docs.
+//!
 //! # Waiting under control
 //!
 //! By default a duplicate waits for its flight however long it runs, with however many
@@ -102,6 +125,15 @@
 //! ([`Fallback`]); and a response can be kept from being shared ([`DoNotShare`],
 //! [`share_when`](HttpCoalesceLayer::share_when)).
 //!
+//! # A key that is never there
+//!
+//! A keyed layer that sees requests without a key counts them
+//! ([`Metrics::requests_without_key`]) and logs the first one at `WARN`. The two usual
+//! causes: a key read from an extension that a layer *inside* this one inserts (axum applies
+//! `.layer` calls outside-in: the last one added runs first), and a
+//! [`key::path_param`] pattern under `Router::nest`, which sees the path without the nest's
+//! prefix. [`require_key(true)`](HttpCoalesceLayer::require_key) turns both into `400`s.
+//!
 //! # Observability
 //!
 //! With `tracing` at `DEBUG`, each flight runs in a `coalesce_flight` span, and the layer
@@ -109,21 +141,29 @@
 //! so logs name a key by a hash of it, seeded per process. [`Metrics`] counts the same events.
 
 pub(crate) mod body;
+pub(crate) mod engine;
 pub mod error;
 pub(crate) mod flown;
 pub mod future;
 pub mod key;
 mod layer;
+pub mod lease;
 mod metrics;
 pub mod policy;
 pub(crate) mod problem;
 mod role;
 pub mod scope;
 mod service;
+pub mod store;
 
 pub use self::body::ResponseBody;
-pub use self::layer::{DEFAULT_BODY_LIMIT, HttpCoalesceLayer};
+pub use self::layer::{DEFAULT_BODY_LIMIT, DEFAULT_HANDOVER, HttpCoalesceLayer};
 pub use self::metrics::Metrics;
-pub use self::policy::{DoNotShare, Fallback, OnDuplicate, Unshared};
+pub use self::policy::{DoNotShare, Fallback, OnDuplicate, OnMismatch, OnStoreError, Unshared};
 pub use self::role::Role;
 pub use self::service::HttpCoalesce;
+
+/// The request body the inner service receives: a keyed request's body, read by the layer
+/// (`Either::Left`), or the body of a request passed through unread (`Either::Right`). Both
+/// are `http_body::Body`s with `Bytes` data, as axum handlers and routers accept.
+pub type RequestBody<B> = http_body_util::Either<http_body_util::Full<bytes::Bytes>, B>;

@@ -23,6 +23,27 @@ pub enum OnDuplicate {
     PassThrough,
 }
 
+/// What a request does when a flight for its key (and scope) is running for a *different*
+/// request: another method, path, query or body. See
+/// [`HttpCoalesceLayer::on_mismatch`](super::HttpCoalesceLayer::on_mismatch).
+///
+/// A caller never receives the response to a request other than its own, whichever is
+/// chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnMismatch {
+    /// Wait for the running flight to end, then run (or join a flight of the same
+    /// request): requests with one key run one after another, never at once, so that two
+    /// different updates of one record are both applied, in the order they got their turn.
+    /// The default of [`HttpCoalesceLayer`](super::HttpCoalesceLayer).
+    #[default]
+    Queue,
+    /// Answer `422 Unprocessable Content` at once, with a problem+json body saying that the
+    /// key was used for another request: the IETF Idempotency-Key draft's answer, and the
+    /// default of [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer).
+    Reject,
+}
+
 /// What a follower gets when it stops waiting: after the
 /// [wait timeout](super::HttpCoalesceLayer::follower_timeout), or at once when the flight
 /// has [as many followers as allowed](super::HttpCoalesceLayer::max_followers).
@@ -46,6 +67,25 @@ pub enum Unshared {
     Concurrently,
     /// The followers call the inner service one after another.
     OneAfterAnother,
+}
+
+/// What a request does when the store fails or times out (Redis down or slow).
+///
+/// Whichever is chosen, no request waits longer than the store's own timeouts, and a store
+/// that fails while the response is being stored doesn't lose the response: the callers
+/// get it, and only the replay is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnStoreError {
+    /// Log a warning and run the request as if nothing were stored and no other instance
+    /// ran it: requests still coalesce within this instance, but an instance no longer
+    /// sees the others' flights, and a retry of a completed request runs again. The
+    /// default: the store is an optimisation of availability, not a dependency of it.
+    #[default]
+    FailOpen,
+    /// Answer `503 Service Unavailable` with `Retry-After: 1` and a problem+json body, and
+    /// don't run the request: for operations where running twice is worse than not at all.
+    FailClosed,
 }
 
 /// A response extension that keeps a response from being shared.

@@ -16,6 +16,49 @@ pub(crate) fn key_required<B>() -> Response<ResponseBody<B>> {
     )
 }
 
+/// `400`: a present key header that is malformed or repeated, or a missing one under
+/// `require_key`, named.
+pub(crate) fn bad_key_header<B>(
+    header: &http::HeaderName,
+    what: &str,
+) -> Response<ResponseBody<B>> {
+    let detail = format!("The {header} header {what}.");
+    problem(
+        StatusCode::BAD_REQUEST,
+        "Coalescing key missing or malformed",
+        &detail,
+    )
+}
+
+/// `422`: the key is in use by, or was used for, another request.
+pub(crate) fn key_reused<B>() -> Response<ResponseBody<B>> {
+    problem(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Key reused for another request",
+        "This key belongs to a request with another method, path, query or body, in \
+         progress or completed. Use a new key for a new request.",
+    )
+}
+
+/// `413`: the request body is over the limit the layer reads to key or fingerprint it.
+pub(crate) fn request_too_large<B>() -> Response<ResponseBody<B>> {
+    problem(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Request body too large",
+        "The body of a keyed request is read to tell it apart from other requests with the \
+         same key, and this one is larger than the limit.",
+    )
+}
+
+/// `400`: the request body failed part-way.
+pub(crate) fn request_unreadable<B>() -> Response<ResponseBody<B>> {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "Request body unreadable",
+        "The request body could not be read to the end.",
+    )
+}
+
 /// `503`: the flight's response was over the body limit, so only its leader received it.
 pub(crate) fn too_large_to_share<B>() -> Response<ResponseBody<B>> {
     retry_soon(problem(

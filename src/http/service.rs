@@ -1,40 +1,42 @@
 use std::any;
 use std::fmt;
-use std::future::Future;
-use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::OnceLock;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
+use http_body_util::Either;
 use tower::Service;
-use tower::util::Oneshot;
-use tracing::Instrument;
 
+use super::HttpCoalesceLayer;
 use super::body::ResponseBody;
+use super::engine::{self, Engine, InnerRequest};
 use super::error::ShareError;
-use super::flown::{self, Flown};
-use super::future::{FlightKey, Own, ResponseFuture, Watch};
-use super::layer::Config;
-use super::metrics::Metrics;
-use super::policy::{Fallback, OnDuplicate, Unshared};
+use super::future::ResponseFuture;
+use super::key::EncodeKey;
 use super::scope::DefaultScope;
-use super::{HttpCoalesceLayer, problem};
+use super::store::{IdempotencyStore, NoStore};
 use crate::BoxError;
 use crate::coalesce::MakeKey;
-use crate::single_flight::LazyGroup;
 
-/// Middleware that runs an HTTP service once for concurrent requests with equal keys and
-/// equal scopes, buffers the response once, and gives every caller its own copy.
+/// Middleware that runs an HTTP service once for concurrent identical requests, buffers
+/// the response once, and gives every caller its own copy.
 ///
-/// Every caller of a flight receives a `Response` with the same status, version, headers,
+/// Requests are identical when their keys and scopes are equal and their method, path,
+/// query and body are too (their *fingerprint*): requests with one key and different
+/// fingerprints never share a response (see [`OnMismatch`](super::OnMismatch)). Every
+/// caller of a flight receives a `Response` with the same status, version, headers,
 /// extensions and trailers, and the same body bytes (not copied: `Bytes` clones). The
 /// response's [`Role`](super::Role) extension says whether its caller led or followed.
 ///
-/// - Requests without a key pass through to the inner service untouched, or get a `400`
-///   under [`require_key`](HttpCoalesceLayer::require_key).
+/// - Requests without a key pass through to the inner service untouched and unread, or
+///   get a `400` under [`require_key`](HttpCoalesceLayer::require_key).
+/// - A keyed request's body is read (up to the
+///   [request body limit](HttpCoalesceLayer::request_body_limit), else `413`), and the inner
+///   service receives it buffered: it takes `Request<Either<Full<Bytes>, ReqB>>`, which
+///   axum routers and handlers accept as any other body.
 /// - A response body over the [limit](HttpCoalesceLayer::body_limit) goes whole to the
 ///   leader; followers get a `503` problem response.
 /// - An error of the inner service reaches every caller of the flight through
@@ -51,8 +53,9 @@ use crate::single_flight::LazyGroup;
 ///
 /// Dropping a response future (a client that disconnects) leaves its flight; the inner
 /// call goes on for the callers that still wait, whoever started it, and is dropped with
-/// the last of them. The body is buffered inside the flight, so a follower is served even
-/// if the leader's client is gone.
+/// the last of them (unless [`finish_abandoned`](HttpCoalesceLayer::finish_abandoned)).
+/// The body is buffered inside the flight, so a follower is served even if the leader's
+/// client is gone.
 ///
 /// # Panics
 ///
@@ -60,19 +63,10 @@ use crate::single_flight::LazyGroup;
 /// tower-http's `CatchPanicLayer`, placed above this layer, turns into a `500` for each);
 /// the next request with the key starts a fresh flight.
 ///
-/// One `HttpCoalesce` serves one request body type and one response body type: calling it
-/// with a second one panics.
-///
 /// See the [module docs](crate::http) for an example.
-#[derive(Clone)]
-pub struct HttpCoalesce<S, K, I = DefaultScope> {
-    pub(crate) inner: S,
-    pub(crate) make_key: K,
-    pub(crate) scope: I,
-    pub(crate) config: Config,
-    pub(crate) metrics: Metrics,
-    // Typed by the first request; shared by all clones and by the layer.
-    pub(crate) flights: LazyGroup,
+pub struct HttpCoalesce<S, K, I = DefaultScope, St = NoStore> {
+    inner: S,
+    engine: Arc<Engine<K, I, St>>,
 }
 
 impl<S, K> HttpCoalesce<S, K> {
@@ -80,7 +74,7 @@ impl<S, K> HttpCoalesce<S, K> {
     /// of [`HttpCoalesceLayer::new`]. The new service has a registry of its own, shared
     /// with its clones only.
     pub fn new(inner: S, make_key: K) -> Self {
-        HttpCoalesceLayer::new(make_key).into_service(inner)
+        Self::from_engine(inner, HttpCoalesceLayer::new(make_key).engine)
     }
 
     /// Returns a new [`Layer`](tower::Layer) that wraps services with an `HttpCoalesce`.
@@ -89,32 +83,49 @@ impl<S, K> HttpCoalesce<S, K> {
     }
 }
 
-impl<S, K, I> HttpCoalesce<S, K, I> {
+impl<S, K, I, St> HttpCoalesce<S, K, I, St> {
+    pub(crate) fn from_engine(inner: S, engine: Engine<K, I, St>) -> Self {
+        HttpCoalesce {
+            inner,
+            engine: Arc::new(engine),
+        }
+    }
+
     define_inner_service_accessors!();
 
     /// The counters of this service, shared with the layer that built it.
-    pub fn metrics(&self) -> Metrics {
-        self.metrics.clone()
+    pub fn metrics(&self) -> super::Metrics {
+        self.engine.metrics.clone()
     }
 }
 
-/// The value a flight shares.
-pub(crate) type FlightResult<ResB, E> = Result<Flown<ResB>, std::sync::Arc<E>>;
+impl<S: Clone, K, I, St> Clone for HttpCoalesce<S, K, I, St> {
+    fn clone(&self) -> Self {
+        HttpCoalesce {
+            inner: self.inner.clone(),
+            engine: self.engine.clone(),
+        }
+    }
+}
 
-impl<S, K, I, ReqB, ResB> Service<Request<ReqB>> for HttpCoalesce<S, K, I>
+impl<S, K, I, St, ReqB, ResB> Service<Request<ReqB>> for HttpCoalesce<S, K, I, St>
 where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: ShareError,
-    K: MakeKey<Parts>,
-    I: MakeKey<Parts>,
-    ReqB: Send + 'static,
+    K: MakeKey<Parts> + Send + Sync + 'static,
+    K::Key: EncodeKey,
+    I: MakeKey<Parts> + Send + Sync + 'static,
+    I::Key: EncodeKey,
+    St: IdempotencyStore,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S, ReqB, ResB, FlightKey<I::Key, K::Key>>;
+    type Future = ResponseFuture<S, ReqB, ResB>;
 
     #[inline]
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -124,149 +135,38 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        // `self.inner` was never polled ready, so a clone of it is as good as the original.
+        let inner = self.inner.clone();
         let (parts, body) = req.into_parts();
-        let key = self
-            .make_key
-            .make_key(&parts)
-            .map(|key| FlightKey::new(self.scope.make_key(&parts), &parts, key));
-        let req = Request::from_parts(parts, body);
-
-        let Some(key) = key else {
-            if self.config.require_key {
-                self.metrics.key_missing();
-                tracing::debug!("request without a coalescing key refused");
-                return ResponseFuture::answered(problem::key_required());
-            }
-            // `self.inner` was never polled ready, so a clone of it is as good as the original.
-            return ResponseFuture::direct(Oneshot::new(self.inner.clone(), req));
-        };
-
-        // Keys carry user ids: logs get a hash, and only when someone reads them.
-        let key_hash = tracing::enabled!(tracing::Level::DEBUG).then(|| KeyHash::of(&key));
-        let config = &self.config;
-        let metrics = &self.metrics;
-        let inner = &self.inner;
-        // The request goes into the flight if this caller leads it; a follower keeps it, to
-        // call the inner service itself should it stop waiting.
-        let mut request = Some(req);
-        let run = self
-            .flights
-            .get::<FlightKey<I::Key, K::Key>, FlightResult<ResB, S::Error>>()
-            .run(key, || {
-                metrics.flight_started();
-                let req = request.take().expect("the flight is made once");
-                flight(inner.clone(), req, config, metrics.clone(), key_hash)
-            });
-        // Made only for a caller that waits: one turned away is not counted as cancelled.
-        let watch = || Watch {
-            role_header: config.role_header,
-            metrics: metrics.clone(),
-            key_hash,
-            done: false,
-        };
-        let Some(request) = request else {
-            return ResponseFuture::coalesced(run, watch(), None, None);
-        };
-
-        // A follower.
-        match config.on_duplicate {
-            OnDuplicate::Share => {}
-            OnDuplicate::Conflict => {
-                metrics.duplicate_refused();
-                return ResponseFuture::answered(problem::in_progress());
-            }
-            OnDuplicate::PassThrough => {
-                metrics.duplicate_passed_through();
-                return ResponseFuture::own(inner.clone(), request, config.role_header);
-            }
-        }
-        // `waiters` counts this caller, and the leader while it waits.
-        if config
-            .max_followers
-            .is_some_and(|max| run.waiters() > max + 1)
-        {
-            metrics.follower_shed();
-            tracing::debug!(key = key_hash.map(|h| h.0), "follower turned away");
-            return match config.fallback {
-                Fallback::ServiceUnavailable => {
-                    ResponseFuture::answered(problem::gave_up_waiting())
+        // A key from the head is made here, so that requests without one pass through
+        // unread; a key from the body is made once the engine has read it.
+        let key = if self.engine.make_key.reads_body() {
+            None
+        } else {
+            match self.engine.make_key.make_key(&parts) {
+                Some(key) => Some(key),
+                None => {
+                    return match self.engine.without_key() {
+                        Some(refusal) => ResponseFuture::answered(refusal),
+                        None => ResponseFuture::direct(
+                            inner,
+                            Request::from_parts(parts, Either::Right(body)),
+                        ),
+                    };
                 }
-                Fallback::PassThrough => {
-                    ResponseFuture::own(inner.clone(), request, config.role_header)
-                }
-            };
-        }
-        metrics.caller_joined();
-        tracing::debug!(key = key_hash.map(|h| h.0), "caller joined flight");
-        let own = Own {
-            inner: inner.clone(),
-            request,
-            fallback: config.fallback,
+            }
         };
-        let deadline = config
-            .follower_timeout
-            .map(|timeout| Box::pin(tokio::time::sleep(timeout)));
-        ResponseFuture::coalesced(run, watch(), Some(own), deadline)
+        ResponseFuture::keyed(Box::pin(engine::serve(
+            inner,
+            self.engine.clone(),
+            parts,
+            body,
+            key,
+        )))
     }
 }
 
-/// The work of a flight: the leader's call, then its response buffered to be shared, or
-/// kept for the leader alone.
-fn flight<S, ReqB, ResB>(
-    inner: S,
-    req: Request<ReqB>,
-    config: &Config,
-    metrics: Metrics,
-    key_hash: Option<KeyHash>,
-) -> impl Future<Output = FlightResult<ResB, S::Error>> + Send + 'static
-where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + Sync + 'static,
-    ReqB: Send + 'static,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    let span = tracing::debug_span!("coalesce_flight", key = key_hash.map(|h| h.0));
-    let (limit, share) = (config.body_limit, config.share.clone());
-    let one_at_a_time = config.unshared == Unshared::OneAfterAnother;
-    let call = Oneshot::new(inner, req);
-    async move {
-        tracing::debug!("flight started");
-        let result = match call.await {
-            Ok(response) => {
-                let (parts, body) = response.into_parts();
-                let shareable = share.allows(&parts);
-                let response = Response::from_parts(parts, body);
-                if shareable {
-                    Ok(flown::collect(response, limit, &metrics).await)
-                } else {
-                    metrics.response_not_shared();
-                    tracing::debug!("response not to be shared; followers run on their own");
-                    Ok(Flown::unshared(response, one_at_a_time))
-                }
-            }
-            Err(error) => Err(std::sync::Arc::new(error)),
-        };
-        tracing::debug!(ok = result.is_ok(), "flight completed");
-        result
-    }
-    .instrument(span)
-}
-
-/// A hash of a flight key for logs, with a per-process random seed so that a logged hash
-/// can't be matched against hashes of guessed ids.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct KeyHash(pub(crate) u64);
-
-impl KeyHash {
-    fn of<T: Hash>(key: &T) -> Self {
-        static SEED: OnceLock<RandomState> = OnceLock::new();
-        KeyHash(SEED.get_or_init(RandomState::new).hash_one(key))
-    }
-}
-
-impl<S, K, I> fmt::Debug for HttpCoalesce<S, K, I>
+impl<S, K, I, St> fmt::Debug for HttpCoalesce<S, K, I, St>
 where
     S: fmt::Debug,
 {
@@ -274,8 +174,7 @@ where
         f.debug_struct("HttpCoalesce")
             .field("inner", &self.inner)
             .field("make_key", &any::type_name::<K>())
-            .field("scope", &any::type_name::<I>())
-            .field("config", &self.config)
+            .field("engine", &self.engine)
             .finish()
     }
 }

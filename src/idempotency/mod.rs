@@ -63,11 +63,14 @@
 //! A store that fails or times out is logged, and then the request runs anyway (the
 //! default) or gets `503`: see [`OnStoreError`].
 
-pub mod future;
 mod layer;
 pub mod lease;
-mod service;
 pub mod store;
 
-pub use self::layer::{IdempotencyLayer, OnStoreError};
-pub use self::service::Idempotency;
+pub use self::layer::{DEFAULT_TTL, IdempotencyLayer};
+pub use crate::http::OnStoreError;
+
+/// The service [`IdempotencyLayer`] builds: [`HttpCoalesce`](crate::http::HttpCoalesce)
+/// keyed by the idempotency key header.
+pub type Idempotency<S, I = crate::http::scope::DefaultScope, St = store::MemoryStore> =
+    crate::http::HttpCoalesce<S, crate::http::key::HeaderKey, I, St>;

@@ -94,7 +94,11 @@ where
                     .try_join_if(|followers| admit(occupied.key(), followers));
                 match joined {
                     Join::Joined(waiter) => {
-                        return Some(Run::new(occupied.get().clone(), self.flights.clone(), waiter));
+                        return Some(Run::new(
+                            occupied.get().clone(),
+                            self.flights.clone(),
+                            waiter,
+                        ));
                     }
                     Join::Refused => return None,
                     Join::Ended => {}

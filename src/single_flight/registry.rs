@@ -32,7 +32,10 @@ impl LazyGroup {
         K: Hash + Eq + Clone + Send + Sync + 'static,
         T: Clone + Send + 'static,
     {
-        let first = self.groups.first.get_or_init(|| Box::new(Group::<K, T>::new()));
+        let first = self
+            .groups
+            .first
+            .get_or_init(|| Box::new(Group::<K, T>::new()));
         if let Some(group) = first.downcast_ref::<Group<K, T>>() {
             return group.clone();
         }
@@ -66,7 +69,9 @@ mod tests {
     async fn two_request_types_get_two_groups_and_no_panic() {
         let groups = LazyGroup::default();
         let a = groups.get::<u32, u8>().run(1, || async { 1u8 });
-        let b = groups.get::<u32, String>().run(1, || async { "b".to_owned() });
+        let b = groups
+            .get::<u32, String>()
+            .run(1, || async { "b".to_owned() });
         // The same key in the other group is another flight: both lead.
         assert!(a.is_leader() && b.is_leader());
         assert_eq!(a.await.into_value(), 1);

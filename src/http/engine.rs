@@ -1,0 +1,866 @@
+//! The one engine behind [`HttpCoalesceLayer`](super::HttpCoalesceLayer) and
+//! [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer), read top to bottom:
+//!
+//! 1. **admit** ([`serve`]): read the body (up to the request body limit), make the key,
+//!    the scope and the fingerprint of what the request asks for;
+//! 2. **join or lead** ([`join_or_lead`]): decide, before joining, whether this caller may
+//!    wait on the flight running for its key (same request, policies, follower cap); a
+//!    different request waits for that flight to end, then tries again;
+//! 3. **run** ([`fly`], the leader's flight): look the key up in the store and take its
+//!    lease when there is a store, call the inner service, buffer the response, keep it;
+//! 4. **answer** ([`answer`]): every caller of the flight gets its copy, a replay, or the
+//!    layer's own problem response.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::panic;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use tokio::time::Instant;
+use tower::{Service, ServiceExt};
+use tracing::Instrument;
+
+use super::body::ResponseBody;
+use super::error::ShareError;
+use super::flown::{self, Flown};
+use super::key::BufferedBody;
+use super::lease::{Lease, LeaseGuard};
+use super::metrics::Metrics;
+use super::policy::{Fallback, OnDuplicate, OnMismatch, OnStoreError, SharePredicate, Unshared};
+use super::store::{Fingerprint, IdempotencyStore, StoreKey, StoredResponse};
+use super::{DEFAULT_BODY_LIMIT, DEFAULT_HANDOVER, Role, problem};
+use crate::BoxError;
+use crate::coalesce::MakeKey;
+use crate::single_flight::{LazyGroup, Outcome};
+
+/// The request the inner service receives: the buffered body of a keyed request, or the
+/// untouched body of a request passed through.
+pub(crate) type InnerRequest<B> = Request<Either<Full<Bytes>, B>>;
+
+/// What a layer is made of; every service it builds shares it behind an `Arc`.
+#[derive(Clone)]
+pub(crate) struct Engine<K, I, St> {
+    pub(crate) make_key: K,
+    pub(crate) scope: I,
+    pub(crate) store: St,
+    pub(crate) config: Config,
+    pub(crate) metrics: Metrics,
+    pub(crate) flights: LazyGroup,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) body_limit: usize,
+    pub(crate) request_body_limit: usize,
+    pub(crate) require_key: bool,
+    pub(crate) role_header: bool,
+    pub(crate) on_duplicate: OnDuplicate,
+    pub(crate) on_mismatch: OnMismatch,
+    pub(crate) follower_timeout: Option<Duration>,
+    pub(crate) max_followers: Option<usize>,
+    pub(crate) fallback: Fallback,
+    pub(crate) share: SharePredicate,
+    pub(crate) unshared: Unshared,
+    /// Whether a store was given: only then are store keys made and the store asked.
+    pub(crate) has_store: bool,
+    pub(crate) replay: Option<Duration>,
+    pub(crate) handover: Duration,
+    pub(crate) finish_abandoned: bool,
+    pub(crate) on_store_error: OnStoreError,
+    /// The header the key is read from, to name it in a `400`, when it is one header.
+    pub(crate) key_header: Option<HeaderName>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            body_limit: DEFAULT_BODY_LIMIT,
+            request_body_limit: DEFAULT_BODY_LIMIT,
+            require_key: false,
+            role_header: false,
+            on_duplicate: OnDuplicate::Share,
+            on_mismatch: OnMismatch::Queue,
+            follower_timeout: None,
+            max_followers: None,
+            fallback: Fallback::ServiceUnavailable,
+            share: SharePredicate::default_marker(),
+            unshared: Unshared::Concurrently,
+            has_store: false,
+            replay: None,
+            handover: DEFAULT_HANDOVER,
+            finish_abandoned: false,
+            on_store_error: OnStoreError::FailOpen,
+            key_header: None,
+        }
+    }
+}
+
+impl<K, I, St> Engine<K, I, St> {
+    pub(crate) fn new(make_key: K, scope: I, store: St, config: Config) -> Self {
+        Engine {
+            make_key,
+            scope,
+            store,
+            config,
+            metrics: Metrics::default(),
+            flights: LazyGroup::default(),
+        }
+    }
+
+    pub(crate) fn with_scope<I2>(self, scope: I2) -> Engine<K, I2, St> {
+        Engine::new(self.make_key, scope, self.store, self.config).sharing(self.metrics)
+    }
+
+    pub(crate) fn with_store<St2>(self, store: St2) -> Engine<K, I, St2> {
+        let config = Config {
+            has_store: true,
+            ..self.config
+        };
+        Engine::new(self.make_key, self.scope, store, config).sharing(self.metrics)
+    }
+
+    /// Keeps the counters already handed out by `metrics()`. The registry is made anew: its
+    /// flights are typed by the key.
+    fn sharing(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// A request whose key maker found no key: counted, logged (loudly the first time: on a
+    /// route where every request has a key, it means the key is read from the wrong
+    /// place), and refused under `require_key`, else passed through.
+    pub(crate) fn without_key<B>(&self) -> Option<Response<ResponseBody<B>>> {
+        if self.metrics.request_without_key() {
+            tracing::warn!(
+                "a request reached the coalescing layer without a key and was {}; if every \
+                 request here should have one, check that the layer that provides it (auth, \
+                 an extension) runs before this one (axum applies `.layer` calls outside-in) \
+                 and that path patterns include the prefix of a `Router::nest`",
+                if self.config.require_key {
+                    "refused with 400"
+                } else {
+                    "passed through"
+                }
+            );
+        } else {
+            tracing::debug!("request without a coalescing key");
+        }
+        self.config.require_key.then(|| {
+            self.metrics.key_missing();
+            match &self.config.key_header {
+                Some(header) => problem::bad_key_header(
+                    header,
+                    "is missing, repeated, empty, longer than 255 bytes or not visible ASCII, \
+                     and this route requires it",
+                ),
+                None => problem::key_required(),
+            }
+        })
+    }
+}
+
+impl<K, I, St> fmt::Debug for Engine<K, I, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("make_key", &std::any::type_name::<K>())
+            .field("scope", &std::any::type_name::<I>())
+            .field("store", &std::any::type_name::<St>())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// The key of a flight in the registry: the caller's scope and the request's key. The
+/// fingerprint of the leader's request rides along so that a caller can tell, before it
+/// joins, whether the running flight is its own request; `Eq` and `Hash` ignore it, so that
+/// one key has one flight at a time, whatever the request.
+#[derive(Debug, Clone)]
+pub(crate) struct FlightKey<Scope, Key> {
+    scope: Option<Scope>,
+    key: Key,
+    fingerprint: Fingerprint,
+}
+
+impl<Scope: PartialEq, Key: PartialEq> PartialEq for FlightKey<Scope, Key> {
+    fn eq(&self, other: &Self) -> bool {
+        self.scope == other.scope && self.key == other.key
+    }
+}
+
+impl<Scope: Eq, Key: Eq> Eq for FlightKey<Scope, Key> {}
+
+impl<Scope: Hash, Key: Hash> Hash for FlightKey<Scope, Key> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.scope.hash(state);
+        self.key.hash(state);
+    }
+}
+
+/// What a flight shares: a response it produced, one it found stored, or why it ran
+/// nothing.
+pub(crate) enum Done<B> {
+    Fresh(Flown<B>),
+    Stored(Arc<StoredResponse>),
+    /// Another instance runs the key, under `OnDuplicate::Conflict`.
+    InProgress,
+    /// Another instance ran the key for longer than the follower timeout.
+    GaveUp,
+    /// The store failed, under `OnStoreError::FailClosed`.
+    Unavailable,
+}
+
+impl<B> Clone for Done<B> {
+    fn clone(&self) -> Self {
+        match self {
+            Done::Fresh(flown) => Done::Fresh(flown.clone()),
+            Done::Stored(stored) => Done::Stored(stored.clone()),
+            Done::InProgress => Done::InProgress,
+            Done::GaveUp => Done::GaveUp,
+            Done::Unavailable => Done::Unavailable,
+        }
+    }
+}
+
+pub(crate) type FlightResult<B, E> = Result<Done<B>, Arc<E>>;
+
+type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+// ===== 1. Admit =====
+
+/// Serves a request that has a key, or whose key is in its body.
+pub(crate) async fn serve<S, K, I, St, ReqB, ResB>(
+    inner: S,
+    engine: Arc<Engine<K, I, St>>,
+    mut parts: Parts,
+    body: ReqB,
+    key: Option<K::Key>,
+) -> Answer<ResB, S::Error>
+where
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: ShareError,
+    K: MakeKey<Parts> + Send + Sync + 'static,
+    K::Key: super::key::EncodeKey,
+    I: MakeKey<Parts> + Send + Sync + 'static,
+    I::Key: super::key::EncodeKey,
+    St: IdempotencyStore,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let bytes = match read_body(&parts, body, engine.config.request_body_limit).await {
+        Ok(bytes) => bytes,
+        Err(refusal) => return Ok(refusal),
+    };
+    let key = match key {
+        Some(key) => key,
+        None => {
+            parts.extensions.insert(BufferedBody(bytes.clone()));
+            let key = engine.make_key.make_key(&parts);
+            parts.extensions.remove::<BufferedBody>();
+            match key {
+                Some(key) => key,
+                None => {
+                    if let Some(refusal) = engine.without_key() {
+                        return Ok(refusal);
+                    }
+                    let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
+                    return Ok(inner.oneshot(req).await?.map(ResponseBody::inner));
+                }
+            }
+        }
+    };
+    let scope = engine.scope.make_key(&parts);
+    let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &bytes);
+    let store_key = engine
+        .config
+        .has_store
+        .then(|| StoreKey::new(scope.as_ref(), &key));
+    let flight_key = FlightKey {
+        scope,
+        key,
+        fingerprint,
+    };
+    // Keys carry user ids: logs get a hash, and only when someone reads them.
+    let key_hash = tracing::enabled!(tracing::Level::DEBUG).then(|| KeyHash::of(&flight_key));
+    let request = Request::from_parts(parts, Either::Left(Full::new(bytes)));
+    let admitted = Admitted {
+        flight_key,
+        store_key,
+        key_hash,
+        request: Some(request),
+    };
+    join_or_lead(inner, engine, admitted).await
+}
+
+/// Reads a keyed request's body, refusing one over `limit` before reading it when its size
+/// is declared.
+async fn read_body<B, R>(
+    parts: &Parts,
+    body: B,
+    limit: usize,
+) -> Result<Bytes, Response<ResponseBody<R>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let limit_u64 = limit as u64;
+    if body.size_hint().lower() > limit_u64 || declared.is_some_and(|len| len > limit_u64) {
+        return Err(problem::request_too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(problem::request_too_large()),
+        Err(_) => Err(problem::request_unreadable()),
+    }
+}
+
+struct Admitted<Scope, Key, ReqB> {
+    flight_key: FlightKey<Scope, Key>,
+    store_key: Option<StoreKey>,
+    key_hash: Option<KeyHash>,
+    /// Until this caller leads a flight (the request goes into it) or runs on its own.
+    request: Option<InnerRequest<ReqB>>,
+}
+
+// ===== 2. Join or lead =====
+
+/// Why a caller was not admitted to the running flight of its key.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    /// Another request's flight, under `OnMismatch::Reject`.
+    Mismatch,
+    Conflict,
+    PassThrough,
+    /// The follower cap.
+    Shed,
+}
+
+fn admission(config: &Config, mismatched: bool, followers: usize) -> Option<Refusal> {
+    let capped = || {
+        config
+            .max_followers
+            .is_some_and(|max| followers >= max)
+            .then_some(Refusal::Shed)
+    };
+    if mismatched {
+        return match config.on_mismatch {
+            OnMismatch::Reject => Some(Refusal::Mismatch),
+            _ => capped(),
+        };
+    }
+    match config.on_duplicate {
+        OnDuplicate::Share => capped(),
+        OnDuplicate::Conflict => Some(Refusal::Conflict),
+        OnDuplicate::PassThrough => Some(Refusal::PassThrough),
+    }
+}
+
+async fn join_or_lead<S, K, I, St, ReqB, ResB>(
+    inner: S,
+    engine: Arc<Engine<K, I, St>>,
+    admitted: Admitted<I::Key, K::Key, ReqB>,
+) -> Answer<ResB, S::Error>
+where
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: ShareError,
+    K: MakeKey<Parts> + Send + Sync + 'static,
+    I: MakeKey<Parts> + Send + Sync + 'static,
+    St: IdempotencyStore,
+    ReqB: Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let Admitted {
+        flight_key,
+        store_key,
+        key_hash,
+        mut request,
+    } = admitted;
+    let fingerprint = flight_key.fingerprint;
+    let (config, metrics) = (&engine.config, &engine.metrics);
+    let group = engine
+        .flights
+        .get::<FlightKey<I::Key, K::Key>, FlightResult<ResB, S::Error>>();
+    // One deadline for the whole wait, turns of other requests included.
+    let deadline = config
+        .follower_timeout
+        .map(|timeout| Instant::now() + timeout);
+    let mut watch = None;
+    loop {
+        let (mut refusal, mut mismatched) = (None, false);
+        let run = group.run_if(
+            flight_key.clone(),
+            || {
+                let req = request.take().expect("a caller leads at most one flight");
+                fly(
+                    inner.clone(),
+                    engine.clone(),
+                    req,
+                    store_key.clone(),
+                    fingerprint,
+                    key_hash,
+                )
+            },
+            |running, followers| {
+                mismatched = running.fingerprint != fingerprint;
+                refusal = admission(config, mismatched, followers);
+                refusal.is_none()
+            },
+        );
+        let Some(run) = run else {
+            let refusal = refusal.expect("a caller is refused only by admission");
+            return refused(
+                refusal,
+                inner,
+                &engine,
+                request,
+                store_key,
+                fingerprint,
+                key_hash,
+            )
+            .await;
+        };
+        let leader = run.is_leader();
+        if mismatched {
+            metrics.mismatch_queued();
+            tracing::debug!(
+                key = key_hash.map(|h| h.0),
+                "waiting for another request's turn"
+            );
+        } else if !leader {
+            metrics.caller_joined();
+            tracing::debug!(key = key_hash.map(|h| h.0), "caller joined flight");
+        }
+        let watch = watch.get_or_insert_with(|| Watch {
+            metrics: metrics.clone(),
+            key_hash,
+            done: false,
+        });
+        let outcome = match deadline.filter(|_| !leader) {
+            None => run.await,
+            Some(deadline) => match tokio::time::timeout_at(deadline, run).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    // Dropping the wait left the flight, which goes on for the others.
+                    watch.done = true;
+                    metrics.follower_timed_out();
+                    tracing::debug!(key = key_hash.map(|h| h.0), "follower stopped waiting");
+                    return fall_back(config, inner, request).await;
+                }
+            },
+        };
+        if mismatched {
+            // That request's turn is over; this one's may have come.
+            continue;
+        }
+        watch.done = true;
+        return answer(outcome, inner, &engine, request, fingerprint).await;
+    }
+}
+
+async fn refused<S, K, I, St, ReqB, ResB>(
+    refusal: Refusal,
+    inner: S,
+    engine: &Engine<K, I, St>,
+    request: Option<InnerRequest<ReqB>>,
+    store_key: Option<StoreKey>,
+    fingerprint: Fingerprint,
+    key_hash: Option<KeyHash>,
+) -> Answer<ResB, S::Error>
+where
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>>,
+    St: IdempotencyStore,
+{
+    let (config, metrics) = (&engine.config, &engine.metrics);
+    match refusal {
+        Refusal::Mismatch => {
+            metrics.mismatch_rejected();
+            Ok(problem::key_reused())
+        }
+        Refusal::Conflict => {
+            // The flight may be only the lookup of a completed key (retries that arrived
+            // together): replay rather than refuse.
+            if let (Some(_), Some(key)) = (config.replay, &store_key) {
+                if let Ok(Some(stored)) = engine.store.get(key).await {
+                    if stored.fingerprint() == fingerprint {
+                        return Ok(replay(&stored, metrics));
+                    }
+                }
+            }
+            metrics.duplicate_refused();
+            Ok(problem::in_progress())
+        }
+        Refusal::PassThrough => {
+            metrics.duplicate_passed_through();
+            run_own(inner, request, config.role_header).await
+        }
+        Refusal::Shed => {
+            metrics.follower_shed();
+            tracing::debug!(key = key_hash.map(|h| h.0), "follower turned away");
+            fall_back(config, inner, request).await
+        }
+    }
+}
+
+/// What a follower gets when it stops waiting or is turned away: a `503`, or a call of its
+/// own.
+async fn fall_back<S, ReqB, ResB>(
+    config: &Config,
+    inner: S,
+    request: Option<InnerRequest<ReqB>>,
+) -> Answer<ResB, S::Error>
+where
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>>,
+{
+    match config.fallback {
+        Fallback::ServiceUnavailable => Ok(problem::gave_up_waiting()),
+        Fallback::PassThrough => run_own(inner, request, config.role_header).await,
+    }
+}
+
+/// A call of the inner service for this caller alone.
+async fn run_own<S, ReqB, ResB>(
+    inner: S,
+    request: Option<InnerRequest<ReqB>>,
+    role_header: bool,
+) -> Answer<ResB, S::Error>
+where
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>>,
+{
+    let request = request.expect("a caller that did not lead keeps its request");
+    let mut response = inner.oneshot(request).await?.map(ResponseBody::inner);
+    tag(&mut response, Role::Own, role_header);
+    Ok(response)
+}
+
+/// Counts and logs a keyed caller that leaves before its flight completes.
+struct Watch {
+    metrics: Metrics,
+    key_hash: Option<KeyHash>,
+    done: bool,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.caller_cancelled();
+            tracing::debug!(key = self.key_hash.map(|h| h.0), "caller cancelled");
+        }
+    }
+}
+
+// ===== 3. Run: the leader's flight =====
+
+/// The work of a flight, once per key and process: the stored response if there is one;
+/// else a run of the inner service (under the key's lease, with a shared store), whose
+/// response is buffered to be shared and kept before the flight completes.
+fn fly<S, K, I, St, ReqB, ResB>(
+    inner: S,
+    engine: Arc<Engine<K, I, St>>,
+    req: InnerRequest<ReqB>,
+    store_key: Option<StoreKey>,
+    fingerprint: Fingerprint,
+    key_hash: Option<KeyHash>,
+) -> impl Future<Output = FlightResult<ResB, S::Error>> + Send + 'static
+where
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + Sync + 'static,
+    K: Send + Sync + 'static,
+    I: Send + Sync + 'static,
+    St: IdempotencyStore,
+    ReqB: Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let span = tracing::debug_span!("coalesce_flight", key = key_hash.map(|h| h.0));
+    async move {
+        let lease = match &store_key {
+            None => None,
+            Some(key) => match take_lease(&engine, key, fingerprint).await {
+                Ok(lease) => lease,
+                Err(done) => return Ok(done),
+            },
+        };
+        engine.metrics.flight_started();
+        tracing::debug!("flight started");
+        let finish = engine.config.finish_abandoned;
+        let work = run_and_keep(inner, engine, req, store_key, lease, fingerprint);
+        let outcome = if finish {
+            // A task of its own outlives the callers: dropping the flight drops only the
+            // wait for it.
+            match tokio::spawn(work.in_current_span()).await {
+                Ok(outcome) => outcome,
+                Err(error) => match error.try_into_panic() {
+                    Ok(payload) => panic::resume_unwind(payload),
+                    Err(_) => panic!("the runtime shut down under a running flight"),
+                },
+            }
+        } else {
+            work.await
+        };
+        tracing::debug!(ok = outcome.is_ok(), "flight completed");
+        outcome.map(Done::Fresh)
+    }
+    .instrument(span)
+}
+
+async fn run_and_keep<S, K, I, St, ReqB, ResB>(
+    inner: S,
+    engine: Arc<Engine<K, I, St>>,
+    req: InnerRequest<ReqB>,
+    store_key: Option<StoreKey>,
+    lease: Option<LeaseGuard>,
+    fingerprint: Fingerprint,
+) -> Result<Flown<ResB>, Arc<S::Error>>
+where
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>>,
+    St: IdempotencyStore,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    let (config, metrics) = (&engine.config, &engine.metrics);
+    let outcome = match inner.oneshot(req).await {
+        Ok(response) => {
+            let (parts, body) = response.into_parts();
+            let shareable = config.share.allows(&parts);
+            let response = Response::from_parts(parts, body);
+            if shareable {
+                Ok(flown::collect(response, config.body_limit, metrics).await)
+            } else {
+                metrics.response_not_shared();
+                tracing::debug!("response not to be shared; followers run on their own");
+                let one_at_a_time = config.unshared == Unshared::OneAfterAnother;
+                Ok(Flown::unshared(response, one_at_a_time))
+            }
+        }
+        Err(error) => Err(Arc::new(error)),
+    };
+    // Kept before the lease is released and before the flight completes, so that a
+    // duplicate, here or on another instance, either waits for this flight or finds the
+    // response kept.
+    if let Some(key) = store_key {
+        keep(&engine, key, lease, outcome.as_ref().ok(), fingerprint).await;
+    }
+    outcome
+}
+
+/// Takes the key's lease (or finds its response), waiting while another instance holds it.
+/// `Ok` to run (holding the lease if the store has leases), `Err` to answer without running.
+async fn take_lease<K, I, St: IdempotencyStore, B>(
+    engine: &Engine<K, I, St>,
+    key: &StoreKey,
+    fingerprint: Fingerprint,
+) -> Result<Option<LeaseGuard>, Done<B>> {
+    let (store, config, metrics) = (&engine.store, &engine.config, &engine.metrics);
+    let started = std::time::Instant::now();
+    let mut waited = false;
+    loop {
+        let found = match store.lease(key).await {
+            Ok(Lease::Held(guard)) => return Ok(Some(guard)),
+            Ok(Lease::Stored(stored)) => stored,
+            // A store of one process keeps responses for replay only.
+            Ok(Lease::NotShared) if config.replay.is_none() => return Ok(None),
+            Ok(Lease::NotShared) => match store.get(key).await {
+                Ok(Some(stored)) => stored,
+                Ok(None) => return Ok(None),
+                Err(error) => return store_failed(&error, "lookup", engine),
+            },
+            Ok(Lease::HeldElsewhere) => {
+                if config.on_duplicate == OnDuplicate::Conflict {
+                    metrics.duplicate_refused();
+                    return Err(Done::InProgress);
+                }
+                if !waited {
+                    waited = true;
+                    metrics.flight_waiting_elsewhere();
+                }
+                let released = store.released(key);
+                match config.follower_timeout {
+                    None => released.await,
+                    Some(timeout) => {
+                        let left = timeout.saturating_sub(started.elapsed());
+                        if left.is_zero() || tokio::time::timeout(left, released).await.is_err() {
+                            metrics.follower_timed_out();
+                            return Err(Done::GaveUp);
+                        }
+                    }
+                }
+                continue;
+            }
+            Err(error) => return store_failed(&error, "lease", engine),
+        };
+        if found.fingerprint() != fingerprint && config.on_mismatch == OnMismatch::Queue {
+            // Another request's response: this one runs, and its response is kept instead.
+            // The store answered with the response rather than the lease, so this run holds
+            // none (see the `OnMismatch` docs).
+            return Ok(None);
+        }
+        return Err(Done::Stored(found));
+    }
+}
+
+fn store_failed<K, I, St, B>(
+    error: &BoxError,
+    call: &'static str,
+    engine: &Engine<K, I, St>,
+) -> Result<Option<LeaseGuard>, Done<B>> {
+    engine.metrics.store_error();
+    match engine.config.on_store_error {
+        OnStoreError::FailClosed => {
+            tracing::warn!(%error, call, "coalescing store failed; answering 503");
+            Err(Done::Unavailable)
+        }
+        _ => {
+            tracing::warn!(%error, call, "coalescing store failed; running the request");
+            Ok(None)
+        }
+    }
+}
+
+/// Keeps a completed response: for `replay`, or for the handover to instances that wait
+/// on the lease; then releases the lease.
+async fn keep<K, I, St: IdempotencyStore, B>(
+    engine: &Engine<K, I, St>,
+    key: StoreKey,
+    lease: Option<LeaseGuard>,
+    flown: Option<&Flown<B>>,
+    fingerprint: Fingerprint,
+) {
+    let config = &engine.config;
+    let ttl = config
+        .replay
+        .or_else(|| lease.is_some().then_some(config.handover));
+    let stored = ttl.and_then(|ttl| {
+        let stored = storable(flown?, fingerprint)?;
+        Some((Arc::new(stored), ttl))
+    });
+    let kept = match (lease, stored) {
+        (Some(lease), stored) => lease.complete(stored).await,
+        (None, Some((stored, ttl))) => engine.store.put(key, stored, ttl).await,
+        (None, None) => Ok(()),
+    };
+    if let Err(error) = kept {
+        engine.metrics.store_error();
+        tracing::warn!(%error, "keeping a response failed; a retry will run again");
+    }
+}
+
+/// A completed response as the store keeps it, unless the rules say not to keep it:
+/// server errors (so that a retry runs again), bodies over the limit or not shared, and
+/// bodies that ended in an error or with trailers.
+fn storable<B>(flown: &Flown<B>, fingerprint: Fingerprint) -> Option<StoredResponse> {
+    let Flown::Buffered(buffered) = flown else {
+        return None;
+    };
+    let parts = &buffered.parts;
+    if parts.status.is_server_error() || buffered.end.is_some() {
+        return None;
+    }
+    Some(StoredResponse::new(
+        parts.status,
+        parts.version,
+        parts.headers.clone(),
+        buffered.data.clone(),
+        fingerprint,
+    ))
+}
+
+// ===== 4. Answer =====
+
+async fn answer<S, K, I, St, ReqB, ResB>(
+    outcome: Outcome<FlightResult<ResB, S::Error>>,
+    inner: S,
+    engine: &Engine<K, I, St>,
+    request: Option<InnerRequest<ReqB>>,
+    fingerprint: Fingerprint,
+) -> Answer<ResB, S::Error>
+where
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>>,
+    S::Error: ShareError,
+{
+    let (config, metrics) = (&engine.config, &engine.metrics);
+    let leader = outcome.is_leader();
+    let role = if leader { Role::Leader } else { Role::Follower };
+    let mut response = match outcome.into_value() {
+        Err(error) => return Err(S::Error::share(&error)),
+        Ok(Done::Stored(stored)) if stored.fingerprint() == fingerprint => {
+            return Ok(replay(&stored, metrics));
+        }
+        Ok(Done::Stored(_)) => {
+            metrics.mismatch_rejected();
+            return Ok(problem::key_reused());
+        }
+        Ok(Done::InProgress) => return Ok(problem::in_progress()),
+        Ok(Done::GaveUp) => return Ok(problem::gave_up_waiting()),
+        Ok(Done::Unavailable) => return Ok(problem::store_unavailable()),
+        Ok(Done::Fresh(Flown::Buffered(buffered))) => buffered.into_response(),
+        Ok(Done::Fresh(Flown::TooLarge(slot) | Flown::Unshared { leader: slot, .. })) if leader => {
+            Flown::take_leader(&slot)
+                .expect("the leader's own response is taken once, by the leader")
+        }
+        Ok(Done::Fresh(Flown::TooLarge(_))) => problem::too_large_to_share(),
+        Ok(Done::Fresh(Flown::Unshared { turn, .. })) => {
+            // Holds the turn, if followers take turns, until its own response is there.
+            let _turn = match turn {
+                Some(turn) => turn.acquire_owned().await.ok(),
+                None => None,
+            };
+            return run_own(inner, request, config.role_header).await;
+        }
+    };
+    tag(&mut response, role, config.role_header);
+    Ok(response)
+}
+
+const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+fn replay<B>(stored: &StoredResponse, metrics: &Metrics) -> Response<ResponseBody<B>> {
+    metrics.replayed();
+    let mut response = Response::new(ResponseBody::buffered(stored.body().clone(), None));
+    *response.status_mut() = stored.status();
+    *response.version_mut() = stored.version();
+    *response.headers_mut() = stored.headers().clone();
+    response
+        .headers_mut()
+        .insert(REPLAYED, HeaderValue::from_static("true"));
+    response
+}
+
+const ROLE_HEADER: HeaderName = HeaderName::from_static("coalesce-role");
+
+fn tag<B>(response: &mut Response<B>, role: Role, role_header: bool) {
+    response.extensions_mut().insert(role);
+    if role_header {
+        response
+            .headers_mut()
+            .insert(ROLE_HEADER, role.header_value());
+    }
+}
+
+/// A hash of a flight key for logs, with a per-process random seed so that a logged hash
+/// can't be matched against hashes of guessed ids.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyHash(pub(crate) u64);
+
+impl KeyHash {
+    fn of<T: Hash>(key: &T) -> Self {
+        static SEED: OnceLock<RandomState> = OnceLock::new();
+        KeyHash(SEED.get_or_init(RandomState::new).hash_one(key))
+    }
+}

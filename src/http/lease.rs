@@ -1,0 +1,120 @@
+//! Leases: which instance runs a key when several share a store.
+//!
+//! Within one process the layer's flights already run each key once. A store shared by
+//! several processes (Redis) also hands out a lease per key, so that one instance runs the
+//! request and the others wait for its stored response. See
+//! [`IdempotencyStore::lease`](super::store::IdempotencyStore::lease).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use super::store::StoredResponse;
+use crate::BoxError;
+
+/// The answer of [`IdempotencyStore::lease`](super::store::IdempotencyStore::lease).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Lease {
+    /// The store is not shared with other processes: run the request, there is nothing to
+    /// hold. The default, and the answer of `MemoryStore` and [`NoStore`](super::store::NoStore).
+    NotShared,
+    /// This instance holds the lease: run the request, store its response, then release.
+    Held(LeaseGuard),
+    /// Another instance holds the lease: wait for it to release, then look up its response.
+    HeldElsewhere,
+    /// The key's response is stored already: replay it. A store that hands out leases
+    /// looks the response up in the same step (one round trip instead of two), so it must
+    /// answer this rather than take a lease on a completed key.
+    Stored(Arc<StoredResponse>),
+}
+
+type Completion = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+type Complete = Box<dyn FnOnce(Option<(Arc<StoredResponse>, Duration)>) -> Completion + Send>;
+
+/// A lease this instance holds: it is renewed in the background while the guard lives, and
+/// ended by [`complete`](Self::complete), which stores the response and releases the
+/// lease (one round trip for Redis). Should the guard be dropped instead (the request's
+/// callers all left, or the inner service panicked), a task spawned on drop releases the
+/// lease without storing anything.
+///
+/// A store builds it from a function that stores (if given a response) and releases, and
+/// the task that renews the lease.
+#[must_use = "a lease is held until it is completed or dropped"]
+pub struct LeaseGuard {
+    complete: Option<Complete>,
+    renewer: Option<JoinHandle<()>>,
+}
+
+impl LeaseGuard {
+    /// A guard that calls `complete` once, after aborting `renewer`.
+    pub fn new<C, F>(complete: C, renewer: JoinHandle<()>) -> Self
+    where
+        C: FnOnce(Option<(Arc<StoredResponse>, Duration)>) -> F + Send + 'static,
+        F: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        LeaseGuard {
+            complete: Some(Box::new(move |response| Box::pin(complete(response)))),
+            renewer: Some(renewer),
+        }
+    }
+
+    /// Stops renewing, stores `response` for its TTL if there is one, and releases the
+    /// lease, so that the instances waiting for it find the response.
+    pub async fn complete(
+        mut self,
+        response: Option<(Arc<StoredResponse>, Duration)>,
+    ) -> Result<(), BoxError> {
+        self.stop_renewing();
+        let Some(complete) = self.complete.take() else {
+            return Ok(());
+        };
+        let completion = complete(response);
+        // On a task of its own, so that it runs to the end even if this future is dropped
+        // while it waits (every caller left mid-store): the lease would otherwise be neither
+        // stored nor released, and the other instances would wait for it to expire.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime
+                .spawn(completion)
+                .await
+                .unwrap_or_else(|error| Err(error.into())),
+            Err(_) => completion.await,
+        }
+    }
+
+    fn stop_renewing(&mut self) {
+        if let Some(renewer) = self.renewer.take() {
+            renewer.abort();
+        }
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.stop_renewing();
+        let Some(complete) = self.complete.take() else {
+            return;
+        };
+        // Without a runtime (it is shutting down) the lease simply expires.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let release = complete(None);
+            runtime.spawn(async move {
+                if let Err(error) = release.await {
+                    tracing::warn!(%error, "releasing a dropped lease failed; it will expire");
+                }
+            });
+        }
+    }
+}
+
+impl fmt::Debug for LeaseGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeaseGuard")
+            .field("completed", &self.complete.is_none())
+            .finish()
+    }
+}

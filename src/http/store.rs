@@ -1,0 +1,314 @@
+//! Where completed responses are kept: the store trait, its keys, and the stored form of a
+//! response.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, Version};
+use sha2::{Digest, Sha256};
+
+use super::key::EncodeKey;
+use super::lease::Lease;
+#[cfg(doc)]
+use super::lease::LeaseGuard;
+use crate::BoxError;
+
+/// Storage of completed responses by idempotency key, and, for a store shared by several
+/// instances, the lease that decides which instance runs a key.
+///
+/// Inside a key's flight (one per key and process), the layer:
+/// 1. takes the key's [`lease`](Self::lease). A store that has leases looks the response up
+///    in the same step and answers [`Lease::Stored`]; one that has none answers
+///    [`Lease::NotShared`], and the layer looks the response up with [`get`](Self::get).
+///    A stored response is replayed. If another instance holds the lease, the layer waits
+///    for [`released`](Self::released) and starts over;
+/// 2. calls the inner service, and stores the response before the flight completes (and,
+///    holding a lease, before releasing it: [`LeaseGuard::complete`]), so that whoever
+///    waited finds it stored. Without a lease it stores it with [`put`](Self::put).
+///
+/// A store error is logged, and then the layer either runs the request as if nothing were
+/// stored (it fails open, the default) or answers `503`; see
+/// [`IdempotencyLayer::on_store_error`](super::IdempotencyLayer::on_store_error). A failed
+/// store of the response means that a later retry runs again.
+///
+/// [`MemoryStore`] is the in-process default, and keeps the defaults of `lease` and
+/// `released`; [`RedisStore`](crate::redis) overrides them.
+pub trait IdempotencyStore: Clone + Send + Sync + 'static {
+    /// Returns the response stored under `key`, if any and not expired.
+    fn get(
+        &self,
+        key: &StoreKey,
+    ) -> impl Future<Output = Result<Option<Arc<StoredResponse>>, BoxError>> + Send;
+
+    /// Stores `response` under `key` for `ttl`.
+    fn put(
+        &self,
+        key: StoreKey,
+        response: Arc<StoredResponse>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send;
+
+    /// Looks `key` up and, if nothing is stored, takes its lease, which says that this
+    /// instance runs the request.
+    ///
+    /// The default answers [`Lease::NotShared`]: a store that only one process uses needs
+    /// no lease, the process's flights are enough, and the layer calls [`get`](Self::get).
+    fn lease(&self, key: &StoreKey) -> impl Future<Output = Result<Lease, BoxError>> + Send {
+        let _ = key;
+        std::future::ready(Ok(Lease::NotShared))
+    }
+
+    /// Completes when the lease on `key` that another instance holds may have been
+    /// released, or expired; the layer then looks the key up and tries the lease again.
+    /// It must complete within a bounded time even if no release is ever seen (a lost
+    /// message, a dead instance).
+    ///
+    /// Only called after [`lease`](Self::lease) answered [`Lease::HeldElsewhere`]; the
+    /// default completes at once.
+    fn released(&self, key: &StoreKey) -> impl Future<Output = ()> + Send {
+        let _ = key;
+        std::future::ready(())
+    }
+}
+
+/// The key a response is stored under: a SHA-256 of the caller's scope and the request's
+/// key, so that stores keep neither credentials nor raw keys, and every process computes
+/// the same key.
+///
+/// # Encoding
+///
+/// The digest is taken over explicit bytes, never over `std::hash::Hash` output (which
+/// may differ between Rust versions and platforms, so that two instances built apart would
+/// run one request twice):
+///
+/// ```text
+/// "tower-coalesce store key v1\0"
+/// scope: 0x00 (none) | 0x01 followed by the scope's EncodeKey bytes
+/// key:   the key's EncodeKey bytes
+/// ```
+///
+/// [`EncodeKey`] writes strings and byte strings as a big-endian `u64` length and the
+/// bytes, integers as 8 big-endian bytes, sequences as a `u64` count and their items, and
+/// tuples as their parts in order, so that no two different keys give the same bytes.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct StoreKey([u8; 32]);
+
+impl StoreKey {
+    /// The store key of `key` for callers of `scope` (`None`: no identity).
+    pub fn new<Scope: EncodeKey, Key: EncodeKey + ?Sized>(
+        scope: Option<&Scope>,
+        key: &Key,
+    ) -> Self {
+        let mut bytes = Vec::with_capacity(64);
+        bytes.extend_from_slice(b"tower-coalesce store key v1\0");
+        scope.encode_key(&mut bytes);
+        key.encode_key(&mut bytes);
+        StoreKey(Sha256::digest(&bytes).into())
+    }
+
+    /// A key from its 32 bytes, as a store that keeps them gives them back (and for tests
+    /// of a store).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        StoreKey(bytes)
+    }
+
+    /// The key's 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StoreKey(")?;
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "..)")
+    }
+}
+
+/// A hash of what a request asks for: its method, path, query and body. Requests with one
+/// key and different fingerprints are different requests: they never share a response.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    pub(crate) fn of(method: &http::Method, uri: &http::Uri, body: &[u8]) -> Self {
+        let mut bytes = Vec::with_capacity(64);
+        bytes.extend_from_slice(b"tower-coalesce fingerprint v1\0");
+        method.encode_key(&mut bytes);
+        uri.path().encode_key(&mut bytes);
+        uri.query().encode_key(&mut bytes);
+        let mut hasher = Sha256::new();
+        hasher.update(&bytes);
+        hasher.update(body);
+        Fingerprint(hasher.finalize().into())
+    }
+
+    /// Rebuilds a fingerprint read back from a store.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Fingerprint(bytes)
+    }
+
+    /// The fingerprint's 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint(")?;
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "..)")
+    }
+}
+
+/// A completed response as stored: status, version, headers and body, and the fingerprint
+/// of the request that produced it.
+#[derive(Debug, Clone)]
+pub struct StoredResponse {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+    fingerprint: Fingerprint,
+}
+
+impl StoredResponse {
+    /// Assembles a stored response, for stores that read one back.
+    pub fn new(
+        status: StatusCode,
+        version: Version,
+        headers: HeaderMap,
+        body: Bytes,
+        fingerprint: Fingerprint,
+    ) -> Self {
+        StoredResponse {
+            status,
+            version,
+            headers,
+            body,
+            fingerprint,
+        }
+    }
+
+    /// The status code.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The HTTP version.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The body.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The fingerprint of the request that produced the response.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// Roughly the bytes the response holds, for byte budgets.
+    pub fn weight(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum();
+        self.body.len() + headers + std::mem::size_of::<Self>()
+    }
+}
+
+/// No store: flights are shared within this process only, and nothing is kept. The
+/// default of [`HttpCoalesceLayer`](super::HttpCoalesceLayer).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoStore;
+
+impl IdempotencyStore for NoStore {
+    async fn get(&self, _: &StoreKey) -> Result<Option<Arc<StoredResponse>>, BoxError> {
+        Ok(None)
+    }
+
+    async fn put(&self, _: StoreKey, _: Arc<StoredResponse>, _: Duration) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Fixed inputs, fixed digests: a change here changes every stored key, so that
+    /// instances of two versions would no longer see each other's flights.
+    #[test]
+    fn store_keys_are_fixed_bytes_across_builds() {
+        let header = http::HeaderValue::from_static("k-1");
+        let scope = vec![(0usize, http::HeaderValue::from_static("Bearer a"))];
+        let cases = [
+            (
+                StoreKey::new(None::<&()>, &header),
+                "3346a62a5b4430f076d02bf1b8a5c4b68988cb58376789e4beb111f2ed15324c",
+            ),
+            (
+                StoreKey::new(Some(&scope), &header),
+                "14025d6cd17c342d283310378a8295c29b10ff37ef1d874c82038b30ea627c0a",
+            ),
+            (
+                StoreKey::new(Some(&()), &"k-1".to_owned()),
+                "a2fc70e55c70c049bad3270ff0180593b73d2f1670b2686ef5d8c34c9634a744",
+            ),
+            (
+                StoreKey::new(None::<&()>, &(http::Method::POST, "/a".to_owned())),
+                "4a3262ebeb146212086f885b6b449188c02bf86abc158ecbb4c5477712f194de",
+            ),
+        ];
+        for (key, expected) in cases {
+            assert_eq!(hex(key.as_bytes()), expected);
+        }
+        // The parts are delimited: moving bytes from the scope to the key changes the key.
+        assert_ne!(
+            StoreKey::new(Some(&"ab".to_owned()), &"c".to_owned()),
+            StoreKey::new(Some(&"a".to_owned()), &"bc".to_owned()),
+        );
+    }
+
+    #[test]
+    fn fingerprints_tell_method_path_query_and_body_apart() {
+        let fp = |method: http::Method, uri: &str, body: &[u8]| {
+            Fingerprint::of(&method, &uri.parse().unwrap(), body)
+        };
+        let base = fp(http::Method::POST, "/pay?amount=100", b"{}");
+        assert_eq!(
+            hex(base.as_bytes()),
+            "a194a9ae34dca6fad8f90c20d304c22b5087ff242ac252a636489cbb842fb465"
+        );
+        assert_ne!(base, fp(http::Method::POST, "/pay?amount=200", b"{}"));
+        assert_ne!(base, fp(http::Method::POST, "/pay", b"{}"));
+        assert_ne!(
+            fp(http::Method::POST, "/pay?", b""),
+            fp(http::Method::POST, "/pay", b"")
+        );
+        assert_ne!(base, fp(http::Method::PUT, "/pay?amount=100", b"{}"));
+        assert_ne!(base, fp(http::Method::POST, "/pay?amount=100", b"{ }"));
+    }
+}
