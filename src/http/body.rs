@@ -68,6 +68,14 @@ impl<B> ResponseBody<B> {
     }
 }
 
+/// An empty body, as tower-http's `TimeoutLayer` answers a request that timed out with:
+/// it needs the response body type to be `Default`.
+impl<B> Default for ResponseBody<B> {
+    fn default() -> Self {
+        ResponseBody::buffered(Bytes::new(), None)
+    }
+}
+
 impl<B> Body for ResponseBody<B>
 where
     B: Body<Data = Bytes>,

@@ -1,0 +1,458 @@
+//! The one HTTP engine over real sockets: requests with one key and different bodies are
+//! never merged, keys read from JSON bodies, the fingerprint's query, oversized bodies
+//! refused before they are read, abandoned idempotent work finished, and a keyed layer that
+//! sees no keys says so.
+#![cfg(feature = "idempotency")]
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::routing::post;
+use futures::future::join_all;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tower_coalesce::http::{HttpCoalesceLayer, Metrics, OnMismatch, key};
+use tower_coalesce::idempotency::IdempotencyLayer;
+
+use support::{Counter, DropFlag, eventually};
+
+/// Runs of a handler, and how many ran at once at most.
+#[derive(Clone, Default)]
+struct Runs {
+    started: Counter,
+    running: Arc<AtomicUsize>,
+    most_at_once: Arc<AtomicUsize>,
+}
+
+impl Runs {
+    fn enter(&self) -> usize {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        self.started.incr() + 1
+    }
+
+    fn leave(&self) {
+        self.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// `POST /api/clients/c-1` with the client id in a header; the handler echoes its body.
+/// The first run waits until every other caller has either joined it, queued behind it or
+/// been refused, so that all requests overlap it; later runs take 50 ms.
+fn echo_app(layer: HttpCoalesceLayer<key::HeaderKey>, runs: Runs, others: u64) -> Router {
+    let metrics = layer.metrics();
+    let handler = move |body: Bytes| {
+        let (runs, metrics) = (runs.clone(), metrics.clone());
+        async move {
+            let n = runs.enter();
+            if n == 1 {
+                eventually("every caller to meet the first flight", || {
+                    metrics.callers_joined()
+                        + metrics.mismatches_queued()
+                        + metrics.mismatches_rejected()
+                        == others
+                })
+                .await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            runs.leave();
+            format!("run {n} echoes {}", String::from_utf8_lossy(&body))
+        }
+    };
+    Router::new()
+        .route("/api/clients/c-1", post(handler))
+        .layer(layer)
+}
+
+async fn post_body(
+    client: &reqwest::Client,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> (StatusCode, String) {
+    let mut req = client.post(url).body(body);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let res = req.send().await.unwrap();
+    (res.status(), res.text().await.unwrap())
+}
+
+/// 4 bodies x 25 concurrent callers, one key: each gets the answer to its own body, the
+/// handler runs once per body and never twice at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_with_four_bodies_runs_each_body_once_in_turn_and_never_mixes_answers() {
+    let runs = Runs::default();
+    let layer = HttpCoalesceLayer::new(key::header("x-client-id"));
+    let metrics = layer.metrics();
+    let url = format!(
+        "http://{}/api/clients/c-1",
+        support::serve(echo_app(layer, runs.clone(), 99)).await
+    );
+    let client = reqwest::Client::new();
+    let answers = join_all((0..100).map(|i| {
+        let (client, url) = (client.clone(), url.clone());
+        let body = format!("{{\"name\":\"{}\"}}", ["A", "B", "C", "D"][i % 4]);
+        tokio::spawn(async move {
+            let (status, text) =
+                post_body(&client, &url, &[("x-client-id", "c-1")], body.clone()).await;
+            (body, status, text)
+        })
+    }))
+    .await;
+
+    let mut run_of_body = HashMap::new();
+    for answer in answers {
+        let (body, status, text) = answer.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let (run, echoed) = text.split_once(" echoes ").unwrap();
+        assert_eq!(echoed, body, "a caller received the answer to another body");
+        // Every caller of one body got the answer of one run.
+        assert_eq!(*run_of_body.entry(body).or_insert(run.to_owned()), run);
+    }
+    assert_eq!(runs.started.get(), 4, "one run per body");
+    assert_eq!(
+        runs.most_at_once.load(Ordering::SeqCst),
+        1,
+        "two runs of one key at once"
+    );
+    assert!(metrics.mismatches_queued() >= 75);
+}
+
+/// The same under `OnMismatch::Reject`: the first body runs once for its 25 callers, the 75
+/// others get `422` at once, and nobody receives another body's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_reject_other_bodies_get_422_and_nobody_gets_another_bodys_answer() {
+    let runs = Runs::default();
+    let layer = HttpCoalesceLayer::new(key::header("x-client-id")).on_mismatch(OnMismatch::Reject);
+    let metrics = layer.metrics();
+    let url = format!(
+        "http://{}/api/clients/c-1",
+        support::serve(echo_app(layer, runs.clone(), 99)).await
+    );
+    let client = reqwest::Client::new();
+    let answers = join_all((0..100).map(|i| {
+        let (client, url) = (client.clone(), url.clone());
+        let body = format!("{{\"name\":\"{}\"}}", ["A", "B", "C", "D"][i % 4]);
+        tokio::spawn(async move {
+            let (status, text) =
+                post_body(&client, &url, &[("x-client-id", "c-1")], body.clone()).await;
+            (body, status, text)
+        })
+    }))
+    .await;
+    let mut served = HashMap::<String, usize>::new();
+    let mut rejected = 0;
+    for answer in answers {
+        let (body, status, text) = answer.unwrap();
+        match status {
+            StatusCode::OK => {
+                assert_eq!(text.split_once(" echoes ").unwrap().1, body);
+                *served.entry(body).or_default() += 1;
+            }
+            StatusCode::UNPROCESSABLE_ENTITY => {
+                assert!(text.contains("\"status\":422"), "{text}");
+                rejected += 1;
+            }
+            other => panic!("unexpected {other}: {text}"),
+        }
+    }
+    assert_eq!(runs.started.get(), 1);
+    assert_eq!(served.len(), 1, "only the first body ran: {served:?}");
+    assert_eq!(served.values().sum::<usize>(), 25);
+    assert_eq!(rejected, 75);
+    assert_eq!(metrics.mismatches_rejected(), 75);
+}
+
+/// 200 concurrent `POST /api/clients` with the client id only in the JSON body, 5 rounds:
+/// one run per round, and the handler still parses the whole body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_in_the_json_body_runs_once_per_round_and_the_handler_reads_the_whole_body() {
+    let layer = HttpCoalesceLayer::new(key::json("/client/id"));
+    let metrics = layer.metrics();
+    let runs = Counter::default();
+    let handler = {
+        let (runs, metrics) = (runs.clone(), metrics.clone());
+        move |axum::Json(client): axum::Json<serde_json::Value>| {
+            let (runs, metrics) = (runs.clone(), metrics.clone());
+            async move {
+                let n = runs.incr() + 1;
+                let target = 199 * n as u64;
+                eventually("199 followers", || metrics.callers_joined() >= target).await;
+                format!(
+                    "run {n} created {} named {}",
+                    client["client"]["id"], client["name"]
+                )
+            }
+        }
+    };
+    let router = Router::new()
+        .route("/api/clients", post(handler))
+        .layer(layer);
+    let url = format!("http://{}/api/clients", support::serve(router).await);
+    let client = reqwest::Client::new();
+    for round in 1..=5 {
+        let body = format!(
+            r#"{{"client":{{"id":"c-{round}"}},"name":"Ada","notes":"{}"}}"#,
+            "x".repeat(2000)
+        );
+        let answers = join_all((0..200).map(|_| {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                post_body(&client, &url, &[("content-type", "application/json")], body).await
+            })
+        }))
+        .await;
+        for answer in answers {
+            let (status, text) = answer.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(
+                text,
+                format!("run {round} created \"c-{round}\" named \"Ada\"")
+            );
+        }
+        assert_eq!(runs.get(), round);
+    }
+    assert_eq!(metrics.requests_without_key(), 0);
+}
+
+fn idempotent_orders(layer: IdempotencyLayer) -> (Router, Counter) {
+    let runs = Counter::default();
+    let handler = {
+        let runs = runs.clone();
+        move |body: Bytes| async move {
+            let n = runs.incr() + 1;
+            (
+                StatusCode::CREATED,
+                format!("run {n}: {}", String::from_utf8_lossy(&body)),
+            )
+        }
+    };
+    (
+        Router::new().route("/pay", post(handler)).layer(layer),
+        runs,
+    )
+}
+
+/// `POST /pay?amount=100` and then `?amount=200` with one key are two requests: the second
+/// is refused, never answered with the first one's response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_query_is_part_of_what_a_key_stands_for() {
+    let (router, runs) = idempotent_orders(IdempotencyLayer::new());
+    let addr = support::serve(router).await;
+    let client = reqwest::Client::new();
+    let key = [("idempotency-key", "pay-1")];
+    let first = post_body(
+        &client,
+        &format!("http://{addr}/pay?amount=100"),
+        &key,
+        String::new(),
+    )
+    .await;
+    assert_eq!(first.0, StatusCode::CREATED);
+    let other = post_body(
+        &client,
+        &format!("http://{addr}/pay?amount=200"),
+        &key,
+        String::new(),
+    )
+    .await;
+    assert_eq!(other.0, StatusCode::UNPROCESSABLE_ENTITY);
+    let again = post_body(
+        &client,
+        &format!("http://{addr}/pay?amount=100"),
+        &key,
+        String::new(),
+    )
+    .await;
+    assert_eq!(again, first, "the same request is replayed");
+    assert_eq!(runs.get(), 1);
+}
+
+/// A body whose `Content-Length` is over the limit is refused before a byte of it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_declared_oversize_body_gets_413_before_it_is_sent() {
+    let (router, runs) = idempotent_orders(IdempotencyLayer::new().request_body_limit(1024));
+    let addr = support::serve(router).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /pay HTTP/1.1\r\nhost: x\r\nidempotency-key: big\r\n\
+              content-length: 10000000\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // No body follows: an answer can only come from the declared length.
+    let mut head = vec![0; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert_eq!(runs.get(), 0);
+}
+
+/// A streamed body (no declared length) is refused as soon as it crosses the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_streamed_oversize_body_gets_413() {
+    let (router, runs) = idempotent_orders(IdempotencyLayer::new().request_body_limit(1024));
+    let addr = support::serve(router).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request = b"POST /pay HTTP/1.1\r\nhost: x\r\nidempotency-key: streamed\r\n\
+                        transfer-encoding: chunked\r\n\r\n"
+        .to_vec();
+    for _ in 0..4 {
+        request.extend_from_slice(b"200\r\n");
+        request.extend_from_slice(&[b'x'; 512]);
+        request.extend_from_slice(b"\r\n");
+    }
+    // 2 KiB sent, no last chunk: the limit, not the end of the body, must end the read.
+    stream.write_all(&request).await.unwrap();
+    let mut head = vec![0; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head))
+        .await
+        .expect("answered once the limit was crossed")
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert_eq!(runs.get(), 0);
+}
+
+/// A slow create whose client gave up: under the idempotency preset it runs to the end, its
+/// response is kept, and the retry is replayed instead of running a half-done create again.
+/// Under the plain coalescing layer the abandoned work is dropped where it stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn abandoned_idempotent_work_completes_and_the_retry_is_replayed() {
+    for finish in [true, false] {
+        let (started, completed, dropped) =
+            (Counter::default(), Counter::default(), Counter::default());
+        let handler = {
+            let (started, completed, dropped) =
+                (started.clone(), completed.clone(), dropped.clone());
+            move || {
+                let (started, completed, dropped) =
+                    (started.clone(), completed.clone(), dropped.clone());
+                async move {
+                    let flag = DropFlag(dropped);
+                    let n = started.incr() + 1;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    completed.incr();
+                    std::mem::forget(flag);
+                    (StatusCode::CREATED, format!("order {n}"))
+                }
+            }
+        };
+        let layer = IdempotencyLayer::new().finish_abandoned(finish);
+        let router = Router::new().route("/orders", post(handler)).layer(layer);
+        let addr = support::serve(router).await;
+        let send = |timeout: Duration| {
+            reqwest::Client::new()
+                .post(format!("http://{addr}/orders"))
+                .header("idempotency-key", "slow-1")
+                .timeout(timeout)
+                .send()
+        };
+        assert!(
+            send(Duration::from_millis(50)).await.is_err(),
+            "the client gave up"
+        );
+        if finish {
+            completed.reach(1).await;
+            let retry = send(Duration::from_secs(5)).await.unwrap();
+            assert_eq!(retry.status(), StatusCode::CREATED);
+            assert_eq!(
+                support::header(&retry, "idempotent-replayed").as_deref(),
+                Some("true")
+            );
+            assert_eq!(retry.text().await.unwrap(), "order 1");
+            assert_eq!(started.get(), 1);
+        } else {
+            dropped.reach(1).await;
+            assert_eq!(completed.get(), 0, "the abandoned work was dropped");
+            let retry = send(Duration::from_secs(5)).await.unwrap();
+            assert_eq!(retry.text().await.unwrap(), "order 2");
+        }
+    }
+}
+
+/// tower-http's `TimeoutLayer` above the layer, in one `ServiceBuilder`: it needs the
+/// response body to be `Default`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_timeout_layer_sits_above_the_layer_in_one_service_builder() {
+    let router = Router::new()
+        .route(
+            "/slow",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "too late"
+            }),
+        )
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    Duration::from_millis(100),
+                ))
+                .layer(HttpCoalesceLayer::new(key::idempotency_key())),
+        );
+    let addr = support::serve(router).await;
+    let res = reqwest::Client::new()
+        .post(format!("http://{addr}/slow"))
+        .header("idempotency-key", "k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
+}
+
+/// A layer keyed by an extension that the auth layer inserts, with the auth layer in the
+/// wrong place (inside): every request comes without a key. The layer counts them, passes
+/// them through, and under `require_key` refuses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_that_is_never_there_is_counted_and_refused_under_require_key() {
+    #[derive(Clone)]
+    struct UserId(String);
+    let by_user =
+        |parts: &http::request::Parts| parts.extensions.get::<UserId>().map(|u| u.0.clone());
+    for require in [false, true] {
+        let layer = HttpCoalesceLayer::new(by_user).require_key(require);
+        let metrics: Metrics = layer.metrics();
+        let router = Router::new()
+            .route("/me", post(|| async { "ok" }))
+            // axum applies `.layer` calls outside-in: this coalescing layer runs first, before
+            // the auth layer below has put the user id in.
+            .layer(axum::middleware::from_fn(
+                |mut req: axum::extract::Request, next: axum::middleware::Next| async move {
+                    req.extensions_mut().insert(UserId("u-1".into()));
+                    next.run(req).await
+                },
+            ))
+            .layer(layer);
+        let addr: SocketAddr = support::serve(router).await;
+        let client = reqwest::Client::new();
+        for _ in 0..3 {
+            let res = client
+                .post(format!("http://{addr}/me"))
+                .send()
+                .await
+                .unwrap();
+            let expected = if require {
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::OK
+            };
+            assert_eq!(res.status(), expected);
+        }
+        assert_eq!(metrics.requests_without_key(), 3);
+        assert_eq!(metrics.keys_missing(), if require { 3 } else { 0 });
+    }
+}
