@@ -203,4 +203,28 @@ async fn the_store_gets_puts_and_leases() {
             other => panic!("the dropped lease was not released: {other:?}"),
         }
     }
+
+    // `complete` dropped while it waits (every caller of the flight left mid-store): the
+    // response is stored and the lease released all the same, long before the lease (5 s
+    // by default) would expire.
+    let interrupted = StoreKey::from_bytes([4; 32]);
+    let Lease::Held(guard) = one.lease(&interrupted).await.unwrap() else {
+        panic!("a fresh key's lease is free");
+    };
+    let mut completing = Box::pin(guard.complete(Some((response(), ttl))));
+    assert!(futures::poll!(completing.as_mut()).is_pending());
+    drop(completing);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match other.lease(&interrupted).await.unwrap() {
+            Lease::Stored(stored) => {
+                assert_eq!(stored.body(), response().body());
+                break;
+            }
+            Lease::HeldElsewhere if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            other => panic!("an interrupted completion stored and released nothing: {other:?}"),
+        }
+    }
 }

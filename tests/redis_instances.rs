@@ -18,6 +18,7 @@ use futures::future::join_all;
 use support::redis::{Server, free_port, prefix};
 use support::{Counter, Gate, eventually};
 use tower_coalesce::http::Metrics;
+use tower_coalesce::http::{HttpCoalesceLayer, key};
 use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
 use tower_coalesce::redis::RedisStore;
 
@@ -193,7 +194,7 @@ async fn four_instances_run_a_key_once_for_all_two_hundred_callers() {
 }
 
 /// The leading instance's only caller disconnects while its request runs: its flight is
-/// dropped, and the lease released at once, so the other instance takes over long before
+/// dropped (under `finish_abandoned(false)`), and the lease released at once, so the other instance takes over long before
 /// the lease (30 s) would expire, woken by the release message (its poll interval is 30 s
 /// too, so nothing else could wake it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -212,14 +213,15 @@ async fn a_dropped_leader_releases_its_lease_and_another_instance_takes_over_at_
             .with_poll_interval(long)
     };
     let runs = Counter::default();
-    // The first instance's run never passes its gate; the second's does.
-    let leader = instance(
-        store().await,
-        OnStoreError::FailOpen,
-        &runs,
-        &Gate::closed(),
-    )
-    .await;
+    // The first instance's run never passes its gate; the second's does. The first drops
+    // abandoned work (the preset would finish it, holding the lease until it completes).
+    let layer = IdempotencyLayer::new()
+        .store(store().await)
+        .finish_abandoned(false);
+    let leader = Instance {
+        metrics: layer.metrics(),
+        addr: support::serve(app(layer, runs.clone(), Gate::closed())).await,
+    };
     let open = Gate::closed();
     open.open();
     let other = instance(store().await, OnStoreError::FailOpen, &runs, &open).await;
@@ -371,4 +373,91 @@ async fn redis_dying_mid_flight_loses_no_response_and_hangs_no_waiter() {
         leader.metrics.store_errors() >= 1,
         "the put or release failed"
     );
+}
+
+/// Any key maker crosses instances, not only idempotency keys: 4 instances of an app keyed
+/// by a client id header (no `Idempotency-Key`) run a burst of 200 requests once. Without
+/// `replay`, the response is only handed over: once the handover window has passed, the same
+/// request runs again. With `replay`, it is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn any_key_runs_once_across_instances_and_is_kept_only_with_replay() {
+    let Some(server) = Server::start(free_port()) else {
+        return;
+    };
+    for replay in [false, true] {
+        let (runs, gate, prefix) = (Counter::default(), Gate::closed(), prefix());
+        let mut instances = Vec::new();
+        for _ in 0..4 {
+            let store = server.connect().await.with_prefix(prefix.clone());
+            let mut layer = HttpCoalesceLayer::new(key::header("x-client-id"))
+                .store(store)
+                .handover(Duration::from_millis(300));
+            if replay {
+                layer = layer.replay(Duration::from_secs(60));
+            }
+            let metrics = layer.metrics();
+            let handler = {
+                let (runs, gate) = (runs.clone(), gate.clone());
+                move || {
+                    let (runs, gate) = (runs.clone(), gate.clone());
+                    async move {
+                        let n = runs.incr() + 1;
+                        gate.pass().await;
+                        (
+                            StatusCode::CREATED,
+                            [("x-run", n.to_string())],
+                            format!("client made by run {n}"),
+                        )
+                    }
+                }
+            };
+            let router = Router::new()
+                .route("/orders", routing::post(handler))
+                .layer(layer);
+            instances.push(Instance {
+                addr: support::serve(router).await,
+                metrics,
+            });
+        }
+        let send = |addr: SocketAddr| async move {
+            let res = reqwest::Client::new()
+                .post(format!("http://{addr}/orders"))
+                .header("x-client-id", "c-9")
+                .body("2 apples")
+                .send()
+                .await
+                .unwrap();
+            (res.status(), support::header(&res, "x-run"))
+        };
+        let requests: Vec<_> = instances
+            .iter()
+            .flat_map(|i| std::iter::repeat_n(i.addr, 50))
+            .map(|addr| tokio::spawn(send(addr)))
+            .collect();
+        eventually("every caller joined its instance's flight", || {
+            sum(&instances, Metrics::callers_joined) == 4 * 49
+                && sum(&instances, Metrics::flights_waiting_elsewhere) == 3
+        })
+        .await;
+        gate.open();
+        for answer in join_all(requests).await {
+            assert_eq!(answer.unwrap(), (StatusCode::CREATED, Some("1".to_owned())));
+        }
+        assert_eq!(
+            runs.get(),
+            1,
+            "runs across the four instances (replay: {replay})"
+        );
+
+        // Later than the handover window: kept only under `replay`.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let later = send(instances[2].addr).await;
+        if replay {
+            assert_eq!(later, (StatusCode::CREATED, Some("1".to_owned())));
+            assert_eq!(runs.get(), 1);
+        } else {
+            assert_eq!(later, (StatusCode::CREATED, Some("2".to_owned())));
+            assert_eq!(runs.get(), 2);
+        }
+    }
 }
