@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -17,10 +17,6 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Row};
 use tower_coalesce::http::{HttpCoalesceLayer, Metrics, key};
-
-/// The header that carries the client id, so that the layer can key on it without reading
-/// the body.
-pub const CLIENT_ID_HEADER: &str = "x-client-id";
 
 /// Connects to `url` (`postgres://...` or `sqlite://...`) and creates an empty `clients`
 /// table with the id as its primary key.
@@ -105,9 +101,10 @@ pub struct Client {
     pub name: String,
 }
 
-/// The one-line fix: concurrent creates of one client id (by one user) share one run.
-pub fn coalesce_layer() -> HttpCoalesceLayer<key::HeaderKey> {
-    HttpCoalesceLayer::new(key::header(CLIENT_ID_HEADER))
+/// The one-line fix: concurrent creates of one client id (by one user) share one run. The
+/// id is where the front end sends it: in the JSON body, `{"id": ..., "name": ...}`.
+pub fn coalesce_layer() -> HttpCoalesceLayer<key::JsonKey> {
+    HttpCoalesceLayer::new(key::json("/id"))
 }
 
 /// The app's routes, without state or layers.
@@ -118,7 +115,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// The app: `POST /api/clients`, with or without the coalescing layer.
-pub fn router(state: AppState, layer: Option<HttpCoalesceLayer<key::HeaderKey>>) -> Router {
+pub fn router(state: AppState, layer: Option<HttpCoalesceLayer<key::JsonKey>>) -> Router {
     let router = routes();
     let router = match layer {
         Some(layer) => router.layer(layer),
@@ -129,16 +126,8 @@ pub fn router(state: AppState, layer: Option<HttpCoalesceLayer<key::HeaderKey>>)
 
 /// Look the client up; if there is none, insert it. No upsert, no retry: the code the
 /// write-ups started from.
-async fn create_client(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Json(new): Json<Client>,
-) -> Response {
+async fn create_client(State(state): State<AppState>, Json(new): Json<Client>) -> Response {
     let run = state.executions.fetch_add(1, Ordering::SeqCst) + 1;
-    if headers.get(CLIENT_ID_HEADER).and_then(|v| v.to_str().ok()) != Some(new.id.as_str()) {
-        let error = format!("the {CLIENT_ID_HEADER} header must equal the body's id");
-        return (StatusCode::UNPROCESSABLE_ENTITY, error).into_response();
-    }
     let existing = sqlx::query("SELECT id, name FROM clients WHERE id = $1")
         .bind(&new.id)
         .fetch_optional(&state.pool)
@@ -231,7 +220,6 @@ pub async fn fire_with(
                 .unwrap();
                 let mut req = client
                     .post(format!("{base}/api/clients"))
-                    .header(CLIENT_ID_HEADER, &id)
                     .header("content-type", "application/json")
                     .body(body);
                 for (name, value) in headers {
