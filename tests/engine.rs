@@ -456,3 +456,33 @@ async fn a_key_that_is_never_there_is_counted_and_refused_under_require_key() {
         assert_eq!(metrics.keys_missing(), if require { 3 } else { 0 });
     }
 }
+
+/// The README's `nest` trap: a layer on the outer router sees the full path, so a path
+/// parameter pattern must include the nest's prefix; without it, every request lacks a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn path_params_under_nest_need_the_prefix_in_the_pattern() {
+    for (pattern, expected) in [
+        ("/api/clients/{id}", StatusCode::OK),
+        ("/clients/{id}", StatusCode::BAD_REQUEST),
+    ] {
+        let layer = HttpCoalesceLayer::new(key::path_param(pattern, "id")).require_key(true);
+        let metrics = layer.metrics();
+        let router = Router::new()
+            .nest(
+                "/api",
+                Router::new().route("/clients/{id}", axum::routing::put(|| async { "updated" })),
+            )
+            .layer(layer);
+        let addr = support::serve(router).await;
+        let res = reqwest::Client::new()
+            .put(format!("http://{addr}/api/clients/c-1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), expected, "pattern {pattern}");
+        assert_eq!(
+            metrics.requests_without_key(),
+            u64::from(expected != StatusCode::OK)
+        );
+    }
+}
