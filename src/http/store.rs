@@ -16,26 +16,28 @@ use super::lease::Lease;
 use super::lease::LeaseGuard;
 use crate::BoxError;
 
-/// Storage of completed responses by idempotency key, and, for a store shared by several
-/// instances, the lease that decides which instance runs a key.
+/// Storage of completed responses by key and, for a store shared by several instances, the
+/// lease that decides which instance runs a key. Both layers use it:
+/// [`HttpCoalesceLayer::store`](super::HttpCoalesceLayer::store) and the idempotency preset.
 ///
 /// Inside a key's flight (one per key and process), the layer:
 /// 1. takes the key's [`lease`](Self::lease). A store that has leases looks the response up
 ///    in the same step and answers [`Lease::Stored`]; one that has none answers
-///    [`Lease::NotShared`], and the layer looks the response up with [`get`](Self::get).
-///    A stored response is replayed. If another instance holds the lease, the layer waits
-///    for [`released`](Self::released) and starts over;
-/// 2. calls the inner service, and stores the response before the flight completes (and,
+///    [`Lease::NotShared`], and the layer looks the response up with [`get`](Self::get)
+///    when it [replays](super::HttpCoalesceLayer::replay). A stored response of the same
+///    request is replayed. If another instance holds the lease, the layer waits for
+///    [`released`](Self::released) and starts over;
+/// 2. calls the inner service, and keeps the response before the flight completes (and,
 ///    holding a lease, before releasing it: [`LeaseGuard::complete`]), so that whoever
-///    waited finds it stored. Without a lease it stores it with [`put`](Self::put).
+///    waited finds it. Without a lease it stores it with [`put`](Self::put), for replay.
 ///
 /// A store error is logged, and then the layer either runs the request as if nothing were
 /// stored (it fails open, the default) or answers `503`; see
-/// [`IdempotencyLayer::on_store_error`](super::IdempotencyLayer::on_store_error). A failed
-/// store of the response means that a later retry runs again.
+/// [`on_store_error`](super::HttpCoalesceLayer::on_store_error). A failed store of the
+/// response means that a later retry runs again.
 ///
-/// [`MemoryStore`] is the in-process default, and keeps the defaults of `lease` and
-/// `released`; [`RedisStore`](crate::redis) overrides them.
+/// [`NoStore`] and `MemoryStore` (feature `idempotency`) are stores of one process, and keep
+/// the defaults of `lease` and `released`; [`RedisStore`](crate::redis) overrides them.
 pub trait IdempotencyStore: Clone + Send + Sync + 'static {
     /// Returns the response stored under `key`, if any and not expired.
     fn get(
