@@ -86,17 +86,14 @@ async fn post_body(
     (res.status(), res.text().await.unwrap())
 }
 
-/// 4 bodies x 25 concurrent callers, one key: each gets the answer to its own body, the
-/// handler runs once per body and never twice at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_key_with_four_bodies_runs_each_body_once_in_turn_and_never_mixes_answers() {
-    let runs = Runs::default();
-    let layer = HttpCoalesceLayer::new(key::header("x-client-id"));
-    let metrics = layer.metrics();
-    let url = format!(
-        "http://{}/api/clients/c-1",
-        support::serve(echo_app(layer, runs.clone(), 99)).await
-    );
+/// 4 bodies x 25 concurrent callers with one client id, against `echo_app`: each caller's
+/// body, status and answer.
+async fn four_bodies_at_once(
+    layer: HttpCoalesceLayer<key::HeaderKey>,
+    runs: &Runs,
+) -> Vec<(String, StatusCode, String)> {
+    let app = echo_app(layer, runs.clone(), 99);
+    let url = format!("http://{}/api/clients/c-1", support::serve(app).await);
     let client = reqwest::Client::new();
     let answers = join_all((0..100).map(|i| {
         let (client, url) = (client.clone(), url.clone());
@@ -108,10 +105,20 @@ async fn one_key_with_four_bodies_runs_each_body_once_in_turn_and_never_mixes_an
         })
     }))
     .await;
+    answers.into_iter().map(Result::unwrap).collect()
+}
+
+/// 4 bodies x 25 concurrent callers, one key: each gets the answer to its own body, the
+/// handler runs once per body and never twice at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_with_four_bodies_runs_each_body_once_in_turn_and_never_mixes_answers() {
+    let runs = Runs::default();
+    let layer = HttpCoalesceLayer::new(key::header("x-client-id"));
+    let metrics = layer.metrics();
+    let answers = four_bodies_at_once(layer, &runs).await;
 
     let mut run_of_body = HashMap::new();
-    for answer in answers {
-        let (body, status, text) = answer.unwrap();
+    for (body, status, text) in answers {
         assert_eq!(status, StatusCode::OK);
         let (run, echoed) = text.split_once(" echoes ").unwrap();
         assert_eq!(echoed, body, "a caller received the answer to another body");
@@ -134,25 +141,10 @@ async fn under_reject_other_bodies_get_422_and_nobody_gets_another_bodys_answer(
     let runs = Runs::default();
     let layer = HttpCoalesceLayer::new(key::header("x-client-id")).on_mismatch(OnMismatch::Reject);
     let metrics = layer.metrics();
-    let url = format!(
-        "http://{}/api/clients/c-1",
-        support::serve(echo_app(layer, runs.clone(), 99)).await
-    );
-    let client = reqwest::Client::new();
-    let answers = join_all((0..100).map(|i| {
-        let (client, url) = (client.clone(), url.clone());
-        let body = format!("{{\"name\":\"{}\"}}", ["A", "B", "C", "D"][i % 4]);
-        tokio::spawn(async move {
-            let (status, text) =
-                post_body(&client, &url, &[("x-client-id", "c-1")], body.clone()).await;
-            (body, status, text)
-        })
-    }))
-    .await;
+    let answers = four_bodies_at_once(layer, &runs).await;
     let mut served = HashMap::<String, usize>::new();
     let mut rejected = 0;
-    for answer in answers {
-        let (body, status, text) = answer.unwrap();
+    for (body, status, text) in answers {
         match status {
             StatusCode::OK => {
                 assert_eq!(text.split_once(" echoes ").unwrap().1, body);
