@@ -361,7 +361,7 @@ mod loom_tests {
     use loom::sync::{Arc, Mutex};
     use loom::thread;
 
-    use super::{Flight, Waiter};
+    use super::{Flight, Join, Waiter};
 
     /// An event the work waits for, set from another thread.
     #[derive(Clone, Default)]
@@ -516,6 +516,33 @@ mod loom_tests {
             let t = thread::spawn(move || f.try_join().map(|mut w| wait(&f, &mut w)));
             assert_eq!(wait(&flight, &mut leader), 7);
             assert!(t.join().unwrap().is_none_or(|v| v == 7));
+            assert_eq!(done.load(SeqCst), 1);
+        });
+    }
+
+    /// A flight capped at one follower has one; its leader leaves while another caller asks
+    /// to join: the caller is refused in every interleaving (the leader leaving frees no
+    /// follower place), and the work completes once for the follower.
+    #[test]
+    fn loom_a_follower_cap_counts_followers_only_while_the_leader_leaves() {
+        loom::model(|| {
+            let (signal, done, dropped) = (Signal::default(), Arc::default(), Arc::default());
+            let (flight, mut leader) = Flight::new();
+            let flight = Arc::new(flight);
+            flight.start(work(signal.clone(), Arc::clone(&done), dropped));
+            let Join::Joined(mut follower) = flight.try_join_if(|followers| followers < 1) else {
+                panic!("the first follower is admitted");
+            };
+            let f = flight.clone();
+            let leaving = thread::spawn(move || {
+                f.leave(&mut leader);
+            });
+            let f = flight.clone();
+            let late = thread::spawn(move || matches!(f.try_join_if(|n| n < 1), Join::Joined(_)));
+            assert!(!late.join().unwrap(), "a second follower was admitted");
+            signal.set();
+            assert_eq!(wait(&flight, &mut follower), 7);
+            leaving.join().unwrap();
             assert_eq!(done.load(SeqCst), 1);
         });
     }
