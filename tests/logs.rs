@@ -5,29 +5,33 @@
 
 mod support;
 
-use std::sync::Arc;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use tower_coalesce::http::{HttpCoalesceLayer, key};
 
-/// Logs name flights by a hash of the key: keys carry user ids and must not reach logs.
-#[tokio::test(flavor = "current_thread")]
-async fn logs_name_a_flight_by_a_hash_never_by_its_key() {
-    use std::io::Write;
-    use std::sync::Mutex;
-    use tower::ServiceExt;
+/// Everything logged at `DEBUG` and above on this thread while the guard lives.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
 
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
     }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
     let captured = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::DEBUG)
@@ -37,7 +41,15 @@ async fn logs_name_a_flight_by_a_hash_never_by_its_key() {
             move || captured.clone()
         })
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+/// Logs name flights by a hash of the key: keys carry user ids and must not reach logs.
+#[tokio::test(flavor = "current_thread")]
+async fn logs_name_a_flight_by_a_hash_never_by_its_key() {
+    use tower::ServiceExt;
+
+    let (captured, _guard) = capture();
 
     let gate = support::Gate::closed();
     let svc = tower::ServiceBuilder::new()
@@ -75,7 +87,7 @@ async fn logs_name_a_flight_by_a_hash_never_by_its_key() {
     assert_eq!(a.unwrap().status(), 200);
     assert_eq!(b.unwrap().status(), 200);
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     for event in [
         "coalesce_flight",
         "flight started",
@@ -87,4 +99,38 @@ async fn logs_name_a_flight_by_a_hash_never_by_its_key() {
     }
     assert!(logs.contains("key="), "events name the key's hash:\n{logs}");
     assert!(!logs.contains(secret), "the key itself was logged:\n{logs}");
+}
+
+/// A keyed layer that sees requests without a key says so once at `WARN` (naming the usual
+/// misconfigurations), then at `DEBUG` only, so that a route full of keyless requests does not
+/// flood the logs.
+#[tokio::test(flavor = "current_thread")]
+async fn the_first_request_without_a_key_is_logged_at_warn_and_the_rest_at_debug() {
+    use tower::ServiceExt;
+
+    let (captured, _guard) = capture();
+    let layer = HttpCoalesceLayer::new(key::header("x-client-id"));
+    let metrics = layer.metrics();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(
+            |_req: http::Request<tower_coalesce::http::RequestBody<Body>>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(Body::from("ok")))
+            },
+        ));
+    for _ in 0..3 {
+        let req = http::Request::post("/api/clients")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(svc.clone().oneshot(req).await.unwrap().status(), 200);
+    }
+    assert_eq!(metrics.requests_without_key(), 3);
+    let logs = captured.text();
+    let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    assert!(warnings[0].contains("without a key") && warnings[0].contains("Router::nest"));
+    let quiet = logs
+        .lines()
+        .filter(|l| l.contains("DEBUG") && l.contains("without a coalescing key"));
+    assert_eq!(quiet.count(), 2, "{logs}");
 }
