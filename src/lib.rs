@@ -17,7 +17,9 @@
 //!   whose responses and errors are `Clone`.
 //! - `http` (feature `http`, on by default): the same for HTTP services such as axum
 //!   routers, with the response body buffered once and shared, keys from the request head
-//!   and flights scoped to the caller's identity.
+//!   or body, flights scoped to the caller's identity, never shared between requests whose
+//!   method, path, query or body differ, and optionally across instances (a shared store)
+//!   and kept for replay.
 //! - [`single_flight`]: the core, usable without Tower: [`Group::run`].
 //!
 //! # Example
@@ -62,6 +64,10 @@
 //! # Features
 //!
 //! - `http` (default): the `http` module. Without it the crate depends on no HTTP crate.
+//! - `idempotency`: the `idempotency` module, the `Idempotency-Key` preset of the HTTP
+//!   layer, and `MemoryStore` (moka) to replay completed responses.
+//! - `redis`: `RedisStore`, a store shared by several instances: one run per key across all
+//!   of them.
 //!
 //! # Minimum supported Rust version
 //!

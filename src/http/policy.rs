@@ -36,6 +36,12 @@ pub enum OnMismatch {
     /// request): requests with one key run one after another, never at once, so that two
     /// different updates of one record are both applied, in the order they got their turn.
     /// The default of [`HttpCoalesceLayer`](super::HttpCoalesceLayer).
+    ///
+    /// With [`replay`](super::HttpCoalesceLayer::replay), a request whose key has another
+    /// request's response kept runs, and its response is kept instead. On a store shared by
+    /// several instances it runs without the key's lease (the store answered with the kept
+    /// response rather than the lease), so two instances may run such a request at once;
+    /// use `Reject` where keys are reused for different requests across instances.
     #[default]
     Queue,
     /// Answer `422 Unprocessable Content` at once, with a problem+json body saying that the
