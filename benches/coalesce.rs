@@ -2,16 +2,20 @@
 //!
 //! - `distinct_keys`: one call per key, nothing to share: the overhead a coalescer adds to
 //!   every request that does not overlap with another. Baseline: a bare `DashMap` insert +
-//!   remove, the least any registry does.
+//!   remove, the least any registry does, with each hasher (`Group`'s default is aHash).
 //! - `fan_in_1000`: 1000 tasks call with one key at once; the work completes once every
 //!   caller has registered. One round = spawn, share, join. Executions per round are
-//!   counted and printed at the end: anything above 1.00 is duplicated work.
+//!   counted and printed at the end: anything above 1.00 is duplicated work. Two shapes of
+//!   work: `released`, which sleeps until the round's release wakes it once, and `yielding`,
+//!   which yields to the scheduler until every caller has registered, so that it is polled
+//!   many times before it completes (as a database call over a socket is woken many times).
 //!
 //! Run with `cargo bench --bench coalesce`; compare within one run.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::{Future, ready};
+use std::hash::BuildHasher;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -74,14 +78,40 @@ fn distinct_keys(c: &mut Criterion) {
     let next = AtomicU64::new(0);
     let key = || next.fetch_add(1, Ordering::Relaxed);
 
-    let map: DashMap<u64, ()> = DashMap::new();
-    group.bench_function("dashmap_insert_remove", |b| {
-        b.iter(|| {
-            let k = key();
-            map.insert(k, ());
-            black_box(map.remove(&k));
-        })
-    });
+    // The floor of any registry, with each hasher a group can use.
+    fn floor<S: BuildHasher + Clone>(
+        group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+        name: &str,
+        hasher: S,
+        key: &dyn Fn() -> u64,
+    ) {
+        let map: DashMap<u64, (), S> = DashMap::with_hasher(hasher);
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let k = key();
+                map.insert(k, ());
+                black_box(map.remove(&k));
+            })
+        });
+    }
+    floor(
+        &mut group,
+        "dashmap_insert_remove_siphash",
+        std::hash::RandomState::new(),
+        &key,
+    );
+    floor(
+        &mut group,
+        "dashmap_insert_remove_ahash",
+        ahash::RandomState::new(),
+        &key,
+    );
+    floor(
+        &mut group,
+        "dashmap_insert_remove_foldhash",
+        foldhash::fast::RandomState::default(),
+        &key,
+    );
 
     let bare = service_fn(|k: u64| ready(Ok::<_, Infallible>(k)));
     group.bench_function("bare_service", |b| {
@@ -112,6 +142,20 @@ fn distinct_keys(c: &mut Criterion) {
         b.to_async(&rt).iter(|| {
             let k = key();
             ours.run(k, move || ready(k)).map(|o| o.into_value())
+        })
+    });
+    let sip: Group<u64, u64, std::hash::RandomState> = Group::with_hasher(Default::default());
+    group.bench_function("single_flight_group_siphash", |b| {
+        b.to_async(&rt).iter(|| {
+            let k = key();
+            sip.run(k, move || ready(k)).map(|o| o.into_value())
+        })
+    });
+    let fold: Group<u64, u64, foldhash::fast::RandomState> = Group::with_hasher(Default::default());
+    group.bench_function("single_flight_group_foldhash", |b| {
+        b.to_async(&rt).iter(|| {
+            let k = key();
+            fold.run(k, move || ready(k)).map(|o| o.into_value())
         })
     });
 
@@ -195,10 +239,20 @@ async fn fan_in_round(caller: Caller, executions: Arc<AtomicUsize>) {
 /// The shared work: counts itself, then waits for the round's release (a closed semaphore).
 async fn work(release: Arc<Semaphore>, executions: Arc<AtomicUsize>) -> u64 {
     executions.fetch_add(1, Ordering::Relaxed);
+    if YIELDING.load(Ordering::Relaxed) {
+        // Polled again and again until the release: the driver's cost per poll adds up.
+        while !release.is_closed() {
+            tokio::task::yield_now().await;
+        }
+        return 42;
+    }
     // Closing releases every waiter, also the work of a late duplicate execution.
     let _ = release.acquire().await;
     42
 }
+
+/// Which shape of work the fan-in rounds run now.
+static YIELDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn fan_in(c: &mut Criterion) {
     let rt = multi_thread();
@@ -270,10 +324,15 @@ fn fan_in(c: &mut Criterion) {
         Some(Box::new(move || moka_reset.invalidate_all())),
     ));
 
-    for (name, caller, after_round) in contenders {
+    for ((name, caller, after_round), shape) in contenders
+        .iter()
+        .flat_map(|c| ["released", "yielding"].map(|shape| (c, shape)))
+    {
+        YIELDING.store(shape == "yielding", Ordering::Relaxed);
         let executions = Arc::new(AtomicUsize::new(0));
         let rounds = Arc::new(AtomicUsize::new(0));
-        group.bench_function(BenchmarkId::from_parameter(name), |b| {
+        let name = format!("{name}/{shape}");
+        group.bench_function(BenchmarkId::from_parameter(&name), |b| {
             b.to_async(&rt).iter(|| {
                 rounds.fetch_add(1, Ordering::Relaxed);
                 let round = fan_in_round(caller.clone(), executions.clone());

@@ -5,24 +5,31 @@
 //!
 //! # The protocol
 //!
-//! The work is a boxed future owned by the flight, not by any caller. Whichever waiter is
-//! polled while nobody drives the work takes it out of the lock, polls it with its own
-//! waker and becomes the *driver*. Every other waiter parks its waker in `wakers` and is
-//! not polled again until something happens to the flight:
+//! The work is a boxed future that belongs to the flight, not to any caller. Whichever
+//! waiter is polled while nobody drives the work takes it out of the flight and becomes the
+//! *driver* (usually the leader, which is polled first; but a leader that is made and not
+//! polled holds nobody up). The driver keeps the work in its own [`Waiter`] and polls it with
+//! its own waker, without taking the flight's lock again: work that wakes a thousand times
+//! before it completes costs its driver a thousand polls, not a thousand lock round trips.
+//! Every other waiter parks its waker in `wakers` and is not polled again until something
+//! happens to the flight:
 //!
 //! - the work completes (or panics): the driver stores the outcome and wakes everybody;
-//! - the driver leaves (its future is dropped): it wakes exactly one parked waiter, which
-//!   finds nobody driving and takes over the *same* future; the work is neither lost nor
-//!   started again;
+//! - the driver leaves (its future is dropped): it puts the work back into the flight and
+//!   wakes exactly one parked waiter, which finds nobody driving and takes over the *same*
+//!   future; the work is neither lost nor started again;
 //! - the last waiter leaves: the work is dropped and the flight is marked abandoned so
 //!   that no new caller joins it.
 //!
-//! Waiters therefore never busy-poll: a flight of N callers costs N wakes in all.
+//! Waiters therefore never busy-poll: a flight of N callers costs N wakes in all. A flight
+//! takes its lock to start, to be taken over, and to complete, however often its work is
+//! polled.
 //!
-//! The future is polled outside the lock, so a slow poll never blocks callers that join or
-//! leave meanwhile; `Work::Running(None)` marks "taken out by the driver".
+//! `Work::Running(None)` marks "held by the driver"; `Running(Some(..))` is work handed
+//! back by a driver that left, for the next waiter polled to take.
 
 use std::any::Any;
+use std::fmt;
 use std::future::Future;
 use std::mem;
 use std::panic::{self, AssertUnwindSafe};
@@ -42,8 +49,8 @@ pub(crate) struct Flight<T> {
 
 struct State<T> {
     work: Work<T>,
-    /// Id of the waiter whose waker the work saw last; `None` means the next waiter that
-    /// is polled drives.
+    /// Id of the waiter that holds the work; `None` means the next waiter that is polled
+    /// takes it over.
     driver: Option<u64>,
     /// Waiters that have neither received the outcome nor been dropped.
     waiters: usize,
@@ -56,7 +63,8 @@ struct State<T> {
 }
 
 enum Work<T> {
-    /// `None` while the leader is still building the work or while the driver polls it.
+    /// `None` while the leader is still building the work or while a driver holds it;
+    /// `Some` until a waiter takes it (at the start, or after a driver left).
     Running(Option<BoxWork<T>>),
     /// `value` is taken, not cloned, by the last waiter to read it.
     Done {
@@ -67,23 +75,24 @@ enum Work<T> {
     Abandoned,
 }
 
-/// A caller's place in a flight. Not `Clone`: each caller leaves exactly once.
-#[derive(Debug)]
-pub(crate) struct Waiter {
+/// A caller's place in a flight, and the work while this caller drives it. Not `Clone`:
+/// each caller leaves exactly once.
+pub(crate) struct Waiter<T> {
     id: u64,
     slot: Option<usize>,
     finished: bool,
+    work: Option<BoxWork<T>>,
 }
 
-impl Waiter {
+impl<T> Waiter<T> {
     pub(crate) fn is_leader(&self) -> bool {
         self.id == 0
     }
 }
 
 /// The answer of [`Flight::try_join_if`].
-pub(crate) enum Join {
-    Joined(Waiter),
+pub(crate) enum Join<T> {
+    Joined(Waiter<T>),
     /// The flight runs, and the caller was not admitted to it.
     Refused,
     /// The flight has ended: the caller must start a new one.
@@ -105,7 +114,7 @@ pub(crate) struct DriverPanicked(pub(crate) Box<dyn Any + Send + 'static>);
 impl<T: Clone> Flight<T> {
     /// A new flight whose leader is still building its work; the returned waiter is the
     /// leader's. Call [`Flight::start`] (or [`Flight::fail_start`]) next.
-    pub(crate) fn new() -> (Self, Waiter) {
+    pub(crate) fn new() -> (Self, Waiter<T>) {
         let flight = Flight {
             state: Mutex::new(State {
                 work: Work::Running(None),
@@ -119,7 +128,7 @@ impl<T: Clone> Flight<T> {
         (flight, Waiter::new(0))
     }
 
-    /// Hands the leader's work to the flight.
+    /// Hands the leader's work to the flight, for the first waiter polled to take.
     pub(crate) fn start(&self, work: BoxWork<T>) {
         let mut state = self.lock();
         state.work = Work::Running(Some(work));
@@ -141,7 +150,7 @@ impl<T: Clone> Flight<T> {
     ///
     /// The decision and the join happen under one lock, so that a cap on followers is
     /// exact and a caller turned away never counts as having joined.
-    pub(crate) fn try_join_if(&self, admit: impl FnOnce(usize) -> bool) -> Join {
+    pub(crate) fn try_join_if(&self, admit: impl FnOnce(usize) -> bool) -> Join<T> {
         let mut state = self.lock();
         if !matches!(state.work, Work::Running(_)) {
             return Join::Ended;
@@ -158,7 +167,7 @@ impl<T: Clone> Flight<T> {
 
     /// Joins a running flight; `None` if it has already ended.
     #[cfg(all(test, coalesce_loom))]
-    pub(crate) fn try_join(&self) -> Option<Waiter> {
+    pub(crate) fn try_join(&self) -> Option<Waiter<T>> {
         match self.try_join_if(|_| true) {
             Join::Joined(waiter) => Some(waiter),
             Join::Refused | Join::Ended => None,
@@ -167,40 +176,45 @@ impl<T: Clone> Flight<T> {
 
     pub(crate) fn poll(
         &self,
-        waiter: &mut Waiter,
+        waiter: &mut Waiter<T>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Finished<T>, DriverPanicked>> {
         assert!(!waiter.finished, "flight polled after completion");
-        let mut state = self.lock();
-        let may_drive = state.driver.is_none_or(|id| id == waiter.id);
-        let mut work = match &mut state.work {
-            Work::Running(work @ Some(_)) if may_drive => work.take().expect("matched Some"),
-            Work::Running(_) => {
-                state.park(waiter, cx.waker());
-                return Poll::Pending;
+        let Some(work) = waiter.work.as_mut() else {
+            // Not driving: take the work over if it was handed back, else wait.
+            let mut state = self.lock();
+            let may_drive = state.driver.is_none_or(|id| id == waiter.id);
+            match &mut state.work {
+                Work::Running(work @ Some(_)) if may_drive => {
+                    waiter.work = work.take();
+                    state.driver = Some(waiter.id);
+                }
+                Work::Running(_) => {
+                    state.park(waiter, cx.waker());
+                    return Poll::Pending;
+                }
+                Work::Done { .. } => return Poll::Ready(Ok(state.read_outcome(waiter))),
+                Work::Panicked(message) => {
+                    let message = format!("the shared work of this flight panicked: {message}");
+                    state.leave(waiter);
+                    drop(state);
+                    panic!("{message}");
+                }
+                Work::Abandoned => unreachable!("a flight with a live waiter is never abandoned"),
             }
-            Work::Done { .. } => return Poll::Ready(Ok(state.read_outcome(waiter))),
-            Work::Panicked(message) => {
-                let message = format!("the shared work of this flight panicked: {message}");
-                state.leave(waiter);
-                drop(state);
-                panic!("{message}");
-            }
-            Work::Abandoned => unreachable!("a flight with a live waiter is never abandoned"),
+            drop(state);
+            return self.poll(waiter, cx);
         };
-        state.driver = Some(waiter.id);
-        drop(state);
 
         // Catching the panic is sound because the work is never polled again: it is dropped
         // below and the flight only remembers the message.
         let polled = panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx)));
-
+        let spent = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            _ => waiter.work.take(),
+        };
         let mut state = self.lock();
         match polled {
-            Ok(Poll::Pending) => {
-                state.work = Work::Running(Some(work));
-                Poll::Pending
-            }
             Ok(Poll::Ready(value)) => {
                 let shared = state.callers > 1;
                 state.work = Work::Done {
@@ -209,15 +223,16 @@ impl<T: Clone> Flight<T> {
                 };
                 let mut finished = state.read_outcome(waiter);
                 finished.release_key = true;
-                wake_all(state, Some(work));
+                wake_all(state, spent);
                 Poll::Ready(Ok(finished))
             }
             Err(payload) => {
                 state.work = Work::Panicked(panic_message(payload.as_ref()));
                 state.leave(waiter);
-                wake_all(state, Some(work));
+                wake_all(state, spent);
                 Poll::Ready(Err(DriverPanicked(payload)))
             }
+            Ok(Poll::Pending) => unreachable!("returned above"),
         }
     }
 }
@@ -231,10 +246,11 @@ impl<T> Flight<T> {
     /// A waiter goes away before it read the outcome (its future was dropped). Returns
     /// `true` when it was the last one: the work has been dropped and the caller must free
     /// the key.
-    pub(crate) fn leave(&self, waiter: &mut Waiter) -> bool {
+    pub(crate) fn leave(&self, waiter: &mut Waiter<T>) -> bool {
         if waiter.finished {
             return false;
         }
+        let held = waiter.work.take();
         let mut state = self.lock();
         state.leave(waiter);
         if !matches!(state.work, Work::Running(_)) {
@@ -246,11 +262,15 @@ impl<T> Flight<T> {
             drop(state);
             // Nobody is left to receive the result: drop the work now rather than let it
             // run for nobody. Outside the lock, because its destructor is user code.
-            drop(work);
+            drop((work, held));
             return true;
         }
+        if let Some(work) = held {
+            // The driver leaves: the work goes back into the flight for a waiter to take.
+            state.work = Work::Running(Some(work));
+        }
         // If this waiter drove the work, or was woken to take it over, pass the duty on to
-        // one parked waiter; it finds nobody driving and polls the same future.
+        // one parked waiter; it finds nobody driving and takes the same future.
         if state.driver.is_none_or(|id| id == waiter.id) {
             state.driver = None;
             wake_one(state);
@@ -269,14 +289,14 @@ impl<T> Flight<T> {
 }
 
 impl<T> State<T> {
-    fn park(&mut self, waiter: &mut Waiter, waker: &Waker) {
+    fn park(&mut self, waiter: &mut Waiter<T>, waker: &Waker) {
         match waiter.slot.and_then(|slot| self.wakers.get_mut(slot)) {
             Some(parked) => parked.clone_from(waker),
             None => waiter.slot = Some(self.wakers.insert(waker.clone())),
         }
     }
 
-    fn leave(&mut self, waiter: &mut Waiter) {
+    fn leave(&mut self, waiter: &mut Waiter<T>) {
         waiter.finished = true;
         self.waiters -= 1;
         if waiter.is_leader() {
@@ -291,7 +311,7 @@ impl<T> State<T> {
 }
 
 impl<T: Clone> State<T> {
-    fn read_outcome(&mut self, waiter: &mut Waiter) -> Finished<T> {
+    fn read_outcome(&mut self, waiter: &mut Waiter<T>) -> Finished<T> {
         self.leave(waiter);
         let last = self.waiters == 0;
         let Work::Done { value, shared } = &mut self.work else {
@@ -312,13 +332,23 @@ impl<T: Clone> State<T> {
     }
 }
 
-impl Waiter {
+impl<T> Waiter<T> {
     fn new(id: u64) -> Self {
         Waiter {
             id,
             slot: None,
             finished: false,
+            work: None,
         }
+    }
+}
+
+impl<T> fmt::Debug for Waiter<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Waiter")
+            .field("id", &self.id)
+            .field("driving", &self.work.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -408,7 +438,7 @@ mod loom_tests {
         })
     }
 
-    fn wait(flight: &Flight<u32>, waiter: &mut Waiter) -> u32 {
+    fn wait(flight: &Flight<u32>, waiter: &mut Waiter<u32>) -> u32 {
         loom::future::block_on(poll_fn(|cx| flight.poll(waiter, cx)))
             .unwrap_or_else(|_| panic!("the work does not panic here"))
             .value

@@ -2,13 +2,13 @@
 
 use std::fmt;
 use std::future::Future;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::panic;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use super::flight::{DriverPanicked, Waiter};
-use super::group::{Entry, Flights, Outcome, release};
+use super::group::{DefaultHashBuilder, Entry, Flights, Outcome, release};
 use crate::sync::Arc;
 
 /// A caller's wait on a flight, returned by [`Group::run`](super::Group::run).
@@ -16,23 +16,25 @@ use crate::sync::Arc;
 /// Dropping it leaves the flight; see `run` for what that does to the work.
 #[must_use = "futures do nothing unless you `.await` or poll them"]
 // NOTE: the bound is needed by the `Drop` impl, which frees the key of an abandoned flight.
-pub struct Run<K, T>
+pub struct Run<K, T, S = DefaultHashBuilder>
 where
     K: Hash + Eq,
+    S: BuildHasher + Clone,
 {
     entry: Arc<Entry<K, T>>,
-    flights: Arc<Flights<K, T>>,
-    waiter: Waiter,
+    flights: Arc<Flights<K, T, S>>,
+    waiter: Waiter<T>,
 }
 
-impl<K, T> Run<K, T>
+impl<K, T, S> Run<K, T, S>
 where
     K: Hash + Eq,
+    S: BuildHasher + Clone,
 {
     pub(crate) fn new(
         entry: Arc<Entry<K, T>>,
-        flights: Arc<Flights<K, T>>,
-        waiter: Waiter,
+        flights: Arc<Flights<K, T, S>>,
+        waiter: Waiter<T>,
     ) -> Self {
         Run {
             entry,
@@ -52,9 +54,10 @@ where
     }
 }
 
-impl<K, T> Future for Run<K, T>
+impl<K, T, S> Future for Run<K, T, S>
 where
     K: Hash + Eq,
+    S: BuildHasher + Clone,
     T: Clone,
 {
     type Output = Outcome<T>;
@@ -77,9 +80,10 @@ where
     }
 }
 
-impl<K, T> Drop for Run<K, T>
+impl<K, T, S> Drop for Run<K, T, S>
 where
     K: Hash + Eq,
+    S: BuildHasher + Clone,
 {
     fn drop(&mut self) {
         if self.entry.flight.leave(&mut self.waiter) {
@@ -88,9 +92,10 @@ where
     }
 }
 
-impl<K, T> fmt::Debug for Run<K, T>
+impl<K, T, S> fmt::Debug for Run<K, T, S>
 where
     K: Hash + Eq,
+    S: BuildHasher + Clone,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Run")

@@ -1,6 +1,6 @@
 use std::fmt;
 use std::future::Future;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::panic::{self, AssertUnwindSafe};
 
 use dashmap::DashMap;
@@ -11,7 +11,18 @@ use super::future::Run;
 use crate::sync::Arc;
 
 /// The registry of flights: one entry per key whose work is running.
-pub(crate) type Flights<K, T> = DashMap<K, Arc<Entry<K, T>>>;
+pub(crate) type Flights<K, T, S> = DashMap<K, Arc<Entry<K, T>>, S>;
+
+/// The hasher of a [`Group`]'s registry unless [`Group::with_hasher`] says otherwise: aHash,
+/// seeded at random per process and per group.
+///
+/// Keys come from clients (ids, idempotency keys), so the default must not let a client
+/// that picks keys make them collide: SipHash (std's `RandomState`) resists that but costs
+/// about 25 ns per call on short keys; aHash is designed to resist it too (an attacker who
+/// does not know the random key can't make collisions) at a fraction of the cost; foldhash,
+/// faster still, says itself that it does not resist attackers who observe it. For keys
+/// no client chooses, any `BuildHasher` will do: [`Group::with_hasher`].
+pub type DefaultHashBuilder = ahash::RandomState;
 
 /// A flight and the key it is registered under, so that whichever caller ends the flight
 /// can free the key without every caller holding a copy of it.
@@ -26,8 +37,11 @@ pub(crate) struct Entry<K, T> {
 ///
 /// Cloning a `Group` is cheap and the clone shares the registry: callers of either clone
 /// coalesce with each other. Two groups made with [`Group::new`] never do.
-pub struct Group<K, T> {
-    flights: Arc<Flights<K, T>>,
+///
+/// `S` hashes keys into the registry: [`DefaultHashBuilder`] unless the group is made with
+/// [`Group::with_hasher`].
+pub struct Group<K, T, S = DefaultHashBuilder> {
+    flights: Arc<Flights<K, T, S>>,
 }
 
 impl<K, T> Group<K, T>
@@ -35,10 +49,30 @@ where
     K: Hash + Eq + Clone,
     T: Clone,
 {
-    /// Creates an empty group.
+    /// Creates an empty group, hashing keys with [`DefaultHashBuilder`].
     pub fn new() -> Self {
+        Self::with_hasher(DefaultHashBuilder::new())
+    }
+}
+
+impl<K, T, S> Group<K, T, S>
+where
+    K: Hash + Eq + Clone,
+    T: Clone,
+    S: BuildHasher + Clone,
+{
+    /// Creates an empty group that hashes keys with `hasher`: a faster one for keys that no
+    /// client chooses (see [`DefaultHashBuilder`] for why the default is what it is).
+    ///
+    /// ```
+    /// use tower_coalesce::single_flight::Group;
+    ///
+    /// let group: Group<u64, String, std::hash::RandomState> =
+    ///     Group::with_hasher(std::hash::RandomState::new());
+    /// ```
+    pub fn with_hasher(hasher: S) -> Self {
         Group {
-            flights: Arc::new(DashMap::new()),
+            flights: Arc::new(DashMap::with_hasher(hasher)),
         }
     }
 
@@ -63,7 +97,7 @@ where
     /// If `make` or the work panics, every caller of that flight panics: the caller whose
     /// task was polling the work resumes the original panic, the others panic with its
     /// message. The key is free afterwards, and the next call starts a fresh flight.
-    pub fn run<F, Fut>(&self, key: K, make: F) -> Run<K, T>
+    pub fn run<F, Fut>(&self, key: K, make: F) -> Run<K, T, S>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = T> + Send + 'static,
@@ -80,7 +114,7 @@ where
     ///
     /// `admit` runs under the registry's shard lock and the flight's lock: keep it short,
     /// and never call into the group from it.
-    pub(crate) fn run_if<F, Fut, A>(&self, key: K, make: F, admit: A) -> Option<Run<K, T>>
+    pub(crate) fn run_if<F, Fut, A>(&self, key: K, make: F, admit: A) -> Option<Run<K, T, S>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = T> + Send + 'static,
@@ -142,31 +176,33 @@ impl<K, T> Entry<K, T>
 where
     T: Clone,
 {
-    fn new(key: K) -> (Arc<Self>, super::flight::Waiter) {
+    fn new(key: K) -> (Arc<Self>, super::flight::Waiter<T>) {
         let (flight, waiter) = Flight::new();
         (Arc::new(Entry { key, flight }), waiter)
     }
 }
 
 /// Frees the key of a flight that has ended, unless a newer flight holds it already.
-pub(crate) fn release<K, T>(flights: &Flights<K, T>, entry: &Arc<Entry<K, T>>)
+pub(crate) fn release<K, T, S>(flights: &Flights<K, T, S>, entry: &Arc<Entry<K, T>>)
 where
     K: Hash + Eq,
+    S: BuildHasher + Clone,
 {
     flights.remove_if(&entry.key, |_, registered| Arc::ptr_eq(registered, entry));
 }
 
-impl<K, T> Default for Group<K, T>
+impl<K, T, S> Default for Group<K, T, S>
 where
     K: Hash + Eq + Clone,
     T: Clone,
+    S: BuildHasher + Clone + Default,
 {
     fn default() -> Self {
-        Self::new()
+        Self::with_hasher(S::default())
     }
 }
 
-impl<K, T> Clone for Group<K, T> {
+impl<K, T, S> Clone for Group<K, T, S> {
     fn clone(&self) -> Self {
         Group {
             flights: self.flights.clone(),
@@ -174,9 +210,10 @@ impl<K, T> Clone for Group<K, T> {
     }
 }
 
-impl<K, T> fmt::Debug for Group<K, T>
+impl<K, T, S> fmt::Debug for Group<K, T, S>
 where
     K: Hash + Eq,
+    S: BuildHasher + Clone,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Group")

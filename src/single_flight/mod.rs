@@ -75,5 +75,5 @@ mod group;
 mod registry;
 
 pub use self::future::Run;
-pub use self::group::{Group, Outcome};
+pub use self::group::{DefaultHashBuilder, Group, Outcome};
 pub(crate) use self::registry::LazyGroup;
