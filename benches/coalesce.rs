@@ -350,11 +350,86 @@ fn fan_in(c: &mut Criterion) {
         report.push(format!("{name:>26}: {per_round:.3} executions per round"));
     }
     group.finish();
+
+    // Criterion runs each contender in a block of its own, so drift in the machine (and the
+    // runtime warming up) lands on whoever runs when. Rounds interleaved contender by
+    // contender, in a rotating order, and their medians give ratios that hold from run to
+    // run.
+    let rounds = 41;
+    let mut times: Vec<Vec<std::time::Duration>> = vec![Vec::new(); contenders.len() * 2];
+    for round in 0..rounds {
+        for turn in 0..times.len() {
+            let which = (round + turn) % times.len();
+            let (_, caller, after_round) = &contenders[which / 2];
+            YIELDING.store(which % 2 == 1, Ordering::Relaxed);
+            let start = std::time::Instant::now();
+            rt.block_on(fan_in_round(caller.clone(), Arc::new(AtomicUsize::new(0))));
+            times[which].push(start.elapsed());
+            if let Some(after) = after_round {
+                after();
+            }
+        }
+    }
+    let median = |t: &mut Vec<std::time::Duration>| {
+        t.sort();
+        t[t.len() / 2]
+    };
+    let medians: Vec<_> = times.iter_mut().map(median).collect();
+    let peer = contenders
+        .iter()
+        .position(|(name, ..)| *name == "singleflight_async")
+        .expect("the peer runs");
+    eprintln!(
+        "\nfan_in_1000 interleaved, median of {rounds} rounds (ratio to singleflight_async):"
+    );
+    for (i, (name, ..)) in contenders.iter().enumerate() {
+        for (shape, j) in [("released", 2 * i), ("yielding", 2 * i + 1)] {
+            let ratio = medians[j].as_secs_f64() / medians[2 * peer + j % 2].as_secs_f64();
+            eprintln!(
+                "{:>40}: {:>9.1?} ({ratio:.2}x)",
+                format!("{name}/{shape}"),
+                medians[j]
+            );
+        }
+    }
     eprintln!("\nfan_in_1000 executions per round (1.000 = no duplicated work):");
     for line in report {
         eprintln!("{line}");
     }
 }
 
-criterion_group!(benches, distinct_keys, fan_in);
+/// The driver's own cost per poll of the work: one caller, work that yields 100 times before
+/// it completes (so it is polled 101 times), on a current-thread runtime.
+fn driver_polls(c: &mut Criterion) {
+    async fn yields_100(k: u64) -> u64 {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        k
+    }
+    let mut group = c.benchmark_group("driver_polls_101");
+    let rt = current_thread();
+    let bare = AtomicU64::new(0);
+    group.bench_function("bare_future", |b| {
+        b.to_async(&rt)
+            .iter(|| yields_100(bare.fetch_add(1, Ordering::Relaxed)))
+    });
+    let ours: Group<u64, u64> = Group::new();
+    group.bench_function("single_flight_group", |b| {
+        b.to_async(&rt).iter(|| {
+            let k = bare.fetch_add(1, Ordering::Relaxed);
+            ours.run(k, move || yields_100(k)).map(|o| o.into_value())
+        })
+    });
+    let sfa = singleflight_async::SingleFlight::<u64, u64>::new();
+    group.bench_function("singleflight_async", |b| {
+        b.to_async(&rt).iter(|| {
+            let k = bare.fetch_add(1, Ordering::Relaxed);
+            sfa.work(k, move || yields_100(k))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, distinct_keys, driver_polls, fan_in);
 criterion_main!(benches);
