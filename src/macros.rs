@@ -220,7 +220,9 @@ macro_rules! define_engine_setters {
         /// then replayed instead of running a half-done create again.
         ///
         /// On for [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer); off for
-        /// `HttpCoalesceLayer`, whose flights are dropped when nobody waits.
+        /// `HttpCoalesceLayer`, whose flights are dropped when nobody waits. When on, each
+        /// flight runs on a task of its own (`tokio::spawn`): serve from a tokio runtime, as
+        /// axum and hyper-util do.
         pub fn finish_abandoned(mut self, finish: bool) -> Self {
             self.engine.config.finish_abandoned = finish;
             self
