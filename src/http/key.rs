@@ -90,9 +90,11 @@ pub fn method_path_and_query() -> MethodPathAndQuery {
 
 /// Keys requests by one parameter of a path pattern such as `/api/clients/{id}`.
 ///
-/// The pattern is matched segment by segment against the path the layer sees (under an
-/// axum `nest`, the path without the nest's prefix). Requests whose path does not match
-/// have no key.
+/// The pattern is matched segment by segment against the path the layer sees. With axum's
+/// `Router::nest`, a layer on the outer router sees the full path, so the pattern includes
+/// the nest's prefix (`/api/clients/{id}` under `nest("/api", ..)`); a layer on the nested
+/// router sees the path without it. Requests whose path does not match have no key (see
+/// [`Metrics::requests_without_key`](super::Metrics::requests_without_key)).
 ///
 /// ```
 /// use tower_coalesce::coalesce::MakeKey;
