@@ -115,22 +115,28 @@ impl<K, I, St> Engine<K, I, St> {
     }
 
     pub(crate) fn with_scope<I2>(self, scope: I2) -> Engine<K, I2, St> {
-        Engine::new(self.make_key, scope, self.store, self.config).sharing(self.metrics)
+        Engine {
+            make_key: self.make_key,
+            scope,
+            store: self.store,
+            config: self.config,
+            metrics: self.metrics,
+            flights: self.flights,
+        }
     }
 
     pub(crate) fn with_store<St2>(self, store: St2) -> Engine<K, I, St2> {
-        let config = Config {
-            has_store: true,
-            ..self.config
-        };
-        Engine::new(self.make_key, self.scope, store, config).sharing(self.metrics)
-    }
-
-    /// Keeps the counters already handed out by `metrics()`. The registry is made anew: its
-    /// flights are typed by the key.
-    fn sharing(mut self, metrics: Metrics) -> Self {
-        self.metrics = metrics;
-        self
+        Engine {
+            make_key: self.make_key,
+            scope: self.scope,
+            store,
+            config: Config {
+                has_store: true,
+                ..self.config
+            },
+            metrics: self.metrics,
+            flights: self.flights,
+        }
     }
 
     /// A request whose key maker found no key: counted, logged (loudly the first time: on a
@@ -292,13 +298,7 @@ where
     // Keys carry user ids: logs get a hash, and only when someone reads them.
     let key_hash = tracing::enabled!(tracing::Level::DEBUG).then(|| KeyHash::of(&flight_key));
     let request = Request::from_parts(parts, Either::Left(Full::new(bytes)));
-    let admitted = Admitted {
-        flight_key,
-        store_key,
-        key_hash,
-        request: Some(request),
-    };
-    join_or_lead(inner, engine, admitted).await
+    join_or_lead(inner, engine, flight_key, store_key, key_hash, request).await
 }
 
 /// Reads a keyed request's body, refusing one over `limit` before reading it when its size
@@ -326,14 +326,6 @@ where
         Err(error) if error.is::<LengthLimitError>() => Err(problem::request_too_large()),
         Err(_) => Err(problem::request_unreadable()),
     }
-}
-
-struct Admitted<Scope, Key, ReqB> {
-    flight_key: FlightKey<Scope, Key>,
-    store_key: Option<StoreKey>,
-    key_hash: Option<KeyHash>,
-    /// Until this caller leads a flight (the request goes into it) or runs on its own.
-    request: Option<InnerRequest<ReqB>>,
 }
 
 // ===== 2. Join or lead =====
@@ -372,7 +364,10 @@ fn admission(config: &Config, mismatched: bool, followers: usize) -> Option<Refu
 async fn join_or_lead<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
-    admitted: Admitted<I::Key, K::Key, ReqB>,
+    flight_key: FlightKey<I::Key, K::Key>,
+    store_key: Option<StoreKey>,
+    key_hash: Option<KeyHash>,
+    request: InnerRequest<ReqB>,
 ) -> Answer<ResB, S::Error>
 where
     S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -385,13 +380,12 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    let Admitted {
-        flight_key,
-        store_key,
-        key_hash,
-        mut request,
-    } = admitted;
     let fingerprint = flight_key.fingerprint;
+    // Until this caller leads a flight (the request goes into it) or runs on its own.
+    let mut request = Some(request);
+    // The key goes into the registry; only a caller that waits for another request's turn
+    // needs it again, and takes a copy of it then, from the registered key.
+    let mut flight_key = Some(flight_key);
     let (config, metrics) = (&engine.config, &engine.metrics);
     let group = engine
         .flights
@@ -404,7 +398,7 @@ where
     loop {
         let (mut refusal, mut mismatched) = (None, false);
         let run = group.run_if(
-            flight_key.clone(),
+            flight_key.take().expect("a key for every attempt"),
             || {
                 let req = request.take().expect("a caller leads at most one flight");
                 fly(
@@ -419,6 +413,13 @@ where
             |running, followers| {
                 mismatched = running.fingerprint != fingerprint;
                 refusal = admission(config, mismatched, followers);
+                if mismatched && refusal.is_none() {
+                    // Equal to this caller's key but for the fingerprint.
+                    flight_key = Some(FlightKey {
+                        fingerprint,
+                        ..running.clone()
+                    });
+                }
                 refusal.is_none()
             },
         );

@@ -83,10 +83,10 @@ impl Metrics {
         self.counters
             .requests_without_key
             .fetch_add(1, Ordering::Relaxed);
-        !self
-            .counters
-            .warned_without_key
-            .swap(true, Ordering::Relaxed)
+        // Read before written: once warned, the flag's cache line stays shared instead of
+        // bouncing between cores with every request without a key.
+        let warned = &self.counters.warned_without_key;
+        !warned.load(Ordering::Relaxed) && !warned.swap(true, Ordering::Relaxed)
     }
 
     /// Requests that found their key's flight running for another request and waited for

@@ -140,13 +140,23 @@ pub struct Fingerprint([u8; 32]);
 
 impl Fingerprint {
     pub(crate) fn of(method: &http::Method, uri: &http::Uri, body: &[u8]) -> Self {
-        let mut bytes = Vec::with_capacity(64);
-        bytes.extend_from_slice(b"tower-coalesce fingerprint v1\0");
-        method.encode_key(&mut bytes);
-        uri.path().encode_key(&mut bytes);
-        uri.query().encode_key(&mut bytes);
+        // The `EncodeKey` bytes of method, path and query, written into the digest as they
+        // are made rather than gathered in a buffer first: this runs for every keyed request.
+        fn part(hasher: &mut Sha256, bytes: &[u8]) {
+            hasher.update((bytes.len() as u64).to_be_bytes());
+            hasher.update(bytes);
+        }
         let mut hasher = Sha256::new();
-        hasher.update(&bytes);
+        hasher.update(b"tower-coalesce fingerprint v1\0");
+        part(&mut hasher, method.as_str().as_bytes());
+        part(&mut hasher, uri.path().as_bytes());
+        match uri.query() {
+            None => hasher.update([0]),
+            Some(query) => {
+                hasher.update([1]);
+                part(&mut hasher, query.as_bytes());
+            }
+        }
         hasher.update(body);
         Fingerprint(hasher.finalize().into())
     }

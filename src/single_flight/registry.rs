@@ -1,4 +1,5 @@
 use std::any::Any;
+use std::borrow::Cow;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -26,8 +27,10 @@ struct Groups {
 }
 
 impl LazyGroup {
-    /// Returns the group for keys `K` and results `T`, making it on the first call.
-    pub(crate) fn get<K, T>(&self) -> Group<K, T>
+    /// Returns the group for keys `K` and results `T`, making it on the first call: borrowed
+    /// for the first pair of types (no reference count touched per call), a clone of the
+    /// shared group for any other.
+    pub(crate) fn get<K, T>(&self) -> Cow<'_, Group<K, T>>
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
         T: Clone + Send + 'static,
@@ -37,7 +40,7 @@ impl LazyGroup {
             .first
             .get_or_init(|| Box::new(Group::<K, T>::new()));
         if let Some(group) = first.downcast_ref::<Group<K, T>>() {
-            return group.clone();
+            return Cow::Borrowed(group);
         }
         let mut others = self
             .groups
@@ -45,11 +48,11 @@ impl LazyGroup {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(group) = others.iter().find_map(|g| g.downcast_ref::<Group<K, T>>()) {
-            return group.clone();
+            return Cow::Owned(group.clone());
         }
         let group = Group::<K, T>::new();
         others.push(Box::new(group.clone()));
-        group
+        Cow::Owned(group)
     }
 }
 
