@@ -478,3 +478,99 @@ async fn path_params_under_nest_need_the_prefix_in_the_pattern() {
         );
     }
 }
+
+/// A handler whose response varies on `Accept-Encoding`, as one under a compression layer
+/// placed below the coalescing layer does; it answers with what it was asked.
+fn negotiated(
+    layer_runs: Runs,
+    metrics: Metrics,
+    joined: u64,
+) -> impl Clone
++ Fn(
+    axum::http::HeaderMap,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = axum::response::Response> + Send>> {
+    move |headers: axum::http::HeaderMap| {
+        let (runs, metrics) = (layer_runs.clone(), metrics.clone());
+        Box::pin(async move {
+            let n = runs.enter();
+            if n == 1 {
+                eventually("every follower joined", || {
+                    metrics.callers_joined() == joined
+                })
+                .await;
+            }
+            runs.leave();
+            let asked = headers
+                .get("accept-encoding")
+                .map_or("none", |v| v.to_str().unwrap())
+                .to_owned();
+            axum::response::IntoResponse::into_response((
+                [("vary", "accept-encoding")],
+                format!("encoded for {asked}"),
+            ))
+        })
+    }
+}
+
+/// 20 concurrent callers with one key and body, half accepting gzip and half identity: the
+/// response varies on `Accept-Encoding`, so only callers that asked what the leader asked
+/// share it; each of the others gets a response of its own. Nobody gets another's encoding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_response_that_varies_is_shared_only_with_callers_that_sent_the_same_header() {
+    let runs = Runs::default();
+    let layer = HttpCoalesceLayer::new(key::header("x-client-id"));
+    let handler = negotiated(runs.clone(), layer.metrics(), 19);
+    let router = Router::new().route("/report", post(handler)).layer(layer);
+    let url = format!("http://{}/report", support::serve(router).await);
+    let client = reqwest::Client::new();
+    let answers = join_all((0..20).map(|i| {
+        let (client, url) = (client.clone(), url.clone());
+        let encoding = if i % 2 == 0 { "gzip" } else { "identity" };
+        tokio::spawn(async move {
+            let headers = [("x-client-id", "c-1"), ("accept-encoding", encoding)];
+            (
+                encoding,
+                post_body(&client, &url, &headers, "{}".into()).await,
+            )
+        })
+    }))
+    .await;
+    for answer in answers {
+        let (encoding, (status, text)) = answer.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(text, format!("encoded for {encoding}"));
+    }
+    // The leader's run, and one for each of the 10 callers that asked otherwise.
+    assert_eq!(runs.started.get(), 11);
+}
+
+/// The same for replay: a kept response that varies on `Accept-Encoding` is replayed only to
+/// a retry that sends the same `Accept-Encoding`; another retry with the key is refused with
+/// `422` under the idempotency preset, never given the other encoding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kept_response_that_varies_is_replayed_only_to_the_same_header() {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new();
+    let handler = negotiated(runs.clone(), layer.metrics(), 0);
+    let router = Router::new().route("/report", post(handler)).layer(layer);
+    let url = format!("http://{}/report", support::serve(router).await);
+    let client = reqwest::Client::new();
+    let send = |encoding: &'static str| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let headers = [("idempotency-key", "r-1"), ("accept-encoding", encoding)];
+            post_body(&client, &url, &headers, "{}".into()).await
+        }
+    };
+    assert_eq!(
+        send("gzip").await,
+        (StatusCode::OK, "encoded for gzip".into())
+    );
+    let other = send("identity").await;
+    assert_eq!(other.0, StatusCode::UNPROCESSABLE_ENTITY, "{}", other.1);
+    assert_eq!(
+        send("gzip").await,
+        (StatusCode::OK, "encoded for gzip".into())
+    );
+    assert_eq!(runs.started.get(), 1);
+}

@@ -18,6 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response};
@@ -212,7 +213,13 @@ impl<Scope: Hash, Key: Hash> Hash for FlightKey<Scope, Key> {
 /// What a flight shares: a response it produced, one it found stored, or why it ran
 /// nothing.
 pub(crate) enum Done<B> {
-    Fresh(Flown<B>),
+    /// A response of this flight's own run, and the fingerprint of the requests it answers
+    /// (see [`Fingerprint::answered_by`]): followers whose own differs, for a response that
+    /// varies on a header they sent otherwise, are not given it.
+    Fresh {
+        flown: Flown<B>,
+        answers: Option<Fingerprint>,
+    },
     Stored(Arc<StoredResponse>),
     /// Another instance runs the key, under `OnDuplicate::Conflict`.
     InProgress,
@@ -225,7 +232,10 @@ pub(crate) enum Done<B> {
 impl<B> Clone for Done<B> {
     fn clone(&self) -> Self {
         match self {
-            Done::Fresh(flown) => Done::Fresh(flown.clone()),
+            Done::Fresh { flown, answers } => Done::Fresh {
+                flown: flown.clone(),
+                answers: *answers,
+            },
             Done::Stored(stored) => Done::Stored(stored.clone()),
             Done::InProgress => Done::InProgress,
             Done::GaveUp => Done::GaveUp,
@@ -386,6 +396,9 @@ where
     // The key goes into the registry; only a caller that waits for another request's turn
     // needs it again, and takes a copy of it then, from the registered key.
     let mut flight_key = Some(flight_key);
+    // The leader's request goes into the flight; its headers are kept to tell which
+    // responses and replays answer it when a response `Vary`s (one copy per flight).
+    let mut leader_asked: Option<Arc<HeaderMap>> = None;
     let (config, metrics) = (&engine.config, &engine.metrics);
     let group = engine
         .flights
@@ -401,10 +414,13 @@ where
             flight_key.take().expect("a key for every attempt"),
             || {
                 let req = request.take().expect("a caller leads at most one flight");
+                let asked = Arc::new(req.headers().clone());
+                leader_asked = Some(asked.clone());
                 fly(
                     inner.clone(),
                     engine.clone(),
                     req,
+                    asked,
                     store_key.clone(),
                     fingerprint,
                     key_hash,
@@ -470,7 +486,7 @@ where
             continue;
         }
         watch.done = true;
-        return answer(outcome, inner, &engine, request, fingerprint).await;
+        return answer(outcome, inner, &engine, request, leader_asked, fingerprint).await;
     }
 }
 
@@ -496,9 +512,10 @@ where
         Refusal::Conflict => {
             // The flight may be only the lookup of a completed key (retries that arrived
             // together): replay rather than refuse.
-            if let (Some(_), Some(key)) = (config.replay, &store_key) {
+            let asked = request.as_ref().map(|req| req.headers());
+            if let (Some(_), Some(key), Some(asked)) = (config.replay, &store_key, asked) {
                 if let Ok(Some(stored)) = engine.store.get(key).await {
-                    if stored.fingerprint() == fingerprint {
+                    if answers(&stored, fingerprint, asked) {
                         return Ok(replay(&stored, metrics));
                     }
                 }
@@ -574,6 +591,7 @@ fn fly<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
     req: InnerRequest<ReqB>,
+    asked: Arc<HeaderMap>,
     store_key: Option<StoreKey>,
     fingerprint: Fingerprint,
     key_hash: Option<KeyHash>,
@@ -593,7 +611,7 @@ where
     async move {
         let lease = match &store_key {
             None => None,
-            Some(key) => match take_lease(&engine, key, fingerprint).await {
+            Some(key) => match take_lease(&engine, key, fingerprint, &asked).await {
                 Ok(lease) => lease,
                 Err(done) => return Ok(done),
             },
@@ -601,7 +619,7 @@ where
         engine.metrics.flight_started();
         tracing::debug!("flight started");
         let finish = engine.config.finish_abandoned;
-        let work = run_and_keep(inner, engine, req, store_key, lease, fingerprint);
+        let work = run_and_keep(inner, engine, req, asked, store_key, lease, fingerprint);
         let outcome = if finish {
             // A task of its own outlives the callers: dropping the flight drops only the
             // wait for it.
@@ -616,7 +634,7 @@ where
             work.await
         };
         tracing::debug!(ok = outcome.is_ok(), "flight completed");
-        outcome.map(Done::Fresh)
+        outcome.map(|(flown, answers)| Done::Fresh { flown, answers })
     }
     .instrument(span)
 }
@@ -625,10 +643,11 @@ async fn run_and_keep<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
     req: InnerRequest<ReqB>,
+    asked: Arc<HeaderMap>,
     store_key: Option<StoreKey>,
     lease: Option<LeaseGuard>,
     fingerprint: Fingerprint,
-) -> Result<Flown<ResB>, Arc<S::Error>>
+) -> Result<(Flown<ResB>, Option<Fingerprint>), Arc<S::Error>>
 where
     S: Service<InnerRequest<ReqB>, Response = Response<ResB>>,
     St: IdempotencyStore,
@@ -655,8 +674,16 @@ where
     // Kept before the lease is released and before the flight completes, so that a
     // duplicate, here or on another instance, either waits for this flight or finds the
     // response kept.
+    let outcome = outcome.map(|flown| {
+        let answers = match &flown {
+            Flown::Buffered(buffered) => fingerprint.answered_by(&buffered.parts.headers, &asked),
+            // Not shared with anyone: the leader's alone.
+            _ => None,
+        };
+        (flown, answers)
+    });
     if let Some(key) = store_key {
-        keep(&engine, key, lease, outcome.as_ref().ok(), fingerprint).await;
+        keep(&engine, key, lease, outcome.as_ref().ok()).await;
     }
     outcome
 }
@@ -667,6 +694,7 @@ async fn take_lease<K, I, St: IdempotencyStore, B>(
     engine: &Engine<K, I, St>,
     key: &StoreKey,
     fingerprint: Fingerprint,
+    asked: &HeaderMap,
 ) -> Result<Option<LeaseGuard>, Done<B>> {
     let (store, config, metrics) = (&engine.store, &engine.config, &engine.metrics);
     let started = std::time::Instant::now();
@@ -706,7 +734,7 @@ async fn take_lease<K, I, St: IdempotencyStore, B>(
             }
             Err(error) => return store_failed(&error, "lease", engine),
         };
-        if found.fingerprint() != fingerprint && config.on_mismatch == OnMismatch::Queue {
+        if !answers(&found, fingerprint, asked) && config.on_mismatch == OnMismatch::Queue {
             // Another request's response: this one runs, and its response is kept instead.
             // The store answered with the response rather than the lease, so this run holds
             // none (see the `OnMismatch` docs).
@@ -740,15 +768,15 @@ async fn keep<K, I, St: IdempotencyStore, B>(
     engine: &Engine<K, I, St>,
     key: StoreKey,
     lease: Option<LeaseGuard>,
-    flown: Option<&Flown<B>>,
-    fingerprint: Fingerprint,
+    flown: Option<&(Flown<B>, Option<Fingerprint>)>,
 ) {
     let config = &engine.config;
     let ttl = config
         .replay
         .or_else(|| lease.is_some().then_some(config.handover));
     let stored = ttl.and_then(|ttl| {
-        let stored = storable(flown?, fingerprint)?;
+        let (flown, answers) = flown?;
+        let stored = storable(flown, (*answers)?)?;
         Some((Arc::new(stored), ttl))
     });
     let kept = match (lease, stored) {
@@ -762,9 +790,10 @@ async fn keep<K, I, St: IdempotencyStore, B>(
     }
 }
 
-/// A completed response as the store keeps it, unless the rules say not to keep it:
-/// server errors (so that a retry runs again), bodies over the limit or not shared, and
-/// bodies that ended in an error or with trailers.
+/// A completed response as the store keeps it, under the fingerprint of the requests it
+/// answers, unless the rules say not to keep it: server errors (so that a retry runs
+/// again), bodies over the limit or not shared, bodies that ended in an error or with
+/// trailers, and (by the caller) `Vary: *`.
 fn storable<B>(flown: &Flown<B>, fingerprint: Fingerprint) -> Option<StoredResponse> {
     let Flown::Buffered(buffered) = flown else {
         return None;
@@ -789,6 +818,7 @@ async fn answer<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: &Engine<K, I, St>,
     request: Option<InnerRequest<ReqB>>,
+    leader_asked: Option<Arc<HeaderMap>>,
     fingerprint: Fingerprint,
 ) -> Answer<ResB, S::Error>
 where
@@ -798,9 +828,15 @@ where
     let (config, metrics) = (&engine.config, &engine.metrics);
     let leader = outcome.is_leader();
     let role = if leader { Role::Leader } else { Role::Follower };
+    // What this caller asked: its own request's headers, or the leader's copy of them.
+    let asked = match (&request, &leader_asked) {
+        (Some(request), _) => request.headers(),
+        (None, Some(asked)) => asked,
+        (None, None) => unreachable!("a caller keeps its request unless it leads"),
+    };
     let mut response = match outcome.into_value() {
         Err(error) => return Err(S::Error::share(&error)),
-        Ok(Done::Stored(stored)) if stored.fingerprint() == fingerprint => {
+        Ok(Done::Stored(stored)) if answers(&stored, fingerprint, asked) => {
             return Ok(replay(&stored, metrics));
         }
         Ok(Done::Stored(_)) => {
@@ -810,13 +846,37 @@ where
         Ok(Done::InProgress) => return Ok(problem::in_progress()),
         Ok(Done::GaveUp) => return Ok(problem::gave_up_waiting()),
         Ok(Done::Unavailable) => return Ok(problem::store_unavailable()),
-        Ok(Done::Fresh(Flown::Buffered(buffered))) => buffered.into_response(),
-        Ok(Done::Fresh(Flown::TooLarge(slot) | Flown::Unshared { leader: slot, .. })) if leader => {
-            Flown::take_leader(&slot)
-                .expect("the leader's own response is taken once, by the leader")
+        Ok(Done::Fresh {
+            flown: Flown::Buffered(buffered),
+            answers,
+        }) if leader
+            || answers.is_some()
+                && answers == fingerprint.answered_by(&buffered.parts.headers, asked) =>
+        {
+            buffered.into_response()
         }
-        Ok(Done::Fresh(Flown::TooLarge(_))) => problem::too_large_to_share(),
-        Ok(Done::Fresh(Flown::Unshared { turn, .. })) => {
+        Ok(Done::Fresh {
+            flown: Flown::Buffered(_),
+            ..
+        }) => {
+            // The response varies on a header this caller sent otherwise: it is not this
+            // caller's answer, so it gets one of its own.
+            tracing::debug!("response varies on a header this follower sent otherwise");
+            return run_own(inner, request, config.role_header).await;
+        }
+        Ok(Done::Fresh {
+            flown: Flown::TooLarge(slot) | Flown::Unshared { leader: slot, .. },
+            ..
+        }) if leader => Flown::take_leader(&slot)
+            .expect("the leader's own response is taken once, by the leader"),
+        Ok(Done::Fresh {
+            flown: Flown::TooLarge(_),
+            ..
+        }) => problem::too_large_to_share(),
+        Ok(Done::Fresh {
+            flown: Flown::Unshared { turn, .. },
+            ..
+        }) => {
             // Holds the turn, if followers take turns, until its own response is there.
             let _turn = match turn {
                 Some(turn) => turn.acquire_owned().await.ok(),
@@ -827,6 +887,11 @@ where
     };
     tag(&mut response, role, config.role_header);
     Ok(response)
+}
+
+/// Whether a stored response answers a request with this fingerprint and these headers.
+fn answers(stored: &StoredResponse, fingerprint: Fingerprint, asked: &HeaderMap) -> bool {
+    fingerprint.answered_by(stored.headers(), asked) == Some(stored.fingerprint())
 }
 
 const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");

@@ -161,6 +161,44 @@ impl Fingerprint {
         Fingerprint(hasher.finalize().into())
     }
 
+    /// The fingerprint of the requests a response to this one may also answer: this one
+    /// itself, unless the response says with `Vary` that it depends on request headers;
+    /// then this one extended by the values those headers had in `request`. `None` for
+    /// `Vary: *`: such a response answers its own request only.
+    ///
+    /// A response is kept and shared under this, so that a caller whose `Vary`'d headers
+    /// differ (another `Accept-Encoding`, say, with compression below the layer) never
+    /// receives it.
+    pub(crate) fn answered_by(self, response: &HeaderMap, request: &HeaderMap) -> Option<Self> {
+        let mut varied = response.get_all(http::header::VARY).iter().peekable();
+        if varied.peek().is_none() {
+            return Some(self);
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(b"tower-coalesce vary v1\0");
+        hasher.update(self.0);
+        let names = varied
+            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|name| !name.is_empty());
+        for name in names {
+            if name == b"*" {
+                return None;
+            }
+            let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+            hasher.update((name.len() as u64).to_be_bytes());
+            hasher.update(name.as_bytes());
+            // A name that is not a header name matches no header: it adds nothing but itself.
+            let values = request.get_all(name.as_str());
+            hasher.update((values.iter().count() as u64).to_be_bytes());
+            for value in values {
+                hasher.update((value.len() as u64).to_be_bytes());
+                hasher.update(value.as_bytes());
+            }
+        }
+        Some(Fingerprint(hasher.finalize().into()))
+    }
+
     /// Rebuilds a fingerprint read back from a store.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         Fingerprint(bytes)
@@ -302,6 +340,36 @@ mod tests {
             StoreKey::new(Some(&"ab".to_owned()), &"c".to_owned()),
             StoreKey::new(Some(&"a".to_owned()), &"bc".to_owned()),
         );
+    }
+
+    #[test]
+    fn a_varied_response_answers_only_requests_with_the_same_varied_headers() {
+        let base = Fingerprint::from_bytes([9; 32]);
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(*name, http::HeaderValue::from_static(value));
+            }
+            map
+        };
+        let plain = headers(&[("content-type", "text/plain")]);
+        let gzip = headers(&[("accept-encoding", "gzip"), ("x-other", "1")]);
+        let gzip_too = headers(&[("accept-encoding", "gzip"), ("x-other", "2")]);
+        let identity = headers(&[("accept-encoding", "identity")]);
+        assert_eq!(base.answered_by(&plain, &gzip), Some(base));
+        let varied = headers(&[("vary", "Accept-Encoding")]);
+        let answered = base.answered_by(&varied, &gzip);
+        assert_ne!(answered, Some(base));
+        assert_eq!(
+            answered,
+            base.answered_by(&varied, &gzip_too),
+            "other headers don't count"
+        );
+        assert_ne!(answered, base.answered_by(&varied, &identity));
+        assert_ne!(answered, base.answered_by(&varied, &HeaderMap::new()));
+        let two = headers(&[("vary", "origin"), ("vary", "accept-encoding")]);
+        assert_ne!(base.answered_by(&two, &gzip), answered);
+        assert_eq!(base.answered_by(&headers(&[("vary", "x, *")]), &gzip), None);
     }
 
     #[test]
