@@ -19,8 +19,10 @@
 //!    (the [`scope`], by default the `Authorization` and `Cookie` headers) and the same
 //!    fingerprint: **a caller never receives the response to another request**. A different
 //!    request with the key waits for the running one and then runs, or gets `422`
-//!    ([`OnMismatch`]). With a [store](HttpCoalesceLayer::store) shared by several
-//!    instances (Redis), the flight also takes the key's lease, so that one instance runs it.
+//!    ([`OnMismatch`]). A response that names request headers in `Vary` goes only to
+//!    callers (and replays) whose values for them are the leader's; the others get a call
+//!    of their own. With a [store](HttpCoalesceLayer::store) shared by several instances
+//!    (Redis), the flight also takes the key's lease, so that one instance runs it.
 //! 3. **Run.** The leader's request calls the inner service; its response is buffered, and
 //!    kept in the store if [`replay`](HttpCoalesceLayer::replay) asks for it.
 //! 4. **Answer.** Every caller gets its copy, a replay, or the layer's own answer: an RFC

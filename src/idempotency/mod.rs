@@ -28,7 +28,7 @@
 //! | same key, running on another instance (shared store) | waits for it, then replayed (the same `409` / `503` rules) | no |
 //! | same key, completed and stored | stored response replayed | no |
 //! | store down or timed out | runs as if nothing were stored, or `503` under [`OnStoreError::FailClosed`] | yes / no |
-//! | same key, different method, path or body | `422`, problem+json | no |
+//! | same key, different method, path, query or body, or a stored response that `Vary`s on a header this request sends otherwise | `422`, problem+json | no |
 //!
 //! What is stored: successful and client-error responses (`2xx`, `3xx`, `4xx`). Not
 //! stored, so that a retry runs again: server errors (`5xx`), errors of the inner service,
