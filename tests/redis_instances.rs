@@ -22,12 +22,9 @@ use tower_coalesce::http::{HttpCoalesceLayer, key};
 use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
 use tower_coalesce::redis::RedisStore;
 
-/// The handler of every instance: counts its runs, and passes `gate` before it answers.
-fn app(
-    layer: IdempotencyLayer<tower_coalesce::http::scope::DefaultScope, RedisStore>,
-    runs: Counter,
-    gate: Gate,
-) -> Router {
+/// The route of every instance, without its layer: the handler counts its runs, and passes
+/// `gate` before it answers.
+fn routes(runs: Counter, gate: Gate) -> Router {
     let handler = move || {
         let (runs, gate) = (runs.clone(), gate.clone());
         async move {
@@ -40,9 +37,7 @@ fn app(
             )
         }
     };
-    Router::new()
-        .route("/orders", routing::post(handler))
-        .layer(layer)
+    Router::new().route("/orders", routing::post(handler))
 }
 
 struct Instance {
@@ -58,7 +53,7 @@ async fn instance(
 ) -> Instance {
     let layer = IdempotencyLayer::new().store(store).on_store_error(policy);
     let metrics = layer.metrics();
-    let addr = support::serve(app(layer, runs.clone(), gate.clone())).await;
+    let addr = support::serve(routes(runs.clone(), gate.clone()).layer(layer)).await;
     Instance { addr, metrics }
 }
 
@@ -220,7 +215,7 @@ async fn a_dropped_leader_releases_its_lease_and_another_instance_takes_over_at_
         .finish_abandoned(false);
     let leader = Instance {
         metrics: layer.metrics(),
-        addr: support::serve(app(layer, runs.clone(), Gate::closed())).await,
+        addr: support::serve(routes(runs.clone(), Gate::closed()).layer(layer)).await,
     };
     let open = Gate::closed();
     open.open();
@@ -396,24 +391,7 @@ async fn any_key_runs_once_across_instances_and_is_kept_only_with_replay() {
                 layer = layer.replay(Duration::from_secs(60));
             }
             let metrics = layer.metrics();
-            let handler = {
-                let (runs, gate) = (runs.clone(), gate.clone());
-                move || {
-                    let (runs, gate) = (runs.clone(), gate.clone());
-                    async move {
-                        let n = runs.incr() + 1;
-                        gate.pass().await;
-                        (
-                            StatusCode::CREATED,
-                            [("x-run", n.to_string())],
-                            format!("client made by run {n}"),
-                        )
-                    }
-                }
-            };
-            let router = Router::new()
-                .route("/orders", routing::post(handler))
-                .layer(layer);
+            let router = routes(runs.clone(), gate.clone()).layer(layer);
             instances.push(Instance {
                 addr: support::serve(router).await,
                 metrics,
