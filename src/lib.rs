@@ -64,6 +64,8 @@
 //! # Features
 //!
 //! - `http` (default): the `http` module. Without it the crate depends on no HTTP crate.
+//! - `cache`: `single_flight::Cache`, single-flight caching: results kept for their
+//!   lifetimes, stale-while-revalidate, stale-if-error, negative caching (moka, tokio).
 //! - `idempotency`: the `idempotency` module, the `Idempotency-Key` preset of the HTTP
 //!   layer, and `MemoryStore` (moka) to replay completed responses.
 //! - `redis`: `RedisStore`, a store shared by several instances: one run per key across all

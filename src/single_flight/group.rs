@@ -166,6 +166,24 @@ where
         }
     }
 
+    /// Forgets the flight running for `key`, if any, as Go's `singleflight.Group.Forget`: the
+    /// next [`run`](Self::run) with `key` starts a new flight instead of joining it. Callers
+    /// already waiting on the forgotten flight keep waiting for it and get its result; its
+    /// work is neither cancelled nor restarted. Returns whether a flight was forgotten.
+    ///
+    /// ```
+    /// use tower_coalesce::single_flight::Group;
+    ///
+    /// let group: Group<&str, u32> = Group::new();
+    /// let before = group.run("report", || std::future::pending());
+    /// assert!(group.forget(&"report"));
+    /// let after = group.run("report", || async { 2 });
+    /// assert!(before.is_leader() && after.is_leader(), "two flights, one per side");
+    /// ```
+    pub fn forget(&self, key: &K) -> bool {
+        self.flights.remove(key).is_some()
+    }
+
     /// The number of keys with a flight in progress.
     pub fn in_flight(&self) -> usize {
         self.flights.len()

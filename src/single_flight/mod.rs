@@ -6,7 +6,9 @@
 //! A [`Group`] maps keys to *flights*. The first caller of a key starts a flight with its
 //! work; callers that arrive with the same key while the work runs join that flight instead
 //! of running the work again. When the work completes, every caller receives a clone of its
-//! output and the key is freed at once: a group coalesces, it does not cache.
+//! output and the key is freed at once: a group coalesces, it does not cache. To keep results
+//! for a while, with stale-while-revalidate and stale-if-error, use a `Cache` (feature
+//! `cache`), which runs its misses and refreshes as the flights of a group.
 //!
 //! # Example
 //!
@@ -69,11 +71,15 @@
 //! (`the shared work of this flight panicked: ...`), so that no waiter hangs. The key is free
 //! afterwards and the next call starts a fresh flight; nobody retries the work silently.
 
+#[cfg(feature = "cache")]
+mod cache;
 mod flight;
 pub mod future;
 mod group;
 mod registry;
 
+#[cfg(feature = "cache")]
+pub use self::cache::{Cache, CacheBuilder, CacheStatus, Fetched, Lifetimes};
 pub use self::future::Run;
 pub use self::group::{DefaultHashBuilder, Group, Outcome};
 pub(crate) use self::registry::LazyGroup;

@@ -1,0 +1,548 @@
+//! Single-flight caching: a [`Group`] whose results are kept for a while.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::time::Instant;
+
+use super::group::{DefaultHashBuilder, Group};
+
+/// How long a cached value may be used, counted from when its work completed.
+///
+/// The windows follow HTTP's `max-age`, `stale-while-revalidate` and `stale-if-error`
+/// (RFC 9111, RFC 5861): both stale windows start when the value stops being fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lifetimes {
+    /// How long the value is served as it is, without running the work.
+    pub fresh: Duration,
+    /// After `fresh`: how long the value is still served at once while one refresh runs in
+    /// the background.
+    pub stale_while_revalidate: Duration,
+    /// After `fresh`: how long the value is served in place of an error from the work.
+    pub stale_if_error: Duration,
+}
+
+impl Lifetimes {
+    /// Fresh for `fresh`, never stale.
+    pub fn fresh_for(fresh: Duration) -> Self {
+        Lifetimes {
+            fresh,
+            ..Lifetimes::default()
+        }
+    }
+
+    /// The longest the value can be of any use.
+    fn usable(&self) -> Duration {
+        self.fresh + self.stale_while_revalidate.max(self.stale_if_error)
+    }
+}
+
+/// How a caller came by its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CacheStatus {
+    /// A fresh cached value; nothing ran.
+    Hit,
+    /// A stale cached value, served at once while a refresh runs, or in place of an error.
+    Stale,
+    /// No usable value: this caller ran the work.
+    Miss,
+    /// No usable value: this caller joined the work another caller had started.
+    Coalesced,
+}
+
+/// The answer of [`Cache::fetch`]: the result and where it came from.
+#[derive(Debug, Clone)]
+pub struct Fetched<V, E> {
+    result: Result<V, E>,
+    status: CacheStatus,
+    age: Duration,
+}
+
+impl<V, E> Fetched<V, E> {
+    /// How the value was come by.
+    pub fn status(&self) -> CacheStatus {
+        self.status
+    }
+
+    /// How long ago the work that produced the result completed (zero unless cached).
+    pub fn age(&self) -> Duration {
+        self.age
+    }
+
+    /// The result.
+    pub fn result(&self) -> &Result<V, E> {
+        &self.result
+    }
+
+    /// Takes the result.
+    pub fn into_result(self) -> Result<V, E> {
+        self.result
+    }
+}
+
+/// One cached result and its clock. Kept by value, not behind an `Arc`: a hit clones it
+/// (the clone of `V` and two words), as a bare moka `get` clones `V`.
+#[derive(Clone)]
+struct Slot<V, E> {
+    result: Result<V, E>,
+    stored: Instant,
+    lifetimes: Lifetimes,
+}
+
+enum State {
+    Fresh,
+    /// Within `stale-while-revalidate`.
+    Revalidate,
+    /// Past it, but within `stale-if-error`: usable only in place of an error.
+    IfError,
+    Expired,
+}
+
+impl<V, E> Slot<V, E> {
+    fn state(&self, now: Instant) -> State {
+        let age = now.saturating_duration_since(self.stored);
+        let Lifetimes {
+            fresh,
+            stale_while_revalidate,
+            stale_if_error,
+        } = self.lifetimes;
+        if age < fresh {
+            State::Fresh
+        } else if age < fresh + stale_while_revalidate {
+            State::Revalidate
+        } else if age < fresh + stale_if_error && self.result.is_ok() {
+            State::IfError
+        } else {
+            State::Expired
+        }
+    }
+}
+
+/// A flight's licence to store its result: revoked by [`Cache::invalidate`], under the lock
+/// that storing takes too, so that no result of a flight started before an invalidation is
+/// stored after it.
+#[derive(Default)]
+struct Ticket {
+    revoked: Mutex<bool>,
+}
+
+const DEFAULT_LIFETIMES: Lifetimes = Lifetimes {
+    fresh: Duration::from_secs(60),
+    stale_while_revalidate: Duration::ZERO,
+    stale_if_error: Duration::ZERO,
+};
+
+type EntriesBuilder<K, V, E> =
+    moka::sync::CacheBuilder<K, Slot<V, E>, moka::sync::Cache<K, Slot<V, E>>>;
+
+type LifetimesOf<V> = Arc<dyn Fn(&V) -> Lifetimes + Send + Sync>;
+
+/// A single-flight cache: [`get_with`](Cache::get_with) runs the work once per key for all
+/// concurrent callers, as [`Group::run`] does, and keeps the result for its
+/// [`Lifetimes`], with stale-while-revalidate and stale-if-error.
+///
+/// - A miss runs the work once, however many callers: they share one flight, with the
+///   group's guarantees (a cancelled caller hands the work over, a panic reaches every
+///   waiter, waiting costs no CPU).
+/// - A fresh value is returned at once; nothing runs.
+/// - A value within `stale_while_revalidate` is returned at once too, and the first such
+///   caller starts exactly one refresh on a tokio task.
+/// - Past that, callers wait for a new flight; if its work fails while the old value is
+///   within `stale_if_error`, they get the old value instead of the error.
+/// - Errors are not cached unless [`CacheBuilder::negative_ttl`] says for how long.
+/// - [`invalidate`](Cache::invalidate) removes a key: the next call runs fresh even while
+///   a flight for it is running, and that flight's result is not stored.
+///
+/// Entries live in a [moka](https://docs.rs/moka) cache, bounded by count or by weight.
+/// Clones share the entries and the flights.
+///
+/// Freshness is measured on tokio's clock, so that tests can pause and advance time; the
+/// background refresh needs a tokio runtime.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_coalesce::single_flight::{Cache, CacheStatus, Lifetimes};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let reports: Cache<u32, String> = Cache::builder()
+///     .max_capacity(10_000)
+///     .lifetimes(Lifetimes {
+///         fresh: Duration::from_secs(30),
+///         stale_while_revalidate: Duration::from_secs(60),
+///         stale_if_error: Duration::ZERO,
+///     })
+///     .build();
+///
+/// let first = reports.get_with(7, || async { "report 7".to_string() }).await;
+/// let again = reports.fetch(7, || async { unreachable!("fresh: nothing runs") }).await;
+/// assert_eq!(first, "report 7");
+/// assert_eq!(again.status(), CacheStatus::Hit);
+/// # }
+/// ```
+pub struct Cache<K, V, E = Infallible> {
+    inner: Arc<Inner<K, V, E>>,
+}
+
+struct Inner<K, V, E> {
+    entries: moka::sync::Cache<K, Slot<V, E>, DefaultHashBuilder>,
+    flights: Group<K, Result<V, E>>,
+    tickets: DashMap<K, Arc<Ticket>, DefaultHashBuilder>,
+    lifetimes: LifetimesOf<V>,
+    negative_ttl: Option<Duration>,
+}
+
+/// Configures a [`Cache`]: [`Cache::builder`].
+#[must_use]
+pub struct CacheBuilder<K, V, E> {
+    entries: EntriesBuilder<K, V, E>,
+    lifetimes: LifetimesOf<V>,
+    /// The lifetimes, when every value has the same.
+    constant: Option<Lifetimes>,
+    negative_ttl: Option<Duration>,
+}
+
+impl<K, V, E> Cache<K, V, E>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    E: Clone + Send + Sync + 'static,
+{
+    /// A builder; its defaults: at most 10,000 entries, fresh for 60 s, no stale windows,
+    /// errors not cached.
+    pub fn builder() -> CacheBuilder<K, V, E> {
+        CacheBuilder {
+            entries: moka::sync::Cache::builder().max_capacity(10_000),
+            lifetimes: constant(DEFAULT_LIFETIMES),
+            constant: Some(DEFAULT_LIFETIMES),
+            negative_ttl: None,
+        }
+    }
+
+    /// Returns the value for `key`, running the future made by `make` only when no usable
+    /// value is cached (see the [type docs](Cache) for what usable means), once for every
+    /// caller of `key` while it runs.
+    ///
+    /// `make` is called at most once per call, and only when this caller starts a flight or
+    /// a background refresh.
+    pub async fn try_get_with<F, Fut>(&self, key: K, make: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+    {
+        self.fetch(key, make).await.into_result()
+    }
+
+    /// [`try_get_with`](Self::try_get_with), telling how the result was come by and its age.
+    pub async fn fetch<F, Fut>(&self, key: K, make: F) -> Fetched<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+    {
+        let now = Instant::now();
+        let mut fallback = None;
+        if let Some(slot) = self.inner.entries.get(&key) {
+            match slot.state(now) {
+                State::Fresh => return served(slot, CacheStatus::Hit, now),
+                State::Revalidate => {
+                    self.refresh(key, make);
+                    return served(slot, CacheStatus::Stale, now);
+                }
+                State::IfError => fallback = Some(slot),
+                State::Expired => {}
+            }
+        }
+
+        let run = self
+            .inner
+            .flights
+            .run(key.clone(), || self.flight(key, make()));
+        let leader = run.is_leader();
+        let result = run.await.into_value();
+        match (result, fallback) {
+            (Err(_), Some(slot)) => served(slot, CacheStatus::Stale, Instant::now()),
+            (result, _) => Fetched {
+                result,
+                status: if leader {
+                    CacheStatus::Miss
+                } else {
+                    CacheStatus::Coalesced
+                },
+                age: Duration::ZERO,
+            },
+        }
+    }
+
+    /// Removes the value of `key`; the next call runs the work, even while a flight for
+    /// `key` is running. Callers already waiting on that flight get its result, which is
+    /// not stored.
+    pub fn invalidate(&self, key: &K) {
+        if let Some((_, ticket)) = self.inner.tickets.remove(key) {
+            *lock(&ticket.revoked) = true;
+        }
+        self.inner.flights.forget(key);
+        self.inner.entries.invalidate(key);
+    }
+
+    /// The number of cached entries (moka's estimate: evictions are applied lazily).
+    pub fn entry_count(&self) -> u64 {
+        self.inner.entries.entry_count()
+    }
+
+    /// Wraps the work of a new flight: it takes a ticket first and stores the result after.
+    fn flight<Fut>(
+        &self,
+        key: K,
+        work: Fut,
+    ) -> impl Future<Output = Result<V, E>> + Send + use<K, V, E, Fut>
+    where
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+    {
+        let ticket = Arc::new(Ticket::default());
+        self.inner.tickets.insert(key.clone(), ticket.clone());
+        let inner = self.inner.clone();
+        async move {
+            let result = work.await;
+            inner.store(&key, &result, &ticket);
+            inner
+                .tickets
+                .remove_if(&key, |_, registered| Arc::ptr_eq(registered, &ticket));
+            result
+        }
+    }
+
+    /// Starts a refresh of `key` on a tokio task, unless a flight for `key` runs already: the
+    /// flight is the refresh, so that exactly one runs, and the first stale call after a
+    /// failed one starts the next.
+    fn refresh<F, Fut>(&self, key: K, make: F)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+    {
+        let run = self
+            .inner
+            .flights
+            .run(key.clone(), || self.flight(key, make()));
+        if run.is_leader() {
+            tokio::spawn(run);
+        }
+    }
+}
+
+impl<K, V> Cache<K, V, Infallible>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Returns the value for `key`, running the future made by `make` only when no usable
+    /// value is cached, once for every caller of `key` while it runs. For work that can
+    /// fail, see [`try_get_with`](Self::try_get_with).
+    pub async fn get_with<F, Fut>(&self, key: K, make: F) -> V
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V> + Send + 'static,
+    {
+        let work = |fut: Fut| async move { Ok::<_, Infallible>(fut.await) };
+        match self.try_get_with(key, || work(make())).await {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+}
+
+impl<K, V, E> Inner<K, V, E>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    E: Clone + Send + Sync + 'static,
+{
+    fn store(&self, key: &K, result: &Result<V, E>, ticket: &Ticket) {
+        let lifetimes = match result {
+            Ok(value) => (self.lifetimes)(value),
+            Err(_) => match self.negative_ttl {
+                Some(ttl) => Lifetimes::fresh_for(ttl),
+                None => return,
+            },
+        };
+        if lifetimes.usable().is_zero() {
+            return;
+        }
+        // An error never replaces a value that may still stand in for it.
+        if result.is_err()
+            && let Some(old) = self.entries.get(key)
+            && !matches!(old.state(Instant::now()), State::Expired)
+        {
+            return;
+        }
+        let slot = Slot {
+            result: result.clone(),
+            stored: Instant::now(),
+            lifetimes,
+        };
+        let revoked = lock(&ticket.revoked);
+        if !*revoked {
+            self.entries.insert(key.clone(), slot);
+        }
+    }
+}
+
+fn served<V, E>(slot: Slot<V, E>, status: CacheStatus, now: Instant) -> Fetched<V, E> {
+    Fetched {
+        result: slot.result,
+        status,
+        age: now.saturating_duration_since(slot.stored),
+    }
+}
+
+fn lock(revoked: &Mutex<bool>) -> std::sync::MutexGuard<'_, bool> {
+    // A poisoned flag is still a flag: it is only ever set.
+    revoked
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn constant<V>(lifetimes: Lifetimes) -> LifetimesOf<V> {
+    Arc::new(move |_| lifetimes)
+}
+
+impl<K, V, E> CacheBuilder<K, V, E>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    E: Clone + Send + Sync + 'static,
+{
+    /// At most `entries` entries, or at most that total weight with [`weigher`](Self::weigher).
+    pub fn max_capacity(mut self, entries: u64) -> Self {
+        self.entries = self.entries.max_capacity(entries);
+        self
+    }
+
+    /// Weighs each value (its size in bytes, say), so that
+    /// [`max_capacity`](Self::max_capacity) bounds the total weight. A cached error weighs 1.
+    pub fn weigher(mut self, weigh: impl Fn(&K, &V) -> u32 + Send + Sync + 'static) -> Self {
+        self.entries = self
+            .entries
+            .weigher(move |key, slot: &Slot<V, E>| match &slot.result {
+                Ok(value) => weigh(key, value),
+                Err(_) => 1,
+            });
+        self
+    }
+
+    /// Values are fresh for `ttl`, with no stale windows.
+    pub fn time_to_live(self, ttl: Duration) -> Self {
+        self.lifetimes(Lifetimes::fresh_for(ttl))
+    }
+
+    /// The same lifetimes for every value.
+    pub fn lifetimes(mut self, lifetimes: Lifetimes) -> Self {
+        self.lifetimes = constant(lifetimes);
+        self.constant = Some(lifetimes);
+        self
+    }
+
+    /// The lifetimes of each value, read from the value (an HTTP response's `Cache-Control`,
+    /// a token's expiry). A value whose lifetimes are all zero is not stored.
+    pub fn lifetimes_with(mut self, of: impl Fn(&V) -> Lifetimes + Send + Sync + 'static) -> Self {
+        self.lifetimes = Arc::new(of);
+        self.constant = None;
+        self
+    }
+
+    /// Caches errors too, fresh for `ttl` (negative caching); by default an error is shared
+    /// with the callers of its flight only. An error never replaces a value that may still be
+    /// served stale.
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.negative_ttl = Some(ttl);
+        self
+    }
+
+    /// Builds the cache.
+    pub fn build(self) -> Cache<K, V, E> {
+        // Moka drops an entry once it can be of no more use; freshness itself is judged on
+        // tokio's clock by `Slot::state`. When every value has the same lifetimes, moka's
+        // plain time-to-live does it: a hit then costs what a bare moka `get` costs, where a
+        // per-entry expiry costs some 30 ns more per read (benches/cache.rs).
+        let entries = match self.constant {
+            Some(lifetimes) => {
+                let ttl = lifetimes
+                    .usable()
+                    .max(self.negative_ttl.unwrap_or_default());
+                self.entries.time_to_live(ttl.max(Duration::from_millis(1)))
+            }
+            None => self.entries.expire_after(Expire),
+        };
+        let entries = entries.build_with_hasher(DefaultHashBuilder::new());
+        Cache {
+            inner: Arc::new(Inner {
+                entries,
+                flights: Group::new(),
+                tickets: DashMap::with_hasher(DefaultHashBuilder::new()),
+                lifetimes: self.lifetimes,
+                negative_ttl: self.negative_ttl,
+            }),
+        }
+    }
+}
+
+/// Lets moka drop an entry once it can be of no more use, when lifetimes differ per value.
+struct Expire;
+
+impl<K, V, E> moka::Expiry<K, Slot<V, E>> for Expire {
+    fn expire_after_create(
+        &self,
+        _: &K,
+        slot: &Slot<V, E>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(slot.lifetimes.usable())
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &K,
+        slot: &Slot<V, E>,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(slot.lifetimes.usable())
+    }
+}
+
+impl<K, V, E> fmt::Debug for CacheBuilder<K, V, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("negative_ttl", &self.negative_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V, E> Clone for Cache<K, V, E> {
+    fn clone(&self) -> Self {
+        Cache {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K, V, E> fmt::Debug for Cache<K, V, E>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    E: Clone + Send + Sync + 'static,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("entries", &self.inner.entries.entry_count())
+            .field("in_flight", &self.inner.flights.in_flight())
+            .finish_non_exhaustive()
+    }
+}
