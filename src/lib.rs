@@ -96,6 +96,9 @@ pub mod coalesce;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
+#[cfg(feature = "http-cache")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-cache")))]
+pub mod http_cache;
 #[cfg(feature = "idempotency")]
 #[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
 pub mod idempotency;

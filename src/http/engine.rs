@@ -54,6 +54,9 @@ pub(crate) struct Engine<K, I, St> {
     pub(crate) config: Config,
     pub(crate) metrics: Metrics,
     pub(crate) flights: LazyGroup,
+    /// The HTTP cache's stage, for the cache preset.
+    #[cfg(feature = "http-cache")]
+    pub(crate) cache: Option<Arc<crate::http_cache::CacheState>>,
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +115,8 @@ impl<K, I, St> Engine<K, I, St> {
             config,
             metrics: Metrics::default(),
             flights: LazyGroup::default(),
+            #[cfg(feature = "http-cache")]
+            cache: None,
         }
     }
 
@@ -123,6 +128,8 @@ impl<K, I, St> Engine<K, I, St> {
             config: self.config,
             metrics: self.metrics,
             flights: self.flights,
+            #[cfg(feature = "http-cache")]
+            cache: self.cache,
         }
     }
 
@@ -137,6 +144,8 @@ impl<K, I, St> Engine<K, I, St> {
             },
             metrics: self.metrics,
             flights: self.flights,
+            #[cfg(feature = "http-cache")]
+            cache: self.cache,
         }
     }
 
@@ -195,6 +204,13 @@ pub(crate) struct FlightKey<Scope, Key> {
     fingerprint: Fingerprint,
 }
 
+impl<Scope, Key> FlightKey<Scope, Key> {
+    #[cfg_attr(not(feature = "http-cache"), allow(dead_code))]
+    pub(crate) fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+}
+
 impl<Scope: PartialEq, Key: PartialEq> PartialEq for FlightKey<Scope, Key> {
     fn eq(&self, other: &Self) -> bool {
         self.scope == other.scope && self.key == other.key
@@ -246,7 +262,7 @@ impl<B> Clone for Done<B> {
 
 pub(crate) type FlightResult<B, E> = Result<Done<B>, Arc<E>>;
 
-type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
+pub(crate) type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 
 // ===== 1. Admit =====
 
@@ -308,6 +324,14 @@ where
     // Keys carry user ids: logs get a hash, and only when someone reads them.
     let key_hash = tracing::enabled!(tracing::Level::DEBUG).then(|| KeyHash::of(&flight_key));
     let request = Request::from_parts(parts, Either::Left(Full::new(bytes)));
+    #[cfg(feature = "http-cache")]
+    if let (Some(cache), Some(store_key)) = (&engine.cache, &store_key) {
+        let (cache, store_key) = (cache.clone(), store_key.clone());
+        return crate::http_cache::serve(
+            inner, engine, cache, flight_key, store_key, key_hash, request,
+        )
+        .await;
+    }
     join_or_lead(inner, engine, flight_key, store_key, key_hash, request).await
 }
 
@@ -371,7 +395,7 @@ fn admission(config: &Config, mismatched: bool, followers: usize) -> Option<Refu
     }
 }
 
-async fn join_or_lead<S, K, I, St, ReqB, ResB>(
+pub(crate) async fn join_or_lead<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
     flight_key: FlightKey<I::Key, K::Key>,
@@ -552,7 +576,7 @@ where
 }
 
 /// A call of the inner service for this caller alone.
-async fn run_own<S, ReqB, ResB>(
+pub(crate) async fn run_own<S, ReqB, ResB>(
     inner: S,
     request: Option<InnerRequest<ReqB>>,
     role_header: bool,
@@ -683,6 +707,11 @@ where
         (flown, answers)
     });
     if let Some(key) = store_key {
+        #[cfg(feature = "http-cache")]
+        if let Some(cache) = &engine.cache {
+            crate::http_cache::keep(&engine, cache, key, outcome.as_ref().ok(), &asked).await;
+            return outcome;
+        }
         keep(&engine, key, lease, outcome.as_ref().ok()).await;
     }
     outcome
@@ -890,7 +919,11 @@ where
 }
 
 /// Whether a stored response answers a request with this fingerprint and these headers.
-fn answers(stored: &StoredResponse, fingerprint: Fingerprint, asked: &HeaderMap) -> bool {
+pub(crate) fn answers(
+    stored: &StoredResponse,
+    fingerprint: Fingerprint,
+    asked: &HeaderMap,
+) -> bool {
     fingerprint.answered_by(stored.headers(), asked) == Some(stored.fingerprint())
 }
 

@@ -39,6 +39,9 @@ struct Counters {
     requests_without_key: AtomicU64,
     mismatches_queued: AtomicU64,
     mismatches_rejected: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_stale: AtomicU64,
+    cache_refreshes: AtomicU64,
     // Whether the first request without a key has been logged at WARN.
     warned_without_key: AtomicBool,
 }
@@ -120,6 +123,38 @@ impl Metrics {
 
     pub(crate) fn replayed(&self) {
         self.counters.replayed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests answered from the HTTP cache with a fresh response (304s included).
+    pub fn cache_hits(&self) -> u64 {
+        self.counters.cache_hits.load(Ordering::Relaxed)
+    }
+
+    /// Requests answered from the HTTP cache with a stale response: within
+    /// `stale-while-revalidate`, or in place of an error under `stale-if-error`.
+    pub fn cache_stale(&self) -> u64 {
+        self.counters.cache_stale.load(Ordering::Relaxed)
+    }
+
+    /// Background refreshes the HTTP cache started (one per key at a time).
+    pub fn cache_refreshes(&self) -> u64 {
+        self.counters.cache_refreshes.load(Ordering::Relaxed)
+    }
+
+    #[cfg_attr(not(feature = "http-cache"), allow(dead_code))]
+    pub(crate) fn cache_answered(&self, fresh: bool) {
+        let counter = match fresh {
+            true => &self.counters.cache_hits,
+            false => &self.counters.cache_stale,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[cfg_attr(not(feature = "http-cache"), allow(dead_code))]
+    pub(crate) fn cache_refreshed(&self) {
+        self.counters
+            .cache_refreshes
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Followers that stopped waiting at the wait timeout.
@@ -252,6 +287,9 @@ impl fmt::Debug for Metrics {
             .field("requests_without_key", &self.requests_without_key())
             .field("mismatches_queued", &self.mismatches_queued())
             .field("mismatches_rejected", &self.mismatches_rejected())
+            .field("cache_hits", &self.cache_hits())
+            .field("cache_stale", &self.cache_stale())
+            .field("cache_refreshes", &self.cache_refreshes())
             .finish()
     }
 }

@@ -1,0 +1,205 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use http::header::SET_COOKIE;
+use http::request::Parts;
+use tower::Layer;
+
+use super::rules::Rules;
+use super::stage::CacheState;
+use crate::coalesce::MakeKey;
+use crate::http::engine::{Config, Engine};
+use crate::http::key::{self, MethodPathAndQuery};
+use crate::http::policy::{SharePredicate, not_private};
+use crate::http::scope::{DefaultScope, Unscoped};
+use crate::http::{DoNotShare, HttpCoalesce, Metrics};
+use crate::idempotency::store::MemoryStore;
+
+/// The HTTP cache middleware: [`HttpCoalesce`] with the cache's stage, keyed by method,
+/// path and query, for `GET` and `HEAD`.
+pub type HttpCache<S, I = DefaultScope> = HttpCoalesce<S, SafeMethods, I, MemoryStore>;
+
+/// Keys `GET` and `HEAD` requests by method, path and query; other methods have no key and
+/// pass through the cache untouched.
+#[derive(Debug, Clone)]
+pub struct SafeMethods {
+    inner: MethodPathAndQuery,
+}
+
+impl MakeKey<Parts> for SafeMethods {
+    type Key = <MethodPathAndQuery as MakeKey<Parts>>::Key;
+
+    fn make_key(&self, parts: &Parts) -> Option<Self::Key> {
+        match parts.method {
+            Method::GET | Method::HEAD => self.inner.make_key(parts),
+            _ => None,
+        }
+    }
+}
+
+/// Applies [`HttpCache`] to an HTTP service: `GET` and `HEAD` responses are kept for as
+/// long as their `Cache-Control` says, concurrent misses run once, and a stale response is
+/// served at once while one refresh runs. See the [module docs](crate::http_cache).
+///
+/// Defaults, each changed by the method of the same name:
+/// - [`scope`](Self::scope): [`DefaultScope`]: entries are kept apart per `Authorization`
+///   and `Cookie` values; [`unscoped`](Self::unscoped) for one public cache;
+/// - [`private`](Self::private): off, `Cache-Control: private` responses are not kept;
+/// - [`default_ttl`](Self::default_ttl): none, responses that state no freshness are not
+///   kept (they are still coalesced);
+/// - [`max_ttl`](Self::max_ttl): 1 day;
+/// - [`hit_for_pass`](Self::hit_for_pass): 2 minutes;
+/// - [`budget`](Self::budget): 64 MiB of responses;
+/// - [`body_limit`](Self::body_limit): 1 MiB, larger responses are neither shared nor kept.
+#[derive(Clone)]
+pub struct HttpCacheLayer<I = DefaultScope> {
+    engine: Engine<SafeMethods, I, MemoryStore>,
+    rules: Rules,
+}
+
+/// The default of [`HttpCacheLayer::max_ttl`]: 1 day.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The default of [`HttpCacheLayer::hit_for_pass`]: 2 minutes, as Varnish.
+pub const DEFAULT_HIT_FOR_PASS: Duration = Duration::from_secs(120);
+
+impl HttpCacheLayer {
+    /// A cache with the defaults listed above.
+    pub fn new() -> Self {
+        let rules = Rules {
+            private: false,
+            default_ttl: None,
+            max_ttl: DEFAULT_MAX_TTL,
+            hit_for_pass: DEFAULT_HIT_FOR_PASS,
+        };
+        let config = Config {
+            has_store: true,
+            // A refresh whose callers have all gone still completes and refills the entry.
+            finish_abandoned: true,
+            ..Config::default()
+        };
+        let safe = SafeMethods {
+            inner: key::method_path_and_query(),
+        };
+        let engine = Engine::new(
+            safe,
+            DefaultScope::default(),
+            MemoryStore::default(),
+            config,
+        );
+        HttpCacheLayer { engine, rules }.with_rules()
+    }
+}
+
+impl Default for HttpCacheLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<I> HttpCacheLayer<I> {
+    /// Rebuilds the cache's state and share predicate after a change of rules.
+    fn with_rules(mut self) -> Self {
+        let private = self.rules.private;
+        // Personal responses are never shared between callers: each gets its own, and the key
+        // goes on hit-for-pass. `private` ones are, with `private(true)`: the scope is then
+        // per identity.
+        self.engine.config.share = SharePredicate::custom(move |parts| {
+            let personal = parts.headers.contains_key(SET_COOKIE)
+                || parts.extensions.get::<DoNotShare>().is_some();
+            !personal && (private || not_private(parts))
+        });
+        self.engine.cache = Some(Arc::new(CacheState::new(self.rules.clone())));
+        self
+    }
+
+    /// Keeps `Cache-Control: private` responses, and responses to requests with
+    /// `Authorization` that don't say `public`: turn it on only with a scope that is one
+    /// identity (the default scope, by `Authorization` and `Cookie`, or your own), never
+    /// with [`unscoped`](Self::unscoped).
+    pub fn private(mut self, keep: bool) -> Self {
+        self.rules.private = keep;
+        self.with_rules()
+    }
+
+    /// Keeps responses that state no freshness (no `max-age`, `s-maxage` or `Expires`) for
+    /// `ttl`. Off by default: a response that says nothing is not kept.
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.rules.default_ttl = Some(ttl);
+        self.with_rules()
+    }
+
+    /// The longest a response is fresh, or stale, whatever it says. 1 day by default.
+    pub fn max_ttl(mut self, ttl: Duration) -> Self {
+        self.rules.max_ttl = ttl;
+        self.with_rules()
+    }
+
+    /// How long requests for a key whose response was personal (`Set-Cookie`, `private`,
+    /// `no-store`) go straight to the service, without waiting on each other's flights.
+    pub fn hit_for_pass(mut self, window: Duration) -> Self {
+        self.rules.hit_for_pass = window;
+        self.with_rules()
+    }
+
+    /// The bytes of responses kept at most (least recently used out first). 64 MiB by
+    /// default.
+    pub fn budget(mut self, bytes: u64) -> Self {
+        self.engine.store = MemoryStore::with_budget(bytes);
+        self
+    }
+
+    /// The largest response body, in bytes, that is shared and kept. 1 MiB by default; a
+    /// larger one goes to its own caller only.
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.engine.config.body_limit = bytes;
+        self
+    }
+
+    /// Adds the `coalesce-role` header to responses of the flights (not to cached ones).
+    pub fn role_header(mut self, enable: bool) -> Self {
+        self.engine.config.role_header = enable;
+        self
+    }
+
+    /// The counters of this cache: [`Metrics::cache_hits`], [`Metrics::cache_stale`],
+    /// [`Metrics::cache_refreshes`] and the flights' own.
+    pub fn metrics(&self) -> Metrics {
+        self.engine.metrics.clone()
+    }
+
+    /// Keeps entries apart by another identity; see [`http::scope`](crate::http::scope).
+    pub fn scope<NewScope>(self, scope: NewScope) -> HttpCacheLayer<NewScope> {
+        HttpCacheLayer {
+            engine: self.engine.with_scope(scope),
+            rules: self.rules,
+        }
+    }
+
+    /// One cache for every caller, **whoever they are**: for public data only. Requests
+    /// with `Authorization` still get only responses that say `public`, `s-maxage` or
+    /// `must-revalidate` from it (RFC 9111 §3.5), unless [`private`](Self::private) is on,
+    /// which you must not do here.
+    pub fn unscoped(self) -> HttpCacheLayer<Unscoped> {
+        self.scope(Unscoped)
+    }
+}
+
+impl<S, I: Clone> Layer<S> for HttpCacheLayer<I> {
+    type Service = HttpCache<S, I>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HttpCoalesce::from_engine(inner, self.engine.clone())
+    }
+}
+
+impl<I> fmt::Debug for HttpCacheLayer<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpCacheLayer")
+            .field("engine", &self.engine)
+            .field("rules", &self.rules)
+            .finish()
+    }
+}

@@ -1,0 +1,491 @@
+//! What RFC 9111 (HTTP caching), RFC 5861 (the stale directives) and RFC 9110's
+//! conditional requests say about one response: whether a shared cache may keep it, for how
+//! long, how old it is, and whether a conditional request gets `304`. Pure functions over
+//! headers, so that each rule is tested on its own.
+
+use std::time::{Duration, SystemTime};
+
+use http::StatusCode;
+use http::header::{
+    AGE, AUTHORIZATION, CACHE_CONTROL, DATE, ETAG, EXPIRES, HeaderMap, HeaderValue,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, PRAGMA, SET_COOKIE,
+};
+
+use crate::single_flight::Lifetimes;
+
+/// The `Cache-Control` directives this cache acts on, from every `Cache-Control` header.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Directives {
+    pub(crate) max_age: Option<u64>,
+    pub(crate) s_maxage: Option<u64>,
+    pub(crate) stale_while_revalidate: Option<u64>,
+    pub(crate) stale_if_error: Option<u64>,
+    pub(crate) no_store: bool,
+    pub(crate) no_cache: bool,
+    pub(crate) private: bool,
+    pub(crate) public: bool,
+    pub(crate) must_revalidate: bool,
+}
+
+impl Directives {
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        let mut d = Directives::default();
+        let directives = headers
+            .get_all(CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','));
+        for directive in directives {
+            let (name, value) = match directive.split_once('=') {
+                Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
+                None => (directive.trim(), None),
+            };
+            // A malformed number makes the directive count as absent, except where absence
+            // would store more: a `max-age` that can't be read is 0 (RFC 9111 §4.2.1).
+            let seconds = || value.and_then(|v| v.parse::<u64>().ok());
+            match name.to_ascii_lowercase().as_str() {
+                "max-age" => d.max_age = Some(seconds().unwrap_or(0)),
+                "s-maxage" => d.s_maxage = Some(seconds().unwrap_or(0)),
+                "stale-while-revalidate" => d.stale_while_revalidate = seconds(),
+                "stale-if-error" => d.stale_if_error = seconds(),
+                "no-store" => d.no_store = true,
+                // With or without a field list: the whole response is treated alike.
+                "no-cache" => d.no_cache = true,
+                "private" => d.private = true,
+                "public" => d.public = true,
+                "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
+                _ => {}
+            }
+        }
+        d
+    }
+}
+
+/// What a request's own headers ask of the cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Asked {
+    /// `no-cache`, `max-age=0` or `Pragma: no-cache`: go to the origin (through the flight).
+    pub(crate) revalidate: bool,
+    /// `no-store`: neither use nor keep a stored response.
+    pub(crate) no_store: bool,
+}
+
+impl Asked {
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        let d = Directives::of(headers);
+        let pragma = headers
+            .get_all(PRAGMA)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache"));
+        Asked {
+            revalidate: d.no_cache || d.max_age == Some(0) || pragma,
+            no_store: d.no_store,
+        }
+    }
+}
+
+/// The layer's own settings for the rules.
+#[derive(Debug, Clone)]
+pub(crate) struct Rules {
+    /// Keep `private` responses, and responses to requests with `Authorization`: the layer
+    /// is scoped per identity.
+    pub(crate) private: bool,
+    /// Freshness of responses that state none; `None`: such responses are not kept.
+    pub(crate) default_ttl: Option<Duration>,
+    /// The longest any response is kept, whatever it says.
+    pub(crate) max_ttl: Duration,
+    /// How long a key whose response may not be shared goes straight to the service.
+    pub(crate) hit_for_pass: Duration,
+}
+
+/// What to do with a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Keep it, for these lifetimes.
+    Store(Lifetimes),
+    /// Don't keep it; the next requests coalesce as before.
+    Skip,
+    /// Don't keep it, and let the next requests for its key go straight to the service
+    /// (hit-for-pass): it is personal (`Set-Cookie`, `private`, `no-store`), so a follower
+    /// would only wait to run on its own after it.
+    Pass,
+}
+
+impl Rules {
+    pub(crate) fn verdict(
+        &self,
+        status: StatusCode,
+        response: &HeaderMap,
+        request: &HeaderMap,
+    ) -> Verdict {
+        let d = Directives::of(response);
+        if d.no_store || response.contains_key(SET_COOKIE) || (d.private && !self.private) {
+            return Verdict::Pass;
+        }
+        // RFC 9111 §3.5: a shared cache keeps a response to an authenticated request only
+        // if the response says it may.
+        let authorized = request.contains_key(AUTHORIZATION)
+            && !(self.private || d.public || d.s_maxage.is_some() || d.must_revalidate);
+        if authorized || d.no_cache || !storable_status(status) {
+            return Verdict::Skip;
+        }
+        let fresh = match d.s_maxage.or(d.max_age) {
+            Some(seconds) => Some(Duration::from_secs(seconds)),
+            None => expires(response),
+        }
+        .or(self.default_ttl);
+        let Some(fresh) = fresh else {
+            return Verdict::Skip;
+        };
+        let stale = |window: Option<u64>| match d.must_revalidate {
+            true => Duration::ZERO,
+            false => Duration::from_secs(window.unwrap_or(0)),
+        };
+        let lifetimes = Lifetimes {
+            fresh: fresh.min(self.max_ttl),
+            stale_while_revalidate: stale(d.stale_while_revalidate).min(self.max_ttl),
+            stale_if_error: stale(d.stale_if_error).min(self.max_ttl),
+        };
+        if lifetimes == Lifetimes::default() {
+            return Verdict::Skip;
+        }
+        Verdict::Store(lifetimes)
+    }
+}
+
+/// Statuses whose responses are kept when their headers allow: final, complete, and not
+/// server errors (those are what `stale-if-error` stands in for).
+fn storable_status(status: StatusCode) -> bool {
+    !(status.is_informational()
+        || status.is_server_error()
+        || status == StatusCode::PARTIAL_CONTENT
+        || status == StatusCode::NOT_MODIFIED)
+}
+
+/// Freshness from `Expires` minus `Date` (or now); an `Expires` that can't be read is in
+/// the past (RFC 9111 §5.3).
+fn expires(response: &HeaderMap) -> Option<Duration> {
+    let expires = response.get(EXPIRES)?;
+    let Some(expires) = date(Some(expires)) else {
+        return Some(Duration::ZERO);
+    };
+    let base = date(response.get(DATE)).unwrap_or_else(SystemTime::now);
+    Some(expires.duration_since(base).unwrap_or(Duration::ZERO))
+}
+
+fn date(value: Option<&HeaderValue>) -> Option<SystemTime> {
+    httpdate::parse_http_date(value?.to_str().ok()?).ok()
+}
+
+/// Stamps a response about to be kept with the time it was made, unless its service did:
+/// its age is counted from there (hyper writes `Date` only when it sends the response,
+/// after every layer).
+pub(crate) fn stamp(headers: &mut HeaderMap, now: SystemTime) {
+    if !headers.contains_key(DATE) {
+        let date = httpdate::fmt_http_date(now);
+        headers.insert(
+            DATE,
+            HeaderValue::try_from(date).expect("an HTTP date is a header"),
+        );
+    }
+}
+
+/// The age of a kept response (RFC 9111 §4.2.3): its `Age` when kept, plus the time since
+/// its `Date`.
+pub(crate) fn age(headers: &HeaderMap, now: SystemTime) -> Duration {
+    let initial = headers
+        .get(AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_secs);
+    let resident = date(headers.get(DATE))
+        .and_then(|date| now.duration_since(date).ok())
+        .unwrap_or(Duration::ZERO);
+    initial + resident
+}
+
+/// Where a kept response stands at `age`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    Fresh,
+    /// Within `stale-while-revalidate`: served at once, refreshed in the background.
+    Revalidate,
+    /// Past it but within `stale-if-error`: served only in place of an error.
+    IfError,
+    Expired,
+}
+
+pub(crate) fn state(lifetimes: Lifetimes, age: Duration) -> State {
+    let stale = age.saturating_sub(lifetimes.fresh);
+    if age < lifetimes.fresh {
+        State::Fresh
+    } else if stale < lifetimes.stale_while_revalidate {
+        State::Revalidate
+    } else if stale < lifetimes.stale_if_error {
+        State::IfError
+    } else {
+        State::Expired
+    }
+}
+
+/// A request's validators, taken off it so that the service answers in full (a full
+/// response is what the cache keeps) and applied by the cache to what it serves.
+#[derive(Debug, Default)]
+pub(crate) struct Conditional {
+    if_none_match: Option<HeaderValue>,
+    if_modified_since: Option<HeaderValue>,
+}
+
+impl Conditional {
+    pub(crate) fn take(headers: &mut HeaderMap) -> Self {
+        Conditional {
+            if_none_match: headers.remove(IF_NONE_MATCH),
+            if_modified_since: headers.remove(IF_MODIFIED_SINCE),
+        }
+    }
+
+    /// Whether a `200` with these headers answers the request with `304 Not Modified`
+    /// (RFC 9110 §13.1.2-3: `If-None-Match` by weak comparison; `If-Modified-Since` only
+    /// without it).
+    pub(crate) fn not_modified(&self, status: StatusCode, response: &HeaderMap) -> bool {
+        if status != StatusCode::OK {
+            return false;
+        }
+        if let Some(wanted) = &self.if_none_match {
+            let Some(etag) = response.get(ETAG).and_then(|v| v.to_str().ok()) else {
+                return false;
+            };
+            let Ok(wanted) = wanted.to_str() else {
+                return false;
+            };
+            return wanted.trim() == "*"
+                || wanted
+                    .split(',')
+                    .any(|tag| weak(tag.trim()) == weak(etag.trim()));
+        }
+        match (
+            date(self.if_modified_since.as_ref()),
+            date(response.get(LAST_MODIFIED)),
+        ) {
+            (Some(since), Some(modified)) => modified <= since,
+            _ => false,
+        }
+    }
+}
+
+fn weak(tag: &str) -> &str {
+    tag.strip_prefix("W/").unwrap_or(tag)
+}
+
+/// The headers a `304` carries from the `200` it stands for (RFC 9110 §15.4.5), and the
+/// cache's own.
+pub(crate) const NOT_MODIFIED_HEADERS: [http::header::HeaderName; 8] = [
+    CACHE_CONTROL,
+    http::header::CONTENT_LOCATION,
+    DATE,
+    ETAG,
+    EXPIRES,
+    http::header::VARY,
+    LAST_MODIFIED,
+    AGE,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.parse().unwrap(), v.parse().unwrap()))
+            .collect()
+    }
+
+    fn rules() -> Rules {
+        Rules {
+            private: false,
+            default_ttl: None,
+            max_ttl: Duration::from_secs(86_400),
+            hit_for_pass: Duration::from_secs(120),
+        }
+    }
+
+    fn secs(fresh: u64, swr: u64, sie: u64) -> Verdict {
+        Verdict::Store(Lifetimes {
+            fresh: Duration::from_secs(fresh),
+            stale_while_revalidate: Duration::from_secs(swr),
+            stale_if_error: Duration::from_secs(sie),
+        })
+    }
+
+    #[test]
+    fn freshness_from_s_maxage_before_max_age_and_the_stale_windows() {
+        let none = HeaderMap::new();
+        let v =
+            |cc: &str| rules().verdict(StatusCode::OK, &headers(&[("cache-control", cc)]), &none);
+        assert_eq!(v("max-age=60"), secs(60, 0, 0));
+        assert_eq!(v("max-age=60, s-maxage=5"), secs(5, 0, 0));
+        assert_eq!(
+            v("public, max-age=10, stale-while-revalidate=30, stale-if-error=600"),
+            secs(10, 30, 600)
+        );
+        assert_eq!(
+            v("max-age=10, stale-while-revalidate=30, must-revalidate"),
+            secs(10, 0, 0)
+        );
+        assert_eq!(v(r#"max-age="20""#), secs(20, 0, 0));
+        assert_eq!(v("max-age=abc"), Verdict::Skip, "unreadable max-age is 0");
+        assert_eq!(v("no-cache, max-age=60"), Verdict::Skip);
+        assert_eq!(v("max-age=999999999"), secs(86_400, 0, 0), "capped");
+        assert_eq!(
+            rules().verdict(StatusCode::OK, &none, &none),
+            Verdict::Skip,
+            "no freshness stated, no default: not kept"
+        );
+    }
+
+    #[test]
+    fn personal_responses_pass_and_authenticated_ones_need_leave() {
+        let none = HeaderMap::new();
+        let ok =
+            |h: &[(&str, &str)], req: &HeaderMap| rules().verdict(StatusCode::OK, &headers(h), req);
+        assert_eq!(
+            ok(&[("cache-control", "private, max-age=60")], &none),
+            Verdict::Pass
+        );
+        assert_eq!(ok(&[("cache-control", "no-store")], &none), Verdict::Pass);
+        assert_eq!(
+            ok(
+                &[("cache-control", "max-age=60"), ("set-cookie", "s=1")],
+                &none
+            ),
+            Verdict::Pass
+        );
+        let auth = headers(&[("authorization", "Bearer a")]);
+        assert_eq!(ok(&[("cache-control", "max-age=60")], &auth), Verdict::Skip);
+        assert_eq!(
+            ok(&[("cache-control", "public, max-age=60")], &auth),
+            secs(60, 0, 0)
+        );
+        let scoped = Rules {
+            private: true,
+            ..rules()
+        };
+        assert_eq!(
+            scoped.verdict(
+                StatusCode::OK,
+                &headers(&[("cache-control", "private, max-age=9")]),
+                &auth
+            ),
+            secs(9, 0, 0)
+        );
+    }
+
+    #[test]
+    fn statuses_expires_and_default_ttl() {
+        let none = HeaderMap::new();
+        let cc = headers(&[("cache-control", "max-age=60")]);
+        assert_eq!(
+            rules().verdict(StatusCode::NOT_FOUND, &cc, &none),
+            secs(60, 0, 0)
+        );
+        for status in [
+            StatusCode::PARTIAL_CONTENT,
+            StatusCode::NOT_MODIFIED,
+            StatusCode::BAD_GATEWAY,
+        ] {
+            assert_eq!(
+                rules().verdict(status, &cc, &none),
+                Verdict::Skip,
+                "{status}"
+            );
+        }
+        let expires = headers(&[
+            ("date", "Tue, 24 Nov 2026 10:00:00 GMT"),
+            ("expires", "Tue, 24 Nov 2026 10:05:00 GMT"),
+        ]);
+        assert_eq!(
+            rules().verdict(StatusCode::OK, &expires, &none),
+            secs(300, 0, 0)
+        );
+        let garbage = headers(&[("expires", "0")]);
+        assert_eq!(
+            rules().verdict(StatusCode::OK, &garbage, &none),
+            Verdict::Skip
+        );
+        let default = Rules {
+            default_ttl: Some(Duration::from_secs(7)),
+            ..rules()
+        };
+        assert_eq!(default.verdict(StatusCode::OK, &none, &none), secs(7, 0, 0));
+    }
+
+    #[test]
+    fn age_counts_from_date_plus_age_and_states_follow_the_windows() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut kept = headers(&[("age", "5")]);
+        stamp(&mut kept, now - Duration::from_secs(10));
+        assert_eq!(age(&kept, now), Duration::from_secs(15));
+
+        let l = Lifetimes {
+            fresh: Duration::from_secs(10),
+            stale_while_revalidate: Duration::from_secs(5),
+            stale_if_error: Duration::from_secs(20),
+        };
+        let at = |s| state(l, Duration::from_secs(s));
+        assert_eq!(
+            [at(9), at(10), at(14), at(15), at(29), at(30)],
+            [
+                State::Fresh,
+                State::Revalidate,
+                State::Revalidate,
+                State::IfError,
+                State::IfError,
+                State::Expired
+            ]
+        );
+    }
+
+    #[test]
+    fn conditionals_by_weak_etag_then_by_date() {
+        let response = headers(&[
+            ("etag", "W/\"v2\""),
+            ("last-modified", "Tue, 24 Nov 2026 10:00:00 GMT"),
+        ]);
+        let cond = |h: &[(&str, &str)]| Conditional::take(&mut headers(h));
+        assert!(
+            cond(&[("if-none-match", "\"v1\", \"v2\"")]).not_modified(StatusCode::OK, &response)
+        );
+        assert!(cond(&[("if-none-match", "*")]).not_modified(StatusCode::OK, &response));
+        assert!(!cond(&[("if-none-match", "\"v1\"")]).not_modified(StatusCode::OK, &response));
+        assert!(
+            !cond(&[("if-none-match", "\"v2\"")]).not_modified(StatusCode::NOT_FOUND, &response)
+        );
+        // If-None-Match wins over If-Modified-Since.
+        assert!(
+            !cond(&[
+                ("if-none-match", "\"v1\""),
+                ("if-modified-since", "Tue, 24 Nov 2026 11:00:00 GMT")
+            ])
+            .not_modified(StatusCode::OK, &response)
+        );
+        assert!(
+            cond(&[("if-modified-since", "Tue, 24 Nov 2026 11:00:00 GMT")])
+                .not_modified(StatusCode::OK, &response)
+        );
+        assert!(
+            !cond(&[("if-modified-since", "Tue, 24 Nov 2026 09:00:00 GMT")])
+                .not_modified(StatusCode::OK, &response)
+        );
+        assert!(!cond(&[]).not_modified(StatusCode::OK, &response));
+    }
+
+    #[test]
+    fn request_directives() {
+        assert!(Asked::of(&headers(&[("cache-control", "no-cache")])).revalidate);
+        assert!(Asked::of(&headers(&[("cache-control", "max-age=0")])).revalidate);
+        assert!(Asked::of(&headers(&[("pragma", "no-cache")])).revalidate);
+        assert!(!Asked::of(&headers(&[("cache-control", "max-age=5")])).revalidate);
+        assert!(Asked::of(&headers(&[("cache-control", "no-store")])).no_store);
+    }
+}

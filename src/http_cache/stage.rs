@@ -1,0 +1,374 @@
+//! The cache's stage of the engine: between admitting a request and joining its flight,
+//! a kept response answers it (fresh, or stale while one refresh runs); otherwise the
+//! request goes through the flight as any other, and the flight keeps its response by the
+//! rules.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::header::{HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{Either, Full};
+use tower::Service;
+
+use super::rules::{self, Asked, Conditional, Rules, State, Verdict};
+use crate::BoxError;
+use crate::coalesce::MakeKey;
+use crate::http::Role;
+use crate::http::body::ResponseBody;
+use crate::http::engine::{self, Answer, Engine, FlightKey, InnerRequest, KeyHash};
+use crate::http::error::ShareError;
+use crate::http::flown::Flown;
+use crate::http::store::{Fingerprint, IdempotencyStore, StoreKey, StoredResponse};
+
+/// What a cache layer holds besides the engine's store: its rules, the keys on
+/// hit-for-pass, and the keys being refreshed in the background.
+pub(crate) struct CacheState {
+    pub(crate) rules: Rules,
+    passes: moka::sync::Cache<StoreKey, ()>,
+    refreshing: DashMap<StoreKey, ()>,
+}
+
+impl CacheState {
+    pub(crate) fn new(rules: Rules) -> Self {
+        CacheState {
+            passes: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(rules.hit_for_pass.max(std::time::Duration::from_millis(1)))
+                .build(),
+            refreshing: DashMap::new(),
+            rules,
+        }
+    }
+}
+
+impl std::fmt::Debug for CacheState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheState")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// How the cache came by an answer, as RFC 9211's `Cache-Status` says it.
+#[derive(Debug, Clone, Copy)]
+enum Status {
+    Hit,
+    /// Served stale: within `stale-while-revalidate`, or in place of an error.
+    Stale(&'static str),
+    /// Forwarded to the service (through the flight), with RFC 9211's reason.
+    Forward(&'static str),
+}
+
+fn cache_status(status: Status, collapsed: bool, age_left: Option<i64>) -> HeaderValue {
+    let mut value = String::from("tower-coalesce");
+    match status {
+        Status::Hit => value.push_str("; hit"),
+        Status::Stale(detail) => {
+            value.push_str("; hit; detail=");
+            value.push_str(detail);
+        }
+        Status::Forward(reason) => {
+            value.push_str("; fwd=");
+            value.push_str(reason);
+        }
+    }
+    if collapsed {
+        value.push_str("; collapsed");
+    }
+    if let Some(ttl) = age_left {
+        value.push_str(&format!("; ttl={ttl}"));
+    }
+    HeaderValue::try_from(value).expect("ASCII tokens")
+}
+
+/// Serves a keyed `GET` or `HEAD` through the cache.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve<S, K, I, St, ReqB, ResB>(
+    inner: S,
+    engine: Arc<Engine<K, I, St>>,
+    cache: Arc<CacheState>,
+    flight_key: FlightKey<I::Key, K::Key>,
+    store_key: StoreKey,
+    key_hash: Option<KeyHash>,
+    mut request: InnerRequest<ReqB>,
+) -> Answer<ResB, S::Error>
+where
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: ShareError,
+    K: MakeKey<Parts> + Send + Sync + 'static,
+    K::Key: Send + Sync + 'static,
+    I: MakeKey<Parts> + Send + Sync + 'static,
+    I::Key: Send + Sync + 'static,
+    St: IdempotencyStore,
+    ReqB: Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let asked = Asked::of(request.headers());
+    if asked.no_store || cache.passes.contains_key(&store_key) {
+        let reason = if asked.no_store {
+            "request"
+        } else {
+            "uri-miss"
+        };
+        let mut response = engine::run_own(inner, Some(request), engine.config.role_header).await?;
+        response.headers_mut().insert(
+            CACHE_STATUS,
+            cache_status(Status::Forward(reason), false, None),
+        );
+        return Ok(response);
+    }
+    let conditional = Conditional::take(request.headers_mut());
+    let fingerprint = flight_key.fingerprint();
+    let now = SystemTime::now();
+
+    let mut reason = "miss";
+    let mut fallback = None;
+    if asked.revalidate {
+        reason = "request";
+    } else {
+        match engine.store.get(&store_key).await {
+            Ok(Some(kept)) if engine::answers(&kept, fingerprint, request.headers()) => {
+                let age = rules::age(kept.headers(), now);
+                let lifetimes =
+                    match cache
+                        .rules
+                        .verdict(kept.status(), kept.headers(), request.headers())
+                    {
+                        Verdict::Store(lifetimes) => lifetimes,
+                        // Kept under other rules (a request that was allowed what this one isn't).
+                        _ => Default::default(),
+                    };
+                match rules::state(lifetimes, age) {
+                    State::Fresh => {
+                        let left = lifetimes.fresh.saturating_sub(age).as_secs() as i64;
+                        return Ok(from_store(
+                            &kept,
+                            age,
+                            Status::Hit,
+                            left,
+                            &conditional,
+                            &engine.metrics,
+                        ));
+                    }
+                    State::Revalidate => {
+                        let left = -(age.saturating_sub(lifetimes.fresh).as_secs() as i64);
+                        let status = Status::Stale("stale-while-revalidate");
+                        let stale =
+                            from_store(&kept, age, status, left, &conditional, &engine.metrics);
+                        refresh(
+                            inner, engine, cache, flight_key, store_key, key_hash, request,
+                        );
+                        return Ok(stale);
+                    }
+                    State::IfError => {
+                        reason = "stale";
+                        fallback = Some((kept, lifetimes.fresh));
+                    }
+                    State::Expired => reason = "stale",
+                }
+            }
+            Ok(Some(_)) => reason = "vary-miss",
+            Ok(None) => {}
+            Err(error) => {
+                engine.metrics.store_error();
+                tracing::warn!(%error, "cache lookup failed; running the request");
+            }
+        }
+    }
+
+    let answer = engine::join_or_lead(
+        inner,
+        engine.clone(),
+        flight_key,
+        Some(store_key),
+        key_hash,
+        request,
+    )
+    .await;
+    let failed = match &answer {
+        Err(_) => true,
+        Ok(response) => response.status().is_server_error(),
+    };
+    if let (true, Some((kept, fresh))) = (failed, fallback) {
+        let age = rules::age(kept.headers(), SystemTime::now());
+        let left = -(age.saturating_sub(fresh).as_secs() as i64);
+        tracing::debug!("serving a stale response in place of an error");
+        let status = Status::Stale("stale-if-error");
+        return Ok(from_store(
+            &kept,
+            age,
+            status,
+            left,
+            &conditional,
+            &engine.metrics,
+        ));
+    }
+    let mut response = answer?;
+    let collapsed = response.extensions().get::<Role>() == Some(&Role::Follower);
+    if conditional.not_modified(response.status(), response.headers()) {
+        response = not_modified(response.status(), response.headers());
+    }
+    response.headers_mut().insert(
+        CACHE_STATUS,
+        cache_status(Status::Forward(reason), collapsed, None),
+    );
+    Ok(response)
+}
+
+/// Starts one background refresh of `store_key` on a tokio task, unless one runs: a flight
+/// like any other, whose response the flight keeps.
+fn refresh<S, K, I, St, ReqB, ResB>(
+    inner: S,
+    engine: Arc<Engine<K, I, St>>,
+    cache: Arc<CacheState>,
+    flight_key: FlightKey<I::Key, K::Key>,
+    store_key: StoreKey,
+    key_hash: Option<KeyHash>,
+    request: InnerRequest<ReqB>,
+) where
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: ShareError,
+    K: MakeKey<Parts> + Send + Sync + 'static,
+    K::Key: Send + Sync + 'static,
+    I: MakeKey<Parts> + Send + Sync + 'static,
+    I::Key: Send + Sync + 'static,
+    St: IdempotencyStore,
+    ReqB: Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    if cache.refreshing.insert(store_key.clone(), ()).is_some() {
+        return;
+    }
+    // The caller's request, without its body (a `GET`'s is empty) and validators.
+    let (parts, _) = request.into_parts();
+    let request = Request::from_parts(parts, Either::Left(Full::new(Bytes::new())));
+    engine.metrics.cache_refreshed();
+    tokio::spawn(async move {
+        let done = Refreshing(cache, store_key.clone());
+        let answer = engine::join_or_lead(
+            inner,
+            engine,
+            flight_key,
+            Some(store_key),
+            key_hash,
+            request,
+        )
+        .await;
+        if let Ok(response) = answer {
+            // Drain nothing: the flight buffered the body and kept the response already.
+            drop(response);
+        }
+        drop(done);
+    });
+}
+
+/// Frees a key's refresh slot when the refresh ends, however it ends.
+struct Refreshing(Arc<CacheState>, StoreKey);
+
+impl Drop for Refreshing {
+    fn drop(&mut self) {
+        self.0.refreshing.remove(&self.1);
+    }
+}
+
+/// A kept response as an answer: its `Age` and `Cache-Status`, or a `304` for a request
+/// whose validators match it.
+fn from_store<B>(
+    kept: &StoredResponse,
+    age: std::time::Duration,
+    status: Status,
+    ttl: i64,
+    conditional: &Conditional,
+    metrics: &crate::http::Metrics,
+) -> Response<ResponseBody<B>> {
+    let mut response = if conditional.not_modified(kept.status(), kept.headers()) {
+        not_modified(kept.status(), kept.headers())
+    } else {
+        let mut response = Response::new(ResponseBody::buffered(kept.body().clone(), None));
+        *response.status_mut() = kept.status();
+        *response.version_mut() = kept.version();
+        *response.headers_mut() = kept.headers().clone();
+        response
+    };
+    metrics.cache_answered(matches!(status, Status::Hit));
+    let headers = response.headers_mut();
+    headers.insert(http::header::AGE, HeaderValue::from(age.as_secs()));
+    headers.insert(CACHE_STATUS, cache_status(status, false, Some(ttl)));
+    response
+}
+
+fn not_modified<B>(_: StatusCode, headers: &HeaderMap) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::buffered(Bytes::new(), None));
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    for name in rules::NOT_MODIFIED_HEADERS {
+        for value in headers.get_all(&name) {
+            response.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    response
+}
+
+/// Keeps a flight's response by the rules, or puts its key on hit-for-pass.
+pub(crate) async fn keep<K, I, St, B>(
+    engine: &Engine<K, I, St>,
+    cache: &CacheState,
+    key: StoreKey,
+    flown: Option<&(Flown<B>, Option<Fingerprint>)>,
+    asked: &HeaderMap,
+) where
+    St: IdempotencyStore,
+{
+    let Some((flown, answers)) = flown else {
+        return;
+    };
+    let buffered = match flown {
+        Flown::Buffered(buffered) => buffered,
+        Flown::Unshared { .. } => {
+            cache.passes.insert(key, ());
+            return;
+        }
+        Flown::TooLarge(_) => return,
+    };
+    let parts = &buffered.parts;
+    let lifetimes = match cache.rules.verdict(parts.status, &parts.headers, asked) {
+        Verdict::Store(lifetimes) => lifetimes,
+        Verdict::Pass => {
+            cache.passes.insert(key, ());
+            return;
+        }
+        Verdict::Skip => return,
+    };
+    // `Vary: *` (no requests it answers) and bodies with trailers or errors are not kept.
+    let (Some(answers), None) = (answers, &buffered.end) else {
+        return;
+    };
+    let mut headers = parts.headers.clone();
+    rules::stamp(&mut headers, SystemTime::now());
+    let kept = StoredResponse::new(
+        parts.status,
+        parts.version,
+        headers,
+        buffered.data.clone(),
+        *answers,
+    );
+    // Kept while it may be served at all; the store drops it after.
+    let ttl = lifetimes.fresh
+        + lifetimes
+            .stale_while_revalidate
+            .max(lifetimes.stale_if_error);
+    if let Err(error) = engine.store.put(key, Arc::new(kept), ttl).await {
+        engine.metrics.store_error();
+        tracing::warn!(%error, "keeping a response in the cache failed");
+    }
+}
