@@ -68,6 +68,8 @@
 //!   lifetimes, stale-while-revalidate, stale-if-error, negative caching (moka, tokio).
 //! - `idempotency`: the `idempotency` module, the `Idempotency-Key` preset of the HTTP
 //!   layer, and `MemoryStore` (moka) to replay completed responses.
+//! - `http-cache`: the `http_cache` module, an HTTP cache on the same engine (Cache-Control,
+//!   Vary, Age, Cache-Status, 304s, stale-while-revalidate, stale-if-error).
 //! - `redis`: `RedisStore`, a store shared by several instances: one run per key across all
 //!   of them.
 //!

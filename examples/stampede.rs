@@ -1,0 +1,298 @@
+//! A cache stampede for real, and what coalescing and the cache do to it.
+//!
+//! An axum app serves `GET /api/report/{id}`: an aggregate over every order (no index on
+//! purpose: a real scan of many rows, as reports are), with
+//! `Cache-Control: max-age=1, stale-while-revalidate=30`. The demo fills the entry, waits
+//! until it has expired, and then fires N requests for it at once, three times: without a
+//! layer, with coalescing only (`HttpCoalesceLayer`), and with the cache (`HttpCacheLayer`,
+//! stale-while-revalidate). It prints the database queries run (counted by the handler)
+//! and the latencies the clients saw.
+//!
+//!     cargo run --example stampede --features http-cache                  # SQLite file
+//!     DATABASE_URL=postgres://... cargo run --example stampede --features http-cache
+//!     cargo run --example stampede --features http-cache -- --requests 300 --rows 50000
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Row};
+use tower_coalesce::http::{HttpCoalesceLayer, key};
+use tower_coalesce::http_cache::HttpCacheLayer;
+
+/// Clients multiplex their requests over this many HTTP/2 connections, so that a thousand
+/// requests need no thousand file descriptors.
+const CONNECTIONS: usize = 10;
+
+struct Args {
+    requests: usize,
+    rows: u64,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        requests: 1000,
+        rows: 200_000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value: u64 = it
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| usage(&flag));
+        match flag.as_str() {
+            "--requests" => args.requests = value.max(1) as usize,
+            "--rows" => args.rows = value.max(1),
+            _ => usage(&flag),
+        }
+    }
+    args
+}
+
+fn usage(flag: &str) -> ! {
+    eprintln!("bad argument {flag:?}; usage: stampede [--requests N] [--rows N]");
+    std::process::exit(2)
+}
+
+#[derive(Clone)]
+struct AppState {
+    pool: AnyPool,
+    queries: Arc<AtomicUsize>,
+}
+
+/// Connects and fills `orders` with `rows` rows over 100 reports.
+async fn connect(url: &str, rows: u64) -> Result<AnyPool, sqlx::Error> {
+    sqlx::any::install_default_drivers();
+    let sqlite = url.starts_with("sqlite:");
+    let pool = AnyPoolOptions::new()
+        .max_connections(16)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if sqlite {
+                    sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?;
+    sqlx::query("DROP TABLE IF EXISTS orders")
+        .execute(&pool)
+        .await?;
+    sqlx::query("CREATE TABLE orders (id INTEGER PRIMARY KEY, report_id INTEGER NOT NULL, amount INTEGER NOT NULL)")
+        .execute(&pool)
+        .await?;
+    // No index on report_id: the report scans every order, as an aggregate over a big
+    // table does.
+    sqlx::query(
+        "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < $1) \
+         INSERT INTO orders (id, report_id, amount) SELECT n, n % 100, n % 997 FROM seq",
+    )
+    .bind(rows as i64)
+    .execute(&pool)
+    .await?;
+    Ok(pool)
+}
+
+async fn report(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
+    state.queries.fetch_add(1, Ordering::SeqCst);
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS orders, SUM(amount) AS total FROM orders WHERE report_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&state.pool)
+    .await;
+    match row {
+        Ok(row) => {
+            let orders: i64 = row.get("orders");
+            let total: i64 = row.try_get("total").unwrap_or(0);
+            (
+                [("cache-control", "max-age=1, stale-while-revalidate=30")],
+                format!("{{\"report\":{id},\"orders\":{orders},\"total\":{total}}}"),
+            )
+                .into_response()
+        }
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Bare,
+    Coalescing,
+    Cache,
+}
+
+async fn serve(state: AppState, mode: Mode) -> std::net::SocketAddr {
+    let routes = Router::new()
+        .route("/api/report/{id}", get(report))
+        .with_state(state);
+    let app = match mode {
+        Mode::Bare => routes,
+        // Public data: one flight for everyone, whoever asks.
+        Mode::Coalescing => {
+            routes.layer(HttpCoalesceLayer::new(key::method_path_and_query()).unscoped())
+        }
+        Mode::Cache => routes.layer(HttpCacheLayer::new().unscoped()),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+struct Burst {
+    ok: usize,
+    stale: usize,
+    queries: usize,
+    latencies: Vec<Duration>,
+}
+
+impl Burst {
+    fn percentile(&mut self, p: f64) -> Duration {
+        self.latencies.sort();
+        let i = ((self.latencies.len() as f64 * p).ceil() as usize).clamp(1, self.latencies.len());
+        self.latencies[i - 1]
+    }
+}
+
+async fn burst(mode: Mode, args: &Args) -> Burst {
+    let state = AppState {
+        pool: POOL.get().unwrap().clone(),
+        queries: Arc::default(),
+    };
+    let addr = serve(state.clone(), mode).await;
+    let report = format!("http://{addr}/api/report/7");
+    let clients: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .no_proxy()
+                .build()
+                .unwrap()
+        })
+        .collect();
+    // Fill the entry (and open the connections), then let it expire: max-age=1, and ages
+    // count in whole seconds from `Date`.
+    for client in &clients {
+        client
+            .get(&report)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let before = state.queries.load(Ordering::SeqCst);
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(args.requests));
+    let calls: Vec<_> = (0..args.requests)
+        .map(|i| {
+            let (client, url, barrier) = (
+                clients[i % CONNECTIONS].clone(),
+                report.clone(),
+                barrier.clone(),
+            );
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let start = Instant::now();
+                let res = client.get(&url).send().await.expect("request failed");
+                let stale = res
+                    .headers()
+                    .get("cache-status")
+                    .is_some_and(|v| v.to_str().unwrap_or("").contains("stale"));
+                let ok = res.status().is_success();
+                res.bytes().await.expect("body failed");
+                (ok, stale, start.elapsed())
+            })
+        })
+        .collect();
+    let mut out = Burst {
+        ok: 0,
+        stale: 0,
+        queries: 0,
+        latencies: Vec::new(),
+    };
+    for call in calls {
+        let (ok, stale, latency) = call.await.unwrap();
+        out.ok += ok as usize;
+        out.stale += stale as usize;
+        out.latencies.push(latency);
+    }
+    // A background refresh counts too: wait until it has run.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    out.queries = state.queries.load(Ordering::SeqCst) - before;
+    out
+}
+
+static POOL: std::sync::OnceLock<AnyPool> = std::sync::OnceLock::new();
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = args();
+    let temp = tempfile::tempdir()?;
+    let (url, database) = match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+        Some(url) => (url, "PostgreSQL (DATABASE_URL)".to_owned()),
+        None => {
+            let path = temp.path().join("stampede.db");
+            let shown = format!("SQLite file {}", path.display());
+            (format!("sqlite://{}?mode=rwc", path.display()), shown)
+        }
+    };
+    let pool = connect(&url, args.rows).await?;
+    let one = Instant::now();
+    sqlx::query("SELECT COUNT(*), SUM(amount) FROM orders WHERE report_id = 7")
+        .fetch_one(&pool)
+        .await?;
+    let query_time = one.elapsed();
+    POOL.set(pool).ok();
+
+    println!(
+        "GET /api/report/7: {} requests at once, the moment its cached entry has expired",
+        args.requests
+    );
+    println!(
+        "database: {database}, {} orders, one report query {:.1} ms (a scan, no index)",
+        args.rows,
+        query_time.as_secs_f64() * 1e3
+    );
+    println!("response: Cache-Control: max-age=1, stale-while-revalidate=30");
+    println!();
+    println!(
+        "{:<22} {:>8} {:>6} {:>11} {:>7} {:>10} {:>10}",
+        "", "requests", "2xx", "db queries", "stale", "p50", "p99"
+    );
+    for (label, mode) in [
+        ("no layer", Mode::Bare),
+        ("coalescing only", Mode::Coalescing),
+        ("cache (SWR)", Mode::Cache),
+    ] {
+        let mut b = burst(mode, &args).await;
+        let (p50, p99) = (b.percentile(0.50), b.percentile(0.99));
+        println!(
+            "{:<22} {:>8} {:>6} {:>11} {:>7} {:>7.2} ms {:>7.2} ms",
+            label,
+            args.requests,
+            b.ok,
+            b.queries,
+            b.stale,
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+        );
+    }
+    println!(
+        "\ndb queries: report queries the handler ran for the burst (a background refresh \
+         included). stale: answers served from the expired entry while one refresh ran."
+    );
+    Ok(())
+}
