@@ -393,3 +393,61 @@ async fn an_authenticated_request_is_kept_only_when_the_response_says_public() {
         assert_eq!(runs.get(), runs_expected, "{cache_control}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_refresh_sends_the_request_it_refreshes_body_and_all() {
+    // A GET with a body (a search, say): the refreshed entry answers that body's request,
+    // so the refresh must send that body, not an empty one.
+    let runs = Counter::default();
+    let r = runs.clone();
+    let app = Router::new()
+        .route(
+            "/api/search",
+            get(move |body: String| {
+                let n = r.incr();
+                async move {
+                    (
+                        [("cache-control", "max-age=1, stale-while-revalidate=60")],
+                        format!("results for [{body}], run {n}"),
+                    )
+                }
+            }),
+        )
+        .layer(HttpCacheLayer::new().unscoped());
+    let addr = serve(app).await;
+    let url = format!("http://{addr}/api/search");
+    let search = |body: &'static str| {
+        let url = url.clone();
+        async move {
+            client()
+                .get(url)
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(search("alpha").await, "results for [alpha], run 0");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    // Stale: answered at once, refreshed in the background with alpha's body.
+    assert_eq!(search("alpha").await, "results for [alpha], run 0");
+    eventually("the refresh ran", || runs.get() == 2).await;
+    let mut refreshed = String::new();
+    for _ in 0..200 {
+        refreshed = search("alpha").await;
+        if refreshed != "results for [alpha], run 0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(refreshed, "results for [alpha], run 1");
+    assert_eq!(
+        search("beta").await,
+        "results for [beta], run 2",
+        "another body, another answer"
+    );
+}

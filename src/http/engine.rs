@@ -325,13 +325,15 @@ where
     let key_hash = tracing::enabled!(tracing::Level::DEBUG).then(|| KeyHash::of(&flight_key));
     let request = Request::from_parts(parts, Either::Left(Full::new(bytes)));
     #[cfg(feature = "http-cache")]
-    if let (Some(cache), Some(store_key)) = (&engine.cache, &store_key) {
-        let (cache, store_key) = (cache.clone(), store_key.clone());
-        return crate::http_cache::serve(
-            inner, engine, cache, flight_key, store_key, key_hash, request,
-        )
-        .await;
-    }
+    let store_key = match (engine.cache.clone(), store_key) {
+        (Some(cache), Some(store_key)) => {
+            return crate::http_cache::serve(
+                inner, engine, cache, flight_key, store_key, key_hash, request,
+            )
+            .await;
+        }
+        (_, store_key) => store_key,
+    };
     join_or_lead(inner, engine, flight_key, store_key, key_hash, request).await
 }
 
@@ -823,7 +825,7 @@ async fn keep<K, I, St: IdempotencyStore, B>(
 /// answers, unless the rules say not to keep it: server errors (so that a retry runs
 /// again), bodies over the limit or not shared, bodies that ended in an error or with
 /// trailers, and (by the caller) `Vary: *`.
-fn storable<B>(flown: &Flown<B>, fingerprint: Fingerprint) -> Option<StoredResponse> {
+pub(crate) fn storable<B>(flown: &Flown<B>, fingerprint: Fingerprint) -> Option<StoredResponse> {
     let Flown::Buffered(buffered) = flown else {
         return None;
     };
@@ -927,14 +929,20 @@ pub(crate) fn answers(
     fingerprint.answered_by(stored.headers(), asked) == Some(stored.fingerprint())
 }
 
-const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-
-fn replay<B>(stored: &StoredResponse, metrics: &Metrics) -> Response<ResponseBody<B>> {
-    metrics.replayed();
+/// A stored response as a response: its status, version, headers and body (not copied).
+pub(crate) fn stored_response<B>(stored: &StoredResponse) -> Response<ResponseBody<B>> {
     let mut response = Response::new(ResponseBody::buffered(stored.body().clone(), None));
     *response.status_mut() = stored.status();
     *response.version_mut() = stored.version();
     *response.headers_mut() = stored.headers().clone();
+    response
+}
+
+const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+fn replay<B>(stored: &StoredResponse, metrics: &Metrics) -> Response<ResponseBody<B>> {
+    metrics.replayed();
+    let mut response = stored_response(stored);
     response
         .headers_mut()
         .insert(REPLAYED, HeaderValue::from_static("true"));

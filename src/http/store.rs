@@ -264,6 +264,12 @@ impl StoredResponse {
         &self.headers
     }
 
+    /// The headers, for the HTTP cache to stamp `Date` before keeping it.
+    #[cfg_attr(not(feature = "http-cache"), allow(dead_code))]
+    pub(crate) fn headers_mut(&mut self) -> &mut HeaderMap {
+        &mut self.headers
+    }
+
     /// The body.
     pub fn body(&self) -> &Bytes {
         &self.body

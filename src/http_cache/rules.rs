@@ -43,17 +43,24 @@ impl Directives {
             // A malformed number makes the directive count as absent, except where absence
             // would store more: a `max-age` that can't be read is 0 (RFC 9111 §4.2.1).
             let seconds = || value.and_then(|v| v.parse::<u64>().ok());
-            match name.to_ascii_lowercase().as_str() {
-                "max-age" => d.max_age = Some(seconds().unwrap_or(0)),
-                "s-maxage" => d.s_maxage = Some(seconds().unwrap_or(0)),
-                "stale-while-revalidate" => d.stale_while_revalidate = seconds(),
-                "stale-if-error" => d.stale_if_error = seconds(),
-                "no-store" => d.no_store = true,
+            // Lowercased on the stack: this runs on every hit. Longer names are none of ours.
+            let mut lower = [0u8; 24];
+            let Some(lower) = lower.get_mut(..name.len()) else {
+                continue;
+            };
+            lower.copy_from_slice(name.as_bytes());
+            lower.make_ascii_lowercase();
+            match &*lower {
+                b"max-age" => d.max_age = Some(seconds().unwrap_or(0)),
+                b"s-maxage" => d.s_maxage = Some(seconds().unwrap_or(0)),
+                b"stale-while-revalidate" => d.stale_while_revalidate = seconds(),
+                b"stale-if-error" => d.stale_if_error = seconds(),
+                b"no-store" => d.no_store = true,
                 // With or without a field list: the whole response is treated alike.
-                "no-cache" => d.no_cache = true,
-                "private" => d.private = true,
-                "public" => d.public = true,
-                "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
+                b"no-cache" => d.no_cache = true,
+                b"private" => d.private = true,
+                b"public" => d.public = true,
+                b"must-revalidate" | b"proxy-revalidate" => d.must_revalidate = true,
                 _ => {}
             }
         }
@@ -204,30 +211,6 @@ pub(crate) fn age(headers: &HeaderMap, now: SystemTime) -> Duration {
     initial + resident
 }
 
-/// Where a kept response stands at `age`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum State {
-    Fresh,
-    /// Within `stale-while-revalidate`: served at once, refreshed in the background.
-    Revalidate,
-    /// Past it but within `stale-if-error`: served only in place of an error.
-    IfError,
-    Expired,
-}
-
-pub(crate) fn state(lifetimes: Lifetimes, age: Duration) -> State {
-    let stale = age.saturating_sub(lifetimes.fresh);
-    if age < lifetimes.fresh {
-        State::Fresh
-    } else if stale < lifetimes.stale_while_revalidate {
-        State::Revalidate
-    } else if stale < lifetimes.stale_if_error {
-        State::IfError
-    } else {
-        State::Expired
-    }
-}
-
 /// A request's validators, taken off it so that the service answers in full (a full
 /// response is what the cache keeps) and applied by the cache to what it serves.
 #[derive(Debug, Default)]
@@ -293,6 +276,7 @@ pub(crate) const NOT_MODIFIED_HEADERS: [http::header::HeaderName; 8] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::single_flight::Freshness;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         pairs
@@ -421,7 +405,7 @@ mod tests {
     }
 
     #[test]
-    fn age_counts_from_date_plus_age_and_states_follow_the_windows() {
+    fn age_counts_from_date_plus_age_and_freshness_follows_the_windows() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let mut kept = headers(&[("age", "5")]);
         stamp(&mut kept, now - Duration::from_secs(10));
@@ -432,16 +416,16 @@ mod tests {
             stale_while_revalidate: Duration::from_secs(5),
             stale_if_error: Duration::from_secs(20),
         };
-        let at = |s| state(l, Duration::from_secs(s));
+        let at = |s| l.state(Duration::from_secs(s));
         assert_eq!(
             [at(9), at(10), at(14), at(15), at(29), at(30)],
             [
-                State::Fresh,
-                State::Revalidate,
-                State::Revalidate,
-                State::IfError,
-                State::IfError,
-                State::Expired
+                Freshness::Fresh,
+                Freshness::Revalidate,
+                Freshness::Revalidate,
+                Freshness::IfError,
+                Freshness::IfError,
+                Freshness::Expired
             ]
         );
     }

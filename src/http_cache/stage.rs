@@ -4,18 +4,17 @@
 //! rules.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{Either, Full};
 use tower::Service;
 
-use super::rules::{self, Asked, Conditional, Rules, State, Verdict};
+use super::rules::{self, Asked, Conditional, Rules, Verdict};
 use crate::BoxError;
 use crate::coalesce::MakeKey;
 use crate::http::Role;
@@ -24,6 +23,7 @@ use crate::http::engine::{self, Answer, Engine, FlightKey, InnerRequest, KeyHash
 use crate::http::error::ShareError;
 use crate::http::flown::Flown;
 use crate::http::store::{Fingerprint, IdempotencyStore, StoreKey, StoredResponse};
+use crate::single_flight::Freshness;
 
 /// What a cache layer holds besides the engine's store: its rules, the keys on
 /// hit-for-pass, and the keys being refreshed in the background.
@@ -66,8 +66,10 @@ enum Status {
     Forward(&'static str),
 }
 
-fn cache_status(status: Status, collapsed: bool, age_left: Option<i64>) -> HeaderValue {
-    let mut value = String::from("tower-coalesce");
+fn cache_status(status: Status, collapsed: bool, ttl: Option<i64>) -> HeaderValue {
+    use std::fmt::Write;
+    let mut value = String::with_capacity(64);
+    value.push_str("tower-coalesce");
     match status {
         Status::Hit => value.push_str("; hit"),
         Status::Stale(detail) => {
@@ -82,8 +84,8 @@ fn cache_status(status: Status, collapsed: bool, age_left: Option<i64>) -> Heade
     if collapsed {
         value.push_str("; collapsed");
     }
-    if let Some(ttl) = age_left {
-        value.push_str(&format!("; ttl={ttl}"));
+    if let Some(ttl) = ttl {
+        let _ = write!(value, "; ttl={ttl}");
     }
     HeaderValue::try_from(value).expect("ASCII tokens")
 }
@@ -147,33 +149,30 @@ where
                         // Kept under other rules (a request that was allowed what this one isn't).
                         _ => Default::default(),
                     };
-                match rules::state(lifetimes, age) {
-                    State::Fresh => {
-                        let left = lifetimes.fresh.saturating_sub(age).as_secs() as i64;
-                        return Ok(from_store(
-                            &kept,
-                            age,
-                            Status::Hit,
-                            left,
-                            &conditional,
-                            &engine.metrics,
-                        ));
-                    }
-                    State::Revalidate => {
-                        let left = -(age.saturating_sub(lifetimes.fresh).as_secs() as i64);
-                        let status = Status::Stale("stale-while-revalidate");
-                        let stale =
-                            from_store(&kept, age, status, left, &conditional, &engine.metrics);
+                let served = |status| {
+                    from_store(
+                        &kept,
+                        age,
+                        lifetimes.fresh,
+                        status,
+                        &conditional,
+                        &engine.metrics,
+                    )
+                };
+                match lifetimes.state(age) {
+                    Freshness::Fresh => return Ok(served(Status::Hit)),
+                    Freshness::Revalidate => {
+                        let stale = served(Status::Stale("stale-while-revalidate"));
                         refresh(
                             inner, engine, cache, flight_key, store_key, key_hash, request,
                         );
                         return Ok(stale);
                     }
-                    State::IfError => {
+                    Freshness::IfError => {
                         reason = "stale";
                         fallback = Some((kept, lifetimes.fresh));
                     }
-                    State::Expired => reason = "stale",
+                    Freshness::Expired => reason = "stale",
                 }
             }
             Ok(Some(_)) => reason = "vary-miss",
@@ -200,14 +199,13 @@ where
     };
     if let (true, Some((kept, fresh))) = (failed, fallback) {
         let age = rules::age(kept.headers(), SystemTime::now());
-        let left = -(age.saturating_sub(fresh).as_secs() as i64);
         tracing::debug!("serving a stale response in place of an error");
         let status = Status::Stale("stale-if-error");
         return Ok(from_store(
             &kept,
             age,
+            fresh,
             status,
-            left,
             &conditional,
             &engine.metrics,
         ));
@@ -215,7 +213,7 @@ where
     let mut response = answer?;
     let collapsed = response.extensions().get::<Role>() == Some(&Role::Follower);
     if conditional.not_modified(response.status(), response.headers()) {
-        response = not_modified(response.status(), response.headers());
+        response = not_modified(response.headers());
     }
     response.headers_mut().insert(
         CACHE_STATUS,
@@ -250,13 +248,13 @@ fn refresh<S, K, I, St, ReqB, ResB>(
     if cache.refreshing.insert(store_key.clone(), ()).is_some() {
         return;
     }
-    // The caller's request, without its body (a `GET`'s is empty) and validators.
-    let (parts, _) = request.into_parts();
-    let request = Request::from_parts(parts, Either::Left(Full::new(Bytes::new())));
+    // The caller's own request (its validators already taken off), body and all: the
+    // refreshed response is kept under this request's fingerprint, so it must answer it.
     engine.metrics.cache_refreshed();
     tokio::spawn(async move {
         let done = Refreshing(cache, store_key.clone());
-        let answer = engine::join_or_lead(
+        // The flight kept the response; nobody reads this copy.
+        let _ = engine::join_or_lead(
             inner,
             engine,
             flight_key,
@@ -265,10 +263,6 @@ fn refresh<S, K, I, St, ReqB, ResB>(
             request,
         )
         .await;
-        if let Ok(response) = answer {
-            // Drain nothing: the flight buffered the body and kept the response already.
-            drop(response);
-        }
         drop(done);
     });
 }
@@ -284,31 +278,29 @@ impl Drop for Refreshing {
 
 /// A kept response as an answer: its `Age` and `Cache-Status`, or a `304` for a request
 /// whose validators match it.
+/// `ttl` in `Cache-Status` is the freshness left, negative once stale (RFC 9211).
 fn from_store<B>(
     kept: &StoredResponse,
-    age: std::time::Duration,
+    age: Duration,
+    fresh: Duration,
     status: Status,
-    ttl: i64,
     conditional: &Conditional,
     metrics: &crate::http::Metrics,
 ) -> Response<ResponseBody<B>> {
     let mut response = if conditional.not_modified(kept.status(), kept.headers()) {
-        not_modified(kept.status(), kept.headers())
+        not_modified(kept.headers())
     } else {
-        let mut response = Response::new(ResponseBody::buffered(kept.body().clone(), None));
-        *response.status_mut() = kept.status();
-        *response.version_mut() = kept.version();
-        *response.headers_mut() = kept.headers().clone();
-        response
+        engine::stored_response(kept)
     };
     metrics.cache_answered(matches!(status, Status::Hit));
+    let ttl = fresh.as_secs() as i64 - age.as_secs() as i64;
     let headers = response.headers_mut();
     headers.insert(http::header::AGE, HeaderValue::from(age.as_secs()));
     headers.insert(CACHE_STATUS, cache_status(status, false, Some(ttl)));
     response
 }
 
-fn not_modified<B>(_: StatusCode, headers: &HeaderMap) -> Response<ResponseBody<B>> {
+fn not_modified<B>(headers: &HeaderMap) -> Response<ResponseBody<B>> {
     let mut response = Response::new(ResponseBody::buffered(Bytes::new(), None));
     *response.status_mut() = StatusCode::NOT_MODIFIED;
     for name in rules::NOT_MODIFIED_HEADERS {
@@ -332,15 +324,14 @@ pub(crate) async fn keep<K, I, St, B>(
     let Some((flown, answers)) = flown else {
         return;
     };
-    let buffered = match flown {
-        Flown::Buffered(buffered) => buffered,
+    let parts = match flown {
+        Flown::Buffered(buffered) => &buffered.parts,
         Flown::Unshared { .. } => {
             cache.passes.insert(key, ());
             return;
         }
         Flown::TooLarge(_) => return,
     };
-    let parts = &buffered.parts;
     let lifetimes = match cache.rules.verdict(parts.status, &parts.headers, asked) {
         Verdict::Store(lifetimes) => lifetimes,
         Verdict::Pass => {
@@ -349,24 +340,13 @@ pub(crate) async fn keep<K, I, St, B>(
         }
         Verdict::Skip => return,
     };
-    // `Vary: *` (no requests it answers) and bodies with trailers or errors are not kept.
-    let (Some(answers), None) = (answers, &buffered.end) else {
+    // The engine's own rules of what a store keeps (`Vary: *`, trailers, errors in the body).
+    let Some(mut kept) = answers.and_then(|answers| engine::storable(flown, answers)) else {
         return;
     };
-    let mut headers = parts.headers.clone();
-    rules::stamp(&mut headers, SystemTime::now());
-    let kept = StoredResponse::new(
-        parts.status,
-        parts.version,
-        headers,
-        buffered.data.clone(),
-        *answers,
-    );
+    rules::stamp(kept.headers_mut(), SystemTime::now());
     // Kept while it may be served at all; the store drops it after.
-    let ttl = lifetimes.fresh
-        + lifetimes
-            .stale_while_revalidate
-            .max(lifetimes.stale_if_error);
+    let ttl = lifetimes.usable();
     if let Err(error) = engine.store.put(key, Arc::new(kept), ttl).await {
         engine.metrics.store_error();
         tracing::warn!(%error, "keeping a response in the cache failed");

@@ -37,9 +37,35 @@ impl Lifetimes {
     }
 
     /// The longest the value can be of any use.
-    fn usable(&self) -> Duration {
+    pub(crate) fn usable(&self) -> Duration {
         self.fresh + self.stale_while_revalidate.max(self.stale_if_error)
     }
+
+    /// Where a value of this `age` stands; the one reading of the windows, for the core
+    /// cache and the HTTP cache alike.
+    pub(crate) fn state(&self, age: Duration) -> Freshness {
+        let stale = age.saturating_sub(self.fresh);
+        if age < self.fresh {
+            Freshness::Fresh
+        } else if stale < self.stale_while_revalidate {
+            Freshness::Revalidate
+        } else if stale < self.stale_if_error {
+            Freshness::IfError
+        } else {
+            Freshness::Expired
+        }
+    }
+}
+
+/// Where a kept value stands: [`Lifetimes::state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Freshness {
+    Fresh,
+    /// Within `stale-while-revalidate`: served at once, refreshed in the background.
+    Revalidate,
+    /// Past it but within `stale-if-error`: served only in place of an error.
+    IfError,
+    Expired,
 }
 
 /// How a caller came by its value.
@@ -95,32 +121,11 @@ struct Slot<V, E> {
     lifetimes: Lifetimes,
 }
 
-enum State {
-    Fresh,
-    /// Within `stale-while-revalidate`.
-    Revalidate,
-    /// Past it, but within `stale-if-error`: usable only in place of an error.
-    IfError,
-    Expired,
-}
-
 impl<V, E> Slot<V, E> {
-    fn state(&self, now: Instant) -> State {
-        let age = now.saturating_duration_since(self.stored);
-        let Lifetimes {
-            fresh,
-            stale_while_revalidate,
-            stale_if_error,
-        } = self.lifetimes;
-        if age < fresh {
-            State::Fresh
-        } else if age < fresh + stale_while_revalidate {
-            State::Revalidate
-        } else if age < fresh + stale_if_error && self.result.is_ok() {
-            State::IfError
-        } else {
-            State::Expired
-        }
+    fn state(&self, now: Instant) -> Freshness {
+        // A cached error has no stale windows (`negative_ttl` is freshness only).
+        self.lifetimes
+            .state(now.saturating_duration_since(self.stored))
     }
 }
 
@@ -251,13 +256,13 @@ where
         let mut fallback = None;
         if let Some(slot) = self.inner.entries.get(&key) {
             match slot.state(now) {
-                State::Fresh => return served(slot, CacheStatus::Hit, now),
-                State::Revalidate => {
+                Freshness::Fresh => return served(slot, CacheStatus::Hit, now),
+                Freshness::Revalidate => {
                     self.refresh(key, make);
                     return served(slot, CacheStatus::Stale, now);
                 }
-                State::IfError => fallback = Some(slot),
-                State::Expired => {}
+                Freshness::IfError => fallback = Some(slot),
+                Freshness::Expired => {}
             }
         }
 
@@ -378,7 +383,7 @@ where
         // An error never replaces a value that may still stand in for it.
         if result.is_err()
             && let Some(old) = self.entries.get(key)
-            && !matches!(old.state(Instant::now()), State::Expired)
+            && !matches!(old.state(Instant::now()), Freshness::Expired)
         {
             return;
         }

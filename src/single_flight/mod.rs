@@ -78,6 +78,8 @@ pub mod future;
 mod group;
 mod registry;
 
+#[cfg(feature = "http-cache")]
+pub(crate) use self::cache::Freshness;
 #[cfg(feature = "cache")]
 pub use self::cache::{Cache, CacheBuilder, CacheStatus, Fetched, Lifetimes};
 pub use self::future::Run;
