@@ -149,6 +149,14 @@ impl<K, I, St> Engine<K, I, St> {
         }
     }
 
+    /// Whether this is the HTTP cache preset.
+    fn caches(&self) -> bool {
+        #[cfg(feature = "http-cache")]
+        return self.cache.is_some();
+        #[cfg(not(feature = "http-cache"))]
+        false
+    }
+
     /// A request whose key maker found no key: counted, logged (loudly the first time: on a
     /// route where every request has a key, it means the key is read from the wrong
     /// place), and refused under `require_key`, else passed through.
@@ -711,7 +719,8 @@ where
     if let Some(key) = store_key {
         #[cfg(feature = "http-cache")]
         if let Some(cache) = &engine.cache {
-            crate::http_cache::keep(&engine, cache, key, outcome.as_ref().ok(), &asked).await;
+            let flown = outcome.as_ref().ok();
+            crate::http_cache::keep(&engine, cache, key, lease, flown, &asked).await;
             return outcome;
         }
         keep(&engine, key, lease, outcome.as_ref().ok()).await;
@@ -731,7 +740,15 @@ async fn take_lease<K, I, St: IdempotencyStore, B>(
     let started = std::time::Instant::now();
     let mut waited = false;
     loop {
-        let found = match store.lease(key).await {
+        // The cache refreshes entries that are stale but still kept: its own lease.
+        #[cfg(feature = "http-cache")]
+        let lease = match &engine.cache {
+            Some(cache) => crate::http_cache::lease(engine, cache, key, fingerprint, asked).await,
+            None => store.lease(key).await,
+        };
+        #[cfg(not(feature = "http-cache"))]
+        let lease = store.lease(key).await;
+        let found = match lease {
             Ok(Lease::Held(guard)) => return Ok(Some(guard)),
             Ok(Lease::Stored(stored)) => stored,
             // A store of one process keeps responses for replay only.
@@ -810,14 +827,24 @@ async fn keep<K, I, St: IdempotencyStore, B>(
         let stored = storable(flown, (*answers)?)?;
         Some((Arc::new(stored), ttl))
     });
-    let kept = match (lease, stored) {
+    if let Err(error) = store_and_release(engine, key, lease, stored).await {
+        engine.metrics.store_error();
+        tracing::warn!(%error, "keeping a response failed; a retry will run again");
+    }
+}
+
+/// Stores `stored` under `key` for its TTL, if there is one, and releases the lease, if one
+/// is held: one step for a store with leases.
+pub(crate) async fn store_and_release<K, I, St: IdempotencyStore>(
+    engine: &Engine<K, I, St>,
+    key: StoreKey,
+    lease: Option<LeaseGuard>,
+    stored: Option<(Arc<StoredResponse>, Duration)>,
+) -> Result<(), BoxError> {
+    match (lease, stored) {
         (Some(lease), stored) => lease.complete(stored).await,
         (None, Some((stored, ttl))) => engine.store.put(key, stored, ttl).await,
         (None, None) => Ok(()),
-    };
-    if let Err(error) = kept {
-        engine.metrics.store_error();
-        tracing::warn!(%error, "keeping a response failed; a retry will run again");
     }
 }
 
@@ -868,7 +895,14 @@ where
     let mut response = match outcome.into_value() {
         Err(error) => return Err(S::Error::share(&error)),
         Ok(Done::Stored(stored)) if answers(&stored, fingerprint, asked) => {
-            return Ok(replay(&stored, metrics));
+            if !engine.caches() {
+                return Ok(replay(&stored, metrics));
+            }
+            // A cache entry another instance kept while this one waited for its lease: a
+            // copy of that instance's run, not a replay.
+            let mut response = stored_response(&stored);
+            tag(&mut response, Role::Follower, config.role_header);
+            return Ok(response);
         }
         Ok(Done::Stored(_)) => {
             metrics.mismatch_rejected();

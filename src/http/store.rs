@@ -37,7 +37,8 @@ use crate::BoxError;
 /// response means that a later retry runs again.
 ///
 /// [`NoStore`] and `MemoryStore` (feature `idempotency`) are stores of one process, and keep
-/// the defaults of `lease` and `released`; [`RedisStore`](crate::redis) overrides them.
+/// the defaults of `lease`, `refresh_lease` and `released`; [`RedisStore`](crate::redis)
+/// overrides them.
 pub trait IdempotencyStore: Clone + Send + Sync + 'static {
     /// Returns the response stored under `key`, if any and not expired.
     fn get(
@@ -63,13 +64,28 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
         std::future::ready(Ok(Lease::NotShared))
     }
 
+    /// Takes the lease on `key` whatever is stored under it: the HTTP cache refreshes an
+    /// entry that is stale but still kept, so a stored response is no answer here. Answers
+    /// [`Lease::Held`] or [`Lease::HeldElsewhere`] (never [`Lease::Stored`]); the cache
+    /// looks the key up again once it holds the lease, in case another instance refreshed
+    /// it meanwhile.
+    ///
+    /// The default answers [`Lease::NotShared`], as [`lease`](Self::lease) does.
+    fn refresh_lease(
+        &self,
+        key: &StoreKey,
+    ) -> impl Future<Output = Result<Lease, BoxError>> + Send {
+        let _ = key;
+        std::future::ready(Ok(Lease::NotShared))
+    }
+
     /// Completes when the lease on `key` that another instance holds may have been
     /// released, or expired; the layer then looks the key up and tries the lease again.
     /// It must complete within a bounded time even if no release is ever seen (a lost
     /// message, a dead instance).
     ///
-    /// Only called after [`lease`](Self::lease) answered [`Lease::HeldElsewhere`]; the
-    /// default completes at once.
+    /// Only called after [`lease`](Self::lease) or [`refresh_lease`](Self::refresh_lease)
+    /// answered [`Lease::HeldElsewhere`]; the default completes at once.
     fn released(&self, key: &StoreKey) -> impl Future<Output = ()> + Send {
         let _ = key;
         std::future::ready(())

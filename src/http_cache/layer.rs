@@ -15,11 +15,11 @@ use crate::http::key::{self, MethodPathAndQuery};
 use crate::http::policy::{SharePredicate, not_private};
 use crate::http::scope::{DefaultScope, Unscoped};
 use crate::http::{DoNotShare, HttpCoalesce, Metrics};
-use crate::idempotency::store::MemoryStore;
+use crate::idempotency::store::{IdempotencyStore, MemoryStore};
 
 /// The HTTP cache middleware: [`HttpCoalesce`] with the cache's stage, keyed by method,
 /// path and query, for `GET` and `HEAD`.
-pub type HttpCache<S, I = DefaultScope> = HttpCoalesce<S, SafeMethods, I, MemoryStore>;
+pub type HttpCache<S, I = DefaultScope, St = MemoryStore> = HttpCoalesce<S, SafeMethods, I, St>;
 
 /// Keys `GET` and `HEAD` requests by method, path and query; other methods have no key and
 /// pass through the cache untouched.
@@ -51,11 +51,12 @@ impl MakeKey<Parts> for SafeMethods {
 ///   kept (they are still coalesced);
 /// - [`max_ttl`](Self::max_ttl): 1 day;
 /// - [`hit_for_pass`](Self::hit_for_pass): 2 minutes;
-/// - [`budget`](Self::budget): 64 MiB of responses;
+/// - [`store`](Self::store): a [`MemoryStore`] of this process, bounded by
+///   [`budget`](Self::budget): 64 MiB of responses;
 /// - [`body_limit`](Self::body_limit): 1 MiB, larger responses are neither shared nor kept.
 #[derive(Clone)]
-pub struct HttpCacheLayer<I = DefaultScope> {
-    engine: Engine<SafeMethods, I, MemoryStore>,
+pub struct HttpCacheLayer<I = DefaultScope, St = MemoryStore> {
+    engine: Engine<SafeMethods, I, St>,
     rules: Rules,
 }
 
@@ -99,7 +100,7 @@ impl Default for HttpCacheLayer {
     }
 }
 
-impl<I> HttpCacheLayer<I> {
+impl<I, St> HttpCacheLayer<I, St> {
     /// Rebuilds the cache's state and share predicate after a change of rules.
     fn with_rules(mut self) -> Self {
         let private = self.rules.private;
@@ -144,13 +145,6 @@ impl<I> HttpCacheLayer<I> {
         self.with_rules()
     }
 
-    /// The bytes of responses kept at most (least recently used out first). 64 MiB by
-    /// default.
-    pub fn budget(mut self, bytes: u64) -> Self {
-        self.engine.store = MemoryStore::with_budget(bytes);
-        self
-    }
-
     /// The largest response body, in bytes, that is shared and kept. 1 MiB by default; a
     /// larger one goes to its own caller only.
     pub fn body_limit(mut self, bytes: usize) -> Self {
@@ -171,7 +165,7 @@ impl<I> HttpCacheLayer<I> {
     }
 
     /// Keeps entries apart by another identity; see [`http::scope`](crate::http::scope).
-    pub fn scope<NewScope>(self, scope: NewScope) -> HttpCacheLayer<NewScope> {
+    pub fn scope<NewScope>(self, scope: NewScope) -> HttpCacheLayer<NewScope, St> {
         HttpCacheLayer {
             engine: self.engine.with_scope(scope),
             rules: self.rules,
@@ -182,20 +176,41 @@ impl<I> HttpCacheLayer<I> {
     /// with `Authorization` still get only responses that say `public`, `s-maxage` or
     /// `must-revalidate` from it (RFC 9111 §3.5), unless [`private`](Self::private) is on,
     /// which you must not do here.
-    pub fn unscoped(self) -> HttpCacheLayer<Unscoped> {
+    pub fn unscoped(self) -> HttpCacheLayer<Unscoped, St> {
         self.scope(Unscoped)
+    }
+
+    /// Keeps responses in `store` instead of this process's memory: with a store that
+    /// several instances share ([`RedisStore`](crate::redis::RedisStore), feature `redis`),
+    /// a response one instance fetched answers them all, a miss runs on one instance while
+    /// the others wait for it, and a stale entry is refreshed by one instance while every
+    /// instance serves it stale. See [Across instances](crate::http_cache#across-instances).
+    pub fn store<St2: IdempotencyStore>(self, store: St2) -> HttpCacheLayer<I, St2> {
+        HttpCacheLayer {
+            engine: self.engine.with_store(store),
+            rules: self.rules,
+        }
     }
 }
 
-impl<S, I: Clone> Layer<S> for HttpCacheLayer<I> {
-    type Service = HttpCache<S, I>;
+impl<I> HttpCacheLayer<I, MemoryStore> {
+    /// The bytes of responses kept at most (least recently used out first). 64 MiB by
+    /// default.
+    pub fn budget(mut self, bytes: u64) -> Self {
+        self.engine.store = MemoryStore::with_budget(bytes);
+        self
+    }
+}
+
+impl<S, I: Clone, St: Clone> Layer<S> for HttpCacheLayer<I, St> {
+    type Service = HttpCache<S, I, St>;
 
     fn layer(&self, inner: S) -> Self::Service {
         HttpCoalesce::from_engine(inner, self.engine.clone())
     }
 }
 
-impl<I> fmt::Debug for HttpCacheLayer<I> {
+impl<I, St> fmt::Debug for HttpCacheLayer<I, St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpCacheLayer")
             .field("engine", &self.engine)

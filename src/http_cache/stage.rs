@@ -22,8 +22,9 @@ use crate::http::body::ResponseBody;
 use crate::http::engine::{self, Answer, Engine, FlightKey, InnerRequest, KeyHash};
 use crate::http::error::ShareError;
 use crate::http::flown::Flown;
+use crate::http::lease::{Lease, LeaseGuard};
 use crate::http::store::{Fingerprint, IdempotencyStore, StoreKey, StoredResponse};
-use crate::single_flight::Freshness;
+use crate::single_flight::{Freshness, Lifetimes};
 
 /// What a cache layer holds besides the engine's store: its rules, the keys on
 /// hit-for-pass, and the keys being refreshed in the background.
@@ -139,16 +140,7 @@ where
     } else {
         match engine.store.get(&store_key).await {
             Ok(Some(kept)) if engine::answers(&kept, fingerprint, request.headers()) => {
-                let age = rules::age(kept.headers(), now);
-                let lifetimes =
-                    match cache
-                        .rules
-                        .verdict(kept.status(), kept.headers(), request.headers())
-                    {
-                        Verdict::Store(lifetimes) => lifetimes,
-                        // Kept under other rules (a request that was allowed what this one isn't).
-                        _ => Default::default(),
-                    };
+                let (age, lifetimes) = judge(&cache, &kept, request.headers(), now);
                 let served = |status| {
                     from_store(
                         &kept,
@@ -220,6 +212,62 @@ where
         cache_status(Status::Forward(reason), collapsed, None),
     );
     Ok(response)
+}
+
+/// How old a kept response is, and how long it may be served, to a request with the
+/// headers `asked`.
+fn judge(
+    cache: &CacheState,
+    kept: &StoredResponse,
+    asked: &HeaderMap,
+    now: SystemTime,
+) -> (Duration, Lifetimes) {
+    let age = rules::age(kept.headers(), now);
+    let lifetimes = match cache.rules.verdict(kept.status(), kept.headers(), asked) {
+        Verdict::Store(lifetimes) => lifetimes,
+        // Kept under other rules (a request that was allowed what this one isn't).
+        _ => Lifetimes::default(),
+    };
+    (age, lifetimes)
+}
+
+/// The lease of a cache flight, with a store shared by several instances: taken whatever
+/// is kept (the entry may be stale: that is why the flight runs), unless, once it is held,
+/// the key turns out to have been refreshed by another instance meanwhile; then that
+/// entry answers ([`Lease::Stored`]) and the lease goes back at once. So one instance
+/// refreshes a key, and the others wait for it or serve the stale entry meanwhile.
+pub(crate) async fn lease<K, I, St: IdempotencyStore>(
+    engine: &Engine<K, I, St>,
+    cache: &CacheState,
+    key: &StoreKey,
+    fingerprint: Fingerprint,
+    asked: &HeaderMap,
+) -> Result<Lease, BoxError> {
+    let guard = match engine.store.refresh_lease(key).await? {
+        Lease::Held(guard) => guard,
+        other => return Ok(other),
+    };
+    let refreshed = match engine.store.get(key).await {
+        Ok(Some(kept)) if engine::answers(&kept, fingerprint, asked) => {
+            let (age, lifetimes) = judge(cache, &kept, asked, SystemTime::now());
+            (lifetimes.state(age) == Freshness::Fresh).then_some(kept)
+        }
+        Ok(_) => None,
+        Err(error) => {
+            // Holding the lease, the flight may as well run.
+            engine.metrics.store_error();
+            tracing::warn!(%error, "cache lookup under a lease failed; refreshing");
+            None
+        }
+    };
+    match refreshed {
+        Some(kept) => {
+            // Released by a task of its own, off this caller's path.
+            drop(guard);
+            Ok(Lease::Stored(kept))
+        }
+        None => Ok(Lease::Held(guard)),
+    }
 }
 
 /// Starts one background refresh of `store_key` on a tokio task, unless one runs: a flight
@@ -311,44 +359,53 @@ fn not_modified<B>(headers: &HeaderMap) -> Response<ResponseBody<B>> {
     response
 }
 
-/// Keeps a flight's response by the rules, or puts its key on hit-for-pass.
+/// Keeps a flight's response by the rules, or puts its key on hit-for-pass; then releases
+/// the lease, if the flight held one.
 pub(crate) async fn keep<K, I, St, B>(
     engine: &Engine<K, I, St>,
     cache: &CacheState,
     key: StoreKey,
+    lease: Option<LeaseGuard>,
     flown: Option<&(Flown<B>, Option<Fingerprint>)>,
     asked: &HeaderMap,
 ) where
     St: IdempotencyStore,
 {
-    let Some((flown, answers)) = flown else {
-        return;
-    };
+    let kept = flown.and_then(|(flown, answers)| keepable(cache, &key, flown, *answers, asked));
+    if let Err(error) = engine::store_and_release(engine, key, lease, kept).await {
+        engine.metrics.store_error();
+        tracing::warn!(%error, "keeping a response in the cache failed");
+    }
+}
+
+/// A response as the cache keeps it, and for how long, or `None` (and the key on
+/// hit-for-pass, for a personal response).
+fn keepable<B>(
+    cache: &CacheState,
+    key: &StoreKey,
+    flown: &Flown<B>,
+    answers: Option<Fingerprint>,
+    asked: &HeaderMap,
+) -> Option<(Arc<StoredResponse>, Duration)> {
     let parts = match flown {
         Flown::Buffered(buffered) => &buffered.parts,
         Flown::Unshared { .. } => {
-            cache.passes.insert(key, ());
-            return;
+            cache.passes.insert(key.clone(), ());
+            return None;
         }
-        Flown::TooLarge(_) => return,
+        Flown::TooLarge(_) => return None,
     };
     let lifetimes = match cache.rules.verdict(parts.status, &parts.headers, asked) {
         Verdict::Store(lifetimes) => lifetimes,
         Verdict::Pass => {
-            cache.passes.insert(key, ());
-            return;
+            cache.passes.insert(key.clone(), ());
+            return None;
         }
-        Verdict::Skip => return,
+        Verdict::Skip => return None,
     };
     // The engine's own rules of what a store keeps (`Vary: *`, trailers, errors in the body).
-    let Some(mut kept) = answers.and_then(|answers| engine::storable(flown, answers)) else {
-        return;
-    };
+    let mut kept = engine::storable(flown, answers?)?;
     rules::stamp(kept.headers_mut(), SystemTime::now());
     // Kept while it may be served at all; the store drops it after.
-    let ttl = lifetimes.usable();
-    if let Err(error) = engine.store.put(key, Arc::new(kept), ttl).await {
-        engine.metrics.store_error();
-        tracing::warn!(%error, "keeping a response in the cache failed");
-    }
+    Some((Arc::new(kept), lifetimes.usable()))
 }

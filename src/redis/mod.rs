@@ -231,6 +231,32 @@ impl RedisStore {
             }
         }
     }
+
+    /// The lease `token` took on `lease_key`: renewed until completed, which stores the
+    /// response at `response_key`, releases the lease and tells the waiting instances.
+    fn held(
+        &self,
+        key: &StoreKey,
+        response_key: String,
+        lease_key: String,
+        token: String,
+    ) -> Lease {
+        let renewer = tokio::spawn(self.renew(lease_key.clone(), token.clone()));
+        let (store, channel) = (self.clone(), self.name("released:", key));
+        let complete = move |response: Option<(Arc<StoredResponse>, Duration)>| async move {
+            let mut conn = store.conn.clone();
+            let mut script = STORE_AND_RELEASE.get().key(&response_key);
+            script.key(&lease_key).arg(&channel).arg(&token);
+            if let Some((response, ttl)) = response {
+                script.arg(codec::encode(&response)).arg(Self::millis(ttl));
+            }
+            store
+                .timed("store and release", script.invoke_async::<i64>(&mut conn))
+                .await
+                .map(drop)
+        };
+        Lease::Held(LeaseGuard::new(complete, renewer))
+    }
 }
 
 impl fmt::Debug for RedisStore {
@@ -284,26 +310,28 @@ impl IdempotencyStore for RedisStore {
             .timed("lookup or lease", lookup.invoke_async(&mut conn))
             .await?;
         match answer {
-            Value::BulkString(bytes) => return Ok(Lease::Stored(Arc::new(codec::decode(&bytes)?))),
-            Value::Int(0) => return Ok(Lease::HeldElsewhere),
-            Value::Int(1) => {}
-            other => return Err(format!("unexpected answer to lookup or lease: {other:?}").into()),
+            Value::BulkString(bytes) => Ok(Lease::Stored(Arc::new(codec::decode(&bytes)?))),
+            Value::Int(0) => Ok(Lease::HeldElsewhere),
+            Value::Int(1) => Ok(self.held(key, response_key, lease_key, token)),
+            other => Err(format!("unexpected answer to lookup or lease: {other:?}").into()),
         }
-        let renewer = tokio::spawn(self.renew(lease_key.clone(), token.clone()));
-        let (store, channel) = (self.clone(), self.name("released:", key));
-        let complete = move |response: Option<(Arc<StoredResponse>, Duration)>| async move {
-            let mut conn = store.conn.clone();
-            let mut script = STORE_AND_RELEASE.get().key(&response_key);
-            script.key(&lease_key).arg(&channel).arg(&token);
-            if let Some((response, ttl)) = response {
-                script.arg(codec::encode(&response)).arg(Self::millis(ttl));
-            }
-            store
-                .timed("store and release", script.invoke_async::<i64>(&mut conn))
-                .await
-                .map(drop)
-        };
-        Ok(Lease::Held(LeaseGuard::new(complete, renewer)))
+    }
+
+    async fn refresh_lease(&self, key: &StoreKey) -> Result<Lease, BoxError> {
+        let (response_key, lease_key) = (self.name("", key), self.name("lease:", key));
+        let token = lease::token();
+        let mut conn = self.conn.clone();
+        let mut set = redis::cmd("SET");
+        set.arg(&lease_key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(Self::millis(self.lease));
+        let taken: Option<String> = self.timed("lease", set.query_async(&mut conn)).await?;
+        Ok(match taken {
+            Some(_) => self.held(key, response_key, lease_key, token),
+            None => Lease::HeldElsewhere,
+        })
     }
 
     async fn released(&self, key: &StoreKey) {
