@@ -31,8 +31,9 @@
 //!   the service instead of queueing behind each other's flights.
 //!
 //! Responses are kept in a [`MemoryStore`](crate::idempotency::store::MemoryStore) (moka, bounded
-//! by [`budget`](HttpCacheLayer::budget)), one entry per key: a response that varies keeps
-//! the variant last fetched. Other methods pass through untouched.
+//! by [`budget`](HttpCacheLayer::budget)), or in the [`store`](HttpCacheLayer::store) you
+//! give, one entry per key: a response that varies keeps the variant last fetched. Other
+//! methods pass through untouched.
 //!
 //! # Example
 //!
@@ -50,6 +51,49 @@
 //!     // Public data: one cache for everyone.
 //!     .layer(HttpCacheLayer::new().unscoped());
 //! ```
+//!
+//! # Across instances
+//!
+//! With a store that several instances share,
+//! [`RedisStore`](crate::redis::RedisStore) (feature `redis`), the cache is one cache for
+//! them all:
+//!
+//! - every request looks the key up in the store (one `GET`), so a response kept by one
+//!   instance answers every instance;
+//! - a miss takes the key's lease before it runs: one instance runs it, and the others'
+//!   flights wait for its release (a pub/sub message) and answer with what it kept;
+//! - a stale entry within `stale-while-revalidate` is answered stale at once on every
+//!   instance, and each instance starts its refresh flight; the flight takes the key's lease
+//!   whatever is kept ([`refresh_lease`](crate::idempotency::store::IdempotencyStore::refresh_lease)),
+//!   and once it holds it, looks again: an entry another instance refreshed meanwhile
+//!   answers, and the lease goes back. So one refresh runs across all the instances.
+//!
+//! Ages are read from the `Date` the keeping instance stamped: the instances' clocks must
+//! agree to well under a second. A store error (Redis down or slow) is logged and counted
+//! ([`Metrics::store_errors`](crate::http::Metrics::store_errors)), and the request runs as
+//! if nothing were kept: the cache never fails a request that the service could answer.
+//! Hit-for-pass is kept per instance. Responses that are not kept (`5xx`, errors) are not
+//! shared across instances either: an instance that waited for one runs its own, as a
+//! retry would.
+
+// Compiled only where `RedisStore` exists.
+#![cfg_attr(
+    feature = "redis",
+    doc = r#"
+```no_run
+use tower_coalesce::http_cache::HttpCacheLayer;
+use tower_coalesce::redis::RedisStore;
+
+# async fn build() -> Result<(), tower_coalesce::BoxError> {
+let store = RedisStore::connect("redis://127.0.0.1:6379")
+    .await?
+    .with_prefix("myapp:cache:");
+let cache = HttpCacheLayer::new().unscoped().store(store);
+# Ok(())
+# }
+```
+"#
+)]
 
 mod layer;
 pub(crate) mod rules;
