@@ -743,7 +743,9 @@ async fn take_lease<K, I, St: IdempotencyStore, B>(
         // The cache refreshes entries that are stale but still kept: its own lease.
         #[cfg(feature = "http-cache")]
         let lease = match &engine.cache {
-            Some(cache) => crate::http_cache::lease(engine, cache, key, fingerprint, asked).await,
+            Some(cache) => {
+                crate::http_cache::lease(engine, cache, key, fingerprint, asked, waited).await
+            }
             None => store.lease(key).await,
         };
         #[cfg(not(feature = "http-cache"))]

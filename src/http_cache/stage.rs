@@ -232,42 +232,60 @@ fn judge(
 }
 
 /// The lease of a cache flight, with a store shared by several instances: taken whatever
-/// is kept (the entry may be stale: that is why the flight runs), unless, once it is held,
-/// the key turns out to have been refreshed by another instance meanwhile; then that
-/// entry answers ([`Lease::Stored`]) and the lease goes back at once. So one instance
-/// refreshes a key, and the others wait for it or serve the stale entry meanwhile.
+/// is kept (the entry may be stale: that is why the flight runs), unless the key turns out
+/// to have been refreshed by another instance: then that entry answers ([`Lease::Stored`]).
+/// So one instance refreshes a key, and the others wait for it or serve the stale entry
+/// meanwhile.
+///
+/// The key is looked at again after waiting for another instance (`waited`), before the
+/// lease, so that the instances that waited don't take the lease one after another; and
+/// once the lease is held, in case the refresh completed between this caller's lookup and
+/// the lease.
 pub(crate) async fn lease<K, I, St: IdempotencyStore>(
     engine: &Engine<K, I, St>,
     cache: &CacheState,
     key: &StoreKey,
     fingerprint: Fingerprint,
     asked: &HeaderMap,
+    waited: bool,
 ) -> Result<Lease, BoxError> {
+    if waited {
+        if let Some(kept) = fresh_entry(engine, cache, key, fingerprint, asked).await? {
+            return Ok(Lease::Stored(kept));
+        }
+    }
     let guard = match engine.store.refresh_lease(key).await? {
         Lease::Held(guard) => guard,
         other => return Ok(other),
     };
-    let refreshed = match engine.store.get(key).await {
-        Ok(Some(kept)) if engine::answers(&kept, fingerprint, asked) => {
-            let (age, lifetimes) = judge(cache, &kept, asked, SystemTime::now());
-            (lifetimes.state(age) == Freshness::Fresh).then_some(kept)
-        }
-        Ok(_) => None,
-        Err(error) => {
-            // Holding the lease, the flight may as well run.
-            engine.metrics.store_error();
-            tracing::warn!(%error, "cache lookup under a lease failed; refreshing");
-            None
-        }
-    };
-    match refreshed {
-        Some(kept) => {
+    match fresh_entry(engine, cache, key, fingerprint, asked).await {
+        Ok(Some(kept)) => {
             // Released by a task of its own, off this caller's path.
             drop(guard);
             Ok(Lease::Stored(kept))
         }
-        None => Ok(Lease::Held(guard)),
+        Ok(None) => Ok(Lease::Held(guard)),
+        Err(error) => {
+            // Holding the lease, the flight may as well run.
+            engine.metrics.store_error();
+            tracing::warn!(%error, "cache lookup under a lease failed; refreshing");
+            Ok(Lease::Held(guard))
+        }
     }
+}
+
+/// The entry kept under `key`, if it answers this request and is fresh.
+async fn fresh_entry<K, I, St: IdempotencyStore>(
+    engine: &Engine<K, I, St>,
+    cache: &CacheState,
+    key: &StoreKey,
+    fingerprint: Fingerprint,
+    asked: &HeaderMap,
+) -> Result<Option<Arc<StoredResponse>>, BoxError> {
+    Ok(engine.store.get(key).await?.filter(|kept| {
+        let (age, lifetimes) = judge(cache, kept, asked, SystemTime::now());
+        engine::answers(kept, fingerprint, asked) && lifetimes.state(age) == Freshness::Fresh
+    }))
 }
 
 /// Starts one background refresh of `store_key` on a tokio task, unless one runs: a flight
