@@ -241,5 +241,18 @@ macro_rules! define_engine_setters {
         pub fn metrics(&self) -> $crate::http::Metrics {
             self.engine.metrics.clone()
         }
+
+        /// Labels everything this layer exports through the `metrics` facade with
+        /// `route="<route>"`: the route it serves, as your router names it
+        /// (`"/orders/{id}"`), never a raw path (one series per id would exhaust the
+        /// metrics store). Put the layer on that route (axum's `route_layer`, or a
+        /// `MethodRouter::layer`) so that it sees that route's requests only. See
+        /// [`Metrics`](crate::http::Metrics#exported-through-the-metrics-facade).
+        #[cfg(feature = "metrics")]
+        #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+        pub fn metrics_route(mut self, route: &'static str) -> Self {
+            self.engine.metrics = self.engine.metrics.with_route(route);
+            self
+        }
     };
 }

@@ -161,7 +161,7 @@ impl<K, I, St> Engine<K, I, St> {
     /// route where every request has a key, it means the key is read from the wrong
     /// place), and refused under `require_key`, else passed through.
     pub(crate) fn without_key<B>(&self) -> Option<Response<ResponseBody<B>>> {
-        if self.metrics.request_without_key() {
+        if self.metrics.request_without_key(!self.config.require_key) {
             tracing::warn!(
                 "a request reached the coalescing layer without a key and was {}; if every \
                  request here should have one, check that the layer that provides it (auth, \
@@ -442,6 +442,8 @@ where
         .follower_timeout
         .map(|timeout| Instant::now() + timeout);
     let mut watch = None;
+    // A follower's wait, turns of other requests included, for the wait histogram.
+    let arrived = Instant::now();
     loop {
         let (mut refusal, mut mismatched) = (None, false);
         let run = group.run_if(
@@ -509,6 +511,7 @@ where
                 Err(_) => {
                     // Dropping the wait left the flight, which goes on for the others.
                     watch.done = true;
+                    metrics.follower_waited(arrived.elapsed());
                     metrics.follower_timed_out();
                     tracing::debug!(key = key_hash.map(|h| h.0), "follower stopped waiting");
                     return fall_back(config, inner, request).await;
@@ -520,6 +523,9 @@ where
             continue;
         }
         watch.done = true;
+        if !leader {
+            metrics.follower_waited(arrived.elapsed());
+        }
         return answer(outcome, inner, &engine, request, leader_asked, fingerprint).await;
     }
 }
@@ -651,6 +657,7 @@ where
             },
         };
         engine.metrics.flight_started();
+        let _in_flight = engine.metrics.in_flight();
         tracing::debug!("flight started");
         let finish = engine.config.finish_abandoned;
         let work = run_and_keep(inner, engine, req, asked, store_key, lease, fingerprint);
@@ -751,7 +758,12 @@ async fn take_lease<K, I, St: IdempotencyStore, B>(
         #[cfg(not(feature = "http-cache"))]
         let lease = store.lease(key).await;
         let found = match lease {
-            Ok(Lease::Held(guard)) => return Ok(Some(guard)),
+            Ok(Lease::Held(guard)) => {
+                if waited {
+                    metrics.lease_taken_over();
+                }
+                return Ok(Some(guard));
+            }
             Ok(Lease::Stored(stored)) => stored,
             // A store of one process keeps responses for replay only.
             Ok(Lease::NotShared) if config.replay.is_none() => return Ok(None),

@@ -16,9 +16,39 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 ///
 /// Counts are monotonic and relaxed: each is exact, but two read one after the other may
 /// not be from the same instant.
+///
+/// # Exported through the `metrics` facade
+///
+/// With the feature `metrics`, every count is also sent to the recorder your app installs
+/// ([`metrics-exporter-prometheus`](https://docs.rs/metrics-exporter-prometheus), or any
+/// other), with no glue, under these names (`route` is added to each when the layer has a
+/// [`metrics_route`](super::HttpCoalesceLayer::metrics_route)):
+///
+/// | name | labels | counts |
+/// | --- | --- | --- |
+/// | `coalesce_requests_total` | `role="leader"` | flights that called the service (background cache refreshes included) |
+/// | | `role="follower"` | callers that joined a running flight |
+/// | | `role="bypass"` | requests passed through: no key, or a duplicate under `OnDuplicate::PassThrough` |
+/// | | `role="rejected"` | requests the layer refused: `400` missing key, `409` in flight, `422` other request's key, follower cap |
+/// | | `role="timed_out"` | followers that stopped waiting at the wait timeout |
+/// | | `role="replayed"` | responses replayed from the store |
+/// | | `role="hit"`, `role="stale"` | answers of the HTTP cache, fresh or stale |
+/// | `coalesce_wait_duration_seconds` | | histogram of followers' waits (the leader's time is the service's own) |
+/// | `coalesce_inflight_flights` | | gauge of flights running now |
+/// | `coalesce_idempotency_conflicts_total` | `reason="in_flight"` / `"fingerprint"` | `409`s and `422`s |
+/// | `coalesce_lease_takeovers_total` | | leases taken after waiting for another instance (Redis) |
+/// | `coalesce_store_errors_total` | | store calls that failed or timed out |
+/// | `coalesce_flights_waiting_elsewhere_total`, `coalesce_callers_cancelled_total`, `coalesce_mismatches_queued_total`, `coalesce_responses_not_shared_total`, `coalesce_bodies_over_limit_total`, `coalesce_cache_refreshes_total` | | as the methods of the same names |
+///
+/// The roles are events, not a partition: a follower that times out counts as `follower`
+/// and as `timed_out`. Recorders are looked up on each event, so one installed after the
+/// layer was built still receives everything.
 #[derive(Clone, Default)]
 pub struct Metrics {
     counters: Arc<Counters>,
+    /// The `route` label of what is exported, if the layer names its route.
+    #[cfg(feature = "metrics")]
+    route: Option<&'static str>,
 }
 
 #[derive(Default)]
@@ -42,6 +72,8 @@ struct Counters {
     cache_hits: AtomicU64,
     cache_stale: AtomicU64,
     cache_refreshes: AtomicU64,
+    lease_takeovers: AtomicU64,
+    flights_in_flight: AtomicU64,
     // Whether the first request without a key has been logged at WARN.
     warned_without_key: AtomicBool,
 }
@@ -81,11 +113,15 @@ impl Metrics {
         self.counters.requests_without_key.load(Ordering::Relaxed)
     }
 
-    /// Counts a request without a key; `true` for the first one, which is logged louder.
-    pub(crate) fn request_without_key(&self) -> bool {
+    /// Counts a request without a key, which `passes` through unless it is refused; `true`
+    /// for the first one, which is logged louder.
+    pub(crate) fn request_without_key(&self, passes: bool) -> bool {
         self.counters
             .requests_without_key
             .fetch_add(1, Ordering::Relaxed);
+        if passes {
+            self.export(REQUESTS, Some(("role", "bypass")));
+        }
         // Read before written: once warned, the flag's cache line stays shared instead of
         // bouncing between cores with every request without a key.
         let warned = &self.counters.warned_without_key;
@@ -102,6 +138,7 @@ impl Metrics {
         self.counters
             .mismatches_queued
             .fetch_add(1, Ordering::Relaxed);
+        self.export("coalesce_mismatches_queued_total", None);
     }
 
     /// Requests answered `422` because their key belongs to another request.
@@ -113,6 +150,8 @@ impl Metrics {
         self.counters
             .mismatches_rejected
             .fetch_add(1, Ordering::Relaxed);
+        self.export(REQUESTS, Some(("role", "rejected")));
+        self.export(CONFLICTS, Some(("reason", "fingerprint")));
     }
 
     /// Responses replayed from a store (kept by [`replay`](super::HttpCoalesceLayer::replay),
@@ -123,6 +162,7 @@ impl Metrics {
 
     pub(crate) fn replayed(&self) {
         self.counters.replayed.fetch_add(1, Ordering::Relaxed);
+        self.export(REQUESTS, Some(("role", "replayed")));
     }
 
     /// Requests answered from the HTTP cache with a fresh response (304s included).
@@ -148,6 +188,10 @@ impl Metrics {
             false => &self.counters.cache_stale,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        self.export(
+            REQUESTS,
+            Some(("role", if fresh { "hit" } else { "stale" })),
+        );
     }
 
     #[cfg_attr(not(feature = "http-cache"), allow(dead_code))]
@@ -155,6 +199,7 @@ impl Metrics {
         self.counters
             .cache_refreshes
             .fetch_add(1, Ordering::Relaxed);
+        self.export("coalesce_cache_refreshes_total", None);
     }
 
     /// Followers that stopped waiting at the wait timeout.
@@ -166,6 +211,7 @@ impl Metrics {
         self.counters
             .followers_timed_out
             .fetch_add(1, Ordering::Relaxed);
+        self.export(REQUESTS, Some(("role", "timed_out")));
     }
 
     /// Callers turned away because their flight had as many followers as allowed.
@@ -175,6 +221,7 @@ impl Metrics {
 
     pub(crate) fn follower_shed(&self) {
         self.counters.followers_shed.fetch_add(1, Ordering::Relaxed);
+        self.export(REQUESTS, Some(("role", "rejected")));
     }
 
     /// Duplicates answered `409 Conflict` under `OnDuplicate::Conflict`.
@@ -186,6 +233,8 @@ impl Metrics {
         self.counters
             .duplicates_refused
             .fetch_add(1, Ordering::Relaxed);
+        self.export(REQUESTS, Some(("role", "rejected")));
+        self.export(CONFLICTS, Some(("reason", "in_flight")));
     }
 
     /// Duplicates sent to the inner service under `OnDuplicate::PassThrough`.
@@ -199,6 +248,7 @@ impl Metrics {
         self.counters
             .duplicates_passed_through
             .fetch_add(1, Ordering::Relaxed);
+        self.export(REQUESTS, Some(("role", "bypass")));
     }
 
     /// Flights whose response was not to be shared, so that their followers ran on their own.
@@ -210,6 +260,7 @@ impl Metrics {
         self.counters
             .responses_not_shared
             .fetch_add(1, Ordering::Relaxed);
+        self.export("coalesce_responses_not_shared_total", None);
     }
 
     /// Idempotency flights that found the key's lease held by another instance, and waited
@@ -224,6 +275,7 @@ impl Metrics {
         self.counters
             .flights_waiting_elsewhere
             .fetch_add(1, Ordering::Relaxed);
+        self.export("coalesce_flights_waiting_elsewhere_total", None);
     }
 
     /// Idempotency store calls that failed or timed out.
@@ -233,32 +285,129 @@ impl Metrics {
 
     pub(crate) fn store_error(&self) {
         self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+        self.export("coalesce_store_errors_total", None);
     }
 
     pub(crate) fn flight_started(&self) {
         self.counters
             .flights_started
             .fetch_add(1, Ordering::Relaxed);
+        self.export(REQUESTS, Some(("role", "leader")));
     }
 
     pub(crate) fn caller_joined(&self) {
         self.counters.callers_joined.fetch_add(1, Ordering::Relaxed);
+        self.export(REQUESTS, Some(("role", "follower")));
     }
 
     pub(crate) fn caller_cancelled(&self) {
         self.counters
             .callers_cancelled
             .fetch_add(1, Ordering::Relaxed);
+        self.export("coalesce_callers_cancelled_total", None);
     }
 
     pub(crate) fn body_over_limit(&self) {
         self.counters
             .bodies_over_limit
             .fetch_add(1, Ordering::Relaxed);
+        self.export("coalesce_bodies_over_limit_total", None);
     }
 
     pub(crate) fn key_missing(&self) {
         self.counters.keys_missing.fetch_add(1, Ordering::Relaxed);
+        self.export(REQUESTS, Some(("role", "rejected")));
+    }
+}
+
+impl Metrics {
+    /// Leases taken after waiting for another instance that held them: it released the key
+    /// without a response kept, or died and its lease expired (Redis mode).
+    pub fn lease_takeovers(&self) -> u64 {
+        self.counters.lease_takeovers.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn lease_taken_over(&self) {
+        self.counters
+            .lease_takeovers
+            .fetch_add(1, Ordering::Relaxed);
+        self.export("coalesce_lease_takeovers_total", None);
+    }
+
+    /// Flights running now: started and not yet completed or dropped.
+    pub fn flights_in_flight(&self) -> u64 {
+        self.counters.flights_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a flight as running until the guard drops, however the flight ends.
+    pub(crate) fn in_flight(&self) -> InFlight {
+        self.counters
+            .flights_in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        self.export_in_flight(1.0);
+        InFlight(self.clone())
+    }
+
+    /// A follower's wait for its flight, as the wait histogram (followers only: the
+    /// leader's time is the service's, which the app measures already).
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn follower_waited(&self, waited: std::time::Duration) {
+        #[cfg(feature = "metrics")]
+        metrics::histogram!(WAIT, self.labels(None)).record(waited.as_secs_f64());
+    }
+
+    /// Labels what this layer exports with `route`: the route it serves, as the router
+    /// matched it (never the raw path: one series per id would exhaust Prometheus).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn with_route(mut self, route: &'static str) -> Self {
+        self.route = Some(route);
+        self
+    }
+
+    /// Increments the counter `name` of the `metrics` facade, with `label` and the route.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    #[inline]
+    fn export(&self, name: &'static str, label: Option<(&'static str, &'static str)>) {
+        #[cfg(feature = "metrics")]
+        metrics::counter!(name, self.labels(label)).increment(1);
+    }
+
+    /// Moves the in-flight gauge by `delta`: by steps rather than set from the counter, so
+    /// that layers sharing counters under different routes each keep their own.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    fn export_in_flight(&self, delta: f64) {
+        #[cfg(feature = "metrics")]
+        metrics::gauge!(IN_FLIGHT, self.labels(None)).increment(delta);
+    }
+
+    #[cfg(feature = "metrics")]
+    fn labels(&self, label: Option<(&'static str, &'static str)>) -> Vec<metrics::Label> {
+        let label = label.map(|(key, value)| metrics::Label::from_static_parts(key, value));
+        let route = self
+            .route
+            .map(|route| metrics::Label::from_static_parts("route", route));
+        label.into_iter().chain(route).collect()
+    }
+}
+
+/// Names of what the `metrics` feature exports.
+const REQUESTS: &str = "coalesce_requests_total";
+const CONFLICTS: &str = "coalesce_idempotency_conflicts_total";
+#[cfg(feature = "metrics")]
+const WAIT: &str = "coalesce_wait_duration_seconds";
+#[cfg(feature = "metrics")]
+const IN_FLIGHT: &str = "coalesce_inflight_flights";
+
+/// A running flight, counted in [`Metrics::flights_in_flight`] until dropped.
+pub(crate) struct InFlight(Metrics);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .counters
+            .flights_in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+        self.0.export_in_flight(-1.0);
     }
 }
 
@@ -290,6 +439,8 @@ impl fmt::Debug for Metrics {
             .field("cache_hits", &self.cache_hits())
             .field("cache_stale", &self.cache_stale())
             .field("cache_refreshes", &self.cache_refreshes())
+            .field("lease_takeovers", &self.lease_takeovers())
+            .field("flights_in_flight", &self.flights_in_flight())
             .finish()
     }
 }

@@ -164,6 +164,15 @@ impl<I, St> HttpCacheLayer<I, St> {
         self.engine.metrics.clone()
     }
 
+    /// Labels what this cache exports through the `metrics` facade with `route`; see
+    /// [`HttpCoalesceLayer::metrics_route`](crate::http::HttpCoalesceLayer::metrics_route).
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics_route(mut self, route: &'static str) -> Self {
+        self.engine.metrics = self.engine.metrics.with_route(route);
+        self
+    }
+
     /// Keeps entries apart by another identity; see [`http::scope`](crate::http::scope).
     pub fn scope<NewScope>(self, scope: NewScope) -> HttpCacheLayer<NewScope, St> {
         HttpCacheLayer {
