@@ -30,34 +30,20 @@ use tower_coalesce::http_cache::HttpCacheLayer;
 /// requests need no thousand file descriptors.
 const CONNECTIONS: usize = 10;
 
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
+/// A cached report at the moment it expires, without a layer, with coalescing, with the cache.
+#[derive(clap::Parser)]
+#[command(name = "stampede")]
 struct Args {
+    /// Requests fired at once at the expiry.
+    #[arg(long, default_value_t = 1000, value_parser = at_least_one())]
     requests: usize,
+    /// Orders in the table the report scans (no index: the scan is the cost).
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     rows: u64,
-}
-
-fn args() -> Args {
-    let mut args = Args {
-        requests: 1000,
-        rows: 200_000,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value: u64 = it
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| usage(&flag));
-        match flag.as_str() {
-            "--requests" => args.requests = value.max(1) as usize,
-            "--rows" => args.rows = value.max(1),
-            _ => usage(&flag),
-        }
-    }
-    args
-}
-
-fn usage(flag: &str) -> ! {
-    eprintln!("bad argument {flag:?}; usage: stampede [--requests N] [--rows N]");
-    std::process::exit(2)
 }
 
 #[derive(Clone)]
@@ -239,7 +225,7 @@ static POOL: std::sync::OnceLock<AnyPool> = std::sync::OnceLock::new();
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = args();
+    let args = <Args as clap::Parser>::parse();
     let temp = tempfile::tempdir()?;
     let (url, database) = match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
         Some(url) => (url, "PostgreSQL (DATABASE_URL)".to_owned()),

@@ -16,37 +16,27 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 
+/// The duplicate-key bug on a real database, without and with the coalescing layer.
+#[derive(clap::Parser)]
+#[command(name = "demo")]
 struct Args {
+    /// Identical POSTs fired at once in each round, one connection each.
+    #[arg(long, default_value_t = 50, value_parser = at_least_one())]
     callers: usize,
+    /// Rounds per mode, each with a new client id.
+    #[arg(long, default_value_t = 5, value_parser = at_least_one())]
     rounds: usize,
+    /// Milliseconds between the lookup and the insert in the handler: the race window.
+    #[arg(long = "gap-ms", default_value = "10", value_parser = parse_millis)]
     gap: Duration,
 }
 
-fn args() -> Args {
-    let mut args = Args {
-        callers: 50,
-        rounds: 5,
-        gap: Duration::from_millis(10),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value: u64 = it
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| usage(&flag));
-        match flag.as_str() {
-            "--callers" => args.callers = value.max(1) as usize,
-            "--rounds" => args.rounds = value.max(1) as usize,
-            "--gap-ms" => args.gap = Duration::from_millis(value),
-            _ => usage(&flag),
-        }
-    }
-    args
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
 }
 
-fn usage(flag: &str) -> ! {
-    eprintln!("bad argument {flag:?}; usage: demo [--callers N] [--rounds N] [--gap-ms N]");
-    std::process::exit(2)
+fn parse_millis(value: &str) -> Result<Duration, std::num::ParseIntError> {
+    value.parse().map(Duration::from_millis)
 }
 
 /// One line of the table.
@@ -120,7 +110,7 @@ fn redact(url: &str) -> String {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = args();
+    let args = <Args as clap::Parser>::parse();
     let temp = tempfile::tempdir()?;
     let (url, database) = match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
         Some(url) => {
