@@ -57,6 +57,21 @@ pub const MAX_HEADER_KEY_LEN: usize = 255;
 /// sent more than once, empty, longer than [`MAX_HEADER_KEY_LEN`] bytes, or has bytes
 /// other than visible ASCII and spaces.
 ///
+/// ```
+/// use tower_coalesce::coalesce::MakeKey;
+/// use tower_coalesce::http::key;
+///
+/// let by_client = key::header("x-client-id");
+/// let head = |client: &str| {
+///     let request = http::Request::post("/api/clients").header("x-client-id", client);
+///     request.body(()).unwrap().into_parts().0
+/// };
+/// assert_eq!(by_client.make_key(&head("c-1")), by_client.make_key(&head("c-1")));
+/// assert_ne!(by_client.make_key(&head("c-1")), by_client.make_key(&head("c-2")));
+/// let (missing, _) = http::Request::post("/api/clients").body(()).unwrap().into_parts();
+/// assert_eq!(by_client.make_key(&missing), None);
+/// ```
+///
 /// # Panics
 ///
 /// If `name` is not a valid header name.
@@ -73,17 +88,58 @@ where
 }
 
 /// Keys requests by their `Idempotency-Key` header, as [`header`] does.
+///
+/// ```
+/// use tower_coalesce::coalesce::MakeKey;
+/// use tower_coalesce::http::key;
+///
+/// let (parts, _) = http::Request::post("/payments")
+///     .header("Idempotency-Key", "8e03978e-40d5-43e8-bc93-6894a57f9324")
+///     .body(())
+///     .unwrap()
+///     .into_parts();
+/// let key = key::idempotency_key().make_key(&parts).unwrap();
+/// assert_eq!(key, "8e03978e-40d5-43e8-bc93-6894a57f9324");
+/// ```
 pub fn idempotency_key() -> HeaderKey {
     header(HeaderName::from_static("idempotency-key"))
 }
 
 /// Keys requests by method and path (not the query): every `POST /api/clients` of one
 /// caller shares a flight while it runs.
+///
+/// ```
+/// use tower_coalesce::coalesce::MakeKey;
+/// use tower_coalesce::http::key;
+///
+/// let key = key::method_and_path();
+/// let head = |method: http::Method, uri: &str| {
+///     let request = http::Request::builder().method(method).uri(uri);
+///     request.body(()).unwrap().into_parts().0
+/// };
+/// let post = key.make_key(&head(http::Method::POST, "/api/clients?page=1"));
+/// assert_eq!(post, key.make_key(&head(http::Method::POST, "/api/clients?page=2")));
+/// assert_ne!(post, key.make_key(&head(http::Method::PUT, "/api/clients?page=1")));
+/// ```
+///
+/// The query is not in the key, but a flight is still never shared between requests whose
+/// queries differ: the second waits for the first to end (see
+/// [`OnMismatch`](super::OnMismatch)).
 pub fn method_and_path() -> MethodAndPath {
     MethodAndPath { _p: () }
 }
 
 /// Keys requests by method, path and query.
+///
+/// ```
+/// use tower_coalesce::coalesce::MakeKey;
+/// use tower_coalesce::http::key;
+///
+/// let key = key::method_path_and_query();
+/// let head = |uri: &str| http::Request::get(uri).body(()).unwrap().into_parts().0;
+/// assert_eq!(key.make_key(&head("/report?year=2025")), key.make_key(&head("/report?year=2025")));
+/// assert_ne!(key.make_key(&head("/report?year=2025")), key.make_key(&head("/report?year=2026")));
+/// ```
 pub fn method_path_and_query() -> MethodPathAndQuery {
     MethodPathAndQuery { _p: () }
 }

@@ -13,6 +13,35 @@
 //!   `|parts: &Parts| parts.extensions.get::<UserId>().cloned()`.
 //! - [`Unscoped`]: **every caller shares with every other**. Use it only where responses
 //!   hold nothing private to a caller, for example public, read-only data.
+//!
+//! A closure scope (or key) needs its argument's type spelled out, `&Parts`: Rust infers
+//! closure argument types from the call site, and the layer's is generic. It reads an
+//! extension that a layer *before* this one inserted; with axum, that is a `.layer` call
+//! made *after* this one (axum runs the last `.layer` first):
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use http::request::Parts;
+//! use tower_coalesce::http::{HttpCoalesceLayer, key};
+//!
+//! #[derive(Clone)]
+//! struct UserId(String);
+//!
+//! async fn auth(mut request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+//!     // Check the credentials; then say who the caller is.
+//!     request.extensions_mut().insert(UserId("u-1".into()));
+//!     next.run(request).await
+//! }
+//!
+//! let app: Router = Router::new()
+//!     .route("/orders", post(|| async { "created" }))
+//!     .layer(
+//!         HttpCoalesceLayer::new(key::idempotency_key())
+//!             .scope(|parts: &Parts| parts.extensions.get::<UserId>().map(|user| user.0.clone()))
+//!             .require_key(true),
+//!     )
+//!     .layer(axum::middleware::from_fn(auth)); // runs first
+//! ```
 
 use std::sync::Arc;
 
@@ -28,6 +57,19 @@ use crate::coalesce::MakeKey;
 /// (or missing from both). Cookies that vary between requests of one user (a changing
 /// analytics cookie, say) make that user's requests not coalesce; scope by the header or
 /// extension that carries the identity instead.
+///
+/// ```
+/// use tower_coalesce::coalesce::MakeKey;
+/// use tower_coalesce::http::scope::DefaultScope;
+///
+/// let scope = DefaultScope::default();
+/// let head = |token: &str| {
+///     let request = http::Request::get("/me").header("authorization", token);
+///     request.body(()).unwrap().into_parts().0
+/// };
+/// assert_eq!(scope.make_key(&head("Bearer a")), scope.make_key(&head("Bearer a")));
+/// assert_ne!(scope.make_key(&head("Bearer a")), scope.make_key(&head("Bearer b")));
+/// ```
 #[derive(Debug, Clone)]
 pub struct DefaultScope {
     headers: ScopeHeaders,
@@ -50,6 +92,24 @@ impl MakeKey<Parts> for DefaultScope {
 }
 
 /// Scopes by the values of the headers `names` (every value of each, in order).
+///
+/// An app that authenticates with a header of its own (an API key, a session header) must
+/// name it: the default scope reads only `Authorization` and `Cookie`, so without this,
+/// two users' requests with equal keys would share one response.
+///
+/// ```
+/// use tower_coalesce::coalesce::MakeKey;
+/// use tower_coalesce::http::{HttpCoalesceLayer, key, scope};
+///
+/// let by_api_key = scope::headers(["x-api-key"]);
+/// let head = |api_key: &str| {
+///     let request = http::Request::post("/orders").header("x-api-key", api_key);
+///     request.body(()).unwrap().into_parts().0
+/// };
+/// assert_ne!(by_api_key.make_key(&head("alice")), by_api_key.make_key(&head("bob")));
+///
+/// let layer = HttpCoalesceLayer::new(key::idempotency_key()).scope(by_api_key);
+/// ```
 ///
 /// # Panics
 ///
@@ -101,6 +161,13 @@ impl MakeKey<Parts> for ScopeHeaders {
 ///
 /// **One caller may then receive a response that was made for another.** Use it only where
 /// responses hold nothing private to a caller, or where the key itself proves the identity.
+///
+/// ```
+/// use tower_coalesce::http::{HttpCoalesceLayer, key};
+///
+/// // Public, read-only data: one flight per path for everyone.
+/// let layer = HttpCoalesceLayer::new(key::method_path_and_query()).unscoped();
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Unscoped;
 
