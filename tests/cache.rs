@@ -326,6 +326,25 @@ async fn lifetimes_read_from_the_value() {
     assert_eq!(long.status(), CacheStatus::Hit);
 }
 
+#[tokio::test]
+async fn lifetimes_of_forever_are_kept_without_overflow() {
+    let forever = Lifetimes {
+        fresh: Duration::MAX,
+        stale_while_revalidate: Duration::MAX,
+        stale_if_error: Duration::from_secs(1),
+    };
+    let constant: Cache<u8, u8> = Cache::builder().lifetimes(forever).build();
+    constant.get_with(1, || async { 10 }).await;
+    let per_value: Cache<u8, u8> = Cache::builder().lifetimes_with(move |_| forever).build();
+    per_value.get_with(1, || async { 20 }).await;
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(10 * 365 * 24 * 60 * 60)).await;
+    let constant = constant.fetch(1, || async { unreachable!() }).await;
+    let per_value = per_value.fetch(1, || async { unreachable!() }).await;
+    assert_eq!(constant.status(), CacheStatus::Hit);
+    assert_eq!(per_value.status(), CacheStatus::Hit);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_miss_reaches_every_waiter_and_the_key_works_after() {
     let cache: Cache<u32, u32> = Cache::builder().build();

@@ -208,7 +208,8 @@ pub(crate) fn age(headers: &HeaderMap, now: SystemTime) -> Duration {
     let resident = date(headers.get(DATE))
         .and_then(|date| now.duration_since(date).ok())
         .unwrap_or(Duration::ZERO);
-    initial + resident
+    // Saturating: `Age` is whatever the service (or a proxy behind it) sent.
+    initial.saturating_add(resident)
 }
 
 /// A request's validators, taken off it so that the service answers in full (a full

@@ -359,7 +359,8 @@ fn from_store<B>(
         engine::stored_response(kept)
     };
     metrics.cache_answered(matches!(status, Status::Hit));
-    let ttl = fresh.as_secs() as i64 - age.as_secs() as i64;
+    let seconds = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    let ttl = seconds(fresh).saturating_sub(seconds(age));
     let headers = response.headers_mut();
     headers.insert(http::header::AGE, HeaderValue::from(age.as_secs()));
     headers.insert(CACHE_STATUS, cache_status(status, false, Some(ttl)));

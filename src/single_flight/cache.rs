@@ -38,7 +38,9 @@ impl Lifetimes {
 
     /// The longest the value can be of any use.
     pub(crate) fn usable(&self) -> Duration {
-        self.fresh + self.stale_while_revalidate.max(self.stale_if_error)
+        // Saturating: lifetimes are the user's, and `Duration::MAX` means "forever".
+        self.fresh
+            .saturating_add(self.stale_while_revalidate.max(self.stale_if_error))
     }
 
     /// Where a value of this `age` stands; the one reading of the windows, for the core
@@ -481,7 +483,7 @@ where
                 let ttl = lifetimes
                     .usable()
                     .max(self.negative_ttl.unwrap_or_default());
-                self.entries.time_to_live(ttl.max(Duration::from_millis(1)))
+                self.entries.time_to_live(moka_ttl(ttl))
             }
             None => self.entries.expire_after(Expire),
         };
@@ -508,7 +510,7 @@ impl<K, V, E> moka::Expiry<K, Slot<V, E>> for Expire {
         slot: &Slot<V, E>,
         _: std::time::Instant,
     ) -> Option<Duration> {
-        Some(slot.lifetimes.usable())
+        Some(moka_ttl(slot.lifetimes.usable()))
     }
 
     fn expire_after_update(
@@ -518,8 +520,16 @@ impl<K, V, E> moka::Expiry<K, Slot<V, E>> for Expire {
         _: std::time::Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(slot.lifetimes.usable())
+        Some(moka_ttl(slot.lifetimes.usable()))
     }
+}
+
+/// How long moka keeps an entry that may be used for `usable`: at least 1 ms (moka's
+/// expiry works in whole ticks), and at most its own limit of 1000 years, past which moka
+/// panics; `Duration::MAX` (forever) is a fair thing for a user to ask.
+fn moka_ttl(usable: Duration) -> Duration {
+    const MOKA_LIMIT: Duration = Duration::from_secs(1000 * 365 * 24 * 60 * 60);
+    usable.clamp(Duration::from_millis(1), MOKA_LIMIT)
 }
 
 impl<K, V, E> fmt::Debug for CacheBuilder<K, V, E> {
