@@ -618,4 +618,61 @@ mod tests {
         assert_eq!(key("email=&list=news"), None);
         assert_eq!(key("email=a&email=b"), None);
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Any header bytes: a key exactly when the value is one visible-ASCII (or
+            /// space) string of 1 to 255 bytes that is not all spaces, and then the value.
+            #[test]
+            fn a_header_key_is_the_value_when_it_is_well_formed(
+                bytes in proptest::collection::vec(any::<u8>(), 0..300),
+            ) {
+                let Ok(value) = HeaderValue::from_bytes(&bytes) else {
+                    return Ok(());
+                };
+                let key = idempotency_key()
+                    .make_key(&parts(http::Request::post("/").header("idempotency-key", value)));
+                let well_formed = !bytes.is_empty()
+                    && bytes.len() <= MAX_HEADER_KEY_LEN
+                    && bytes.iter().all(|b| (0x20..0x7f).contains(b))
+                    && bytes.iter().any(|b| *b != b' ');
+                prop_assert_eq!(key.is_some(), well_formed, "{:?}", bytes);
+                if let Some(key) = key {
+                    prop_assert_eq!(key.as_bytes(), &bytes[..]);
+                }
+            }
+
+            /// Any body: no panic, and the same body gives the same key.
+            #[test]
+            fn body_keys_read_any_bytes_without_panic(
+                body in proptest::collection::vec(any::<u8>(), 0..512),
+            ) {
+                let (json_key, form_key) = (json("/id"), form("id"));
+                let json_first = json_key.make_key(&with_body(&body));
+                prop_assert_eq!(json_first, json_key.make_key(&with_body(&body)));
+                let form_first = form_key.make_key(&with_body(&body));
+                prop_assert_eq!(form_first, form_key.make_key(&with_body(&body)));
+            }
+
+            /// Whatever string a client puts in the field, written as JSON or as a form,
+            /// the key is that string (an empty one is no key).
+            #[test]
+            fn body_keys_are_the_field_as_sent(id in any::<String>(), other in any::<String>()) {
+                let body = serde_json::json!({ "name": other, "id": id }).to_string();
+                let json_key = json("/id").make_key(&with_body(body.as_bytes()));
+                let form_body = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("name", &other)
+                    .append_pair("id", &id)
+                    .finish();
+                let form_key = form("id").make_key(&with_body(form_body.as_bytes()));
+                let expected = (!id.is_empty()).then(|| id.clone());
+                prop_assert_eq!(json_key, expected.clone());
+                prop_assert_eq!(form_key, expected);
+            }
+        }
+    }
 }

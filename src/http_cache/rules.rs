@@ -473,4 +473,132 @@ mod tests {
         assert!(!Asked::of(&headers(&[("cache-control", "max-age=5")])).revalidate);
         assert!(Asked::of(&headers(&[("cache-control", "no-store")])).no_store);
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Header values as a client or a service might send them: mostly directive-like
+        /// text, sometimes any bytes.
+        fn value() -> impl Strategy<Value = HeaderValue> {
+            prop_oneof![
+                "[ ,=\"a-zA-Z0-9-]{0,64}",
+                "(max-age|s-maxage|stale-while-revalidate|stale-if-error)=[0-9]{0,25}",
+            ]
+            .prop_map(|text| HeaderValue::from_str(&text).unwrap())
+            .boxed()
+            .prop_union(
+                proptest::collection::vec(any::<u8>(), 0..64)
+                    .prop_filter_map("not a header value", |b| HeaderValue::from_bytes(&b).ok())
+                    .boxed(),
+            )
+        }
+
+        proptest! {
+            /// Any `Cache-Control`, `Age`, `Date`, `Expires` and status: no panic, lifetimes
+            /// within `max_ttl`, and an age and a freshness that can be computed.
+            #[test]
+            fn any_response_headers_give_bounded_lifetimes(
+                controls in proptest::collection::vec(value(), 0..4),
+                age_value in value(),
+                date_value in value(),
+                expires_value in value(),
+                status in 100u16..600,
+                authorized in any::<bool>(),
+            ) {
+                let mut response = HeaderMap::new();
+                for control in controls {
+                    response.append(CACHE_CONTROL, control);
+                }
+                response.insert(AGE, age_value);
+                response.insert(DATE, date_value);
+                response.insert(EXPIRES, expires_value);
+                let mut request = HeaderMap::new();
+                if authorized {
+                    request.insert(AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+                }
+                let rules = Rules { default_ttl: Some(Duration::from_secs(60)), ..rules() };
+                let status = StatusCode::from_u16(status).unwrap();
+                if let Verdict::Store(lifetimes) = rules.verdict(status, &response, &request) {
+                    prop_assert!(lifetimes.fresh <= rules.max_ttl);
+                    prop_assert!(lifetimes.stale_while_revalidate <= rules.max_ttl);
+                    prop_assert!(lifetimes.stale_if_error <= rules.max_ttl);
+                    prop_assert!(lifetimes.usable() <= rules.max_ttl * 2);
+                    let _ = lifetimes.state(age(&response, SystemTime::now()));
+                }
+                let _ = Asked::of(&response);
+            }
+
+            /// Directives as a service writes them, in any case and spacing, read back.
+            #[test]
+            fn written_directives_are_read_back(
+                max_age in proptest::option::of(any::<u64>()),
+                swr in proptest::option::of(any::<u64>()),
+                no_store in any::<bool>(),
+                private in any::<bool>(),
+                upper in any::<bool>(),
+                space in "[ \t]{0,2}",
+            ) {
+                let mut parts = Vec::new();
+                if let Some(seconds) = max_age {
+                    parts.push(format!("max-age={seconds}"));
+                }
+                if let Some(seconds) = swr {
+                    parts.push(format!("stale-while-revalidate=\"{seconds}\""));
+                }
+                if no_store {
+                    parts.push("no-store".to_owned());
+                }
+                if private {
+                    parts.push("private".to_owned());
+                }
+                let mut text = parts.join(&format!("{space},{space}"));
+                if upper {
+                    text = text.to_ascii_uppercase();
+                }
+                let headers: HeaderMap = [(CACHE_CONTROL, HeaderValue::from_str(&text).unwrap())]
+                    .into_iter()
+                    .collect();
+                let read = Directives::of(&headers);
+                prop_assert_eq!(read.max_age, max_age);
+                prop_assert_eq!(read.stale_while_revalidate, swr);
+                prop_assert_eq!(read.no_store, no_store);
+                prop_assert_eq!(read.private, private);
+            }
+
+            /// Any validators on either side: an answer, never a panic; `*` matches any
+            /// entity tag.
+            #[test]
+            fn any_validators_are_compared_without_panic(
+                if_none_match in proptest::option::of(value()),
+                if_modified_since in proptest::option::of(value()),
+                etag in proptest::option::of(value()),
+                last_modified in proptest::option::of(value()),
+            ) {
+                let mut request = HeaderMap::new();
+                if let Some(v) = if_none_match.clone() {
+                    request.insert(IF_NONE_MATCH, v);
+                }
+                if let Some(v) = if_modified_since {
+                    request.insert(IF_MODIFIED_SINCE, v);
+                }
+                let mut response = HeaderMap::new();
+                if let Some(v) = etag.clone() {
+                    response.insert(ETAG, v);
+                }
+                if let Some(v) = last_modified {
+                    response.insert(LAST_MODIFIED, v);
+                }
+                let conditional = Conditional::take(&mut request);
+                prop_assert!(request.is_empty(), "validators are taken off the request");
+                let answer = conditional.not_modified(StatusCode::OK, &response);
+                let star = if_none_match.as_ref().and_then(|v| v.to_str().ok()).map(str::trim) == Some("*");
+                if star && etag.as_ref().is_some_and(|e| e.to_str().is_ok()) {
+                    prop_assert!(answer);
+                }
+                prop_assert!(!conditional.not_modified(StatusCode::NOT_FOUND, &response));
+            }
+        }
+    }
 }

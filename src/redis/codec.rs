@@ -128,4 +128,74 @@ mod tests {
             let _ = decode(&corrupt); // must not panic
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn response() -> impl Strategy<Value = StoredResponse> {
+            let header = (
+                "[a-z][a-z0-9-]{0,20}",
+                proptest::collection::vec(any::<u8>(), 0..40),
+            );
+            (
+                100u16..1000,
+                0u8..5,
+                any::<[u8; 32]>(),
+                proptest::collection::vec(header, 0..8),
+                proptest::collection::vec(any::<u8>(), 0..256),
+            )
+                .prop_map(|(status, version, fingerprint, headers, body)| {
+                    let mut map = HeaderMap::new();
+                    for (name, value) in headers {
+                        if let Ok(value) = HeaderValue::from_bytes(&value) {
+                            map.append(HeaderName::try_from(name).unwrap(), value);
+                        }
+                    }
+                    let version = [
+                        Version::HTTP_09,
+                        Version::HTTP_10,
+                        Version::HTTP_11,
+                        Version::HTTP_2,
+                        Version::HTTP_3,
+                    ][usize::from(version)];
+                    StoredResponse::new(
+                        StatusCode::from_u16(status).unwrap(),
+                        version,
+                        map,
+                        Bytes::from(body),
+                        Fingerprint::from_bytes(fingerprint),
+                    )
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn any_response_survives_the_round_trip(original in response()) {
+                let decoded = decode(&encode(&original)).unwrap();
+                prop_assert_eq!(decoded.status(), original.status());
+                prop_assert_eq!(decoded.version(), original.version());
+                prop_assert_eq!(decoded.headers(), original.headers());
+                prop_assert_eq!(decoded.body(), original.body());
+                prop_assert_eq!(decoded.fingerprint(), original.fingerprint());
+            }
+
+            /// What Redis hands back may be anything (another app's key, a truncated
+            /// write): an error or a response, never a panic. (Nothing is allocated by a
+            /// count read from the bytes: each header must bring its own bytes.)
+            #[test]
+            fn any_bytes_decode_without_panic(
+                bytes in proptest::collection::vec(any::<u8>(), 0..512),
+                with_magic in any::<bool>(),
+            ) {
+                let mut input = Vec::new();
+                if with_magic {
+                    input.extend_from_slice(MAGIC);
+                }
+                input.extend_from_slice(&bytes);
+                let _ = decode(&input);
+            }
+        }
+    }
 }
