@@ -9,15 +9,17 @@ mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::http::StatusCode;
 use axum::routing;
+use axum::{Extension, Router};
 use futures::future::join_all;
 use support::redis::{Server, free_port, prefix};
 use support::{Counter, Gate, eventually};
 use tower_coalesce::http::Metrics;
+use tower_coalesce::http::lease::FencingToken;
 use tower_coalesce::http::{HttpCoalesceLayer, key};
 use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
 use tower_coalesce::redis::RedisStore;
@@ -243,6 +245,74 @@ async fn a_dropped_leader_releases_its_lease_and_another_instance_takes_over_at_
             (StatusCode::CREATED, Some("2"))
         );
     }
+}
+
+/// Each lease comes with the key's next fencing token, as a request extension: the run on
+/// the instance that took over has a higher token than the stalled run it replaced, while
+/// another key counts from 1. A handler keeping the highest token per row
+/// (`UPDATE .. WHERE fence < $token`) refuses the stalled writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fencing_tokens_strictly_increase_across_a_takeover() {
+    let Some(server) = Server::start(free_port()) else {
+        return;
+    };
+    let prefix = prefix();
+    let long = Duration::from_secs(30);
+    let store = || async {
+        server
+            .connect()
+            .await
+            .with_prefix(prefix.clone())
+            .with_lease(long)
+            .with_poll_interval(long)
+    };
+    // The handler records its token, then passes `gate`.
+    let fences = Arc::new(std::sync::Mutex::new(Vec::<Option<u64>>::new()));
+    let route = |gate: Gate| {
+        let fences = fences.clone();
+        Router::new().route(
+            "/orders",
+            routing::post(move |fence: Option<Extension<FencingToken>>| {
+                let (fences, gate) = (fences.clone(), gate.clone());
+                async move {
+                    fences.lock().unwrap().push(fence.map(|f| f.0.get()));
+                    gate.pass().await;
+                    StatusCode::CREATED
+                }
+            }),
+        )
+    };
+    let stalled_layer = IdempotencyLayer::new()
+        .store(store().await)
+        .finish_abandoned(false);
+    let stalled = support::serve(route(Gate::closed()).layer(stalled_layer)).await;
+    let open = Gate::closed();
+    open.open();
+    let layer = IdempotencyLayer::new().store(store().await);
+    let metrics = layer.metrics();
+    let other = support::serve(route(open).layer(layer)).await;
+
+    let doomed = tokio::spawn(post(stalled, "order-9"));
+    eventually("the first run starts", || fences.lock().unwrap().len() == 1).await;
+    let waiting = tokio::spawn(post(other, "order-9"));
+    eventually("the other instance waits on the lease", || {
+        metrics.flights_waiting_elsewhere() == 1
+    })
+    .await;
+    doomed.abort();
+    assert_eq!(waiting.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(metrics.lease_takeovers(), 1, "a lease taken after waiting");
+    assert_eq!(post(other, "order-10").await.status, StatusCode::CREATED);
+
+    let fences = fences.lock().unwrap().clone();
+    let tokens: Vec<u64> = fences.iter().map(|f| f.expect("a token per run")).collect();
+    assert_eq!(tokens.len(), 3, "{fences:?}");
+    assert!(
+        tokens[1] > tokens[0],
+        "the takeover's token is higher: {tokens:?}"
+    );
+    // Another key has its own counter.
+    assert_eq!(tokens[2], 1, "{tokens:?}");
 }
 
 /// Redis stops. Under `FailOpen` each instance runs its requests (coalesced within the

@@ -660,6 +660,10 @@ where
         let _in_flight = engine.metrics.in_flight();
         tracing::debug!("flight started");
         let finish = engine.config.finish_abandoned;
+        let mut req = req;
+        if let Some(fence) = lease.as_ref().and_then(LeaseGuard::fence) {
+            req.extensions_mut().insert(fence);
+        }
         let work = run_and_keep(inner, engine, req, asked, store_key, lease, fingerprint);
         let outcome = if finish {
             // A task of its own outlives the callers: dropping the flight drops only the

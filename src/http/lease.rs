@@ -48,6 +48,7 @@ type Complete = Box<dyn FnOnce(Option<(Arc<StoredResponse>, Duration)>) -> Compl
 pub struct LeaseGuard {
     complete: Option<Complete>,
     renewer: Option<JoinHandle<()>>,
+    fence: Option<FencingToken>,
 }
 
 impl LeaseGuard {
@@ -60,7 +61,20 @@ impl LeaseGuard {
         LeaseGuard {
             complete: Some(Box::new(move |response| Box::pin(complete(response)))),
             renewer: Some(renewer),
+            fence: None,
         }
+    }
+
+    /// Gives the lease the fencing token `fence`, which the store took with it: the layer
+    /// hands it to the inner service as a request extension ([`FencingToken`]).
+    pub fn with_fence(mut self, fence: u64) -> Self {
+        self.fence = Some(FencingToken(fence));
+        self
+    }
+
+    /// The lease's fencing token, if the store hands them out.
+    pub fn fence(&self) -> Option<FencingToken> {
+        self.fence
     }
 
     /// Stops renewing, stores `response` for its TTL if there is one, and releases the
@@ -115,6 +129,44 @@ impl fmt::Debug for LeaseGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LeaseGuard")
             .field("completed", &self.complete.is_none())
+            .field("fence", &self.fence)
             .finish()
+    }
+}
+
+/// A number that grows with every lease taken on a key, across all instances: the request
+/// extension the inner service finds when the layer runs it under a lease of a shared store
+/// ([`RedisStore`](crate::redis)).
+///
+/// A lease is a deadline, not a fence: an instance that stalls past its lease (a long GC
+/// pause, a partition) may wake up and write after another instance took the key over. A
+/// handler that writes to a database can refuse such a stale writer by keeping the highest
+/// token it has seen with the row, and writing only with a higher one:
+///
+/// ```sql
+/// UPDATE clients SET name = $2, fence = $3 WHERE id = $1 AND fence < $3
+/// -- 0 rows: a newer run of this key has written already; this one is stale.
+/// ```
+///
+/// ```
+/// use axum::Extension;
+/// use tower_coalesce::http::lease::FencingToken;
+///
+/// async fn create_client(fence: Option<Extension<FencingToken>>) -> String {
+///     // None without a shared store: one process's flights need no fence.
+///     let fence = fence.map_or(0, |Extension(token)| token.get());
+///     format!("written with fence {fence}")
+/// }
+/// ```
+///
+/// Tokens of one key strictly increase as long as its counter is kept (24 hours after the
+/// last lease with `RedisStore`); tokens of different keys are unrelated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(u64);
+
+impl FencingToken {
+    /// The token's number.
+    pub fn get(self) -> u64 {
+        self.0
     }
 }

@@ -2,4 +2,4 @@
 //! store trait in [`http::lease`](crate::http::lease); they are here too for stores written
 //! against this path.
 
-pub use crate::http::lease::{Lease, LeaseGuard};
+pub use crate::http::lease::{FencingToken, Lease, LeaseGuard};

@@ -10,6 +10,8 @@
 //! 2. The flight runs a script that returns the key's stored response if there is one, and
 //!    else takes the key's lease (`SET lease-key token NX PX lease`, with a token of its
 //!    own): one round trip.
+//!    Taking the lease also increments the key's fencing-token counter, and the request
+//!    reaches the inner service with that [`FencingToken`] in its extensions.
 //! 3. The instance that took the lease runs the request, and renews the lease every third
 //!    of its duration while it runs. A second script then stores the response
 //!    (`SET .. PX ttl`), deletes the lease only if the token is still its own, and
@@ -44,7 +46,8 @@
 //! for longer than the lease while its request still runs, the lease expires and another
 //! instance runs the request too. Renewal every third of the lease makes that need two
 //! missed renewals in a row; choose a lease well above your longest pauses. A database
-//! constraint remains the last line of defence.
+//! constraint remains the last line of defence, and the [`FencingToken`] lets a handler
+//! refuse the stale writer itself (`UPDATE .. WHERE fence < $token`).
 //!
 //! Responses that are not stored (server errors, bodies over the limit) are not shared
 //! across instances either: an instance that waited for one runs the request itself, as a
@@ -54,6 +57,7 @@
 //! on the connection that sends the commands.
 //!
 //! [`IdempotencyStore`]: crate::idempotency::store::IdempotencyStore
+//! [`FencingToken`]: crate::http::lease::FencingToken
 //! [`IdempotencyLayer`]: crate::idempotency::IdempotencyLayer
 
 mod codec;
@@ -67,7 +71,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, ProtocolVersion, RedisError, Value};
 
-use self::lease::{LOOKUP_OR_LEASE, RENEW, STORE_AND_RELEASE, Waiters};
+use self::lease::{LEASE, LOOKUP_OR_LEASE, RENEW, STORE_AND_RELEASE, Waiters};
 use crate::BoxError;
 use crate::idempotency::lease::{Lease, LeaseGuard};
 use crate::idempotency::store::{IdempotencyStore, StoreKey, StoredResponse};
@@ -79,6 +83,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// (it died, or lost Redis), before another instance may run it.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 
+/// How long a key's fencing-token counter is kept after its last lease: tokens of a key
+/// strictly increase within this (a stale writer would have to outlive it).
+const FENCE_KEPT: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// The default poll interval: how long a waiting instance waits for a release message
 /// before it looks again on its own.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -87,8 +95,8 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// [module docs](self).
 ///
 /// Keys, under a prefix (`tower-coalesce:idempotency:` by default) and the hex store key:
-/// the response at `prefix + key`, the lease at `prefix + "lease:" + key`, and the release
-/// channel `prefix + "released:" + key`.
+/// the response at `prefix + key`, the lease at `prefix + "lease:" + key`, the fencing-token
+/// counter at `prefix + "fence:" + key`, and the release channel `prefix + "released:" + key`.
 ///
 /// Clones share the connection.
 #[derive(Clone)]
@@ -129,7 +137,7 @@ impl RedisStore {
                 .map_err(|_| "timed out connecting to redis")??;
         // Loaded up front so that the first requests don't pay a NOSCRIPT round trip. After
         // a Redis restart, each script is loaded again on its first `NOSCRIPT`.
-        for script in [&LOOKUP_OR_LEASE, &STORE_AND_RELEASE, &RENEW] {
+        for script in [&LOOKUP_OR_LEASE, &LEASE, &STORE_AND_RELEASE, &RENEW] {
             let mut conn = conn.clone();
             tokio::time::timeout(timeout, script.get().load_async(&mut conn))
                 .await
@@ -232,6 +240,36 @@ impl RedisStore {
         }
     }
 
+    /// Runs a lease script (`script`, its keys before the lease's given) with the lease
+    /// and fence keys of `key` and a new token: a stored response, the lease held with its
+    /// fencing token, or the lease held elsewhere.
+    async fn take(
+        &self,
+        key: &StoreKey,
+        response_key: String,
+        script: &mut redis::ScriptInvocation<'_>,
+        what: &'static str,
+    ) -> Result<Lease, BoxError> {
+        let (lease_key, token) = (self.name("lease:", key), lease::token());
+        script
+            .key(&lease_key)
+            .key(self.name("fence:", key))
+            .arg(&token)
+            .arg(Self::millis(self.lease))
+            .arg(Self::millis(FENCE_KEPT));
+        let mut conn = self.conn.clone();
+        let answer: Value = self.timed(what, script.invoke_async(&mut conn)).await?;
+        match answer {
+            Value::BulkString(bytes) => Ok(Lease::Stored(Arc::new(codec::decode(&bytes)?))),
+            Value::Int(0) => Ok(Lease::HeldElsewhere),
+            Value::Int(fence @ 1..) => {
+                let guard = self.held(key, response_key, lease_key, token);
+                Ok(Lease::Held(guard.with_fence(fence as u64)))
+            }
+            other => Err(format!("unexpected answer to {what}: {other:?}").into()),
+        }
+    }
+
     /// The lease `token` took on `lease_key`: renewed until completed, which stores the
     /// response at `response_key`, releases the lease and tells the waiting instances.
     fn held(
@@ -240,7 +278,7 @@ impl RedisStore {
         response_key: String,
         lease_key: String,
         token: String,
-    ) -> Lease {
+    ) -> LeaseGuard {
         let renewer = tokio::spawn(self.renew(lease_key.clone(), token.clone()));
         let (store, channel) = (self.clone(), self.name("released:", key));
         let complete = move |response: Option<(Arc<StoredResponse>, Duration)>| async move {
@@ -255,7 +293,7 @@ impl RedisStore {
                 .await
                 .map(drop)
         };
-        Lease::Held(LeaseGuard::new(complete, renewer))
+        LeaseGuard::new(complete, renewer)
     }
 }
 
@@ -298,40 +336,16 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn lease(&self, key: &StoreKey) -> Result<Lease, BoxError> {
-        let (response_key, lease_key) = (self.name("", key), self.name("lease:", key));
-        let token = lease::token();
-        let mut conn = self.conn.clone();
+        let response_key = self.name("", key);
         let mut lookup = LOOKUP_OR_LEASE.get().key(&response_key);
-        lookup
-            .key(&lease_key)
-            .arg(&token)
-            .arg(Self::millis(self.lease));
-        let answer: Value = self
-            .timed("lookup or lease", lookup.invoke_async(&mut conn))
-            .await?;
-        match answer {
-            Value::BulkString(bytes) => Ok(Lease::Stored(Arc::new(codec::decode(&bytes)?))),
-            Value::Int(0) => Ok(Lease::HeldElsewhere),
-            Value::Int(1) => Ok(self.held(key, response_key, lease_key, token)),
-            other => Err(format!("unexpected answer to lookup or lease: {other:?}").into()),
-        }
+        self.take(key, response_key, &mut lookup, "lookup or lease")
+            .await
     }
 
     async fn refresh_lease(&self, key: &StoreKey) -> Result<Lease, BoxError> {
-        let (response_key, lease_key) = (self.name("", key), self.name("lease:", key));
-        let token = lease::token();
-        let mut conn = self.conn.clone();
-        let mut set = redis::cmd("SET");
-        set.arg(&lease_key)
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(Self::millis(self.lease));
-        let taken: Option<String> = self.timed("lease", set.query_async(&mut conn)).await?;
-        Ok(match taken {
-            Some(_) => self.held(key, response_key, lease_key, token),
-            None => Lease::HeldElsewhere,
-        })
+        let mut lease = LEASE.get().prepare_invoke();
+        self.take(key, self.name("", key), &mut lease, "lease")
+            .await
     }
 
     async fn released(&self, key: &StoreKey) {
