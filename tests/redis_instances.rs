@@ -190,6 +190,18 @@ async fn four_instances_run_a_key_once_for_all_two_hundred_callers() {
     );
 }
 
+/// A store whose lease and poll interval (30 s) are longer than any test: whatever wakes a
+/// waiting instance sooner is the release message.
+async fn long_lease_store(server: &Server, prefix: &str) -> RedisStore {
+    let long = Duration::from_secs(30);
+    server
+        .connect()
+        .await
+        .with_prefix(prefix)
+        .with_lease(long)
+        .with_poll_interval(long)
+}
+
 /// The leading instance's only caller disconnects while its request runs: its flight is
 /// dropped (under `finish_abandoned(false)`), and the lease released at once, so the other instance takes over long before
 /// the lease (30 s) would expire, woken by the release message (its poll interval is 30 s
@@ -200,15 +212,7 @@ async fn a_dropped_leader_releases_its_lease_and_another_instance_takes_over_at_
         return;
     };
     let prefix = prefix();
-    let long = Duration::from_secs(30);
-    let store = || async {
-        server
-            .connect()
-            .await
-            .with_prefix(prefix.clone())
-            .with_lease(long)
-            .with_poll_interval(long)
-    };
+    let store = || long_lease_store(&server, &prefix);
     let runs = Counter::default();
     // The first instance's run never passes its gate; the second's does. The first drops
     // abandoned work (the preset would finish it, holding the lease until it completes).
@@ -257,15 +261,7 @@ async fn fencing_tokens_strictly_increase_across_a_takeover() {
         return;
     };
     let prefix = prefix();
-    let long = Duration::from_secs(30);
-    let store = || async {
-        server
-            .connect()
-            .await
-            .with_prefix(prefix.clone())
-            .with_lease(long)
-            .with_poll_interval(long)
-    };
+    let store = || long_lease_store(&server, &prefix);
     // The handler records its token, then passes `gate`.
     let fences = Arc::new(std::sync::Mutex::new(Vec::<Option<u64>>::new()));
     let route = |gate: Gate| {
