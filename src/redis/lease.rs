@@ -20,29 +20,21 @@ pub(super) static RENEW: LazyScript = LazyScript::new(
     return 0",
 );
 
-/// Returns the response stored at `KEYS[1]` if there is one; else takes the lease
-/// `KEYS[2]` for the token `ARGV[1]` and `ARGV[2]` ms and answers the key's next fencing
-/// token (`INCR KEYS[3]`, kept `ARGV[3]` ms after the last lease; at least 1), or finds
-/// the lease taken (0). The lookup and the lease in one round trip.
-pub(super) static LOOKUP_OR_LEASE: LazyScript = LazyScript::new(
-    r"local stored = redis.call('GET', KEYS[1])
-    if stored then
-        return stored
+/// Returns the response stored at `KEYS[1]` if there is one and `ARGV[4]` asks to look
+/// (`lookup`); else takes the lease `KEYS[2]` for the token `ARGV[1]` and `ARGV[2]` ms and
+/// answers the key's next fencing token (`INCR KEYS[3]`, kept `ARGV[3]` ms after the last
+/// lease; at least 1), or finds the lease taken (0). The lookup and the lease in one round
+/// trip; without the lookup for the HTTP cache, which refreshes an entry still kept.
+pub(super) static LEASE: LazyScript = LazyScript::new(
+    r"if ARGV[4] == 'lookup' then
+        local stored = redis.call('GET', KEYS[1])
+        if stored then
+            return stored
+        end
     end
     if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
         local fence = redis.call('INCR', KEYS[3])
         redis.call('PEXPIRE', KEYS[3], ARGV[3])
-        return fence
-    end
-    return 0",
-);
-
-/// As [`LOOKUP_OR_LEASE`] without the lookup: the lease `KEYS[1]` and the fence `KEYS[2]`,
-/// whatever is stored (the HTTP cache's refresh of a stale entry).
-pub(super) static LEASE: LazyScript = LazyScript::new(
-    r"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-        local fence = redis.call('INCR', KEYS[2])
-        redis.call('PEXPIRE', KEYS[2], ARGV[3])
         return fence
     end
     return 0",

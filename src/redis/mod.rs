@@ -71,7 +71,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, ProtocolVersion, RedisError, Value};
 
-use self::lease::{LEASE, LOOKUP_OR_LEASE, RENEW, STORE_AND_RELEASE, Waiters};
+use self::lease::{LEASE, RENEW, STORE_AND_RELEASE, Waiters};
 use crate::BoxError;
 use crate::idempotency::lease::{Lease, LeaseGuard};
 use crate::idempotency::store::{IdempotencyStore, StoreKey, StoredResponse};
@@ -137,7 +137,7 @@ impl RedisStore {
                 .map_err(|_| "timed out connecting to redis")??;
         // Loaded up front so that the first requests don't pay a NOSCRIPT round trip. After
         // a Redis restart, each script is loaded again on its first `NOSCRIPT`.
-        for script in [&LOOKUP_OR_LEASE, &LEASE, &STORE_AND_RELEASE, &RENEW] {
+        for script in [&LEASE, &STORE_AND_RELEASE, &RENEW] {
             let mut conn = conn.clone();
             tokio::time::timeout(timeout, script.get().load_async(&mut conn))
                 .await
@@ -240,25 +240,22 @@ impl RedisStore {
         }
     }
 
-    /// Runs a lease script (`script`, its keys before the lease's given) with the lease
-    /// and fence keys of `key` and a new token: a stored response, the lease held with its
-    /// fencing token, or the lease held elsewhere.
-    async fn take(
-        &self,
-        key: &StoreKey,
-        response_key: String,
-        script: &mut redis::ScriptInvocation<'_>,
-        what: &'static str,
-    ) -> Result<Lease, BoxError> {
-        let (lease_key, token) = (self.name("lease:", key), lease::token());
+    /// Takes the lease of `key` with a new token and the key's next fencing token, after
+    /// looking the response up first if `lookup` (one script, one round trip): a stored
+    /// response, the lease held, or the lease held elsewhere.
+    async fn take(&self, key: &StoreKey, lookup: bool) -> Result<Lease, BoxError> {
+        let (response_key, lease_key) = (self.name("", key), self.name("lease:", key));
+        let token = lease::token();
+        let mut script = LEASE.get().key(&response_key);
         script
             .key(&lease_key)
             .key(self.name("fence:", key))
             .arg(&token)
             .arg(Self::millis(self.lease))
-            .arg(Self::millis(FENCE_KEPT));
+            .arg(Self::millis(FENCE_KEPT))
+            .arg(if lookup { "lookup" } else { "" });
         let mut conn = self.conn.clone();
-        let answer: Value = self.timed(what, script.invoke_async(&mut conn)).await?;
+        let answer: Value = self.timed("lease", script.invoke_async(&mut conn)).await?;
         match answer {
             Value::BulkString(bytes) => Ok(Lease::Stored(Arc::new(codec::decode(&bytes)?))),
             Value::Int(0) => Ok(Lease::HeldElsewhere),
@@ -266,7 +263,7 @@ impl RedisStore {
                 let guard = self.held(key, response_key, lease_key, token);
                 Ok(Lease::Held(guard.with_fence(fence as u64)))
             }
-            other => Err(format!("unexpected answer to {what}: {other:?}").into()),
+            other => Err(format!("unexpected answer to the lease script: {other:?}").into()),
         }
     }
 
@@ -336,16 +333,11 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn lease(&self, key: &StoreKey) -> Result<Lease, BoxError> {
-        let response_key = self.name("", key);
-        let mut lookup = LOOKUP_OR_LEASE.get().key(&response_key);
-        self.take(key, response_key, &mut lookup, "lookup or lease")
-            .await
+        self.take(key, true).await
     }
 
     async fn refresh_lease(&self, key: &StoreKey) -> Result<Lease, BoxError> {
-        let mut lease = LEASE.get().prepare_invoke();
-        self.take(key, self.name("", key), &mut lease, "lease")
-            .await
+        self.take(key, false).await
     }
 
     async fn released(&self, key: &StoreKey) {
