@@ -443,7 +443,7 @@ where
         .map(|timeout| Instant::now() + timeout);
     let mut watch = None;
     // A follower's wait, turns of other requests included, for the wait histogram.
-    let arrived = Instant::now();
+    let arrived = metrics.wait_started();
     loop {
         let (mut refusal, mut mismatched) = (None, false);
         let run = group.run_if(
@@ -511,7 +511,7 @@ where
                 Err(_) => {
                     // Dropping the wait left the flight, which goes on for the others.
                     watch.done = true;
-                    metrics.follower_waited(arrived.elapsed());
+                    metrics.follower_waited(arrived);
                     metrics.follower_timed_out();
                     tracing::debug!(key = key_hash.map(|h| h.0), "follower stopped waiting");
                     return fall_back(config, inner, request).await;
@@ -524,7 +524,7 @@ where
         }
         watch.done = true;
         if !leader {
-            metrics.follower_waited(arrived.elapsed());
+            metrics.follower_waited(arrived);
         }
         return answer(outcome, inner, &engine, request, leader_asked, fingerprint).await;
     }
@@ -657,7 +657,6 @@ where
             },
         };
         engine.metrics.flight_started();
-        let _in_flight = engine.metrics.in_flight();
         tracing::debug!("flight started");
         let finish = engine.config.finish_abandoned;
         let mut req = req;
@@ -700,6 +699,8 @@ where
     ResB::Error: Into<BoxError>,
 {
     let (config, metrics) = (&engine.config, &engine.metrics);
+    // Here rather than in `fly`: a flight dropped under `finish_abandoned` goes on running.
+    let _in_flight = metrics.in_flight();
     let outcome = match inner.oneshot(req).await {
         Ok(response) => {
             let (parts, body) = response.into_parts();

@@ -339,21 +339,30 @@ impl Metrics {
         self.counters.flights_in_flight.load(Ordering::Relaxed)
     }
 
-    /// Counts a flight as running until the guard drops, however the flight ends.
-    pub(crate) fn in_flight(&self) -> InFlight {
+    /// Counts a flight's work as running until the guard drops, however the work ends.
+    pub(crate) fn in_flight(&self) -> InFlight<'_> {
         self.counters
             .flights_in_flight
             .fetch_add(1, Ordering::Relaxed);
         self.export_in_flight(1.0);
-        InFlight(self.clone())
+        InFlight(self)
+    }
+
+    /// Starts the clock of a caller's wait: read only with the `metrics` feature, so that
+    /// without it a request pays no clock read.
+    pub(crate) fn wait_started(&self) -> WaitClock {
+        WaitClock {
+            #[cfg(feature = "metrics")]
+            since: tokio::time::Instant::now(),
+        }
     }
 
     /// A follower's wait for its flight, as the wait histogram (followers only: the
     /// leader's time is the service's, which the app measures already).
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    pub(crate) fn follower_waited(&self, waited: std::time::Duration) {
+    pub(crate) fn follower_waited(&self, clock: WaitClock) {
         #[cfg(feature = "metrics")]
-        metrics::histogram!(WAIT, self.labels(None)).record(waited.as_secs_f64());
+        metrics::histogram!(WAIT, self.labels(None)).record(clock.since.elapsed().as_secs_f64());
     }
 
     /// Labels what this layer exports with `route`: the route it serves, as the router
@@ -391,6 +400,13 @@ impl Metrics {
 }
 
 /// Names of what the `metrics` feature exports.
+/// When a caller's wait began ([`Metrics::wait_started`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WaitClock {
+    #[cfg(feature = "metrics")]
+    since: tokio::time::Instant,
+}
+
 const REQUESTS: &str = "coalesce_requests_total";
 const CONFLICTS: &str = "coalesce_idempotency_conflicts_total";
 #[cfg(feature = "metrics")]
@@ -398,10 +414,10 @@ const WAIT: &str = "coalesce_wait_duration_seconds";
 #[cfg(feature = "metrics")]
 const IN_FLIGHT: &str = "coalesce_inflight_flights";
 
-/// A running flight, counted in [`Metrics::flights_in_flight`] until dropped.
-pub(crate) struct InFlight(Metrics);
+/// The work of a running flight, counted in [`Metrics::flights_in_flight`] until dropped.
+pub(crate) struct InFlight<'a>(&'a Metrics);
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0
             .counters
