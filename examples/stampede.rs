@@ -12,6 +12,9 @@
 //!     DATABASE_URL=postgres://... cargo run --example stampede --features http-cache
 //!     cargo run --example stampede --features http-cache -- --requests 300 --rows 50000
 
+#[path = "demo/app.rs"]
+mod app;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -21,7 +24,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Row};
 use tower_coalesce::http::{HttpCoalesceLayer, key};
 use tower_coalesce::http_cache::HttpCacheLayer;
@@ -54,22 +56,7 @@ struct AppState {
 
 /// Connects and fills `orders` with `rows` rows over 100 reports.
 async fn connect(url: &str, rows: u64) -> Result<AnyPool, sqlx::Error> {
-    sqlx::any::install_default_drivers();
-    let sqlite = url.starts_with("sqlite:");
-    let pool = AnyPoolOptions::new()
-        .max_connections(16)
-        .after_connect(move |conn, _| {
-            Box::pin(async move {
-                if sqlite {
-                    sqlx::query("PRAGMA journal_mode = WAL")
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                Ok(())
-            })
-        })
-        .connect(url)
-        .await?;
+    let pool = app::pool(url).await?;
     sqlx::query("DROP TABLE IF EXISTS orders")
         .execute(&pool)
         .await?;
@@ -140,14 +127,6 @@ struct Burst {
     stale: usize,
     queries: usize,
     latencies: Vec<Duration>,
-}
-
-impl Burst {
-    fn percentile(&mut self, p: f64) -> Duration {
-        self.latencies.sort();
-        let i = ((self.latencies.len() as f64 * p).ceil() as usize).clamp(1, self.latencies.len());
-        self.latencies[i - 1]
-    }
 }
 
 async fn burst(mode: Mode, args: &Args) -> Burst {
@@ -264,7 +243,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("cache (SWR)", Mode::Cache),
     ] {
         let mut b = burst(mode, &args).await;
-        let (p50, p99) = (b.percentile(0.50), b.percentile(0.99));
+        let (p50, p99) = (
+            app::percentile(&mut b.latencies, 0.50),
+            app::percentile(&mut b.latencies, 0.99),
+        );
         println!(
             "{:<22} {:>8} {:>6} {:>11} {:>7} {:>7.2} ms {:>7.2} ms",
             label,

@@ -21,9 +21,22 @@ use tower_coalesce::http::{HttpCoalesceLayer, Metrics, key};
 /// Connects to `url` (`postgres://...` or `sqlite://...`) and creates an empty `clients`
 /// table with the id as its primary key.
 pub async fn connect(url: &str) -> Result<AnyPool, sqlx::Error> {
+    let pool = pool(url).await?;
+    sqlx::query("DROP TABLE IF EXISTS clients")
+        .execute(&pool)
+        .await?;
+    sqlx::query("CREATE TABLE clients (id TEXT PRIMARY KEY, name TEXT NOT NULL)")
+        .execute(&pool)
+        .await?;
+    Ok(pool)
+}
+
+/// A pool of 16 connections to `url`, SQLite in WAL mode with a busy timeout; shared with
+/// `examples/stampede.rs`.
+pub async fn pool(url: &str) -> Result<AnyPool, sqlx::Error> {
     sqlx::any::install_default_drivers();
     let sqlite = url.starts_with("sqlite:");
-    let pool = AnyPoolOptions::new()
+    AnyPoolOptions::new()
         .max_connections(16)
         .after_connect(move |conn, _| {
             Box::pin(async move {
@@ -41,14 +54,14 @@ pub async fn connect(url: &str) -> Result<AnyPool, sqlx::Error> {
             })
         })
         .connect(url)
-        .await?;
-    sqlx::query("DROP TABLE IF EXISTS clients")
-        .execute(&pool)
-        .await?;
-    sqlx::query("CREATE TABLE clients (id TEXT PRIMARY KEY, name TEXT NOT NULL)")
-        .execute(&pool)
-        .await?;
-    Ok(pool)
+        .await
+}
+
+/// The `p` quantile (0 to 1) of `latencies`, nearest rank; sorts them.
+pub fn percentile(latencies: &mut [Duration], p: f64) -> Duration {
+    latencies.sort_unstable();
+    let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len());
+    latencies[i - 1]
 }
 
 #[derive(Clone)]

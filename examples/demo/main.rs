@@ -52,14 +52,6 @@ struct Tally {
     first_error: Option<String>,
 }
 
-impl Tally {
-    fn percentile(&mut self, p: f64) -> Duration {
-        self.latencies.sort();
-        let i = ((self.latencies.len() as f64 * p).ceil() as usize).clamp(1, self.latencies.len());
-        self.latencies[i - 1]
-    }
-}
-
 async fn run(url: &str, coalesce: bool, args: &Args) -> Result<Tally, sqlx::Error> {
     let pool = app::connect(url).await?;
     let state = app::AppState::new(pool, args.gap);
@@ -145,7 +137,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         if coalesce {
             late = t.executions.saturating_sub(args.rounds);
         }
-        let (p50, p99) = (t.percentile(0.50), t.percentile(0.99));
+        let (p50, p99) = (
+            app::percentile(&mut t.latencies, 0.50),
+            app::percentile(&mut t.latencies, 0.99),
+        );
         println!(
             "{:<14} {:>8} {:>6} {:>6} {:>6} {:>6} {:>13} {:>6.1} ms {:>6.1} ms   {}",
             label,
