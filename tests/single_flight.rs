@@ -4,7 +4,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -78,7 +78,10 @@ async fn concurrent_callers_of_one_key_run_the_work_once() {
 }
 
 /// Callers keep arriving while flights complete: each one either joins a running flight or
-/// starts a new one, and its result was always produced after it called (never stale).
+/// starts a new one, and never joins a flight that had ended before it called: every caller
+/// of an execution called before that execution's leader had its outcome back (by then the
+/// key is free). A result may have been produced a moment before a caller called: the work
+/// returns its value before the flight closes, and a caller may join in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn callers_arriving_as_a_flight_completes_get_a_fresh_result() {
     for _ in 0..ROUNDS {
@@ -97,33 +100,44 @@ async fn callers_arriving_as_a_flight_completes_get_a_fresh_result() {
                 tokio::spawn(async move {
                     start.wait().await;
                     let called_at = clock.fetch_add(1, Ordering::SeqCst);
+                    let stamp = clock.clone();
                     let outcome = group
                         .run(7, || async move {
                             let id = executions.incr() as u64;
                             tokio::task::yield_now().await;
-                            (id, clock.fetch_add(1, Ordering::SeqCst))
+                            (id, stamp.fetch_add(1, Ordering::SeqCst))
                         })
                         .await;
-                    (called_at, outcome)
+                    let returned_at = clock.fetch_add(1, Ordering::SeqCst);
+                    (called_at, returned_at, outcome)
                 })
             })
             .collect();
 
         let mut leaders = 0;
-        let mut executions_seen = std::collections::HashSet::new();
+        let mut calls = Vec::new();
+        let mut leader_returned = std::collections::HashMap::new();
         for handle in handles {
-            let (called_at, outcome) = tokio::time::timeout(Duration::from_secs(10), handle)
-                .await
-                .expect("no caller hangs")
-                .unwrap();
-            let (execution, finished_at) = *outcome.value();
-            assert!(
-                finished_at > called_at,
-                "result produced before the caller called"
-            );
-            leaders += usize::from(outcome.is_leader());
-            executions_seen.insert(execution);
+            let (called_at, returned_at, outcome) =
+                tokio::time::timeout(Duration::from_secs(10), handle)
+                    .await
+                    .expect("no caller hangs")
+                    .unwrap();
+            let (execution, _) = *outcome.value();
+            if outcome.is_leader() {
+                leaders += 1;
+                leader_returned.insert(execution, returned_at);
+            }
+            calls.push((execution, called_at));
         }
+        for (execution, called_at) in calls {
+            let ended = leader_returned[&execution];
+            assert!(
+                called_at < ended,
+                "a caller joined execution {execution} after its flight ended ({called_at} >= {ended})"
+            );
+        }
+        let executions_seen: std::collections::HashSet<_> = leader_returned.keys().collect();
         assert_eq!(leaders, executions.get(), "one leader per execution");
         assert_eq!(
             executions_seen.len(),
@@ -343,23 +357,116 @@ async fn a_panic_while_making_the_work_reaches_the_leader_and_frees_the_key() {
     assert_eq!(*group.run(1, || async { 3 }).await.value(), 3);
 }
 
-/// A follower polled before its leader is ever polled drives the work itself: a leader
-/// that is created but not polled does not hold the others up.
+/// The leader drives its own work: a follower polled before its leader waits (parked, not
+/// polled again) and is served once the leader runs; a leader dropped before it was ever
+/// polled hands the same work to its follower, which runs it once.
 #[tokio::test]
-async fn followers_drive_the_work_of_an_unpolled_leader() {
+async fn an_unpolled_leader_drives_once_polled_and_hands_its_work_over_when_dropped() {
     let group: Group<u32, u8> = Group::new();
     let leader = group.run(1, || async { 9 });
-    let follower = group.run(1, || async { unreachable!("joined, not made") });
+    let mut follower = group.run(1, || async { unreachable!("joined, not made") });
+    assert!(futures::poll!(&mut follower).is_pending());
+    let leader = leader.await;
+    assert!(leader.is_leader() && leader.is_shared() && *leader.value() == 9);
     let outcome = tokio::time::timeout(Duration::from_secs(5), follower)
         .await
-        .unwrap();
-    assert_eq!(*outcome.value(), 9);
-    assert!(!outcome.is_leader());
-    let leader = leader
-        .now_or_never()
-        .expect("the leader reads the stored outcome");
-    assert!(leader.is_leader() && *leader.value() == 9);
+        .expect("the leader's completion wakes its follower");
+    assert!(!outcome.is_leader() && *outcome.value() == 9);
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let leader = group.run(2, move || async move {
+        counted.fetch_add(1, Ordering::SeqCst);
+        tokio::task::yield_now().await;
+        7
+    });
+    let mut follower = group.run(2, || async { unreachable!("joined, not made") });
+    assert!(futures::poll!(&mut follower).is_pending());
+    drop(leader);
+    let outcome = tokio::time::timeout(Duration::from_secs(5), follower)
+        .await
+        .expect("the follower takes the work over");
+    assert_eq!(*outcome.value(), 7);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
     assert_eq!(group.in_flight(), 0);
+}
+
+/// A caller that joins while the leader is still making its work (from inside `make`) gets
+/// the work's result, or the panic of `make`; the key is free afterwards either way.
+#[tokio::test]
+async fn a_caller_joining_while_the_work_is_made_gets_its_result_or_the_panic() {
+    let group: Group<u32, u8> = Group::new();
+    let mut joined = None;
+    let leader = group.run(1, || {
+        joined = Some(group.run(1, || async { unreachable!("joined, not made") }));
+        async { 5 }
+    });
+    let joined = joined.expect("made inside make");
+    assert!(leader.is_leader() && !joined.is_leader());
+    let (leader, joined) = tokio::join!(leader, joined);
+    assert_eq!((*leader.value(), *joined.value()), (5, 5));
+    assert!(leader.is_shared() && joined.is_shared());
+    assert_eq!(group.in_flight(), 0);
+
+    let mut joined = None;
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drop(group.run(2, || -> std::future::Ready<u8> {
+            joined = Some(group.run(2, || async { unreachable!("joined, not made") }));
+            panic!("no work today")
+        }));
+    }));
+    assert!(caught.is_err(), "the leader resumes the panic of make");
+    let follower = joined.expect("made inside make");
+    let panicked = tokio::spawn(follower)
+        .await
+        .expect_err("the follower panics too");
+    let message = panicked.into_panic();
+    let message = message.downcast_ref::<String>().expect("a message");
+    assert!(message.contains("no work today"), "{message}");
+    assert_eq!(group.in_flight(), 0);
+    assert_eq!(*group.run(2, || async { 3 }).await.value(), 3);
+}
+
+/// `forget` while the leader drives alone and a follower waits: the next call starts a
+/// flight of its own, and the forgotten flight still serves its follower, whether its
+/// leader completes it or leaves it to the follower.
+#[tokio::test]
+async fn a_forgotten_flight_still_serves_the_callers_that_joined_it() {
+    let group: Group<u32, u8> = Group::new();
+    for leader_leaves in [false, true] {
+        let (gate, runs) = (Gate::closed(), Counter::default());
+        let (pass, count) = (gate.clone(), runs.clone());
+        let mut leader = group.run(1, move || async move {
+            count.incr();
+            pass.pass().await;
+            1
+        });
+        assert!(futures::poll!(&mut leader).is_pending(), "driving alone");
+        let mut follower = group.run(1, || async { unreachable!("joined, not made") });
+        assert!(futures::poll!(&mut follower).is_pending());
+        assert!(group.forget(&1));
+        let fresh = group.run(1, || async { 2 });
+        assert!(fresh.is_leader());
+        assert_eq!(fresh.await.into_value(), 2);
+
+        gate.open();
+        let both = async {
+            if leader_leaves {
+                drop(leader);
+                follower.await
+            } else {
+                let (leader, follower) = tokio::join!(leader, follower);
+                assert_eq!(*leader.value(), 1);
+                follower
+            }
+        };
+        let follower = tokio::time::timeout(Duration::from_secs(5), both)
+            .await
+            .expect("the forgotten flight's follower is served");
+        assert_eq!(*follower.value(), 1, "leader_leaves: {leader_leaves}");
+        assert_eq!(runs.get(), 1);
+        assert_eq!(group.in_flight(), 0);
+    }
 }
 
 #[test]

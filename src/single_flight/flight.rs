@@ -1,29 +1,28 @@
-//! One flight: the shared work of a key and the callers waiting on it.
+//! The shared part of a flight: the slot where a flight's callers meet once a second caller
+//! has joined, and the join/leave/complete protocol around it.
 //!
-//! This is the join/leave/complete protocol, kept free of the key registry so that it can
-//! be model-checked with loom (`RUSTFLAGS="--cfg coalesce_loom" cargo test --lib --release loom`).
+//! This is kept free of the key registry so that it can be model-checked with loom
+//! (`RUSTFLAGS="--cfg coalesce_loom" cargo test --lib --release loom`).
 //!
 //! # The protocol
 //!
-//! The work is a boxed future that belongs to the flight, not to any caller. Whichever
-//! waiter is polled while nobody drives the work takes it out of the flight and becomes the
-//! *driver* (usually the leader, which is polled first; but a leader that is made and not
-//! polled holds nobody up). The driver keeps the work in its own [`Waiter`] and polls it with
-//! its own waker, without taking the flight's lock again: work that wakes a thousand times
-//! before it completes costs its driver a thousand polls, not a thousand lock round trips.
-//! Every other waiter parks its waker in `wakers` and is not polled again until something
-//! happens to the flight:
+//! A flight begins with its leader alone: the leader keeps its boxed work in its own
+//! [`Waiter`] and polls it there, and nothing here exists (see `group.rs`). Most flights end
+//! like that. When a second caller joins, it makes a [`Flight`] in which the leader is the
+//! *driver* (waiter 0, holding the work) and itself a parked waiter. From then on:
 //!
 //! - the work completes (or panics): the driver stores the outcome and wakes everybody;
-//! - the driver leaves (its future is dropped): it puts the work back into the flight and
-//!   wakes exactly one parked waiter, which finds nobody driving and takes over the *same*
-//!   future; the work is neither lost nor started again;
+//! - the driver leaves (its future is dropped): it puts the work into the flight and wakes
+//!   exactly one parked waiter, which finds nobody driving and takes over the *same* future;
+//!   the work is neither lost nor started again;
 //! - the last waiter leaves: the work is dropped and the flight is marked abandoned so
 //!   that no new caller joins it.
 //!
-//! Waiters therefore never busy-poll: a flight of N callers costs N wakes in all. A flight
-//! takes its lock to start, to be taken over, and to complete, however often its work is
-//! polled.
+//! The driver polls the work with its own waker, without taking the flight's lock: work that
+//! wakes a thousand times before it completes costs its driver a thousand polls, not a
+//! thousand lock round trips. Every other waiter parks its waker in `wakers` and is not
+//! polled again until something happens to the flight, so waiters never busy-poll: a flight
+//! of N callers costs N wakes in all.
 //!
 //! `Work::Running(None)` marks "held by the driver"; `Running(Some(..))` is work handed
 //! back by a driver that left, for the next waiter polled to take.
@@ -34,7 +33,8 @@ use std::future::Future;
 use std::mem;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
+use std::thread;
 
 use slab::Slab;
 
@@ -112,38 +112,20 @@ pub(crate) struct Finished<T> {
 pub(crate) struct DriverPanicked(pub(crate) Box<dyn Any + Send + 'static>);
 
 impl<T: Clone> Flight<T> {
-    /// A new flight whose leader is still building its work; the returned waiter is the
-    /// leader's. Call [`Flight::start`] (or [`Flight::fail_start`]) next.
-    pub(crate) fn new() -> (Self, Waiter<T>) {
+    /// The flight a second caller makes when it joins a leader that drives its work alone:
+    /// the leader (waiter 0) drives and holds the work; the returned waiter is the joiner's.
+    pub(crate) fn joined() -> (Self, Waiter<T>) {
         let flight = Flight {
             state: Mutex::new(State {
                 work: Work::Running(None),
-                driver: None,
-                waiters: 1,
+                driver: Some(0),
+                waiters: 2,
                 leader_waiting: true,
-                callers: 1,
+                callers: 2,
                 wakers: Slab::new(),
             }),
         };
-        (flight, Waiter::new(0))
-    }
-
-    /// Hands the leader's work to the flight, for the first waiter polled to take.
-    pub(crate) fn start(&self, work: BoxWork<T>) {
-        let mut state = self.lock();
-        state.work = Work::Running(Some(work));
-        // Followers that joined while the work was being built parked without a driver;
-        // wake one so that the work makes progress even if the leader is never polled.
-        wake_one(state);
-    }
-
-    /// The leader could not build its work (its closure panicked).
-    pub(crate) fn fail_start(&self, message: String) {
-        let mut state = self.lock();
-        state.waiters -= 1;
-        state.leader_waiting = false;
-        state.work = Work::Panicked(message);
-        wake_all(state, None);
+        (flight, Waiter::new(1))
     }
 
     /// Joins a running flight if `admit`, given the followers waiting now, says so.
@@ -206,16 +188,23 @@ impl<T: Clone> Flight<T> {
             return self.poll(waiter, cx);
         };
 
-        // Catching the panic is sound because the work is never polled again: it is dropped
-        // below and the flight only remembers the message.
-        let polled = panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx)));
-        let spent = match polled {
-            Ok(Poll::Pending) => return Poll::Pending,
-            _ => waiter.work.take(),
-        };
+        let polled = ready!(poll_work(work, cx));
+        let spent = waiter.work.take();
+        Poll::Ready(self.complete(waiter, polled, spent))
+    }
+
+    /// The driver hands in what its work came to: the outcome is stored and every waiter
+    /// woken. Used by a driver that polled the work here, and by a leader that polled it
+    /// alone and found, once done, that others had joined.
+    pub(crate) fn complete(
+        &self,
+        waiter: &mut Waiter<T>,
+        polled: thread::Result<T>,
+        spent: Option<BoxWork<T>>,
+    ) -> Result<Finished<T>, DriverPanicked> {
         let mut state = self.lock();
         match polled {
-            Ok(Poll::Ready(value)) => {
+            Ok(value) => {
                 let shared = state.callers > 1;
                 state.work = Work::Done {
                     value: Some(value),
@@ -224,16 +213,25 @@ impl<T: Clone> Flight<T> {
                 let mut finished = state.read_outcome(waiter);
                 finished.release_key = true;
                 wake_all(state, spent);
-                Poll::Ready(Ok(finished))
+                Ok(finished)
             }
             Err(payload) => {
                 state.work = Work::Panicked(panic_message(payload.as_ref()));
                 state.leave(waiter);
                 wake_all(state, spent);
-                Poll::Ready(Err(DriverPanicked(payload)))
+                Err(DriverPanicked(payload))
             }
-            Ok(Poll::Pending) => unreachable!("returned above"),
         }
+    }
+}
+
+/// Polls the work, catching a panic. Catching is sound because panicked work is never
+/// polled again: it is dropped and only its message is kept.
+pub(crate) fn poll_work<T>(work: &mut BoxWork<T>, cx: &mut Context<'_>) -> Poll<thread::Result<T>> {
+    match panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+        Ok(Poll::Pending) => Poll::Pending,
+        Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
+        Err(payload) => Poll::Ready(Err(payload)),
     }
 }
 
@@ -333,6 +331,24 @@ impl<T: Clone> State<T> {
 }
 
 impl<T> Waiter<T> {
+    /// The leader's place: it holds its work from the start.
+    pub(crate) fn leader(work: Option<BoxWork<T>>) -> Self {
+        Waiter {
+            work,
+            ..Waiter::new(0)
+        }
+    }
+
+    /// The leader's work, while it drives alone.
+    pub(crate) fn work(&mut self) -> Option<&mut BoxWork<T>> {
+        self.work.as_mut()
+    }
+
+    /// Takes the leader's work out (it completed, or the leader leaves alone).
+    pub(crate) fn take_work(&mut self) -> Option<BoxWork<T>> {
+        self.work.take()
+    }
+
     fn new(id: u64) -> Self {
         Waiter {
             id,
@@ -385,7 +401,8 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
 mod loom_tests {
     use std::future::{Future, poll_fn};
     use std::pin::Pin;
-    use std::task::{Context, Poll, Waker};
+    use std::task::{Context, Poll, Waker, ready};
+    use std::thread;
 
     use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
     use loom::sync::{Arc, Mutex};

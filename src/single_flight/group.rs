@@ -1,17 +1,28 @@
+use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
 
-use super::flight::{Flight, Join, panic_message};
+use super::flight::{DriverPanicked, Flight, Join, Waiter};
 use super::future::Run;
 use crate::sync::Arc;
 
-/// The registry of flights: one entry per key whose work is running.
-pub(crate) type Flights<K, T, S> = DashMap<K, Arc<Entry<K, T>>, S>;
+/// The registry of flights: one slot per key whose work is running.
+pub(crate) struct Flights<K, T, S> {
+    slots: DashMap<K, Slot<K, T>, S>,
+    /// Shared flights that [`Group::forget`] took out of `slots` while their leader still
+    /// drove alone: the leader finds them here by id when it completes or leaves.
+    forgotten: Mutex<Forgotten<K, T>>,
+}
+
+/// Shared flights taken out of the registry by `forget`, by flight id.
+type Forgotten<K, T> = Vec<(u64, Arc<Entry<K, T>>)>;
 
 /// The hasher of a [`Group`]'s registry unless [`Group::with_hasher`] says otherwise: aHash,
 /// seeded at random per process and per group.
@@ -24,11 +35,108 @@ pub(crate) type Flights<K, T, S> = DashMap<K, Arc<Entry<K, T>>, S>;
 /// no client chooses, any `BuildHasher` will do: [`Group::with_hasher`].
 pub type DefaultHashBuilder = ahash::RandomState;
 
-/// A flight and the key it is registered under, so that whichever caller ends the flight
-/// can free the key without every caller holding a copy of it.
+/// What the registry keeps for one running flight.
+///
+/// A flight starts with its leader alone, driving the work in its own [`Run`]: then the slot
+/// is all there is, no allocation but the work's box. The shared [`Entry`] is made only when
+/// a second caller joins.
+pub(crate) struct Slot<K, T> {
+    /// Tells this flight from a later one under the same key (after [`Group::forget`], or
+    /// after the flight ended), so that a caller only ever frees its own.
+    id: u64,
+    shared: Option<Arc<Entry<K, T>>>,
+    /// The leader still drives in its own `Run` and will look for `shared` here (or in
+    /// `forgotten`) when it completes or leaves.
+    leader_outside: bool,
+}
+
+/// A shared flight and the key it is registered under, so that whichever caller ends the
+/// flight can free the key without every caller holding a copy of it.
 pub(crate) struct Entry<K, T> {
     pub(crate) key: K,
     pub(crate) flight: Flight<T>,
+}
+
+/// The answer of [`Slot::join`].
+pub(crate) enum SlotJoin<K, T> {
+    /// `made`: this caller is the first to join and made the shared flight, which the slot
+    /// must now hold.
+    Joined {
+        entry: Arc<Entry<K, T>>,
+        waiter: Waiter<T>,
+        made: bool,
+    },
+    /// The flight runs, and the caller was not admitted to it.
+    Refused,
+    /// The flight has ended: the caller must start a new one in its place.
+    Ended,
+}
+
+impl<K: Clone, T: Clone> Slot<K, T> {
+    pub(crate) fn alone(id: u64) -> Self {
+        Slot {
+            id,
+            shared: None,
+            leader_outside: true,
+        }
+    }
+
+    /// A caller joins this slot's flight if `admit`, given the followers waiting now, says so;
+    /// the first one to join makes the shared flight. `key` is the key the slot is
+    /// registered under.
+    pub(crate) fn join(&self, key: &K, admit: impl FnOnce(usize) -> bool) -> SlotJoin<K, T> {
+        if let Some(entry) = &self.shared {
+            return match entry.flight.try_join_if(admit) {
+                Join::Joined(waiter) => SlotJoin::Joined {
+                    entry: entry.clone(),
+                    waiter,
+                    made: false,
+                },
+                Join::Refused => SlotJoin::Refused,
+                Join::Ended => SlotJoin::Ended,
+            };
+        }
+        if !admit(0) {
+            return SlotJoin::Refused;
+        }
+        let (flight, waiter) = Flight::joined();
+        let entry = Arc::new(Entry {
+            key: key.clone(),
+            flight,
+        });
+        SlotJoin::Joined {
+            entry,
+            waiter,
+            made: true,
+        }
+    }
+}
+
+impl<K, T> Slot<K, T> {
+    /// The leader that drove alone is done with this slot: its flight completed (the slot is
+    /// removed) or it leaves (the slot stays for the followers that took the work over, if
+    /// any). Returns the shared flight if others joined.
+    pub(crate) fn leader_leaves(&mut self) -> Option<Arc<Entry<K, T>>> {
+        self.leader_outside = false;
+        self.shared.clone()
+    }
+}
+
+/// A new flight id, unique in the process. Taken from a block per thread, so that ids cost
+/// no atomic operation on the hot path.
+fn next_id() -> u64 {
+    const BLOCK: u64 = 1 << 20;
+    static BLOCKS: AtomicU64 = AtomicU64::new(0);
+    thread_local!(static NEXT: Cell<(u64, u64)> = const { Cell::new((0, 0)) });
+    NEXT.with(|next| {
+        let (mut id, mut end) = next.get();
+        if id == end {
+            id = BLOCKS.fetch_add(BLOCK, Ordering::Relaxed);
+            end = id + BLOCK;
+        }
+        next.set((id + 1, end));
+        id
+    })
 }
 
 /// A registry of in-flight work, keyed by `K`, whose callers share one result of type `T`.
@@ -72,7 +180,10 @@ where
     /// ```
     pub fn with_hasher(hasher: S) -> Self {
         Group {
-            flights: Arc::new(DashMap::with_hasher(hasher)),
+            flights: Arc::new(Flights {
+                slots: DashMap::with_hasher(hasher),
+                forgotten: Mutex::new(Vec::new()),
+            }),
         }
     }
 
@@ -87,6 +198,9 @@ where
     /// The returned future resolves to an [`Outcome`] holding a clone of the result.
     ///
     /// # Cancellation
+    ///
+    /// The leader's `Run` drives the work: await it (or drop it) as you would any future;
+    /// a leader made and set aside without being polled holds its followers up.
     ///
     /// Dropping the returned future leaves the flight. The work goes on as long as any
     /// caller waits for it, whoever started it; when the last caller leaves, the work is
@@ -120,48 +234,57 @@ where
         Fut: Future<Output = T> + Send + 'static,
         A: FnOnce(&K, usize) -> bool,
     {
-        let entry = match self.flights.entry(key) {
-            MapEntry::Occupied(occupied) => {
-                let joined = occupied
-                    .get()
-                    .flight
-                    .try_join_if(|followers| admit(occupied.key(), followers));
-                match joined {
-                    Join::Joined(waiter) => {
-                        return Some(Run::new(
-                            occupied.get().clone(),
-                            self.flights.clone(),
-                            waiter,
-                        ));
+        let (key, id) = match self.flights.slots.entry(key) {
+            MapEntry::Occupied(mut occupied) => {
+                let registered = occupied.key();
+                match occupied.get().join(registered, |n| admit(registered, n)) {
+                    SlotJoin::Joined {
+                        entry,
+                        waiter,
+                        made,
+                    } => {
+                        if made {
+                            occupied.get_mut().shared = Some(entry.clone());
+                        }
+                        return Some(Run::follower(self.flights.clone(), entry, waiter));
                     }
-                    Join::Refused => return None,
-                    Join::Ended => {}
+                    SlotJoin::Refused => return None,
+                    SlotJoin::Ended => {}
                 }
                 // The registered flight has ended but its key is not freed yet: replace it,
                 // key and all, so that the registered key is always the running leader's.
-                // Its last caller frees the key only if the entry is still its own.
-                let (entry, waiter) = Entry::new(occupied.key().clone());
-                occupied.replace_entry(entry.clone());
-                (entry, waiter)
+                // Its last caller frees the key only if the slot is still its own. The
+                // leader finds its slot with the old key, which is equal to its own.
+                let id = next_id();
+                let (old_key, _ended) = occupied.replace_entry(Slot::alone(id));
+                (old_key, id)
             }
             MapEntry::Vacant(vacant) => {
-                let (entry, waiter) = Entry::new(vacant.key().clone());
-                vacant.insert(entry.clone());
-                (entry, waiter)
+                let id = next_id();
+                let key = vacant.key().clone();
+                vacant.insert(Slot::alone(id));
+                (key, id)
             }
         };
         // The registry's shard lock is released here: `make` is user code and must be free
         // to call into this group again.
-        let (entry, waiter) = entry;
         match panic::catch_unwind(AssertUnwindSafe(make)) {
             Ok(work) => {
-                entry.flight.start(Box::pin(work));
-                Some(Run::new(entry, self.flights.clone(), waiter))
+                let leader = Waiter::leader(Some(Box::pin(work)));
+                Some(Run::leader(self.flights.clone(), key, id, leader))
             }
             Err(payload) => {
-                entry.flight.fail_start(panic_message(payload.as_ref()));
-                release(&self.flights, &entry);
-                panic::resume_unwind(payload)
+                // Callers that joined while the work was being made get the panic too.
+                let Some(entry) = self.flights.leader_done(&key, id) else {
+                    panic::resume_unwind(payload)
+                };
+                let failed = entry
+                    .flight
+                    .complete(&mut Waiter::leader(None), Err(payload), None);
+                match failed {
+                    Err(DriverPanicked(payload)) => panic::resume_unwind(payload),
+                    Ok(_) => unreachable!("a panic completes a flight with a panic"),
+                }
             }
         }
     }
@@ -181,32 +304,95 @@ where
     /// assert!(before.is_leader() && after.is_leader(), "two flights, one per side");
     /// ```
     pub fn forget(&self, key: &K) -> bool {
-        self.flights.remove(key).is_some()
+        self.flights
+            .slots
+            .remove_if(key, |_, slot| {
+                // Under the shard lock, so that a leader that misses its slot from now on
+                // finds its shared flight in `forgotten`.
+                if let (true, Some(entry)) = (slot.leader_outside, &slot.shared) {
+                    self.flights.forgotten().push((slot.id, entry.clone()));
+                }
+                true
+            })
+            .is_some()
     }
 
     /// The number of keys with a flight in progress.
     pub fn in_flight(&self) -> usize {
-        self.flights.len()
+        self.flights.slots.len()
     }
 }
 
-impl<K, T> Entry<K, T>
+impl<K, T, S> Flights<K, T, S>
 where
-    T: Clone,
+    K: Hash + Eq,
+    S: BuildHasher + Clone,
 {
-    fn new(key: K) -> (Arc<Self>, super::flight::Waiter<T>) {
-        let (flight, waiter) = Flight::new();
-        (Arc::new(Entry { key, flight }), waiter)
+    /// The leader that drove alone has completed: frees its key and returns the shared
+    /// flight if anyone joined, for the outcome to be handed to it.
+    pub(crate) fn leader_done(&self, key: &K, id: u64) -> Option<Arc<Entry<K, T>>> {
+        match self.slots.remove_if(key, |_, slot| slot.id == id) {
+            Some((_, mut slot)) => slot.leader_leaves(),
+            None => self.take_forgotten(id),
+        }
+    }
+
+    /// The leader that drove alone leaves before completion: frees its key if nobody
+    /// joined, else returns the shared flight, to hand the work over to its followers.
+    pub(crate) fn leader_leaves(&self, key: &K, id: u64) -> Option<Arc<Entry<K, T>>> {
+        let (mut mine, mut shared) = (false, None);
+        self.slots.remove_if_mut(key, |_, slot| {
+            mine = slot.id == id;
+            if mine {
+                shared = slot.leader_leaves();
+            }
+            mine && shared.is_none()
+        });
+        if mine {
+            shared
+        } else {
+            self.take_forgotten(id)
+        }
+    }
+
+    /// The shared flight of a leader that drives alone, if anyone joined it.
+    pub(crate) fn shared_of(&self, key: &K, id: u64) -> Option<Arc<Entry<K, T>>> {
+        match self.slots.get(key) {
+            Some(slot) if slot.id == id => slot.shared.clone(),
+            _ => self
+                .forgotten()
+                .iter()
+                .find(|(forgotten, _)| *forgotten == id)
+                .map(|(_, entry)| entry.clone()),
+        }
+    }
+
+    fn take_forgotten(&self, id: u64) -> Option<Arc<Entry<K, T>>> {
+        let mut forgotten = self.forgotten();
+        let at = forgotten
+            .iter()
+            .position(|(forgotten, _)| *forgotten == id)?;
+        Some(forgotten.swap_remove(at).1)
+    }
+
+    fn forgotten(&self) -> MutexGuard<'_, Forgotten<K, T>> {
+        self.forgotten
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// Frees the key of a flight that has ended, unless a newer flight holds it already.
+/// Frees the key of a shared flight that has ended, unless a newer flight holds it already.
 pub(crate) fn release<K, T, S>(flights: &Flights<K, T, S>, entry: &Arc<Entry<K, T>>)
 where
     K: Hash + Eq,
     S: BuildHasher + Clone,
 {
-    flights.remove_if(&entry.key, |_, registered| Arc::ptr_eq(registered, entry));
+    flights.slots.remove_if(&entry.key, |_, slot| {
+        slot.shared
+            .as_ref()
+            .is_some_and(|registered| Arc::ptr_eq(registered, entry))
+    });
 }
 
 impl<K, T, S> Default for Group<K, T, S>
@@ -235,7 +421,7 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Group")
-            .field("in_flight", &self.flights.len())
+            .field("in_flight", &self.flights.slots.len())
             .finish()
     }
 }

@@ -52,17 +52,31 @@
 //!
 //! # Cancellation
 //!
-//! The work belongs to the flight, not to the caller that started it. Whichever waiting
-//! caller is polled drives the work; if that caller's future is dropped, another waiting
+//! The work belongs to the flight, not to the caller that started it. The leader drives it
+//! (polls it, from its own [`Run`]); if the driver's future is dropped, another waiting
 //! caller takes over the same work, which is neither restarted nor lost. When the last
 //! caller of a flight is dropped, the work is dropped and the key is free again.
 //!
 //! Callers that wait while another drives are not polled until the work completes or the
 //! driver leaves: waiting costs no CPU. The flip side: the work's waker reaches its driver
-//! only, so a caller that keeps its [`Run`] but stops polling it (without dropping it, e.g.
-//! parked after losing a `select!`) holds the flight up until it is polled or dropped, as
-//! with any design where a caller's task drives the work. Drop a `Run` you no longer wait
-//! for: that hands the work over at once.
+//! only, so a driver that is kept but not polled (made and set aside, or parked after losing
+//! a `select!`) holds its flight up until it is polled or dropped, as with any design where
+//! a caller's task drives the work. Await a leader's `Run` as you would any future, and drop
+//! a `Run` you no longer wait for: that hands the work over at once.
+//!
+//! ```
+//! # use tower_coalesce::single_flight::Group;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let group: Group<&str, u8> = Group::new();
+//! let leader = group.run("k", || async { 7 });
+//! let follower = group.run("k", || async { unreachable!("joined: not made") });
+//! // Awaiting the follower alone would wait for the leader; drop the leader instead and the
+//! // follower runs the same work.
+//! drop(leader);
+//! assert_eq!(follower.await.into_value(), 7);
+//! # }
+//! ```
 //!
 //! # Panics
 //!
