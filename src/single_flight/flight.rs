@@ -398,11 +398,10 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
 
 /// Model checks of the protocol: `RUSTFLAGS="--cfg coalesce_loom" cargo test --lib --release loom`.
 #[cfg(all(test, coalesce_loom))]
-mod loom_tests {
+pub(crate) mod loom_tests {
     use std::future::{Future, poll_fn};
     use std::pin::Pin;
-    use std::task::{Context, Poll, Waker, ready};
-    use std::thread;
+    use std::task::{Context, Poll, Waker};
 
     use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
     use loom::sync::{Arc, Mutex};
@@ -412,10 +411,10 @@ mod loom_tests {
 
     /// An event the work waits for, set from another thread.
     #[derive(Clone, Default)]
-    struct Signal(Arc<(AtomicBool, Mutex<Option<Waker>>)>);
+    pub(crate) struct Signal(Arc<(AtomicBool, Mutex<Option<Waker>>)>);
 
     impl Signal {
-        fn set(&self) {
+        pub(crate) fn set(&self) {
             self.0.0.store(true, SeqCst);
             if let Some(waker) = self.0.1.lock().unwrap().take() {
                 waker.wake();
@@ -436,7 +435,7 @@ mod loom_tests {
     }
 
     /// Work that waits for `signal`, counts its completions and its drops.
-    fn work(
+    pub(crate) fn work(
         signal: Signal,
         done: Arc<AtomicUsize>,
         dropped: Arc<AtomicUsize>,
@@ -461,25 +460,37 @@ mod loom_tests {
             .value
     }
 
+    /// The leader drives its work alone, then hands the result to the flight that others
+    /// joined meanwhile, as `Run` does.
+    pub(crate) fn lead(flight: &Flight<u32>, leader: &mut Waiter<u32>) -> u32 {
+        let polled = loom::future::block_on(poll_fn(|cx| {
+            super::poll_work(leader.work().expect("the leader holds its work"), cx)
+        }));
+        let spent = leader.take_work();
+        flight
+            .complete(leader, polled, spent)
+            .unwrap_or_else(|_| panic!("the work does not panic here"))
+            .value
+    }
+
     /// Leader and follower on two threads, the work released by a third: both get the one
     /// result, the work completes once.
     #[test]
     fn loom_leader_and_follower_share_one_completion() {
         loom::model(|| {
             let (signal, done, dropped) = (Signal::default(), Arc::default(), Arc::default());
-            let (flight, mut leader) = Flight::new();
+            let (flight, mut follower) = Flight::joined();
             let flight = Arc::new(flight);
-            flight.start(work(
+            let mut leader = Waiter::leader(Some(work(
                 signal.clone(),
                 Arc::clone(&done),
                 Arc::clone(&dropped),
-            ));
-            let mut follower = flight.try_join().expect("running flight accepts joins");
+            )));
 
             let f = flight.clone();
             let t = thread::spawn(move || wait(&f, &mut follower));
             let s = thread::spawn(move || signal.set());
-            assert_eq!(wait(&flight, &mut leader), 7);
+            assert_eq!(lead(&flight, &mut leader), 7);
             assert_eq!(t.join().unwrap(), 7);
             s.join().unwrap();
             assert_eq!(done.load(SeqCst), 1);
@@ -494,21 +505,26 @@ mod loom_tests {
     fn loom_a_leaving_driver_hands_the_work_over() {
         loom::model(|| {
             let (signal, done, dropped) = (Signal::default(), Arc::default(), Arc::default());
-            let (flight, mut leader) = Flight::new();
+            let (flight, mut follower) = Flight::joined();
             let flight = Arc::new(flight);
-            flight.start(work(
+            let mut leader = Waiter::leader(Some(work(
                 signal.clone(),
                 Arc::clone(&done),
                 Arc::clone(&dropped),
-            ));
-            let mut follower = flight.try_join().unwrap();
+            )));
 
-            // The leader drives once, then is cancelled.
+            // The leader drives once, then is cancelled unless that poll completed the work.
             let f = flight.clone();
             let l = thread::spawn(move || {
                 let waker = futures::task::noop_waker();
-                let _ = f.poll(&mut leader, &mut Context::from_waker(&waker));
-                assert!(!f.leave(&mut leader), "the follower still waits");
+                let work = leader.work().unwrap();
+                match super::poll_work(work, &mut Context::from_waker(&waker)) {
+                    Poll::Ready(polled) => {
+                        let spent = leader.take_work();
+                        assert!(f.complete(&mut leader, polled, spent).is_ok());
+                    }
+                    Poll::Pending => assert!(!f.leave(&mut leader), "the follower still waits"),
+                }
             });
             let s = thread::spawn(move || signal.set());
             assert_eq!(wait(&flight, &mut follower), 7);
@@ -524,10 +540,14 @@ mod loom_tests {
     fn loom_the_last_caller_to_leave_drops_the_work() {
         loom::model(|| {
             let (done, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-            let (flight, mut leader) = Flight::new();
+            let (flight, mut follower) = Flight::joined();
             let flight = Arc::new(flight);
-            flight.start(work(Signal::default(), done.clone(), dropped.clone()));
-            let mut follower = flight.try_join().unwrap();
+            let mut leader =
+                Waiter::leader(Some(work(Signal::default(), done.clone(), dropped.clone())));
+            // The leader's first poll (the work waits for a signal nobody sets).
+            let waker = futures::task::noop_waker();
+            let first = super::poll_work(leader.work().unwrap(), &mut Context::from_waker(&waker));
+            assert!(first.is_pending());
 
             let f = flight.clone();
             let t = thread::spawn(move || {
@@ -555,14 +575,17 @@ mod loom_tests {
             let (done, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
             let signal = Signal::default();
             signal.set();
-            let (flight, mut leader) = Flight::new();
+            let (flight, mut follower) = Flight::joined();
             let flight = Arc::new(flight);
-            flight.start(work(signal, done.clone(), dropped));
+            let mut leader = Waiter::leader(Some(work(signal, done.clone(), dropped)));
 
             let f = flight.clone();
             let t = thread::spawn(move || f.try_join().map(|mut w| wait(&f, &mut w)));
-            assert_eq!(wait(&flight, &mut leader), 7);
+            let f = flight.clone();
+            let first = thread::spawn(move || wait(&f, &mut follower));
+            assert_eq!(lead(&flight, &mut leader), 7);
             assert!(t.join().unwrap().is_none_or(|v| v == 7));
+            assert_eq!(first.join().unwrap(), 7);
             assert_eq!(done.load(SeqCst), 1);
         });
     }
@@ -574,12 +597,9 @@ mod loom_tests {
     fn loom_a_follower_cap_counts_followers_only_while_the_leader_leaves() {
         loom::model(|| {
             let (signal, done, dropped) = (Signal::default(), Arc::default(), Arc::default());
-            let (flight, mut leader) = Flight::new();
+            let (flight, mut follower) = Flight::joined();
             let flight = Arc::new(flight);
-            flight.start(work(signal.clone(), Arc::clone(&done), dropped));
-            let Join::Joined(mut follower) = flight.try_join_if(|followers| followers < 1) else {
-                panic!("the first follower is admitted");
-            };
+            let mut leader = Waiter::leader(Some(work(signal.clone(), Arc::clone(&done), dropped)));
             let f = flight.clone();
             let leaving = thread::spawn(move || {
                 f.leave(&mut leader);

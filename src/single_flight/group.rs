@@ -488,3 +488,141 @@ mod tests {
         assert!(next.is_leader());
     }
 }
+
+/// Model checks of the slot protocol (a loom mutex stands in for the map's shard lock):
+/// `RUSTFLAGS="--cfg coalesce_loom" cargo test --lib --release loom`.
+#[cfg(all(test, coalesce_loom))]
+mod loom_tests {
+    use std::future::poll_fn;
+    use std::task::{Context, Poll};
+
+    use loom::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use loom::sync::{Arc, Mutex};
+    use loom::thread;
+
+    use super::super::flight::loom_tests::{Signal, work};
+    use super::super::flight::{Waiter, poll_work};
+    use super::{Entry, Slot, SlotJoin};
+
+    type Shard = Arc<Mutex<Option<Slot<u8, u32>>>>;
+
+    /// A caller joins through the shard (making the shared flight if it is the first) and
+    /// waits as `Run` does, freeing the key if it ends the flight. `None`: no slot, so the
+    /// caller would start a flight of its own.
+    fn join_and_wait(shard: &Shard) -> Option<u32> {
+        let (entry, mut waiter) = {
+            let mut guard = shard.lock().unwrap();
+            let slot = guard.as_mut()?;
+            match slot.join(&0, |_| true) {
+                SlotJoin::Joined {
+                    entry,
+                    waiter,
+                    made,
+                } => {
+                    if made {
+                        slot.shared = Some(entry.clone());
+                    }
+                    (entry, waiter)
+                }
+                SlotJoin::Refused | SlotJoin::Ended => unreachable!("a registered flight runs"),
+            }
+        };
+        let finished = loom::future::block_on(poll_fn(|cx| entry.flight.poll(&mut waiter, cx)))
+            .unwrap_or_else(|_| panic!("the work does not panic here"));
+        if finished.release_key {
+            release(shard, &entry);
+        }
+        Some(finished.value)
+    }
+
+    fn release(shard: &Shard, entry: &Arc<Entry<u8, u32>>) {
+        let mut guard = shard.lock().unwrap();
+        let mine = guard
+            .as_ref()
+            .and_then(|slot| slot.shared.as_ref())
+            .is_some_and(|registered| Arc::ptr_eq(registered, entry));
+        if mine {
+            *guard = None;
+        }
+    }
+
+    /// The leader completes alone while a caller joins: the caller either joins before the
+    /// slot is removed (making the shared flight, or joining it) and gets the result, or
+    /// finds the key free. Never stranded: loom reports a deadlock if the result is not
+    /// handed over.
+    #[test]
+    fn loom_a_join_racing_the_lone_leaders_completion_is_served_or_finds_the_key_free() {
+        loom::model(|| {
+            let (signal, done, dropped) = (Signal::default(), Arc::default(), Arc::default());
+            signal.set();
+            let shard: Shard = Arc::new(Mutex::new(Some(Slot::alone(1))));
+            let mut leader = Waiter::leader(Some(work(signal, Arc::clone(&done), dropped)));
+
+            let s = shard.clone();
+            let joiner = thread::spawn(move || join_and_wait(&s));
+            let polled = loom::future::block_on(poll_fn(|cx| {
+                poll_work(leader.work().expect("the leader holds its work"), cx)
+            }));
+            let spent = leader.take_work();
+            let shared = shard
+                .lock()
+                .unwrap()
+                .take()
+                .expect("only the leader removes its slot")
+                .leader_leaves();
+            let value = match shared {
+                None => polled.unwrap_or_else(|_| panic!("no panic here")),
+                Some(entry) => match entry.flight.complete(&mut leader, polled, spent) {
+                    Ok(finished) => finished.value,
+                    Err(_) => panic!("no panic here"),
+                },
+            };
+            assert_eq!(value, 7);
+            assert!(joiner.join().unwrap().is_none_or(|v| v == 7));
+            assert_eq!(done.load(SeqCst), 1);
+            assert!(shard.lock().unwrap().is_none(), "the key is free");
+        });
+    }
+
+    /// The leader leaves (after one poll) while a caller may be joining: with no joiner the
+    /// slot goes and the work is dropped; with one, it takes the same work over and runs it
+    /// once. Either way the key ends free and the work is dropped exactly once.
+    #[test]
+    fn loom_a_leaving_lone_leader_frees_the_key_or_hands_its_work_to_a_joiner() {
+        loom::model(|| {
+            let signal = Signal::default();
+            let (done, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let shard: Shard = Arc::new(Mutex::new(Some(Slot::alone(1))));
+            let mut leader =
+                Waiter::leader(Some(work(signal.clone(), done.clone(), dropped.clone())));
+            let waker = futures::task::noop_waker();
+            let first = poll_work(leader.work().unwrap(), &mut Context::from_waker(&waker));
+            assert!(matches!(first, Poll::Pending));
+
+            let s = shard.clone();
+            let joiner = thread::spawn(move || join_and_wait(&s));
+            signal.set();
+            let shared = {
+                let mut guard = shard.lock().unwrap();
+                let shared = guard.as_mut().expect("the leader's slot").leader_leaves();
+                if shared.is_none() {
+                    *guard = None;
+                }
+                shared
+            };
+            match shared {
+                None => drop(leader),
+                Some(entry) => {
+                    if entry.flight.leave(&mut leader) {
+                        release(&shard, &entry);
+                    }
+                }
+            }
+            let joined = joiner.join().unwrap();
+            assert!(joined.is_none_or(|v| v == 7));
+            assert_eq!(done.load(SeqCst), usize::from(joined.is_some()));
+            assert_eq!(dropped.load(SeqCst), 1);
+            assert!(shard.lock().unwrap().is_none(), "the key is free");
+        });
+    }
+}
