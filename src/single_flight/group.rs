@@ -50,6 +50,9 @@ pub(crate) struct Slot<K, T> {
     leader_outside: bool,
 }
 
+// The slot is copied into and out of the map on every flight: keep it three words.
+const _: () = assert!(std::mem::size_of::<Slot<u64, u64>>() <= 24);
+
 /// A shared flight and the key it is registered under, so that whichever caller ends the
 /// flight can free the key without every caller holding a copy of it.
 pub(crate) struct Entry<K, T> {
