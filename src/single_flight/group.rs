@@ -50,7 +50,9 @@ pub(crate) struct Slot<K, T> {
     leader_outside: bool,
 }
 
-// The slot is copied into and out of the map on every flight: keep it three words.
+// The slot is copied into and out of the map on every flight: keep it three words (loom's
+// `Arc` is larger).
+#[cfg(not(coalesce_loom))]
 const _: () = assert!(std::mem::size_of::<Slot<u64, u64>>() <= 24);
 
 /// A shared flight and the key it is registered under, so that whichever caller ends the
@@ -122,6 +124,19 @@ impl<K, T> Slot<K, T> {
     pub(crate) fn leader_leaves(&mut self) -> Option<Arc<Entry<K, T>>> {
         self.leader_outside = false;
         self.shared.clone()
+    }
+}
+
+impl<K, T> SlotJoin<K, T> {
+    /// Keeps the shared flight this join made (if it did) in `slot`, the slot it joined.
+    pub(crate) fn kept_in(self, slot: &mut Slot<K, T>) -> Self {
+        if let SlotJoin::Joined {
+            entry, made: true, ..
+        } = &self
+        {
+            slot.shared = Some(entry.clone());
+        }
+        self
     }
 }
 
@@ -240,15 +255,9 @@ where
         let (key, id) = match self.flights.slots.entry(key) {
             MapEntry::Occupied(mut occupied) => {
                 let registered = occupied.key();
-                match occupied.get().join(registered, |n| admit(registered, n)) {
-                    SlotJoin::Joined {
-                        entry,
-                        waiter,
-                        made,
-                    } => {
-                        if made {
-                            occupied.get_mut().shared = Some(entry.clone());
-                        }
+                let joined = occupied.get().join(registered, |n| admit(registered, n));
+                match joined.kept_in(occupied.get_mut()) {
+                    SlotJoin::Joined { entry, waiter, .. } => {
                         return Some(Run::follower(self.flights.clone(), entry, waiter));
                     }
                     SlotJoin::Refused => return None,
@@ -516,17 +525,8 @@ mod loom_tests {
         let (entry, mut waiter) = {
             let mut guard = shard.lock().unwrap();
             let slot = guard.as_mut()?;
-            match slot.join(&0, |_| true) {
-                SlotJoin::Joined {
-                    entry,
-                    waiter,
-                    made,
-                } => {
-                    if made {
-                        slot.shared = Some(entry.clone());
-                    }
-                    (entry, waiter)
-                }
+            match slot.join(&0, |_| true).kept_in(slot) {
+                SlotJoin::Joined { entry, waiter, .. } => (entry, waiter),
                 SlotJoin::Refused | SlotJoin::Ended => unreachable!("a registered flight runs"),
             }
         };
