@@ -66,11 +66,8 @@ enum Work<T> {
     /// `None` while the leader is still building the work or while a driver holds it;
     /// `Some` until a waiter takes it (at the start, or after a driver left).
     Running(Option<BoxWork<T>>),
-    /// `value` is taken, not cloned, by the last waiter to read it.
-    Done {
-        value: Option<T>,
-        shared: bool,
-    },
+    /// The value is taken, not cloned, by the last waiter to read it.
+    Done(Option<T>),
     Panicked(String),
     Abandoned,
 }
@@ -102,7 +99,6 @@ pub(crate) enum Join<T> {
 /// What a finished waiter takes away.
 pub(crate) struct Finished<T> {
     pub(crate) value: T,
-    pub(crate) shared: bool,
     /// This waiter ended the flight and must free its key in the registry.
     pub(crate) release_key: bool,
 }
@@ -175,7 +171,7 @@ impl<T: Clone> Flight<T> {
                     state.park(waiter, cx.waker());
                     return Poll::Pending;
                 }
-                Work::Done { .. } => return Poll::Ready(Ok(state.read_outcome(waiter))),
+                Work::Done(_) => return Poll::Ready(Ok(state.read_outcome(waiter))),
                 Work::Panicked(message) => {
                     let message = format!("the shared work of this flight panicked: {message}");
                     state.leave(waiter);
@@ -205,11 +201,7 @@ impl<T: Clone> Flight<T> {
         let mut state = self.lock();
         match polled {
             Ok(value) => {
-                let shared = state.callers > 1;
-                state.work = Work::Done {
-                    value: Some(value),
-                    shared,
-                };
+                state.work = Work::Done(Some(value));
                 let mut finished = state.read_outcome(waiter);
                 finished.release_key = true;
                 wake_all(state, spent);
@@ -312,7 +304,7 @@ impl<T: Clone> State<T> {
     fn read_outcome(&mut self, waiter: &mut Waiter<T>) -> Finished<T> {
         self.leave(waiter);
         let last = self.waiters == 0;
-        let Work::Done { value, shared } = &mut self.work else {
+        let Work::Done(value) = &mut self.work else {
             unreachable!("outcome read before the work completed");
         };
         let value = if last {
@@ -324,7 +316,6 @@ impl<T: Clone> State<T> {
         };
         Finished {
             value,
-            shared: *shared,
             release_key: false,
         }
     }

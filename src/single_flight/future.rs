@@ -115,7 +115,8 @@ where
             };
         };
         match entry.flight.complete(&mut self.waiter, polled, spent) {
-            Ok(finished) => Outcome::new(finished.value, finished.shared, true),
+            // A shared flight has two callers or more: the outcome is shared.
+            Ok(finished) => Outcome::new(finished.value, true, true),
             Err(DriverPanicked(payload)) => panic::resume_unwind(payload),
         }
     }
@@ -149,7 +150,7 @@ where
                 if finished.release_key {
                     release(&this.flights, &entry);
                 }
-                Poll::Ready(Outcome::new(finished.value, finished.shared, false))
+                Poll::Ready(Outcome::new(finished.value, true, false))
             }
             Err(DriverPanicked(payload)) => {
                 release(&this.flights, &entry);
