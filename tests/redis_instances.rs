@@ -9,97 +9,17 @@ mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use axum::routing;
-use axum::{Extension, Router};
 use futures::future::join_all;
+use support::instances::{Answer, Instance, fire, instance, post, routes, sum};
 use support::redis::{Server, free_port, prefix};
 use support::{Counter, Gate, eventually};
 use tower_coalesce::http::Metrics;
-use tower_coalesce::http::lease::FencingToken;
 use tower_coalesce::http::{HttpCoalesceLayer, key};
 use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
 use tower_coalesce::redis::RedisStore;
-
-/// The route of every instance, without its layer: the handler counts its runs, and passes
-/// `gate` before it answers.
-fn routes(runs: Counter, gate: Gate) -> Router {
-    let handler = move || {
-        let (runs, gate) = (runs.clone(), gate.clone());
-        async move {
-            let n = runs.incr() + 1;
-            gate.pass().await;
-            (
-                StatusCode::CREATED,
-                [("x-run", n.to_string())],
-                format!("order created by run {n}"),
-            )
-        }
-    };
-    Router::new().route("/orders", routing::post(handler))
-}
-
-struct Instance {
-    addr: SocketAddr,
-    metrics: Metrics,
-}
-
-async fn instance(
-    store: RedisStore,
-    policy: OnStoreError,
-    runs: &Counter,
-    gate: &Gate,
-) -> Instance {
-    let layer = IdempotencyLayer::new().store(store).on_store_error(policy);
-    let metrics = layer.metrics();
-    let addr = support::serve(routes(runs.clone(), gate.clone()).layer(layer)).await;
-    Instance { addr, metrics }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct Answer {
-    status: StatusCode,
-    run: Option<String>,
-    replayed: bool,
-    body: String,
-}
-
-async fn post(addr: SocketAddr, key: &str) -> Answer {
-    let res = reqwest::Client::new()
-        .post(format!("http://{addr}/orders"))
-        .header("idempotency-key", key)
-        .body("2 apples")
-        .send()
-        .await
-        .unwrap();
-    let run = support::header(&res, "x-run");
-    let replayed = support::header(&res, "idempotent-replayed").is_some();
-    Answer {
-        status: res.status(),
-        run,
-        replayed,
-        body: res.text().await.unwrap(),
-    }
-}
-
-/// `n` concurrent posts of `key` to each instance, each on a task (and connection) of its own.
-fn fire(instances: &[Instance], key: &str, n: usize) -> Vec<tokio::task::JoinHandle<Answer>> {
-    instances
-        .iter()
-        .flat_map(|i| std::iter::repeat_n(i.addr, n))
-        .map(|addr| {
-            let key = key.to_owned();
-            tokio::spawn(async move { post(addr, &key).await })
-        })
-        .collect()
-}
-
-fn sum(instances: &[Instance], count: impl Fn(&Metrics) -> u64) -> u64 {
-    instances.iter().map(|i| count(&i.metrics)).sum()
-}
 
 /// Calls per command since the server started, from `INFO commandstats`.
 async fn command_calls(server: &Server) -> HashMap<String, u64> {
@@ -253,7 +173,7 @@ async fn a_dropped_leader_releases_its_lease_and_another_instance_takes_over_at_
 
 /// Each lease comes with the key's next fencing token, as a request extension: the run on
 /// the instance that took over has a higher token than the stalled run it replaced, while
-/// another key counts from 1. A handler keeping the highest token per row
+/// every token is at least the server's clock. A handler keeping the highest token per row
 /// (`UPDATE .. WHERE fence < $token`) refuses the stalled writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fencing_tokens_strictly_increase_across_a_takeover() {
@@ -262,53 +182,7 @@ async fn fencing_tokens_strictly_increase_across_a_takeover() {
     };
     let prefix = prefix();
     let store = || long_lease_store(&server, &prefix);
-    // The handler records its token, then passes `gate`.
-    let fences = Arc::new(std::sync::Mutex::new(Vec::<Option<u64>>::new()));
-    let route = |gate: Gate| {
-        let fences = fences.clone();
-        Router::new().route(
-            "/orders",
-            routing::post(move |fence: Option<Extension<FencingToken>>| {
-                let (fences, gate) = (fences.clone(), gate.clone());
-                async move {
-                    fences.lock().unwrap().push(fence.map(|f| f.0.get()));
-                    gate.pass().await;
-                    StatusCode::CREATED
-                }
-            }),
-        )
-    };
-    let stalled_layer = IdempotencyLayer::new()
-        .store(store().await)
-        .finish_abandoned(false);
-    let stalled = support::serve(route(Gate::closed()).layer(stalled_layer)).await;
-    let open = Gate::closed();
-    open.open();
-    let layer = IdempotencyLayer::new().store(store().await);
-    let metrics = layer.metrics();
-    let other = support::serve(route(open).layer(layer)).await;
-
-    let doomed = tokio::spawn(post(stalled, "order-9"));
-    eventually("the first run starts", || fences.lock().unwrap().len() == 1).await;
-    let waiting = tokio::spawn(post(other, "order-9"));
-    eventually("the other instance waits on the lease", || {
-        metrics.flights_waiting_elsewhere() == 1
-    })
-    .await;
-    doomed.abort();
-    assert_eq!(waiting.await.unwrap().status, StatusCode::CREATED);
-    assert_eq!(metrics.lease_takeovers(), 1, "a lease taken after waiting");
-    assert_eq!(post(other, "order-10").await.status, StatusCode::CREATED);
-
-    let fences = fences.lock().unwrap().clone();
-    let tokens: Vec<u64> = fences.iter().map(|f| f.expect("a token per run")).collect();
-    assert_eq!(tokens.len(), 3, "{fences:?}");
-    assert!(
-        tokens[1] > tokens[0],
-        "the takeover's token is higher: {tokens:?}"
-    );
-    // Another key has its own counter.
-    assert_eq!(tokens[2], 1, "{tokens:?}");
+    support::instances::assert_fencing_across_a_takeover(store().await, store().await).await;
 }
 
 /// Redis stops. Under `FailOpen` each instance runs its requests (coalesced within the

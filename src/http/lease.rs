@@ -159,8 +159,12 @@ impl fmt::Debug for LeaseGuard {
 /// }
 /// ```
 ///
-/// Tokens of one key strictly increase as long as its counter is kept (24 hours after the
-/// last lease with `RedisStore`); tokens of different keys are unrelated.
+/// Tokens of one key strictly increase; tokens of different keys are unrelated. With
+/// `RedisStore`, a token is one more than the key's last (kept 24 hours after its last
+/// lease) and at least the Redis clock in microseconds, so tokens go on increasing after
+/// Redis lost the last one (a restart without persistence, a failover), as long as the
+/// Redis clock did not go back by more than the time since. A run without a lease (a
+/// store error under `FailOpen`) has no token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FencingToken(u64);
 

@@ -22,9 +22,15 @@ pub(super) static RENEW: LazyScript = LazyScript::new(
 
 /// Returns the response stored at `KEYS[1]` if there is one and `ARGV[4]` asks to look
 /// (`lookup`); else takes the lease `KEYS[2]` for the token `ARGV[1]` and `ARGV[2]` ms and
-/// answers the key's next fencing token (`INCR KEYS[3]`, kept `ARGV[3]` ms after the last
-/// lease; at least 1), or finds the lease taken (0). The lookup and the lease in one round
-/// trip; without the lookup for the HTTP cache, which refreshes an entry still kept.
+/// answers the key's next fencing token, or finds the lease taken (0). The lookup and the
+/// lease in one round trip; without the lookup for the HTTP cache, which refreshes an entry
+/// still kept.
+///
+/// The fencing token is one more than the key's last (`KEYS[3]`, kept `ARGV[3]` ms after
+/// the last lease), and at least the server's clock in microseconds: so tokens keep
+/// increasing even if Redis lost the last one (a restart without persistence, a failover
+/// that lost the last writes), as long as its clock doesn't go back by more than the time
+/// since. Microseconds since 1970 fit a Lua number exactly (under 2^53) until the year 2255.
 pub(super) static LEASE: LazyScript = LazyScript::new(
     r"if ARGV[4] == 'lookup' then
         local stored = redis.call('GET', KEYS[1])
@@ -33,26 +39,34 @@ pub(super) static LEASE: LazyScript = LazyScript::new(
         end
     end
     if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-        local fence = redis.call('INCR', KEYS[3])
-        redis.call('PEXPIRE', KEYS[3], ARGV[3])
+        local now = redis.call('TIME')
+        local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+        local fence = math.max((tonumber(redis.call('GET', KEYS[3])) or 0) + 1, clock)
+        redis.call('SET', KEYS[3], string.format('%.0f', fence), 'PX', ARGV[3])
         return fence
     end
     return 0",
 );
 
-/// Stores the response `ARGV[3]` at `KEYS[1]` for `ARGV[4]` ms if one is given, deletes
+/// Stores the response `ARGV[4]` at `KEYS[1]` for `ARGV[5]` ms if one is given, deletes
 /// the lease `KEYS[2]` if the token `ARGV[2]` still owns it, then tells the waiting
-/// instances on the channel `ARGV[1]` to look. The response is stored, and the message
-/// sent, even if the lease was lost: the response is real either way.
+/// instances on the channel `ARGV[1]` to look: `SPUBLISH` if `ARGV[3]` is `spublish` (a
+/// cluster: the channel is in the keys' slot, and the message stays on its shard), else
+/// `PUBLISH`. The response is stored, and the message sent, even if the lease was lost: the
+/// response is real either way.
 pub(super) static STORE_AND_RELEASE: LazyScript = LazyScript::new(
-    r"if ARGV[3] then
-        redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+    r"if ARGV[4] then
+        redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
     end
     local owned = 0
     if redis.call('GET', KEYS[2]) == ARGV[2] then
         owned = redis.call('DEL', KEYS[2])
     end
-    redis.call('PUBLISH', ARGV[1], '1')
+    if ARGV[3] == 'spublish' then
+        redis.call('SPUBLISH', ARGV[1], '1')
+    else
+        redis.call('PUBLISH', ARGV[1], '1')
+    end
     return owned",
 );
 
@@ -134,7 +148,8 @@ impl Waiters {
         waiters: Weak<Waiters>,
     ) -> impl Fn(PushInfo) -> Result<(), std::convert::Infallible> + Send + Sync + 'static {
         move |push: PushInfo| {
-            if let (PushKind::Message, Some(waiters)) = (&push.kind, waiters.upgrade()) {
+            let message = matches!(push.kind, PushKind::Message | PushKind::SMessage);
+            if let (true, Some(waiters)) = (message, waiters.upgrade()) {
                 if let Some(Value::BulkString(channel)) = push.data.first() {
                     waiters.wake(channel);
                 }

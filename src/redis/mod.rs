@@ -1,21 +1,23 @@
 //! Redis as the idempotency store: a response completed on one instance is replayed by
 //! every instance, and a request running on one instance is not run again by another.
 //!
-//! [`RedisStore`] implements [`IdempotencyStore`] on a [`redis`] connection manager, which
-//! reconnects on its own after Redis restarts. With it, an [`IdempotencyLayer`] runs each
-//! key once across all the instances that share the Redis:
+//! [`RedisStore`] implements [`IdempotencyStore`] on a single Redis
+//! ([`connect`](RedisStore::connect)) or on a Redis Cluster
+//! ([`connect_cluster`](RedisStore::connect_cluster)); both connections reconnect on their
+//! own after Redis restarts. With it, an [`IdempotencyLayer`] runs each key once across all
+//! the instances that share the Redis:
 //!
 //! 1. Within an instance, requests with the same key coalesce first, so Redis sees one
 //!    flight per key per instance, not one per request.
 //! 2. The flight runs a script that returns the key's stored response if there is one, and
 //!    else takes the key's lease (`SET lease-key token NX PX lease`, with a token of its
 //!    own): one round trip.
-//!    Taking the lease also increments the key's fencing-token counter, and the request
-//!    reaches the inner service with that [`FencingToken`] in its extensions.
+//!    Taking the lease also takes the key's next fencing token, and the request reaches the
+//!    inner service with that [`FencingToken`] in its extensions.
 //! 3. The instance that took the lease runs the request, and renews the lease every third
 //!    of its duration while it runs. A second script then stores the response
 //!    (`SET .. PX ttl`), deletes the lease only if the token is still its own, and
-//!    publishes on the key's channel: a second round trip.
+//!    publishes on the key's channel (`SPUBLISH` on a cluster): a second round trip.
 //! 4. The other instances subscribe to that channel and wait for the message, or for the
 //!    poll interval if no message comes (one was lost, or the leading instance died), and
 //!    then go back to 2: they find the response and replay it, or, once a dead instance's
@@ -54,13 +56,24 @@
 //! retry would.
 //!
 //! Redis 6 or newer is needed: the connection speaks RESP3, to receive the release messages
-//! on the connection that sends the commands.
+//! on the connection that sends the commands; Redis 7 or newer for a cluster (sharded
+//! pub/sub).
+//!
+//! # Fencing tokens
+//!
+//! A key's fencing tokens strictly increase: each is one more than the key's last, and at
+//! least the Redis server's clock in microseconds. The second part keeps them increasing
+//! when Redis lost the last one (a restart without persistence, or a failover to a replica
+//! that had not received it yet), provided the clock of the Redis that answers did not go
+//! back by more than the time since. Without it, a handler that refuses tokens at or
+//! under the highest it has seen would refuse every writer of that key after such a loss.
 //!
 //! [`IdempotencyStore`]: crate::idempotency::store::IdempotencyStore
 //! [`FencingToken`]: crate::http::lease::FencingToken
 //! [`IdempotencyLayer`]: crate::idempotency::IdempotencyLayer
 
 mod codec;
+mod connection;
 mod lease;
 
 use std::fmt::{self, Write as _};
@@ -69,8 +82,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, ProtocolVersion, RedisError, Value};
+use redis::cluster::ClusterClientBuilder;
+use redis::{ConnectionInfo, IntoConnectionInfo, ProtocolVersion, RedisError, Value};
 
+use self::connection::Connection;
 use self::lease::{LEASE, RENEW, STORE_AND_RELEASE, Waiters};
 use crate::BoxError;
 use crate::idempotency::lease::{Lease, LeaseGuard};
@@ -94,14 +109,15 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// An [`IdempotencyStore`] on Redis, with leases that run each key on one instance; see the
 /// [module docs](self).
 ///
-/// Keys, under a prefix (`tower-coalesce:idempotency:` by default) and the hex store key:
-/// the response at `prefix + key`, the lease at `prefix + "lease:" + key`, the fencing-token
-/// counter at `prefix + "fence:" + key`, and the release channel `prefix + "released:" + key`.
+/// Keys, under a prefix (`tower-coalesce:idempotency:` by default) and the hex store key
+/// `k` in braces (a cluster's hash tag): the response at `prefix + "{k}"`, the lease at
+/// `prefix + "lease:{k}"`, the fencing-token counter at `prefix + "fence:{k}"`, and the
+/// release channel `prefix + "released:{k}"`.
 ///
 /// Clones share the connection.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Connection,
     waiters: Arc<Waiters>,
     prefix: Arc<str>,
     timeout: Duration,
@@ -118,12 +134,7 @@ impl RedisStore {
 
     /// Connects with a timeout of `timeout` on connecting and on every command.
     pub async fn connect_with_timeout(url: &str, timeout: Duration) -> Result<Self, BoxError> {
-        let info = url.into_connection_info()?;
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(resp3))?;
+        let client = redis::Client::open(resp3(url.into_connection_info()?))?;
         let waiters = Arc::new(Waiters::default());
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
@@ -135,6 +146,69 @@ impl RedisStore {
             tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
                 .await
                 .map_err(|_| "timed out connecting to redis")??;
+        Self::ready(Connection::Node(conn), waiters, timeout).await
+    }
+
+    /// Connects to the Redis Cluster that `nodes` belong to (`redis://host:port` each; one
+    /// is enough, the others are found), with the default timeout, lease and poll interval.
+    ///
+    /// Every key of one request (its response, lease and fencing-token counter) and its
+    /// release channel are in one hash slot, so each script runs on one master, and the
+    /// release messages go by sharded pub/sub (`SPUBLISH`, Redis 7 or newer) to the
+    /// instances waiting on that slot only. The connection follows slot migrations and
+    /// failovers; while the master of a key's slot is unreachable, the store answers errors
+    /// for that key, which the layer handles as its
+    /// [`on_store_error`](crate::idempotency::IdempotencyLayer::on_store_error) says.
+    ///
+    /// ```no_run
+    /// use tower_coalesce::idempotency::IdempotencyLayer;
+    /// use tower_coalesce::redis::RedisStore;
+    ///
+    /// # async fn build() -> Result<(), tower_coalesce::BoxError> {
+    /// let store = RedisStore::connect_cluster(&[
+    ///     "redis://10.0.0.1:6379",
+    ///     "redis://10.0.0.2:6379",
+    ///     "redis://10.0.0.3:6379",
+    /// ])
+    /// .await?;
+    /// let layer = IdempotencyLayer::new().store(store);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_cluster(nodes: &[&str]) -> Result<Self, BoxError> {
+        Self::connect_cluster_with_timeout(nodes, DEFAULT_TIMEOUT).await
+    }
+
+    /// Connects to a Redis Cluster with a timeout of `timeout` on connecting and on every
+    /// command (redirections and retries included).
+    pub async fn connect_cluster_with_timeout(
+        nodes: &[&str],
+        timeout: Duration,
+    ) -> Result<Self, BoxError> {
+        let nodes = nodes
+            .iter()
+            .map(|url| Ok(resp3(url.into_connection_info()?)))
+            .collect::<Result<Vec<_>, RedisError>>()?;
+        let waiters = Arc::new(Waiters::default());
+        let client = ClusterClientBuilder::new(nodes)
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(Waiters::push_sender(Arc::downgrade(&waiters)))
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .retries(2)
+            .build()?;
+        let conn = tokio::time::timeout(timeout, client.get_async_connection())
+            .await
+            .map_err(|_| "timed out connecting to the redis cluster")??;
+        Self::ready(Connection::Cluster(conn), waiters, timeout).await
+    }
+
+    /// Loads the scripts (into every master of a cluster) and makes the store.
+    async fn ready(
+        conn: Connection,
+        waiters: Arc<Waiters>,
+        timeout: Duration,
+    ) -> Result<Self, BoxError> {
         // Loaded up front so that the first requests don't pay a NOSCRIPT round trip. After
         // a Redis restart, each script is loaded again on its first `NOSCRIPT`.
         for script in [&LEASE, &STORE_AND_RELEASE, &RENEW] {
@@ -154,8 +228,18 @@ impl RedisStore {
     }
 
     /// Puts `prefix` before every key, to share a Redis with other data or other apps.
+    ///
+    /// # Panics
+    ///
+    /// If `prefix` has a `{` or a `}`: on a cluster, Redis would hash the prefix's braces
+    /// instead of each key's own hash tag, and every key would land on one master.
     pub fn with_prefix(mut self, prefix: impl Into<Arc<str>>) -> Self {
-        self.prefix = prefix.into();
+        let prefix = prefix.into();
+        assert!(
+            !prefix.contains(['{', '}']),
+            "the key prefix {prefix:?} has a brace: keys are hash-tagged by their own braces"
+        );
+        self.prefix = prefix;
         self
     }
 
@@ -180,13 +264,17 @@ impl RedisStore {
         self
     }
 
+    /// The name of one of `key`'s Redis keys (or its channel): the prefix, the kind, and
+    /// the store key in hex as the hash tag, so that all of them are in one cluster slot.
     fn name(&self, kind: &str, key: &StoreKey) -> String {
-        let mut name = String::with_capacity(self.prefix.len() + kind.len() + 64);
+        let mut name = String::with_capacity(self.prefix.len() + kind.len() + 66);
         name.push_str(&self.prefix);
         name.push_str(kind);
+        name.push('{');
         for b in key.as_bytes() {
             let _ = write!(name, "{b:02x}"); // Writing to a String can't fail.
         }
+        name.push('}');
         name
     }
 
@@ -281,7 +369,11 @@ impl RedisStore {
         let complete = move |response: Option<(Arc<StoredResponse>, Duration)>| async move {
             let mut conn = store.conn.clone();
             let mut script = STORE_AND_RELEASE.get().key(&response_key);
-            script.key(&lease_key).arg(&channel).arg(&token);
+            script
+                .key(&lease_key)
+                .arg(&channel)
+                .arg(&token)
+                .arg(store.conn.publish());
             if let Some((response, ttl)) = response {
                 script.arg(codec::encode(&response)).arg(Self::millis(ttl));
             }
@@ -292,6 +384,16 @@ impl RedisStore {
         };
         LeaseGuard::new(complete, renewer)
     }
+}
+
+/// The connection settings of `info`, speaking RESP3: the release messages arrive as push
+/// messages on the connection that sends the commands.
+fn resp3(info: ConnectionInfo) -> ConnectionInfo {
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    info.set_redis_settings(settings)
 }
 
 impl fmt::Debug for RedisStore {

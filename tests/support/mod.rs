@@ -99,4 +99,6 @@ pub fn header(res: &reqwest::Response, name: &str) -> Option<String> {
 }
 
 #[cfg(feature = "redis")]
+pub mod instances;
+#[cfg(feature = "redis")]
 pub mod redis;

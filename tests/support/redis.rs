@@ -89,3 +89,154 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// `REDIS_CLUSTER_URLS` (comma-separated, `.ci/redis-cluster.sh` starts one), or `None`
+/// (skip) outside CI; under `CI=true` a missing cluster fails the test.
+pub fn cluster_urls() -> Option<Vec<String>> {
+    match std::env::var("REDIS_CLUSTER_URLS")
+        .ok()
+        .filter(|urls| !urls.is_empty())
+    {
+        Some(urls) => Some(urls.split(',').map(str::to_owned).collect()),
+        None if in_ci() => panic!(
+            "CI=true but REDIS_CLUSTER_URLS is not set: the Redis Cluster tests must run in CI"
+        ),
+        None => {
+            eprintln!("skipped: set REDIS_CLUSTER_URLS=redis://...,... to run the cluster tests");
+            None
+        }
+    }
+}
+
+/// Connects a store to the cluster at `urls`, retrying while the cluster comes up.
+pub async fn connect_cluster(urls: &[String], timeout: Duration) -> RedisStore {
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match RedisStore::connect_cluster_with_timeout(&urls, timeout).await {
+            Ok(store) => return store,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(error) => panic!("the redis cluster did not come up: {error}"),
+        }
+    }
+}
+
+/// A free port for a cluster node: its cluster bus listens 10000 above it.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A Redis Cluster of the test's own (three masters, no replicas, no persistence), to kill
+/// and restart its nodes; every node is killed on drop.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    pub nodes: Vec<Server>,
+}
+
+impl Cluster {
+    pub fn start() -> Option<Cluster> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(Self::node(&dir, free_cluster_port())?);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let created = Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&addrs)
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("redis-cli is not on PATH");
+            if created.success() {
+                break;
+            }
+            // The nodes may not listen yet.
+            assert!(
+                Instant::now() < deadline,
+                "redis-cli --cluster create failed"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Cluster { dir, nodes })
+    }
+
+    fn node(dir: &tempfile::TempDir, port: u16) -> Option<Server> {
+        let config = dir.path().join(format!("nodes-{port}.conf"));
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--cluster-enabled",
+                "yes",
+            ])
+            .arg("--cluster-config-file")
+            .arg(config)
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn();
+        match child {
+            Ok(child) => Some(Server { child, port }),
+            Err(_) if in_ci() => panic!("CI=true but redis-server can't be started"),
+            Err(_) => {
+                eprintln!("skipped: redis-server is not on PATH");
+                None
+            }
+        }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Server::url).collect()
+    }
+
+    /// Kills node `i` (`SIGKILL`: its data is lost, there is no persistence).
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.nodes[i].child.kill();
+        let _ = self.nodes[i].child.wait();
+    }
+
+    /// Starts node `i` again on its port, from its cluster config: same id, same slots.
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i] = Self::node(&self.dir, self.nodes[i].port).unwrap();
+    }
+
+    /// Waits until every node says the cluster serves all its slots.
+    pub async fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in &self.nodes {
+            loop {
+                let info = async {
+                    let client = redis::Client::open(node.url()).ok()?;
+                    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                    redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .ok()
+                };
+                if info.await.is_some_and(|i| i.contains("cluster_state:ok")) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the cluster did not recover");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

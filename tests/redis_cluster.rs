@@ -1,0 +1,324 @@
+//! Instances of an app on a Redis Cluster of three masters: a key runs once across four
+//! instances, keys spread over every master with each key's names in one slot, fencing
+//! tokens increase across a takeover, and a master killed mid-flight hangs nothing and
+//! recovers. The first three use the cluster `.ci/redis-cluster.sh` starts
+//! (`REDIS_CLUSTER_URLS`); the one that kills a master starts a cluster of its own.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use axum::{Extension, Router, routing};
+use futures::future::join_all;
+use support::instances::{
+    Answer, Instance, fire, instance, micros_since_1970, post, post_body, sum,
+};
+use support::redis::{Cluster, cluster_urls, connect_cluster, prefix};
+use support::{Counter, Gate, eventually};
+use tower_coalesce::http::Metrics;
+use tower_coalesce::http::lease::FencingToken;
+use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
+use tower_coalesce::redis::RedisStore;
+
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn store(urls: &[String], prefix: &str) -> RedisStore {
+    connect_cluster(urls, TIMEOUT).await.with_prefix(prefix)
+}
+
+/// The names under `prefix` on each master, by the master's port.
+async fn names_by_master(urls: &[String], prefix: &str) -> HashMap<String, Vec<String>> {
+    let mut found = HashMap::new();
+    for url in urls {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let names: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        found.insert(url.clone(), names);
+    }
+    found
+}
+
+/// 4 instances x 50 concurrent requests with one key on the cluster: one run, 200
+/// identical answers, 150 of them replays. The same key with another body is refused on
+/// every instance (the first principle across instances), and nothing errs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_instances_run_a_key_once_for_all_two_hundred_callers_on_a_cluster() {
+    let Some(urls) = cluster_urls() else {
+        return;
+    };
+    let (runs, gate, prefix) = (Counter::default(), Gate::closed(), prefix());
+    let mut instances = Vec::new();
+    for _ in 0..4 {
+        let store = store(&urls, &prefix).await;
+        instances.push(instance(store, OnStoreError::FailClosed, &runs, &gate).await);
+    }
+
+    let requests = fire(&instances, "order-42", 50);
+    eventually("every caller joined its instance's flight", || {
+        sum(&instances, Metrics::callers_joined) == 4 * 49
+            && sum(&instances, Metrics::flights_waiting_elsewhere) == 3
+    })
+    .await;
+    gate.open();
+    let answers: Vec<Answer> = join_all(requests)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+
+    assert_eq!(runs.get(), 1, "runs across the four instances");
+    let first = &answers[0];
+    assert_eq!(
+        (first.status, first.run.as_deref()),
+        (StatusCode::CREATED, Some("1"))
+    );
+    for answer in &answers {
+        assert_eq!(
+            (&answer.status, &answer.run, &answer.body),
+            (&first.status, &first.run, &first.body)
+        );
+    }
+    assert_eq!(answers.iter().filter(|a| a.replayed).count(), 150);
+
+    for instance in &instances {
+        let other = post_body(instance.addr, "order-42", "3 pears").await;
+        assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY, "{other:?}");
+        assert_ne!(other.body, first.body);
+    }
+    assert_eq!(runs.get(), 1);
+    assert_eq!(sum(&instances, Metrics::store_errors), 0);
+}
+
+/// Sixty keys, each posted at once to four instances: each runs once, and their responses
+/// are kept on all three masters, each key's response and fencing-token counter on one
+/// master (a script touching two slots would have failed with CROSSSLOT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_spread_over_every_master_and_each_runs_once() {
+    let Some(urls) = cluster_urls() else {
+        return;
+    };
+    let (runs, open, prefix) = (Counter::default(), Gate::closed(), prefix());
+    open.open();
+    let mut instances = Vec::new();
+    for _ in 0..4 {
+        let store = store(&urls, &prefix).await;
+        instances.push(instance(store, OnStoreError::FailClosed, &runs, &open).await);
+    }
+    let keys: Vec<String> = (0..60).map(|i| format!("order-{i}")).collect();
+    let requests: Vec<_> = keys.iter().map(|key| fire(&instances, key, 2)).collect();
+    for (key, requests) in keys.iter().zip(requests) {
+        let answers: Vec<Answer> = join_all(requests)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert!(answers.iter().all(|a| a.status == StatusCode::CREATED));
+        assert!(
+            answers.iter().all(|a| a.body == answers[0].body),
+            "{key}: {answers:?}"
+        );
+    }
+    assert_eq!(runs.get(), 60, "one run per key");
+    assert_eq!(sum(&instances, Metrics::store_errors), 0);
+
+    let by_master = names_by_master(&urls, &prefix).await;
+    let mut responses = 0;
+    for (master, names) in &by_master {
+        let kept: Vec<&String> = names.iter().filter(|n| !n.contains("fence:")).collect();
+        assert!(
+            !kept.is_empty(),
+            "no response kept on {master}: {by_master:?}"
+        );
+        responses += kept.len();
+        // The fencing-token counter of every response kept here is here too.
+        for name in kept {
+            let fence = name.replacen(&prefix, &format!("{prefix}fence:"), 1);
+            assert!(names.contains(&fence), "{fence} is not beside {name}");
+        }
+    }
+    assert_eq!(responses, 60, "{by_master:?}");
+}
+
+/// A dropped leader's lease is taken over by another instance on the cluster, with a
+/// higher fencing token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fencing_tokens_strictly_increase_across_a_takeover_on_a_cluster() {
+    let Some(urls) = cluster_urls() else {
+        return;
+    };
+    let prefix = prefix();
+    let long = Duration::from_secs(30);
+    let store = || async {
+        store(&urls, &prefix)
+            .await
+            .with_lease(long)
+            .with_poll_interval(long)
+    };
+    support::instances::assert_fencing_across_a_takeover(store().await, store().await).await;
+}
+
+/// The master holding a key is killed (`SIGKILL`, no replica, no persistence) while the key
+/// runs on one instance and two others wait for it. Nothing hangs: the running instance
+/// answers its callers with its response (it could not keep it); the waiting instance that
+/// fails open runs the request itself, the one that fails closed answers 503, each within
+/// a second or two. The master restarts empty; the instances reconnect, the key runs once
+/// across them again, and its fencing token is still higher than before the kill although
+/// the master lost its counter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_master_killed_mid_flight_hangs_nothing_and_the_cluster_recovers() {
+    let Some(mut cluster) = Cluster::start() else {
+        return;
+    };
+    let urls = cluster.urls();
+    cluster.wait_ok().await;
+    let prefix = prefix();
+    let store = |policy| {
+        let (urls, prefix) = (urls.clone(), prefix.clone());
+        async move {
+            let store = connect_cluster(&urls, Duration::from_millis(300))
+                .await
+                .with_prefix(prefix)
+                .with_lease(Duration::from_secs(3))
+                .with_poll_interval(Duration::from_millis(200));
+            IdempotencyLayer::new().store(store).on_store_error(policy)
+        }
+    };
+    // The first run waits for `gate`; every run records its fencing token.
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    let fences = Arc::new(Mutex::new(Vec::new()));
+    let route = {
+        let (runs, gate, fences) = (runs.clone(), gate.clone(), fences.clone());
+        Router::new().route(
+            "/orders",
+            routing::post(move |fence: Option<Extension<FencingToken>>| {
+                let (runs, gate, fences) = (runs.clone(), gate.clone(), fences.clone());
+                async move {
+                    let n = runs.incr() + 1;
+                    fences.lock().unwrap().push(fence.map(|f| f.0.get()));
+                    if n == 1 {
+                        gate.pass().await;
+                    }
+                    (
+                        StatusCode::CREATED,
+                        [("x-run", n.to_string())],
+                        format!("order created by run {n}"),
+                    )
+                }
+            }),
+        )
+    };
+    let mut instances = Vec::new();
+    for policy in [
+        OnStoreError::FailOpen,
+        OnStoreError::FailOpen,
+        OnStoreError::FailClosed,
+    ] {
+        let layer = store(policy).await;
+        let metrics = layer.metrics();
+        let addr = support::serve(route.clone().layer(layer)).await;
+        instances.push(Instance { addr, metrics });
+    }
+    let (leader, fails_open, fails_closed) = (&instances[0], &instances[1], &instances[2]);
+
+    let leading = fire(std::slice::from_ref(leader), "order-1", 5);
+    runs.reach(1).await;
+    let waiting_open = fire(std::slice::from_ref(fails_open), "order-1", 5);
+    let waiting_closed = fire(std::slice::from_ref(fails_closed), "order-1", 5);
+    eventually("both other instances wait on the lease", || {
+        sum(&instances, Metrics::flights_waiting_elsewhere) == 2
+    })
+    .await;
+    let before = fences.lock().unwrap()[0].expect("a token");
+
+    // The master holding the key's lease.
+    let by_master = names_by_master(&urls, &prefix).await;
+    let master = urls
+        .iter()
+        .position(|url| by_master[url].iter().any(|n| n.contains("lease:")))
+        .expect("the lease is on a master");
+    cluster.kill(master);
+    let killed = Instant::now();
+    gate.open();
+
+    let answers = |requests| async move {
+        join_all(requests)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect::<Vec<Answer>>()
+    };
+    let (led, opened, closed) = tokio::join!(
+        answers(leading),
+        answers(waiting_open),
+        answers(waiting_closed)
+    );
+    let took = killed.elapsed();
+    eprintln!("every caller answered {took:?} after the master was killed");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    for answer in &led {
+        assert_eq!(
+            (answer.status, answer.run.as_deref()),
+            (StatusCode::CREATED, Some("1"))
+        );
+    }
+    for answer in &opened {
+        assert_eq!(
+            (answer.status, answer.run.as_deref()),
+            (StatusCode::CREATED, Some("2")),
+            "the fail-open instance runs the request itself, once for its five callers"
+        );
+    }
+    for answer in &closed {
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(runs.get(), 2);
+    assert!(sum(&instances, Metrics::store_errors) >= 3);
+
+    // The master comes back, without its data.
+    cluster.restart(master);
+    cluster.wait_ok().await;
+    let recovered = Instant::now();
+    let answer = loop {
+        let answer = post(fails_closed.addr, "order-1").await;
+        if answer.status != StatusCode::SERVICE_UNAVAILABLE {
+            break answer;
+        }
+        assert!(
+            recovered.elapsed() < Duration::from_secs(20),
+            "the instances did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "reconnected {:?} after the cluster was ok",
+        recovered.elapsed()
+    );
+    // The response kept before was lost with the master's data: the key runs again, once,
+    // and its response is replayed by the other instances.
+    assert_eq!(
+        (answer.status, answer.run.as_deref()),
+        (StatusCode::CREATED, Some("3"))
+    );
+    let replays = answers(fire(&instances, "order-1", 3)).await;
+    for replay in &replays {
+        assert_eq!((replay.replayed, &replay.body), (true, &answer.body));
+    }
+    assert_eq!(runs.get(), 3);
+
+    let fences = fences.lock().unwrap().clone();
+    assert_eq!(fences[1], None, "a run without a lease has no token");
+    let after = fences[2].expect("a token");
+    assert!(
+        after > before,
+        "the token after the master lost its counter ({after}) is above the one before ({before})"
+    );
+    assert!(before > micros_since_1970() - 60_000_000);
+}
