@@ -95,6 +95,9 @@
 mod macros;
 
 pub mod coalesce;
+#[cfg(all(feature = "http", any(fuzzing, test)))]
+#[doc(hidden)]
+pub mod fuzz;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;

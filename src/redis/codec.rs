@@ -11,7 +11,7 @@ const MAGIC: &[u8; 4] = b"TCR1";
 /// `TCR1`, status (u16), version (u8), fingerprint (32 bytes), header count (u32), each
 /// header as name length (u16), name, value length (u32), value, then the body. Integers
 /// are big-endian.
-pub(super) fn encode(response: &StoredResponse) -> Vec<u8> {
+pub(crate) fn encode(response: &StoredResponse) -> Vec<u8> {
     let mut out = Vec::with_capacity(response.weight());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&response.status().as_u16().to_be_bytes());
@@ -35,7 +35,7 @@ pub(super) fn encode(response: &StoredResponse) -> Vec<u8> {
 }
 
 /// Reads what [`encode`] wrote; anything else is an error, never a panic.
-pub(super) fn decode(bytes: &[u8]) -> Result<StoredResponse, BoxError> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<StoredResponse, BoxError> {
     let mut input = Reader(bytes);
     if input.take(4)? != MAGIC {
         return Err("not a stored response (bad magic)".into());

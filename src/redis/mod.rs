@@ -72,7 +72,7 @@
 //! [`FencingToken`]: crate::http::lease::FencingToken
 //! [`IdempotencyLayer`]: crate::idempotency::IdempotencyLayer
 
-mod codec;
+pub(crate) mod codec;
 mod connection;
 mod lease;
 
