@@ -12,6 +12,9 @@
 //! - `four_instances_distinct_keys`: 400 requests with distinct keys over 4 instances at
 //!   once: throughput when nothing coalesces.
 //!
+//! Each on local-only, on the Redis at `REDIS_URL`, and on the Redis Cluster at
+//! `REDIS_CLUSTER_URLS` (comma-separated) if it is set.
+//!
 //! Run with `REDIS_URL=redis://127.0.0.1:6379 cargo bench --bench redis --features redis`.
 
 use std::convert::Infallible;
@@ -100,7 +103,20 @@ fn benches(c: &mut Criterion) {
     };
     let local =
         |n: usize| -> Vec<Svc> { (0..n).map(|_| instance(MemoryStore::default())).collect() };
-    let setups = [("local_only", local(4)), ("redis", redis(4))];
+    let mut setups = vec![("local_only", local(4)), ("redis", redis(4))];
+    // A Redis Cluster beside it, if there is one: each key's scripts go to its slot's master.
+    if let Some(urls) = std::env::var("REDIS_CLUSTER_URLS").ok().filter(|u| !u.is_empty()) {
+        let nodes: Vec<&str> = urls.split(',').collect();
+        let cluster = rt.block_on(async {
+            let mut out = Vec::new();
+            for _ in 0..4 {
+                let store = RedisStore::connect_cluster(&nodes).await.unwrap();
+                out.push(instance(store.with_prefix(prefix.clone())));
+            }
+            out
+        });
+        setups.push(("redis_cluster", cluster));
+    }
 
     let mut group = c.benchmark_group("one_caller");
     for (name, instances) in &setups {
