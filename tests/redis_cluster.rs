@@ -322,3 +322,39 @@ async fn a_master_killed_mid_flight_hangs_nothing_and_the_cluster_recovers() {
     );
     assert!(before > micros_since_1970() - 60_000_000);
 }
+
+/// No nodes, a node nobody listens on, a URL that is none, a Redis that is not a cluster
+/// (with `REDIS_URL`): a clear error, promptly.
+#[tokio::test]
+async fn connecting_to_no_cluster_is_a_prompt_error() {
+    let timeout = Duration::from_millis(300);
+    let nowhere = format!("redis://127.0.0.1:{}", support::redis::free_port());
+    let single = std::env::var("REDIS_URL").unwrap_or_default();
+    let mut attempts = vec![vec![], vec![nowhere.as_str()], vec!["not a url"]];
+    if !single.is_empty() {
+        attempts.push(vec![single.as_str()]);
+    }
+    for nodes in attempts {
+        let start = Instant::now();
+        let error = RedisStore::connect_cluster_with_timeout(&nodes, timeout)
+            .await
+            .expect_err("no cluster there");
+        let took = start.elapsed();
+        eprintln!("{nodes:?}: {error} after {took:?}");
+        assert!(took < Duration::from_secs(2), "{nodes:?} took {took:?}");
+        assert!(!error.to_string().is_empty());
+    }
+}
+
+/// A cluster node given to the single-node `connect` is refused with a pointer to
+/// `connect_cluster`, rather than serving its own slots and failing the others' keys.
+#[tokio::test]
+async fn a_cluster_node_is_refused_by_the_single_node_connect() {
+    let Some(urls) = cluster_urls() else {
+        return;
+    };
+    let error = RedisStore::connect(&urls[0])
+        .await
+        .expect_err("a cluster node");
+    assert!(error.to_string().contains("connect_cluster"), "{error}");
+}

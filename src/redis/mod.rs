@@ -133,6 +133,9 @@ impl RedisStore {
     }
 
     /// Connects with a timeout of `timeout` on connecting and on every command.
+    ///
+    /// A node of a Redis Cluster is refused with an error that says to use
+    /// [`connect_cluster`](Self::connect_cluster).
     pub async fn connect_with_timeout(url: &str, timeout: Duration) -> Result<Self, BoxError> {
         let client = redis::Client::open(resp3(url.into_connection_info()?))?;
         let waiters = Arc::new(Waiters::default());
@@ -146,6 +149,19 @@ impl RedisStore {
             tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
                 .await
                 .map_err(|_| "timed out connecting to redis")??;
+        // A cluster node answers only for its own slots: every other key would be a MOVED
+        // error, and under `FailOpen` the layer would quietly run every such request on
+        // each instance. (A Redis that refuses `INFO` is taken for a single one.)
+        let mut probe = conn.clone();
+        let mut info = redis::cmd("INFO");
+        info.arg("cluster");
+        let answer = tokio::time::timeout(timeout, info.query_async::<String>(&mut probe)).await;
+        if answer.is_ok_and(|info| info.is_ok_and(|info| info.contains("cluster_enabled:1"))) {
+            return Err(format!(
+                "{url} is a Redis Cluster node: connect with RedisStore::connect_cluster"
+            )
+            .into());
+        }
         Self::ready(Connection::Node(conn), waiters, timeout).await
     }
 
