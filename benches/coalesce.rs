@@ -9,6 +9,8 @@
 //!   work: `released`, which sleeps until the round's release wakes it once, and `yielding`,
 //!   which yields to the scheduler until every caller has registered, so that it is polled
 //!   many times before it completes (as a database call over a socket is woken many times).
+//!   `no_coalescer_floor` is the runtime's own cost of a round: the callers wait for the
+//!   release without any coalescer, and the work never runs (0 executions).
 //!
 //! Run with `cargo bench --bench coalesce`; compare within one run.
 
@@ -301,6 +303,21 @@ fn fan_in(c: &mut Criterion) {
         Arc::new(move |r, e| {
             let hand = hand.clone();
             async move { hand.work(1, work(r, e)).await }.boxed()
+        }),
+        None,
+    ));
+
+    // Not a coalescer: each caller waits for the round's release itself and the work never
+    // runs. What a round costs the runtime alone (spawning, waking, joining 1000 tasks),
+    // the least any coalescer can take.
+    contenders.push((
+        "no_coalescer_floor",
+        Arc::new(|r: Arc<Semaphore>, _| {
+            async move {
+                let _ = r.acquire().await;
+                42
+            }
+            .boxed()
         }),
         None,
     ));
