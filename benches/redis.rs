@@ -105,7 +105,10 @@ fn benches(c: &mut Criterion) {
         |n: usize| -> Vec<Svc> { (0..n).map(|_| instance(MemoryStore::default())).collect() };
     let mut setups = vec![("local_only", local(4)), ("redis", redis(4))];
     // A Redis Cluster beside it, if there is one: each key's scripts go to its slot's master.
-    if let Some(urls) = std::env::var("REDIS_CLUSTER_URLS").ok().filter(|u| !u.is_empty()) {
+    if let Some(urls) = std::env::var("REDIS_CLUSTER_URLS")
+        .ok()
+        .filter(|u| !u.is_empty())
+    {
         let nodes: Vec<&str> = urls.split(',').collect();
         let cluster = rt.block_on(async {
             let mut out = Vec::new();
