@@ -415,6 +415,7 @@ fn resp3(info: ConnectionInfo) -> ConnectionInfo {
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
+            .field("cluster", &matches!(self.conn, Connection::Cluster(_)))
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("lease", &self.lease)
