@@ -40,15 +40,8 @@ async fn instance(store: RedisStore) -> (SocketAddr, Arc<AtomicUsize>) {
 }
 
 async fn post(addr: SocketAddr, key: &str, body: &str) -> (StatusCode, bool, String) {
-    let res = reqwest::Client::new()
-        .post(format!("http://{addr}/orders"))
-        .header("idempotency-key", key)
-        .body(body.to_owned())
-        .send()
-        .await
-        .unwrap();
-    let replayed = res.headers().contains_key("idempotent-replayed");
-    (res.status(), replayed, res.text().await.unwrap())
+    let answer = support::instances::post_body(addr, key, body).await;
+    (answer.status, answer.replayed, answer.body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -15,7 +15,8 @@ use axum::http::StatusCode;
 use axum::{Extension, Router, routing};
 use futures::future::join_all;
 use support::instances::{
-    Answer, Instance, fire, instance, micros_since_1970, post, post_body, sum,
+    Answer, Instance, fire, instance, micros_since_1970, one_run_for_fifty_callers_each, post,
+    post_body, sum,
 };
 use support::redis::{Cluster, cluster_urls, connect_cluster, prefix};
 use support::{Counter, Gate, eventually};
@@ -61,33 +62,8 @@ async fn four_instances_run_a_key_once_for_all_two_hundred_callers_on_a_cluster(
         instances.push(instance(store, OnStoreError::FailClosed, &runs, &gate).await);
     }
 
-    let requests = fire(&instances, "order-42", 50);
-    eventually("every caller joined its instance's flight", || {
-        sum(&instances, Metrics::callers_joined) == 4 * 49
-            && sum(&instances, Metrics::flights_waiting_elsewhere) == 3
-    })
-    .await;
-    gate.open();
-    let answers: Vec<Answer> = join_all(requests)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-
-    assert_eq!(runs.get(), 1, "runs across the four instances");
+    let answers = one_run_for_fifty_callers_each(&instances, &runs, &gate, "order-42").await;
     let first = &answers[0];
-    assert_eq!(
-        (first.status, first.run.as_deref()),
-        (StatusCode::CREATED, Some("1"))
-    );
-    for answer in &answers {
-        assert_eq!(
-            (&answer.status, &answer.run, &answer.body),
-            (&first.status, &first.run, &first.body)
-        );
-    }
-    assert_eq!(answers.iter().filter(|a| a.replayed).count(), 150);
-
     for instance in &instances {
         let other = post_body(instance.addr, "order-42", "3 pears").await;
         assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY, "{other:?}");

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use futures::future::join_all;
-use support::instances::{Answer, Instance, fire, instance, post, routes, sum};
+use support::instances::{
+    Answer, Instance, fire, instance, one_run_for_fifty_callers_each, post, routes, sum,
+};
 use support::redis::{Server, free_port, prefix};
 use support::{Counter, Gate, eventually};
 use tower_coalesce::http::Metrics;
@@ -55,33 +57,7 @@ async fn four_instances_run_a_key_once_for_all_two_hundred_callers() {
     }
     let before = command_calls(&server).await;
 
-    let requests = fire(&instances, "order-42", 50);
-    // Hold the run until every caller is in: 49 joined per instance, and the three
-    // instances that don't run it waiting on the one that does.
-    eventually("every caller joined its instance's flight", || {
-        sum(&instances, Metrics::callers_joined) == 4 * 49
-            && sum(&instances, Metrics::flights_waiting_elsewhere) == 3
-    })
-    .await;
-    gate.open();
-    let answers: Vec<Answer> = join_all(requests)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-
-    assert_eq!(runs.get(), 1, "runs across the four instances");
-    let first = &answers[0];
-    assert_eq!(first.status, StatusCode::CREATED);
-    assert_eq!(first.run.as_deref(), Some("1"));
-    for answer in &answers {
-        assert_eq!(
-            (&answer.status, &answer.run, &answer.body),
-            (&first.status, &first.run, &first.body)
-        );
-    }
-    assert_eq!(answers.iter().filter(|a| a.replayed).count(), 150);
-    assert_eq!(sum(&instances, Metrics::flights_started), 1);
+    one_run_for_fifty_callers_each(&instances, &runs, &gate, "order-42").await;
     assert_eq!(sum(&instances, Metrics::store_errors), 0);
 
     // Let the waiting instances' unsubscribes land before counting.
@@ -95,7 +71,7 @@ async fn four_instances_run_a_key_once_for_all_two_hundred_callers() {
     sent.sort();
     // Redis counts the commands that scripts call too; the store itself sends only
     // scripts (EVALSHA), EXISTS and (UN)SUBSCRIBE, never a bare GET, SET, DEL or PUBLISH.
-    let in_scripts = ["get", "set", "del", "publish", "pexpire"];
+    let in_scripts = ["get", "set", "del", "publish", "pexpire", "time"];
     let (scripted, sent): (Vec<_>, Vec<_>) = sent
         .into_iter()
         .partition(|(name, _)| in_scripts.contains(&name.as_str()));

@@ -96,6 +96,48 @@ pub fn sum(instances: &[Instance], count: impl Fn(&Metrics) -> u64) -> u64 {
     instances.iter().map(|i| count(&i.metrics)).sum()
 }
 
+/// 50 concurrent requests with `key` on each instance, held at `gate` until every caller is
+/// in (49 joined per instance, and the other instances waiting on the one that runs it):
+/// one run, the same answer for every caller, and the callers of every instance but the
+/// running one answered by replays. The answers.
+pub async fn one_run_for_fifty_callers_each(
+    instances: &[Instance],
+    runs: &Counter,
+    gate: &Gate,
+    key: &str,
+) -> Vec<Answer> {
+    let requests = fire(instances, key, 50);
+    let n = instances.len() as u64;
+    super::eventually("every caller joined its instance's flight", || {
+        sum(instances, Metrics::callers_joined) == n * 49
+            && sum(instances, Metrics::flights_waiting_elsewhere) == n - 1
+    })
+    .await;
+    gate.open();
+    let answers: Vec<Answer> = futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+
+    assert_eq!(runs.get(), 1, "runs across the instances");
+    let first = &answers[0];
+    assert_eq!(
+        (first.status, first.run.as_deref()),
+        (StatusCode::CREATED, Some("1"))
+    );
+    for answer in &answers {
+        assert_eq!(
+            (&answer.status, &answer.run, &answer.body),
+            (&first.status, &first.run, &first.body)
+        );
+    }
+    let replays = answers.iter().filter(|a| a.replayed).count();
+    assert_eq!(replays as u64, (n - 1) * 50);
+    assert_eq!(sum(instances, Metrics::flights_started), 1);
+    answers
+}
+
 /// Each lease comes with the key's next fencing token, as a request extension: the run on
 /// the instance that took over (`other`) has a higher token than the stalled run it
 /// replaced (on `stalled`), and every token is at least the server's clock in microseconds

@@ -49,12 +49,18 @@ pub struct Server {
 
 impl Server {
     pub fn start(port: u16) -> Option<Server> {
-        let child = Command::new("redis-server")
+        Self::start_with(port, |_| {})
+    }
+
+    /// A server on `port` with the options `configure` adds.
+    fn start_with(port: u16, configure: impl FnOnce(&mut Command)) -> Option<Server> {
+        let mut command = Command::new("redis-server");
+        command
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn();
-        match child {
+            .stdout(Stdio::null());
+        configure(&mut command);
+        match command.spawn() {
             Ok(child) => Some(Server { child, port }),
             Err(_) if in_ci() => panic!("CI=true but redis-server can't be started"),
             Err(_) => {
@@ -176,30 +182,13 @@ impl Cluster {
 
     fn node(dir: &tempfile::TempDir, port: u16) -> Option<Server> {
         let config = dir.path().join(format!("nodes-{port}.conf"));
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--cluster-enabled",
-                "yes",
-            ])
-            .arg("--cluster-config-file")
-            .arg(config)
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn();
-        match child {
-            Ok(child) => Some(Server { child, port }),
-            Err(_) if in_ci() => panic!("CI=true but redis-server can't be started"),
-            Err(_) => {
-                eprintln!("skipped: redis-server is not on PATH");
-                None
-            }
-        }
+        Server::start_with(port, |command| {
+            command
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(config)
+                .arg("--dir")
+                .arg(dir.path());
+        })
     }
 
     pub fn urls(&self) -> Vec<String> {
