@@ -141,6 +141,55 @@ async fn fencing_tokens_strictly_increase_across_a_takeover_on_a_cluster() {
     support::instances::assert_fencing_across_a_takeover(store().await, store().await).await;
 }
 
+/// The fencing token of every run, in order (`None`: a run without a lease).
+#[derive(Clone, Default)]
+struct Fences(Arc<Mutex<Vec<Option<u64>>>>);
+
+impl Fences {
+    fn get(&self) -> Vec<Option<u64>> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// The route of the instances whose master is killed: runs count themselves and record
+/// their fencing token, and the first run waits for `gate`.
+fn fenced_route(runs: &Counter, gate: &Gate, fences: &Fences) -> Router {
+    let (runs, gate, fences) = (runs.clone(), gate.clone(), fences.clone());
+    Router::new().route(
+        "/orders",
+        routing::post(move |fence: Option<Extension<FencingToken>>| {
+            let (runs, gate, fences) = (runs.clone(), gate.clone(), fences.clone());
+            async move {
+                let n = runs.incr() + 1;
+                fences.0.lock().unwrap().push(fence.map(|f| f.0.get()));
+                if n == 1 {
+                    gate.pass().await;
+                }
+                (
+                    StatusCode::CREATED,
+                    [("x-run", n.to_string())],
+                    format!("order created by run {n}"),
+                )
+            }
+        }),
+    )
+}
+
+/// A layer on the cluster with short timeouts, lease and poll interval, so that a dead
+/// master shows within a test's patience.
+async fn failing_layer(
+    urls: &[String],
+    prefix: &str,
+    policy: OnStoreError,
+) -> IdempotencyLayer<tower_coalesce::http::scope::DefaultScope, RedisStore> {
+    let store = connect_cluster(urls, Duration::from_millis(300))
+        .await
+        .with_prefix(prefix)
+        .with_lease(Duration::from_secs(3))
+        .with_poll_interval(Duration::from_millis(200));
+    IdempotencyLayer::new().store(store).on_store_error(policy)
+}
+
 /// The master holding a key is killed (`SIGKILL`, no replica, no persistence) while the key
 /// runs on one instance and two others wait for it. Nothing hangs: the running instance
 /// answers its callers with its response (it could not keep it); the waiting instance that
@@ -156,48 +205,17 @@ async fn a_master_killed_mid_flight_hangs_nothing_and_the_cluster_recovers() {
     let urls = cluster.urls();
     cluster.wait_ok().await;
     let prefix = prefix();
-    let store = |policy| {
-        let (urls, prefix) = (urls.clone(), prefix.clone());
-        async move {
-            let store = connect_cluster(&urls, Duration::from_millis(300))
-                .await
-                .with_prefix(prefix)
-                .with_lease(Duration::from_secs(3))
-                .with_poll_interval(Duration::from_millis(200));
-            IdempotencyLayer::new().store(store).on_store_error(policy)
-        }
-    };
     // The first run waits for `gate`; every run records its fencing token.
     let (runs, gate) = (Counter::default(), Gate::closed());
-    let fences = Arc::new(Mutex::new(Vec::new()));
-    let route = {
-        let (runs, gate, fences) = (runs.clone(), gate.clone(), fences.clone());
-        Router::new().route(
-            "/orders",
-            routing::post(move |fence: Option<Extension<FencingToken>>| {
-                let (runs, gate, fences) = (runs.clone(), gate.clone(), fences.clone());
-                async move {
-                    let n = runs.incr() + 1;
-                    fences.lock().unwrap().push(fence.map(|f| f.0.get()));
-                    if n == 1 {
-                        gate.pass().await;
-                    }
-                    (
-                        StatusCode::CREATED,
-                        [("x-run", n.to_string())],
-                        format!("order created by run {n}"),
-                    )
-                }
-            }),
-        )
-    };
+    let fences = Fences::default();
+    let route = fenced_route(&runs, &gate, &fences);
     let mut instances = Vec::new();
     for policy in [
         OnStoreError::FailOpen,
         OnStoreError::FailOpen,
         OnStoreError::FailClosed,
     ] {
-        let layer = store(policy).await;
+        let layer = failing_layer(&urls, &prefix, policy).await;
         let metrics = layer.metrics();
         let addr = support::serve(route.clone().layer(layer)).await;
         instances.push(Instance { addr, metrics });
@@ -212,7 +230,7 @@ async fn a_master_killed_mid_flight_hangs_nothing_and_the_cluster_recovers() {
         sum(&instances, Metrics::flights_waiting_elsewhere) == 2
     })
     .await;
-    let before = fences.lock().unwrap()[0].expect("a token");
+    let before = fences.get()[0].expect("a token");
 
     // The master holding the key's lease.
     let by_master = names_by_master(&urls, &prefix).await;
@@ -289,7 +307,7 @@ async fn a_master_killed_mid_flight_hangs_nothing_and_the_cluster_recovers() {
     }
     assert_eq!(runs.get(), 3);
 
-    let fences = fences.lock().unwrap().clone();
+    let fences = fences.get();
     assert_eq!(fences[1], None, "a run without a lease has no token");
     let after = fences[2].expect("a token");
     assert!(
@@ -333,4 +351,140 @@ async fn a_cluster_node_is_refused_by_the_single_node_connect() {
         .await
         .expect_err("a cluster node");
     assert!(error.to_string().contains("connect_cluster"), "{error}");
+}
+
+/// Posts `key` until the answer is not a 503 (the cluster is failing over), each request
+/// within 2 s and all within 20 s: that answer, and how many 503s came before it.
+async fn until_available(addr: std::net::SocketAddr, key: &str) -> (Answer, usize) {
+    let start = Instant::now();
+    let mut unavailable = 0;
+    loop {
+        let sent = Instant::now();
+        let answer = post(addr, key).await;
+        assert!(sent.elapsed() < Duration::from_secs(2), "a request hung");
+        if answer.status != StatusCode::SERVICE_UNAVAILABLE {
+            return (answer, unavailable);
+        }
+        unavailable += 1;
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "unavailable for 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The index in `urls` of the replica of the master at `master`.
+async fn replica_of(urls: &[String], master: &str) -> usize {
+    let client = redis::Client::open(master).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let port = info
+        .lines()
+        .find_map(|line| line.strip_prefix("slave0:"))
+        .and_then(|line| line.split(',').find_map(|f| f.strip_prefix("port=")))
+        .expect("the master has a replica");
+    urls.iter()
+        .position(|url| url.ends_with(&format!(":{port}")))
+        .expect("the replica is a node of the cluster")
+}
+
+/// `ROLE` of the node at `url`: `master` or `slave`.
+async fn role(url: &str) -> String {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await.unwrap();
+    redis::from_redis_value(role[0].clone()).unwrap()
+}
+
+/// A cluster of three masters with a replica each. A key runs and its response is kept;
+/// then the master holding it is killed. Nothing hangs: until its replica has taken over,
+/// the instances (`FailClosed`) answer 503 within the command timeout, or replay the key
+/// from the replica (the cluster client sends the lookup there; a lease can't be taken on
+/// it). If the response never reached the replica (replication is asynchronous), the key
+/// runs once more, with a higher fencing token. Once the replica is the master, the
+/// instances follow it without a restart of anything: a key in its slots runs on one
+/// instance with a fencing token above the killed master's, and is replayed by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_master_fails_over_to_its_replica_and_the_instances_follow() {
+    let Some(mut cluster) = Cluster::start_with_replicas(1) else {
+        return;
+    };
+    let urls = cluster.urls();
+    cluster.wait_ok().await;
+    let prefix = prefix();
+    let (runs, open, fences) = (Counter::default(), Gate::closed(), Fences::default());
+    open.open();
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let layer = failing_layer(&urls, &prefix, OnStoreError::FailClosed).await;
+        let metrics = layer.metrics();
+        let addr = support::serve(fenced_route(&runs, &open, &fences).layer(layer)).await;
+        instances.push(Instance { addr, metrics });
+    }
+
+    let first = post(instances[0].addr, "order-1").await;
+    assert_eq!(
+        (first.status, first.run.as_deref()),
+        (StatusCode::CREATED, Some("1"))
+    );
+    // The master that keeps it, and that master's replica.
+    let by_node = names_by_master(&urls, &prefix).await;
+    let mut master = None;
+    for (i, url) in urls.iter().enumerate() {
+        if !by_node[url].is_empty() && role(url).await == "master" {
+            master = Some(i);
+        }
+    }
+    let master = master.expect("a master keeps the response");
+    let replica = replica_of(&urls, &urls[master]).await;
+    cluster.kill(master);
+    let killed = Instant::now();
+
+    let (after, unavailable) = until_available(instances[1].addr, "order-1").await;
+    eprintln!(
+        "order-1 answered {:?} after the kill ({unavailable} prompt 503s before), replayed: {}",
+        killed.elapsed(),
+        after.replayed
+    );
+    assert_eq!(after.status, StatusCode::CREATED);
+    if after.replayed {
+        assert_eq!(after.body, first.body);
+        assert_eq!(runs.get(), 1);
+    } else {
+        assert_eq!((runs.get(), after.run.as_deref()), (2, Some("2")));
+    }
+
+    // The replica takes over; find a key in its slots (its key count grows).
+    cluster.wait_ok().await;
+    eprintln!("failed over {:?} after the kill", killed.elapsed());
+    let keys_on = |url: String| {
+        let prefix = prefix.clone();
+        async move { names_by_master(std::slice::from_ref(&url), &prefix).await[&url].len() }
+    };
+    let mut moved = None;
+    for i in 0..60 {
+        let (before, key) = (keys_on(urls[replica].clone()).await, format!("probe-{i}"));
+        let (answer, _) = until_available(instances[0].addr, &key).await;
+        assert_eq!(answer.status, StatusCode::CREATED);
+        if keys_on(urls[replica].clone()).await > before {
+            moved = Some((key, answer));
+            break;
+        }
+    }
+    let (key, answer) = moved.expect("a key in the failed-over slots");
+    let fences = fences.get();
+    let token = |run: &str| fences[run.parse::<usize>().unwrap() - 1].expect("a token");
+    let (killed_token, new_token) = (token("1"), token(answer.run.as_deref().unwrap()));
+    assert!(
+        new_token > killed_token,
+        "token {new_token} on the new master, {killed_token} on the killed one"
+    );
+    // The other instance may still have to find the new master (503s until it has).
+    let (replay, _) = until_available(instances[1].addr, &key).await;
+    assert_eq!((replay.replayed, &replay.body), (true, &answer.body));
 }

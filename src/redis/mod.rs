@@ -211,7 +211,13 @@ impl RedisStore {
             .push_sender(Waiters::push_sender(Arc::downgrade(&waiters)))
             .connection_timeout(timeout)
             .response_timeout(timeout)
-            .retries(2)
+            // The client's own waits between retries start at 1.28 s, over any command
+            // timeout worth having: after a failover, every command to the moved slots would
+            // time out until a slow retry refreshed the slot map. Retry within the timeout.
+            .retries(3)
+            .min_retry_wait(5)
+            .max_retry_wait(Self::millis(timeout / 4))
+            .retry_wait_formula(10, 2)
             .build()?;
         let conn = tokio::time::timeout(timeout, client.get_async_connection())
             .await

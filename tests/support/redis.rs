@@ -139,19 +139,28 @@ fn free_cluster_port() -> u16 {
     }
 }
 
-/// A Redis Cluster of the test's own (three masters, no replicas, no persistence), to kill
-/// and restart its nodes; every node is killed on drop.
+/// A Redis Cluster of the test's own (three masters, no persistence), to kill and restart
+/// its nodes; every node is killed on drop.
 pub struct Cluster {
     dir: tempfile::TempDir,
+    replicas: usize,
     pub nodes: Vec<Server>,
+    killed: Vec<usize>,
 }
 
 impl Cluster {
+    /// Three masters and no replicas.
     pub fn start() -> Option<Cluster> {
+        Self::start_with_replicas(0)
+    }
+
+    /// Three masters with `replicas` each. With replicas, a node is taken for failed after
+    /// one second unreachable (`cluster-node-timeout`), so that a replica takes over soon.
+    pub fn start_with_replicas(replicas: usize) -> Option<Cluster> {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
-        for _ in 0..3 {
-            nodes.push(Self::node(&dir, free_cluster_port())?);
+        for _ in 0..3 * (1 + replicas) {
+            nodes.push(Self::node(&dir, free_cluster_port(), replicas)?);
         }
         let addrs: Vec<String> = nodes
             .iter()
@@ -162,7 +171,7 @@ impl Cluster {
             let created = Command::new("redis-cli")
                 .args(["--cluster", "create"])
                 .args(&addrs)
-                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
@@ -177,10 +186,15 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Some(Cluster { dir, nodes })
+        Some(Cluster {
+            dir,
+            replicas,
+            nodes,
+            killed: Vec::new(),
+        })
     }
 
-    fn node(dir: &tempfile::TempDir, port: u16) -> Option<Server> {
+    fn node(dir: &tempfile::TempDir, port: u16, replicas: usize) -> Option<Server> {
         let config = dir.path().join(format!("nodes-{port}.conf"));
         Server::start_with(port, |command| {
             command
@@ -188,6 +202,9 @@ impl Cluster {
                 .arg(config)
                 .arg("--dir")
                 .arg(dir.path());
+            if replicas > 0 {
+                command.args(["--cluster-node-timeout", "1000"]);
+            }
         })
     }
 
@@ -199,28 +216,43 @@ impl Cluster {
     pub fn kill(&mut self, i: usize) {
         let _ = self.nodes[i].child.kill();
         let _ = self.nodes[i].child.wait();
+        self.killed.push(i);
     }
 
     /// Starts node `i` again on its port, from its cluster config: same id, same slots.
     pub fn restart(&mut self, i: usize) {
-        self.nodes[i] = Self::node(&self.dir, self.nodes[i].port).unwrap();
+        self.nodes[i] = Self::node(&self.dir, self.nodes[i].port, self.replicas).unwrap();
+        self.killed.retain(|&k| k != i);
     }
 
-    /// Waits until every node says the cluster serves all its slots.
+    /// Waits until every live node says the cluster serves all its slots, and every live
+    /// replica is in sync with its master (a replica still in its first sync can't take
+    /// over a dead master).
     pub async fn wait_ok(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        for node in &self.nodes {
+        let live = (0..self.nodes.len()).filter(|i| !self.killed.contains(i));
+        for node in live.map(|i| &self.nodes[i]) {
             loop {
-                let info = async {
+                let ready = async {
                     let client = redis::Client::open(node.url()).ok()?;
                     let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                    redis::cmd("CLUSTER")
+                    let cluster: String = redis::cmd("CLUSTER")
                         .arg("INFO")
-                        .query_async::<String>(&mut conn)
+                        .query_async(&mut conn)
                         .await
-                        .ok()
+                        .ok()?;
+                    let replication: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async(&mut conn)
+                        .await
+                        .ok()?;
+                    Some(
+                        cluster.contains("cluster_state:ok")
+                            && (replication.contains("role:master")
+                                || replication.contains("master_link_status:up")),
+                    )
                 };
-                if info.await.is_some_and(|i| i.contains("cluster_state:ok")) {
+                if ready.await == Some(true) {
                     break;
                 }
                 assert!(Instant::now() < deadline, "the cluster did not recover");
