@@ -8,7 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redis::{PushInfo, PushKind, Script, Value};
+use redis::aio::ConnectionLike;
+use redis::{
+    Cmd, ErrorKind, FromRedisValue, PushInfo, PushKind, RedisResult, Script, ServerErrorKind,
+    ToRedisArgs, Value,
+};
 use tokio::sync::Notify;
 
 /// Extends the lease to `ARGV[2]` ms if `ARGV[1]` still owns it. A lease that expired and
@@ -86,6 +90,65 @@ impl LazyScript {
 
     pub(super) fn get(&self) -> &Script {
         self.script.get_or_init(|| Script::new(self.source))
+    }
+
+    /// A call of the script, with keys and arguments to add.
+    pub(super) fn call(&'static self) -> ScriptCall {
+        ScriptCall {
+            script: self,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+}
+
+/// A call of a script: `EVALSHA`, and `EVAL` with the source if the node doesn't know the
+/// script (`NOSCRIPT`: a Redis restarted, a replica promoted, a node added).
+///
+/// Not the `redis` crate's `ScriptInvocation`, which answers `NOSCRIPT` with `SCRIPT LOAD`:
+/// on a cluster that goes to every master, and fails while any master the client knows is
+/// down, which is exactly when a promoted replica meets the script for the first time.
+/// `EVAL` goes to the key's own node, and leaves the script cached there.
+pub(super) struct ScriptCall {
+    script: &'static LazyScript,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl ScriptCall {
+    pub(super) fn key(&mut self, key: impl Into<String>) -> &mut Self {
+        self.keys.push(key.into());
+        self
+    }
+
+    pub(super) fn arg(&mut self, arg: impl ToRedisArgs) -> &mut Self {
+        arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    fn command(&self, name: &str, script: &str) -> Cmd {
+        let mut command = redis::cmd(name);
+        command
+            .arg(script)
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        command
+    }
+
+    pub(super) async fn invoke<T: FromRedisValue>(
+        &self,
+        conn: &mut impl ConnectionLike,
+    ) -> RedisResult<T> {
+        let hash = self.script.get().get_hash();
+        match self.command("EVALSHA", hash).query_async(conn).await {
+            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.command("EVAL", self.script.source)
+                    .query_async(conn)
+                    .await
+            }
+            answer => answer,
+        }
     }
 }
 

@@ -232,7 +232,8 @@ impl RedisStore {
         timeout: Duration,
     ) -> Result<Self, BoxError> {
         // Loaded up front so that the first requests don't pay a NOSCRIPT round trip. After
-        // a Redis restart, each script is loaded again on its first `NOSCRIPT`.
+        // a Redis restart (or on a promoted replica), each script is sent whole on its
+        // first `NOSCRIPT` (`ScriptCall`).
         for script in [&LEASE, &STORE_AND_RELEASE, &RENEW] {
             let mut conn = conn.clone();
             tokio::time::timeout(timeout, script.get().load_async(&mut conn))
@@ -328,10 +329,13 @@ impl RedisStore {
             loop {
                 every.tick().await;
                 let mut conn = store.conn.clone();
-                let mut renew = RENEW.get().key(&lease_key);
-                renew.arg(&token).arg(Self::millis(store.lease));
+                let mut renew = RENEW.call();
+                renew
+                    .key(&lease_key)
+                    .arg(&token)
+                    .arg(Self::millis(store.lease));
                 match store
-                    .timed("lease renewal", renew.invoke_async::<i64>(&mut conn))
+                    .timed("lease renewal", renew.invoke::<i64>(&mut conn))
                     .await
                 {
                     Ok(1) => {}
@@ -356,8 +360,9 @@ impl RedisStore {
     async fn take(&self, key: &StoreKey, lookup: bool) -> Result<Lease, BoxError> {
         let (response_key, lease_key) = (self.name("", key), self.name("lease:", key));
         let token = lease::token();
-        let mut script = LEASE.get().key(&response_key);
+        let mut script = LEASE.call();
         script
+            .key(&response_key)
             .key(&lease_key)
             .key(self.name("fence:", key))
             .arg(&token)
@@ -365,7 +370,7 @@ impl RedisStore {
             .arg(Self::millis(FENCE_KEPT))
             .arg(if lookup { "lookup" } else { "" });
         let mut conn = self.conn.clone();
-        let answer: Value = self.timed("lease", script.invoke_async(&mut conn)).await?;
+        let answer: Value = self.timed("lease", script.invoke(&mut conn)).await?;
         match answer {
             Value::BulkString(bytes) => Ok(Lease::Stored(Arc::new(codec::decode(&bytes)?))),
             Value::Int(0) => Ok(Lease::HeldElsewhere),
@@ -390,8 +395,9 @@ impl RedisStore {
         let (store, channel) = (self.clone(), self.name("released:", key));
         let complete = move |response: Option<(Arc<StoredResponse>, Duration)>| async move {
             let mut conn = store.conn.clone();
-            let mut script = STORE_AND_RELEASE.get().key(&response_key);
+            let mut script = STORE_AND_RELEASE.call();
             script
+                .key(&response_key)
                 .key(&lease_key)
                 .arg(&channel)
                 .arg(&token)
@@ -400,7 +406,7 @@ impl RedisStore {
                 script.arg(codec::encode(&response)).arg(Self::millis(ttl));
             }
             store
-                .timed("store and release", script.invoke_async::<i64>(&mut conn))
+                .timed("store and release", script.invoke::<i64>(&mut conn))
                 .await
                 .map(drop)
         };
