@@ -93,7 +93,7 @@ impl LazyScript {
     }
 
     /// A call of the script, with keys and arguments to add.
-    pub(super) fn call(&'static self) -> ScriptCall {
+    pub(super) fn call<'a>(&'static self) -> ScriptCall<'a> {
         ScriptCall {
             script: self,
             keys: Vec::new(),
@@ -109,15 +109,15 @@ impl LazyScript {
 /// on a cluster that goes to every master, and fails while any master the client knows is
 /// down, which is exactly when a promoted replica meets the script for the first time.
 /// `EVAL` goes to the key's own node, and leaves the script cached there.
-pub(super) struct ScriptCall {
+pub(super) struct ScriptCall<'a> {
     script: &'static LazyScript,
-    keys: Vec<String>,
+    keys: Vec<&'a str>,
     args: Vec<Vec<u8>>,
 }
 
-impl ScriptCall {
-    pub(super) fn key(&mut self, key: impl Into<String>) -> &mut Self {
-        self.keys.push(key.into());
+impl<'a> ScriptCall<'a> {
+    pub(super) fn key(&mut self, key: &'a str) -> &mut Self {
+        self.keys.push(key);
         self
     }
 
@@ -211,11 +211,14 @@ impl Waiters {
         waiters: Weak<Waiters>,
     ) -> impl Fn(PushInfo) -> Result<(), std::convert::Infallible> + Send + Sync + 'static {
         move |push: PushInfo| {
-            let message = matches!(push.kind, PushKind::Message | PushKind::SMessage);
-            if let (true, Some(waiters)) = (message, waiters.upgrade()) {
-                if let Some(Value::BulkString(channel)) = push.data.first() {
-                    waiters.wake(channel);
-                }
+            // `smessage`: a sharded channel's message, on a cluster.
+            if !matches!(push.kind, PushKind::Message | PushKind::SMessage) {
+                return Ok(());
+            }
+            if let (Some(waiters), Some(Value::BulkString(channel))) =
+                (waiters.upgrade(), push.data.first())
+            {
+                waiters.wake(channel);
             }
             Ok(())
         }

@@ -359,12 +359,12 @@ impl RedisStore {
     /// response, the lease held, or the lease held elsewhere.
     async fn take(&self, key: &StoreKey, lookup: bool) -> Result<Lease, BoxError> {
         let (response_key, lease_key) = (self.name("", key), self.name("lease:", key));
-        let token = lease::token();
+        let (fence_key, token) = (self.name("fence:", key), lease::token());
         let mut script = LEASE.call();
         script
             .key(&response_key)
             .key(&lease_key)
-            .key(self.name("fence:", key))
+            .key(&fence_key)
             .arg(&token)
             .arg(Self::millis(self.lease))
             .arg(Self::millis(FENCE_KEPT))
