@@ -63,8 +63,9 @@ pub fn body_keys(body: &[u8]) {
 /// `Pragma`, `Age`, `Date`, `Expires`, validators. No panic, and whatever the headers say,
 /// nothing is kept longer than the layer's `max_ttl`.
 ///
-/// The bytes: the first picks the status and whether the request is authenticated; then
-/// lines (`\n`), each a header, whose first byte picks the name and whose rest is the value.
+/// The bytes: the first picks the status and the layer's settings (keeping private
+/// responses, a default freshness); then lines (`\n`), each a header, whose first byte
+/// picks the name (and, from 128 up, puts it on the request) and whose rest is the value.
 #[cfg(feature = "http-cache")]
 pub fn cache_headers(bytes: &[u8]) {
     use std::time::{Duration, SystemTime};
