@@ -81,8 +81,9 @@ fn app(state: AppState) -> Router {
         // `require_key(true)` says so with a 400 instead of passing them through silently.
         HttpCoalesceLayer::new(key::path_param("/api/clients/{id}", "id"))
             // TRAP 2: this app authenticates with `x-api-key`, which the default scope
-            // (`Authorization`, `Cookie`) does not read: without a scope, alice and bob
-            // would share one response. The closure needs its argument type spelled out.
+            // (`Authorization`, `Cookie`) does not read: without a scope, nothing would be
+            // shared (the default scope refuses to guess who sends an `x-api-key`). The
+            // closure needs its argument type spelled out.
             .scope(|parts: &Parts| parts.extensions.get::<UserId>().map(|u| u.0.clone()))
             .require_key(true);
     Router::new()
@@ -93,7 +94,9 @@ fn app(state: AppState) -> Router {
         .with_state(state)
         .layer(coalesce)
         // TRAP 3: axum runs the last `.layer` first. The auth layer must run before the
-        // coalescing layer reads the extension it inserts, so it comes after it here.
+        // coalescing layer reads the extension it inserts, so it comes after it here. In
+        // the other order the scope finds no `UserId`: nothing is shared, and with
+        // `require_key(true)` every request gets a 400 that says so.
         .layer(middleware::from_fn(auth))
 }
 

@@ -29,6 +29,14 @@ impl Captured {
     fn text(&self) -> String {
         String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
     }
+
+    /// The one line logged at `WARN`; fails if there are none or several.
+    fn the_warning(&self) -> String {
+        let logs = self.text();
+        let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
+        assert_eq!(warnings.len(), 1, "{logs}");
+        warnings[0].to_owned()
+    }
 }
 
 fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
@@ -133,4 +141,103 @@ async fn the_first_request_without_a_key_is_logged_at_warn_and_the_rest_at_debug
         .lines()
         .filter(|l| l.contains("DEBUG") && l.contains("without a coalescing key"));
     assert_eq!(quiet.count(), 2, "{logs}");
+}
+
+/// Three requests with an `x-api-key` the default scope does not read: one `WARN` naming
+/// the header and the fix, the rest at `DEBUG`; a scope closure that finds nothing: one
+/// `WARN` naming the layer order.
+#[tokio::test(flavor = "current_thread")]
+async fn the_first_request_without_an_identity_is_logged_at_warn_with_its_cause() {
+    use tower::ServiceExt;
+
+    let ok = |_req: http::Request<tower_coalesce::http::RequestBody<Body>>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(Body::from("ok")))
+    };
+    let (captured, _guard) = capture();
+    let layer = HttpCoalesceLayer::new(key::header("x-client-id"));
+    let metrics = layer.metrics();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(ok));
+    for _ in 0..3 {
+        let req = http::Request::post("/api/clients")
+            .header("x-client-id", "c-1")
+            .header("x-api-key", "alice-key")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(svc.clone().oneshot(req).await.unwrap().status(), 200);
+    }
+    assert_eq!(metrics.requests_without_identity(), 3);
+    assert_eq!(metrics.callers_joined(), 0);
+    let warning = captured.the_warning();
+    assert!(
+        warning.contains("`x-api-key`") && warning.contains("scope::headers"),
+        "{warning}"
+    );
+
+    let (captured, _guard) = capture();
+    let layer = HttpCoalesceLayer::new(key::header("x-client-id"))
+        .scope(|parts: &http::request::Parts| parts.extensions.get::<String>().cloned());
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(ok));
+    let req = http::Request::post("/api/clients")
+        .header("x-client-id", "c-1")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(svc.oneshot(req).await.unwrap().status(), 200);
+    let warning = captured.the_warning();
+    assert!(warning.contains("outside-in"), "{warning}");
+}
+
+/// A response that varies on a header its followers sent otherwise (a compression layer
+/// below): one `WARN` naming the header and where the layer belongs.
+#[tokio::test(flavor = "current_thread")]
+async fn a_varied_response_is_logged_at_warn_once_with_the_header() {
+    use tower::ServiceExt;
+
+    let (captured, _guard) = capture();
+    let gate = support::Gate::closed();
+    let layer = HttpCoalesceLayer::new(key::header("x-client-id"));
+    let metrics = layer.metrics();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn({
+            let gate = gate.clone();
+            move |_req: http::Request<tower_coalesce::http::RequestBody<Body>>| {
+                let gate = gate.clone();
+                async move {
+                    gate.pass().await;
+                    let mut res = http::Response::new(Body::from("ok"));
+                    res.headers_mut()
+                        .insert("vary", http::HeaderValue::from_static("accept-encoding"));
+                    Ok::<_, std::convert::Infallible>(res)
+                }
+            }
+        }));
+    let req = |encoding: &'static str| {
+        http::Request::post("/api/clients")
+            .header("x-client-id", "c-1")
+            .header("accept-encoding", encoding)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let calls: Vec<_> = ["gzip", "br", "br", "zstd"]
+        .into_iter()
+        .map(|encoding| tokio::spawn(svc.clone().oneshot(req(encoding))))
+        .collect();
+    support::eventually("three followers", || metrics.callers_joined() == 3).await;
+    gate.open();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+    // gzip led; br and zstd had runs of their own (how many depends on whether the
+    // second `br` rejoined before the instant first `br` run ended: tests/safe_defaults.rs
+    // counts runs exactly).
+    assert!(metrics.flights_started() >= 3);
+    let warning = captured.the_warning();
+    assert!(
+        warning.contains("`accept-encoding`") && warning.contains("above"),
+        "{warning}"
+    );
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
-use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, HeaderName, HeaderValue, VARY};
 use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
@@ -80,6 +80,13 @@ pub(crate) struct Config {
     pub(crate) on_store_error: OnStoreError,
     /// The header the key is read from, to name it in a `400`, when it is one header.
     pub(crate) key_header: Option<HeaderName>,
+    /// Safe methods (`GET`, `HEAD`, `OPTIONS`, `TRACE`) pass through untouched, key or
+    /// not: the idempotency preset.
+    pub(crate) skip_safe_methods: bool,
+    /// A cache's RFC 9111 §3.5 rule: whether a response to a request with
+    /// `Authorization` may answer other callers. When it may not, it answers only callers
+    /// that sent the same `Authorization`, as if it varied on it. `None`: no such rule.
+    pub(crate) authorized_shared_if: Option<fn(&HeaderMap) -> bool>,
 }
 
 impl Default for Config {
@@ -102,6 +109,8 @@ impl Default for Config {
             finish_abandoned: false,
             on_store_error: OnStoreError::FailOpen,
             key_header: None,
+            skip_safe_methods: false,
+            authorized_shared_if: None,
         }
     }
 }
@@ -159,24 +168,33 @@ impl<K, I, St> Engine<K, I, St> {
 
     /// A request whose key maker found no key: counted, logged (loudly the first time: on a
     /// route where every request has a key, it means the key is read from the wrong
-    /// place), and refused under `require_key`, else passed through.
-    pub(crate) fn without_key<B>(&self) -> Option<Response<ResponseBody<B>>> {
-        if self.metrics.request_without_key(!self.config.require_key) {
+    /// place, or clients send bodies without it), and refused under `require_key`, else
+    /// passed through. `in_body`: the key is read from the body.
+    pub(crate) fn without_key<B>(&self, in_body: bool) -> Option<Response<ResponseBody<B>>> {
+        let refused = self.config.require_key;
+        let what = if refused {
+            "refused with 400"
+        } else {
+            "passed through"
+        };
+        if !self.metrics.request_without_key(!refused) {
+            tracing::debug!("request without a coalescing key");
+        } else if in_body {
             tracing::warn!(
-                "a request reached the coalescing layer without a key and was {}; if every \
-                 request here should have one, check that the layer that provides it (auth, \
-                 an extension) runs before this one (axum applies `.layer` calls outside-in) \
-                 and that path patterns include the prefix of a `Router::nest`",
-                if self.config.require_key {
-                    "refused with 400"
-                } else {
-                    "passed through"
-                }
+                "a request reached the coalescing layer whose body held no key, and was \
+                 {what}: the client sent a body without the key's field (or a malformed \
+                 one, or not JSON or a form); if every request should have it, check the \
+                 field name or pointer the key reads"
             );
         } else {
-            tracing::debug!("request without a coalescing key");
+            tracing::warn!(
+                "a request reached the coalescing layer without a key and was {what}; if \
+                 every request here should have one, check that the layer that provides it \
+                 (auth, an extension) runs before this one (axum applies `.layer` calls \
+                 outside-in) and that path patterns include the prefix of a `Router::nest`"
+            );
         }
-        self.config.require_key.then(|| {
+        refused.then(|| {
             self.metrics.key_missing();
             match &self.config.key_header {
                 Some(header) => problem::bad_key_header(
@@ -184,9 +202,49 @@ impl<K, I, St> Engine<K, I, St> {
                     "is missing, repeated, empty, longer than 255 bytes or not visible ASCII, \
                      and this route requires it",
                 ),
-                None => problem::key_required(),
+                None => problem::key_required(in_body),
             }
         })
+    }
+
+    /// A keyed request whose scope found no identity: counted, logged (loudly the first
+    /// time, naming the likely cause), and refused under `require_key`; else it runs on
+    /// its own, shared with nobody.
+    fn without_identity<B>(&self, parts: &Parts) -> Option<Response<ResponseBody<B>>> {
+        let refused = self.config.require_key;
+        if self.metrics.request_without_identity(!refused) {
+            let what = if refused {
+                "refused with 400"
+            } else {
+                "run on its own, shared with nobody"
+            };
+            match super::scope::credential_ignored(parts) {
+                Some(header) => tracing::warn!(
+                    "a keyed request reached the coalescing layer with a `{header}` header, a \
+                     credential its scope does not read, so the layer could not tell who sent \
+                     it, and it was {what}: scope the layer by it \
+                     (`.scope(scope::headers([\"{header}\"]))`) or by the identity your auth \
+                     layer puts in the extensions"
+                ),
+                None => tracing::warn!(
+                    "a keyed request reached the coalescing layer and its scope found no \
+                     identity, so it was {what}; if the scope reads an extension that an \
+                     auth layer inserts, that layer must run before this one (axum applies \
+                     `.layer` calls outside-in: add the auth layer after this one)"
+                ),
+            }
+        } else {
+            tracing::debug!("keyed request without an identity");
+        }
+        refused.then(problem::identity_required)
+    }
+
+    /// Whether a flight's response may answer only callers with the leader's
+    /// `Authorization` (a cache's RFC 9111 §3.5 rule).
+    fn by_authorization(&self, response: &HeaderMap, asked: &HeaderMap) -> bool {
+        self.config
+            .authorized_shared_if
+            .is_some_and(|shared| asked.contains_key(AUTHORIZATION) && !shared(response))
     }
 }
 
@@ -207,7 +265,7 @@ impl<K, I, St> fmt::Debug for Engine<K, I, St> {
 /// one key has one flight at a time, whatever the request.
 #[derive(Debug, Clone)]
 pub(crate) struct FlightKey<Scope, Key> {
-    scope: Option<Scope>,
+    scope: Scope,
     key: Key,
     fingerprint: Fingerprint,
 }
@@ -243,6 +301,8 @@ pub(crate) enum Done<B> {
     Fresh {
         flown: Flown<B>,
         answers: Option<Fingerprint>,
+        /// The response answers only callers with the leader's `Authorization`.
+        by_authorization: bool,
     },
     Stored(Arc<StoredResponse>),
     /// Another instance runs the key, under `OnDuplicate::Conflict`.
@@ -256,9 +316,14 @@ pub(crate) enum Done<B> {
 impl<B> Clone for Done<B> {
     fn clone(&self) -> Self {
         match self {
-            Done::Fresh { flown, answers } => Done::Fresh {
+            Done::Fresh {
+                flown,
+                answers,
+                by_authorization,
+            } => Done::Fresh {
                 flown: flown.clone(),
                 answers: *answers,
+                by_authorization: *by_authorization,
             },
             Done::Stored(stored) => Done::Stored(stored.clone()),
             Done::InProgress => Done::InProgress,
@@ -309,7 +374,7 @@ where
             match key {
                 Some(key) => key,
                 None => {
-                    if let Some(refusal) = engine.without_key() {
+                    if let Some(refusal) = engine.without_key(true) {
                         return Ok(refusal);
                     }
                     let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
@@ -318,12 +383,20 @@ where
             }
         }
     };
-    let scope = engine.scope.make_key(&parts);
+    let Some(scope) = engine.scope.make_key(&parts) else {
+        // Not knowing who asks, the layer can't tell whose answer is whose: nobody shares
+        // this request, nor a replay of it.
+        if let Some(refusal) = engine.without_identity(&parts) {
+            return Ok(refusal);
+        }
+        let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
+        return run_own(inner, Some(req), engine.config.role_header).await;
+    };
     let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &bytes);
     let store_key = engine
         .config
         .has_store
-        .then(|| StoreKey::new(scope.as_ref(), &key));
+        .then(|| StoreKey::new(Some(&scope), &key));
     let flight_key = FlightKey {
         scope,
         key,
@@ -465,8 +538,11 @@ where
             |running, followers| {
                 mismatched = running.fingerprint != fingerprint;
                 refusal = admission(config, mismatched, followers);
-                if mismatched && refusal.is_none() {
-                    // Equal to this caller's key but for the fingerprint.
+                if refusal.is_none() {
+                    // For another try: after another request's turn, or when the response
+                    // varies on a header this caller sent otherwise. Equal to this caller's
+                    // key but for the fingerprint. Followers only: a leader's key went
+                    // into the registry.
                     flight_key = Some(FlightKey {
                         fingerprint,
                         ..running.clone()
@@ -505,6 +581,7 @@ where
             done: false,
         });
         let outcome = match deadline.filter(|_| !leader) {
+            None if leader => lead(run, config.finish_abandoned).await,
             None => run.await,
             Some(deadline) => match tokio::time::timeout_at(deadline, run).await {
                 Ok(outcome) => outcome,
@@ -523,10 +600,47 @@ where
             continue;
         }
         watch.done = true;
-        if !leader {
-            metrics.follower_waited(arrived);
+        let leader_asked = leader_asked.clone();
+        match answer(
+            outcome,
+            inner.clone(),
+            &engine,
+            &mut request,
+            leader_asked,
+            fingerprint,
+        )
+        .await
+        {
+            Some(answer) => {
+                if !leader {
+                    metrics.follower_waited(arrived);
+                }
+                return answer;
+            }
+            // The response varies on a header this caller sent otherwise: it waits for a
+            // run of its own variant, which it leads or joins.
+            None => watch.done = false,
         }
-        return answer(outcome, inner, &engine, request, leader_asked, fingerprint).await;
+    }
+}
+
+/// Waits for the leader's flight; under `finish_abandoned`, on a task of its own, so that
+/// the key stays claimed (its flight registered, for retries to join) until the work has
+/// run and its response is kept, even if every caller has left.
+async fn lead<F>(run: F, detach: bool) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    if !detach {
+        return run.await;
+    }
+    match tokio::spawn(run.in_current_span()).await {
+        Ok(outcome) => outcome,
+        Err(error) => match error.try_into_panic() {
+            Ok(payload) => panic::resume_unwind(payload),
+            Err(_) => panic!("the runtime shut down under a running flight"),
+        },
     }
 }
 
@@ -547,7 +661,7 @@ where
     match refusal {
         Refusal::Mismatch => {
             metrics.mismatch_rejected();
-            Ok(problem::key_reused())
+            Ok(problem::key_reused(None))
         }
         Refusal::Conflict => {
             // The flight may be only the lookup of a completed key (retries that arrived
@@ -658,27 +772,13 @@ where
         };
         engine.metrics.flight_started();
         tracing::debug!("flight started");
-        let finish = engine.config.finish_abandoned;
         let mut req = req;
         if let Some(fence) = lease.as_ref().and_then(LeaseGuard::fence) {
             req.extensions_mut().insert(fence);
         }
-        let work = run_and_keep(inner, engine, req, asked, store_key, lease, fingerprint);
-        let outcome = if finish {
-            // A task of its own outlives the callers: dropping the flight drops only the
-            // wait for it.
-            match tokio::spawn(work.in_current_span()).await {
-                Ok(outcome) => outcome,
-                Err(error) => match error.try_into_panic() {
-                    Ok(payload) => panic::resume_unwind(payload),
-                    Err(_) => panic!("the runtime shut down under a running flight"),
-                },
-            }
-        } else {
-            work.await
-        };
+        let outcome = run_and_keep(inner, engine, req, asked, store_key, lease, fingerprint).await;
         tracing::debug!(ok = outcome.is_ok(), "flight completed");
-        outcome.map(|(flown, answers)| Done::Fresh { flown, answers })
+        outcome
     }
     .instrument(span)
 }
@@ -691,7 +791,7 @@ async fn run_and_keep<S, K, I, St, ReqB, ResB>(
     store_key: Option<StoreKey>,
     lease: Option<LeaseGuard>,
     fingerprint: Fingerprint,
-) -> Result<(Flown<ResB>, Option<Fingerprint>), Arc<S::Error>>
+) -> FlightResult<ResB, S::Error>
 where
     S: Service<InnerRequest<ReqB>, Response = Response<ResB>>,
     St: IdempotencyStore,
@@ -699,45 +799,66 @@ where
     ResB::Error: Into<BoxError>,
 {
     let (config, metrics) = (&engine.config, &engine.metrics);
-    // Here rather than in `fly`: a flight dropped under `finish_abandoned` goes on running.
     let _in_flight = metrics.in_flight();
-    let outcome = match inner.oneshot(req).await {
+    let flown = match inner.oneshot(req).await {
         Ok(response) => {
             let (parts, body) = response.into_parts();
             let shareable = config.share.allows(&parts);
             let response = Response::from_parts(parts, body);
             if shareable {
-                Ok(flown::collect(response, config.body_limit, metrics).await)
+                flown::collect(response, config.body_limit, metrics).await
             } else {
                 metrics.response_not_shared();
                 tracing::debug!("response not to be shared; followers run on their own");
                 let one_at_a_time = config.unshared == Unshared::OneAfterAnother;
-                Ok(Flown::unshared(response, one_at_a_time))
+                Flown::unshared(response, one_at_a_time)
             }
         }
-        Err(error) => Err(Arc::new(error)),
+        Err(error) => {
+            if let Some(key) = store_key {
+                keep_ran::<_, _, _, ResB>(&engine, key, lease, None, &asked).await;
+            }
+            return Err(Arc::new(error));
+        }
+    };
+    // Whom the response answers. Not shared with anyone: the leader's alone.
+    let (answers, by_authorization) = match &flown {
+        Flown::Buffered(buffered) => {
+            let headers = &buffered.parts.headers;
+            let by_authorization = engine.by_authorization(headers, &asked);
+            let answers = answered_by(fingerprint, headers, &asked, by_authorization);
+            (answers, by_authorization)
+        }
+        _ => (None, false),
     };
     // Kept before the lease is released and before the flight completes, so that a
     // duplicate, here or on another instance, either waits for this flight or finds the
     // response kept.
-    let outcome = outcome.map(|flown| {
-        let answers = match &flown {
-            Flown::Buffered(buffered) => fingerprint.answered_by(&buffered.parts.headers, &asked),
-            // Not shared with anyone: the leader's alone.
-            _ => None,
-        };
-        (flown, answers)
-    });
     if let Some(key) = store_key {
-        #[cfg(feature = "http-cache")]
-        if let Some(cache) = &engine.cache {
-            let flown = outcome.as_ref().ok();
-            crate::http_cache::keep(&engine, cache, key, lease, flown, &asked).await;
-            return outcome;
-        }
-        keep(&engine, key, lease, outcome.as_ref().ok()).await;
+        keep_ran(&engine, key, lease, Some((&flown, answers)), &asked).await;
     }
-    outcome
+    Ok(Done::Fresh {
+        flown,
+        answers,
+        by_authorization,
+    })
+}
+
+/// Keeps a flight's response (`None`: its service failed) by the rules of the layer's
+/// preset, and releases the lease, if the flight holds one.
+async fn keep_ran<K, I, St: IdempotencyStore, B>(
+    engine: &Engine<K, I, St>,
+    key: StoreKey,
+    lease: Option<LeaseGuard>,
+    flown: Option<(&Flown<B>, Option<Fingerprint>)>,
+    asked: &HeaderMap,
+) {
+    #[cfg(feature = "http-cache")]
+    if let Some(cache) = &engine.cache {
+        return crate::http_cache::keep(engine, cache, key, lease, flown, asked).await;
+    }
+    let _ = asked;
+    keep(engine, key, lease, flown).await;
 }
 
 /// Takes the key's lease (or finds its response), waiting while another instance holds it.
@@ -835,7 +956,7 @@ async fn keep<K, I, St: IdempotencyStore, B>(
     engine: &Engine<K, I, St>,
     key: StoreKey,
     lease: Option<LeaseGuard>,
-    flown: Option<&(Flown<B>, Option<Fingerprint>)>,
+    flown: Option<(&Flown<B>, Option<Fingerprint>)>,
 ) {
     let config = &engine.config;
     let ttl = config
@@ -843,7 +964,7 @@ async fn keep<K, I, St: IdempotencyStore, B>(
         .or_else(|| lease.is_some().then_some(config.handover));
     let stored = ttl.and_then(|ttl| {
         let (flown, answers) = flown?;
-        let stored = storable(flown, (*answers)?)?;
+        let stored = storable(flown, answers?)?;
         Some((Arc::new(stored), ttl))
     });
     if let Err(error) = store_and_release(engine, key, lease, stored).await {
@@ -890,63 +1011,62 @@ pub(crate) fn storable<B>(flown: &Flown<B>, fingerprint: Fingerprint) -> Option<
 
 // ===== 4. Answer =====
 
+/// What a caller of a flight gets from its outcome; `None` when the response varies on a
+/// header this caller sent otherwise and it is to wait for a run of its own variant.
 async fn answer<S, K, I, St, ReqB, ResB>(
     outcome: Outcome<FlightResult<ResB, S::Error>>,
     inner: S,
     engine: &Engine<K, I, St>,
-    request: Option<InnerRequest<ReqB>>,
+    request: &mut Option<InnerRequest<ReqB>>,
     leader_asked: Option<Arc<HeaderMap>>,
     fingerprint: Fingerprint,
-) -> Answer<ResB, S::Error>
+) -> Option<Answer<ResB, S::Error>>
 where
-    S: Service<InnerRequest<ReqB>, Response = Response<ResB>>,
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone,
     S::Error: ShareError,
 {
     let (config, metrics) = (&engine.config, &engine.metrics);
     let leader = outcome.is_leader();
     let role = if leader { Role::Leader } else { Role::Follower };
     // What this caller asked: its own request's headers, or the leader's copy of them.
-    let asked = match (&request, &leader_asked) {
+    let asked = match (request.as_ref(), &leader_asked) {
         (Some(request), _) => request.headers(),
         (None, Some(asked)) => asked,
         (None, None) => unreachable!("a caller keeps its request unless it leads"),
     };
     let mut response = match outcome.into_value() {
-        Err(error) => return Err(S::Error::share(&error)),
+        Err(error) => return Some(Err(S::Error::share(&error))),
         Ok(Done::Stored(stored)) if answers(&stored, fingerprint, asked) => {
             if !engine.caches() {
-                return Ok(replay(&stored, metrics));
+                return Some(Ok(replay(&stored, metrics)));
             }
             // A cache entry another instance kept while this one waited for its lease: a
             // copy of that instance's run, not a replay.
             let mut response = stored_response(&stored);
             tag(&mut response, Role::Follower, config.role_header);
-            return Ok(response);
+            return Some(Ok(response));
         }
-        Ok(Done::Stored(_)) => {
+        Ok(Done::Stored(stored)) => {
             metrics.mismatch_rejected();
-            return Ok(problem::key_reused());
+            let varied = vary_names(stored.headers());
+            return Some(Ok(problem::key_reused(varied.as_deref())));
         }
-        Ok(Done::InProgress) => return Ok(problem::in_progress()),
-        Ok(Done::GaveUp) => return Ok(problem::gave_up_waiting()),
-        Ok(Done::Unavailable) => return Ok(problem::store_unavailable()),
+        Ok(Done::InProgress) => return Some(Ok(problem::in_progress())),
+        Ok(Done::GaveUp) => return Some(Ok(problem::gave_up_waiting())),
+        Ok(Done::Unavailable) => return Some(Ok(problem::store_unavailable())),
         Ok(Done::Fresh {
             flown: Flown::Buffered(buffered),
             answers,
-        }) if leader
-            || answers.is_some()
-                && answers == fingerprint.answered_by(&buffered.parts.headers, asked) =>
-        {
-            buffered.into_response()
-        }
-        Ok(Done::Fresh {
-            flown: Flown::Buffered(_),
-            ..
+            by_authorization,
         }) => {
-            // The response varies on a header this caller sent otherwise: it is not this
-            // caller's answer, so it gets one of its own.
-            tracing::debug!("response varies on a header this follower sent otherwise");
-            return run_own(inner, request, config.role_header).await;
+            let headers = &buffered.parts.headers;
+            let own = leader
+                || answers.is_some()
+                    && answers == answered_by(fingerprint, headers, asked, by_authorization);
+            if !own {
+                return varied(engine, headers);
+            }
+            buffered.into_response()
         }
         Ok(Done::Fresh {
             flown: Flown::TooLarge(slot) | Flown::Unshared { leader: slot, .. },
@@ -966,11 +1086,78 @@ where
                 Some(turn) => turn.acquire_owned().await.ok(),
                 None => None,
             };
-            return run_own(inner, request, config.role_header).await;
+            return Some(run_own(inner, request.take(), config.role_header).await);
         }
     };
     tag(&mut response, role, config.role_header);
-    Ok(response)
+    Some(Ok(response))
+}
+
+/// A follower whose flight's response is not its answer: it varies on a header this
+/// caller sent otherwise (or, in a cache, was made for another `Authorization`). Under
+/// `OnMismatch::Reject` that is another request for the key, refused with a `422` naming
+/// the headers, never a second run; else the caller waits for a run of its own variant
+/// (`None`), one variant at a time.
+fn varied<K, I, St, B, E>(engine: &Engine<K, I, St>, response: &HeaderMap) -> Option<Answer<B, E>> {
+    let (config, metrics) = (&engine.config, &engine.metrics);
+    let reject = config.on_mismatch == OnMismatch::Reject;
+    let names = vary_names(response);
+    if let Some(names) = names.as_deref().filter(|_| metrics.first_varied()) {
+        let outcome = if reject {
+            "they get 422 (one run per key)"
+        } else {
+            "they wait for a run of their own, one variant at a time"
+        };
+        tracing::warn!(
+            "a response shared by this layer's flights varies on `{names}`, and callers \
+             that sent other values of it can't share it: {outcome}. `Vary` comes from the \
+             handler or from a layer below this one (tower-http's CompressionLayer adds \
+             `accept-encoding`, CorsLayer `origin`): put such layers above (outside) this \
+             one, so that they run on every caller's copy"
+        );
+    }
+    if reject {
+        metrics.mismatch_rejected();
+        return Some(Ok(problem::key_reused(Some(
+            names.as_deref().unwrap_or("authorization"),
+        ))));
+    }
+    metrics.mismatch_queued();
+    tracing::debug!("response varies on a header this follower sent otherwise");
+    None
+}
+
+/// The header names a response's `Vary` lists, lowercase and comma-separated.
+fn vary_names(response: &HeaderMap) -> Option<String> {
+    let mut names = String::new();
+    for value in response.get_all(VARY) {
+        for name in value.as_bytes().split(|&b| b == b',') {
+            let name = String::from_utf8_lossy(name.trim_ascii()).to_ascii_lowercase();
+            if !name.is_empty() {
+                if !names.is_empty() {
+                    names.push_str(", ");
+                }
+                names.push_str(&name);
+            }
+        }
+    }
+    (!names.is_empty()).then_some(names)
+}
+
+/// The fingerprint of the requests a flight's response answers: the leader's, extended by
+/// the values of the headers the response varies on, and (`by_authorization`) by
+/// `Authorization`. `None` for `Vary: *`: only its own request.
+fn answered_by(
+    fingerprint: Fingerprint,
+    response: &HeaderMap,
+    asked: &HeaderMap,
+    by_authorization: bool,
+) -> Option<Fingerprint> {
+    let answers = fingerprint.answered_by(response, asked)?;
+    Some(match by_authorization {
+        true => answers.extended_by(&AUTHORIZATION, asked),
+        false => answers,
+    })
 }
 
 /// Whether a stored response answers a request with this fingerprint and these headers.

@@ -28,8 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// | --- | --- | --- |
 /// | `coalesce_requests_total` | `role="leader"` | flights that called the service (background cache refreshes included) |
 /// | | `role="follower"` | callers that joined a running flight |
-/// | | `role="bypass"` | requests passed through: no key, or a duplicate under `OnDuplicate::PassThrough` |
-/// | | `role="rejected"` | requests the layer refused: `400` missing key, `409` in flight, `422` other request's key, follower cap |
+/// | | `role="bypass"` | requests passed through: no key, no identity, or a duplicate under `OnDuplicate::PassThrough` |
+/// | | `role="rejected"` | requests the layer refused: `400` missing key or identity, `409` in flight, `422` other request's key, follower cap |
 /// | | `role="timed_out"` | followers that stopped waiting at the wait timeout |
 /// | | `role="replayed"` | responses replayed from the store |
 /// | | `role="hit"`, `role="stale"` | answers of the HTTP cache, fresh or stale |
@@ -67,6 +67,7 @@ struct Counters {
     flights_waiting_elsewhere: AtomicU64,
     store_errors: AtomicU64,
     requests_without_key: AtomicU64,
+    requests_without_identity: AtomicU64,
     mismatches_queued: AtomicU64,
     mismatches_rejected: AtomicU64,
     cache_hits: AtomicU64,
@@ -76,6 +77,10 @@ struct Counters {
     flights_in_flight: AtomicU64,
     // Whether the first request without a key has been logged at WARN.
     warned_without_key: AtomicBool,
+    // The same for the first request without an identity, and the first response that
+    // varied on a header its followers sent otherwise.
+    warned_without_identity: AtomicBool,
+    warned_varied: AtomicBool,
 }
 
 impl Metrics {
@@ -122,10 +127,36 @@ impl Metrics {
         if passes {
             self.export(REQUESTS, Some(("role", "bypass")));
         }
-        // Read before written: once warned, the flag's cache line stays shared instead of
-        // bouncing between cores with every request without a key.
-        let warned = &self.counters.warned_without_key;
-        !warned.load(Ordering::Relaxed) && !warned.swap(true, Ordering::Relaxed)
+        first(&self.counters.warned_without_key)
+    }
+
+    /// Keyed requests whose [scope](super::scope) found no identity: they were not
+    /// shared with anyone (run on their own, never replayed), or refused with `400` under
+    /// [`require_key`](super::HttpCoalesceLayer::require_key). A count above zero usually
+    /// means the layer that says who the caller is runs after this one, or that requests
+    /// carry a credential the scope does not read (see
+    /// [`DefaultScope`](super::scope::DefaultScope)).
+    pub fn requests_without_identity(&self) -> u64 {
+        self.counters
+            .requests_without_identity
+            .load(Ordering::Relaxed)
+    }
+
+    /// Counts a request without an identity; `true` for the first one, which is logged
+    /// louder.
+    pub(crate) fn request_without_identity(&self, passes: bool) -> bool {
+        self.counters
+            .requests_without_identity
+            .fetch_add(1, Ordering::Relaxed);
+        let role = if passes { "bypass" } else { "rejected" };
+        self.export(REQUESTS, Some(("role", role)));
+        first(&self.counters.warned_without_identity)
+    }
+
+    /// `true` the first time a response of this layer's flights varied on a header that a
+    /// follower sent otherwise: logged louder, once.
+    pub(crate) fn first_varied(&self) -> bool {
+        first(&self.counters.warned_varied)
     }
 
     /// Requests that found their key's flight running for another request and waited for
@@ -450,6 +481,10 @@ impl fmt::Debug for Metrics {
             )
             .field("store_errors", &self.store_errors())
             .field("requests_without_key", &self.requests_without_key())
+            .field(
+                "requests_without_identity",
+                &self.requests_without_identity(),
+            )
             .field("mismatches_queued", &self.mismatches_queued())
             .field("mismatches_rejected", &self.mismatches_rejected())
             .field("cache_hits", &self.cache_hits())
@@ -459,4 +494,10 @@ impl fmt::Debug for Metrics {
             .field("flights_in_flight", &self.flights_in_flight())
             .finish()
     }
+}
+
+/// Sets `flag`; `true` if this call set it. Read before written: once set, the flag's cache
+/// line stays shared instead of bouncing between cores with every event.
+fn first(flag: &AtomicBool) -> bool {
+    !flag.load(Ordering::Relaxed) && !flag.swap(true, Ordering::Relaxed)
 }

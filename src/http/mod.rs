@@ -20,8 +20,9 @@
 //!    fingerprint: **a caller never receives the response to another request**. A different
 //!    request with the key waits for the running one and then runs, or gets `422`
 //!    ([`OnMismatch`]). A response that names request headers in `Vary` goes only to
-//!    callers (and replays) whose values for them are the leader's; the others get a call
-//!    of their own. With a [store](HttpCoalesceLayer::store) shared by several instances
+//!    callers (and replays) whose values for them are the leader's; the others wait for a
+//!    run of their own variant, or get `422` ([see below](#layer-order)). A request whose
+//!    scope finds no identity shares with nobody. With a [store](HttpCoalesceLayer::store) shared by several instances
 //!    (Redis), the flight also takes the key's lease, so that one instance runs it.
 //! 3. **Run.** The leader's request calls the inner service; its response is buffered, and
 //!    kept in the store if [`replay`](HttpCoalesceLayer::replay) asks for it.
@@ -135,6 +136,40 @@
 //! `.layer` calls outside-in: the last one added runs first), and a
 //! [`key::path_param`] pattern under `Router::nest`, which sees the path without the nest's
 //! prefix. [`require_key(true)`](HttpCoalesceLayer::require_key) turns both into `400`s.
+//!
+//! A scope that finds no identity (a closure reading an extension that the auth layer
+//! has not inserted yet) is the same mistake in another place: such a request is shared
+//! with nobody, counted ([`Metrics::requests_without_identity`]) and logged at `WARN`
+//! once, and refused with `400` under `require_key(true)`. See [`scope`].
+//!
+//! # Layer order
+//!
+//! Layers that make a response depend on request headers belong **above** this one
+//! (with axum: added after it), so that they run on every caller's copy:
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{Router, http::StatusCode, routing::post};
+//! use tower_coalesce::http::{HttpCoalesceLayer, key};
+//! use tower_http::{compression::CompressionLayer, cors::CorsLayer, timeout::TimeoutLayer};
+//!
+//! let app: Router = Router::new()
+//!     .route("/api/clients", post(|| async { "created" }))
+//!     .layer(HttpCoalesceLayer::new(key::json("/id")))
+//!     // Above the coalescing layer: each caller's copy is compressed for that caller,
+//!     // gets the CORS headers of its Origin, and a caller that times out leaves its
+//!     // flight without cancelling it for the others.
+//!     .layer(CompressionLayer::new())
+//!     .layer(CorsLayer::permissive())
+//!     .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(10)));
+//! ```
+//!
+//! Below it, tower-http's `CompressionLayer` adds `Vary: accept-encoding` and `CorsLayer`
+//! `Vary: origin` to the one response of a flight, which then answers only the callers
+//! that sent the leader's values. The others are never given it: they wait and share one
+//! run of their own variant (one variant at a time), or, under [`OnMismatch::Reject`] (the
+//! idempotency preset), get a `422` that names the header, since a second run of the key
+//! is what that preset promises never to do. The layer logs a `WARN` the first time.
 //!
 //! # Observability
 //!

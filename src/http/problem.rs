@@ -6,13 +6,31 @@ use http::{Response, StatusCode};
 
 use super::body::ResponseBody;
 
-/// `400`: the route requires a coalescing key and the request has none.
-pub(crate) fn key_required<B>() -> Response<ResponseBody<B>> {
+/// `400`: the route requires a coalescing key and the request has none; `in_body` when
+/// the key is read from the request body.
+pub(crate) fn key_required<B>(in_body: bool) -> Response<ResponseBody<B>> {
+    let detail = if in_body {
+        "This route requires a key in the request body that identifies the request, and \
+         the body has none, a malformed one, or is not of the expected format."
+    } else {
+        "This route requires a key that identifies the request (for example an \
+         Idempotency-Key header) and the request has none, or a malformed one."
+    };
     problem(
         StatusCode::BAD_REQUEST,
         "Coalescing key missing or malformed",
-        "This route requires a key that identifies the request (for example an \
-         Idempotency-Key header) and the request has none, or a malformed one.",
+        detail,
+    )
+}
+
+/// `400`: the route requires the caller's identity to scope its key, and the layer found
+/// none (under `require_key`).
+pub(crate) fn identity_required<B>() -> Response<ResponseBody<B>> {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "Caller identity missing",
+        "This route shares work between identical requests of one caller only, and could \
+         not tell who sent this request. Nothing was done.",
     )
 }
 
@@ -30,13 +48,24 @@ pub(crate) fn bad_key_header<B>(
     )
 }
 
-/// `422`: the key is in use by, or was used for, another request.
-pub(crate) fn key_reused<B>() -> Response<ResponseBody<B>> {
+/// `422`: the key is in use by, or was used for, another request. `varied`: the request
+/// headers the key's response varies on (`Vary`), which may be what differs.
+pub(crate) fn key_reused<B>(varied: Option<&str>) -> Response<ResponseBody<B>> {
+    let detail = match varied {
+        None => "This key belongs to a request with another method, path, query or body, in \
+                 progress or completed. Use a new key for a new request."
+            .to_owned(),
+        Some(names) => format!(
+            "This key belongs to another request, in progress or completed: one with \
+             another method, path, query or body, or other values of the headers its \
+             response varies on ({names}). Send the key with the same values, or use a new \
+             key for a new request."
+        ),
+    };
     problem(
         StatusCode::UNPROCESSABLE_ENTITY,
         "Key reused for another request",
-        "This key belongs to a request with another method, path, query or body, in \
-         progress or completed. Use a new key for a new request.",
+        &detail,
     )
 }
 

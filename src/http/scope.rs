@@ -4,10 +4,22 @@
 //! lets two callers with different identities share a flight, whatever the key. The scope
 //! is a second key, made from the request head by any
 //! [`MakeKey<Parts>`](crate::coalesce::MakeKey): the flight key is the pair of the scope
-//! and the key. A scope of `None` means "no identity": such callers share flights with each
-//! other only.
+//! and the key.
 //!
-//! - [`DefaultScope`] (the default): the `Authorization` and `Cookie` headers.
+//! **A scope that returns `None` has not found out who the caller is**, and such a request
+//! is shared with nobody: it runs on its own, is never replayed, and is counted
+//! ([`Metrics::requests_without_identity`](super::Metrics::requests_without_identity)) and
+//! logged at `WARN` the first time;
+//! [`require_key(true)`](super::HttpCoalesceLayer::require_key) refuses it with `400`. So
+//! a scope that reads an extension an auth layer has not inserted yet (the layers in the
+//! wrong order) costs coalescing, never another user's answer. Anonymous callers share
+//! with each other only where the scope says so with a value: the ready-made scopes below
+//! give an empty identity to a request that carries none of their headers; a closure
+//! returns, say, `Some(Identity::Anonymous)` of its own type.
+//!
+//! - [`DefaultScope`] (the default): the `Authorization` and `Cookie` headers; a request
+//!   with a [credential header it does not read](DefaultScope#credentials-it-does-not-read)
+//!   (`x-api-key`, ...) has no identity.
 //! - [`headers`]: other headers, such as an API key header.
 //! - A closure, for an identity that a middleware above put in the request's extensions:
 //!   `|parts: &Parts| parts.extensions.get::<UserId>().cloned()`.
@@ -37,6 +49,7 @@
 //!     .route("/orders", post(|| async { "created" }))
 //!     .layer(
 //!         HttpCoalesceLayer::new(key::idempotency_key())
+//!             // `None` (no `UserId` yet): not shared, and refused under `require_key`.
 //!             .scope(|parts: &Parts| parts.extensions.get::<UserId>().map(|user| user.0.clone()))
 //!             .require_key(true),
 //!     )
@@ -54,9 +67,20 @@ use crate::coalesce::MakeKey;
 /// The default scope: the values of the `Authorization` and `Cookie` headers.
 ///
 /// Two callers share a flight only if both headers are byte-identical in their requests
-/// (or missing from both). Cookies that vary between requests of one user (a changing
-/// analytics cookie, say) make that user's requests not coalesce; scope by the header or
-/// extension that carries the identity instead.
+/// (or missing from both: anonymous callers share with each other). Cookies that vary
+/// between requests of one user (a changing analytics cookie, say) make that user's
+/// requests not coalesce; scope by the header or extension that carries the identity
+/// instead.
+///
+/// # Credentials it does not read
+///
+/// An app that authenticates by a header of its own would have every user look anonymous
+/// to this scope, and share. So a request that carries one of the headers of
+/// [`CREDENTIAL_HEADERS`] (`x-api-key`, `api-key`, `apikey`, `x-auth-token`,
+/// `x-access-token`, `x-session-token`, `x-session-id`, `x-user-id`, `x-forwarded-user`,
+/// `x-auth-request-user`) has **no identity** here: it is not shared, and the layer logs a
+/// `WARN` that names the header. Scope by it instead, with [`headers`] (for example
+/// `scope::headers(["x-api-key"])`), or by the extension your auth layer inserts.
 ///
 /// ```
 /// use tower_coalesce::coalesce::MakeKey;
@@ -87,15 +111,53 @@ impl MakeKey<Parts> for DefaultScope {
     type Key = Vec<(usize, HeaderValue)>;
 
     fn make_key(&self, parts: &Parts) -> Option<Self::Key> {
+        if credential_ignored(parts).is_some() {
+            return None;
+        }
         self.headers.make_key(parts)
+    }
+}
+
+/// Headers that carry a credential or an identity, which [`DefaultScope`] does not read: a
+/// request that has one has no identity under the default scope.
+pub const CREDENTIAL_HEADERS: [HeaderName; 10] = [
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("apikey"),
+    HeaderName::from_static("x-auth-token"),
+    HeaderName::from_static("x-access-token"),
+    HeaderName::from_static("x-session-token"),
+    HeaderName::from_static("x-session-id"),
+    HeaderName::from_static("x-user-id"),
+    HeaderName::from_static("x-forwarded-user"),
+    HeaderName::from_static("x-auth-request-user"),
+];
+
+/// The first of [`CREDENTIAL_HEADERS`] that the request carries, if any: for the default
+/// scope, and for the layer's warning, whatever the scope.
+pub(crate) fn credential_ignored(parts: &Parts) -> Option<&'static HeaderName> {
+    static CREDENTIALS: [HeaderName; 10] = CREDENTIAL_HEADERS;
+    // Most requests carry few headers: looking each up in the short list is cheaper than
+    // ten lookups in the map.
+    if parts.headers.len() < CREDENTIAL_HEADERS.len() {
+        parts
+            .headers
+            .keys()
+            .find_map(|name| CREDENTIALS.iter().find(|c| *c == name))
+    } else {
+        CREDENTIALS
+            .iter()
+            .find(|name| parts.headers.contains_key(*name))
     }
 }
 
 /// Scopes by the values of the headers `names` (every value of each, in order).
 ///
-/// An app that authenticates with a header of its own (an API key, a session header) must
-/// name it: the default scope reads only `Authorization` and `Cookie`, so without this,
-/// two users' requests with equal keys would share one response.
+/// An app that authenticates with a header of its own (an API key, a session header)
+/// names it here: the default scope reads only `Authorization` and `Cookie` (and gives no
+/// identity to a request with a [credential it does not
+/// read](DefaultScope#credentials-it-does-not-read)). A request without any of `names` is
+/// anonymous: it shares with other anonymous requests only.
 ///
 /// ```
 /// use tower_coalesce::coalesce::MakeKey;
@@ -140,6 +202,8 @@ impl MakeKey<Parts> for ScopeHeaders {
     // one header to another and still compare equal.
     type Key = Vec<(usize, HeaderValue)>;
 
+    /// Never `None`: a request without any of the headers is anonymous (an empty
+    /// identity), not unidentified.
     fn make_key(&self, parts: &Parts) -> Option<Self::Key> {
         let scope: Vec<_> = self
             .names
@@ -153,7 +217,7 @@ impl MakeKey<Parts> for ScopeHeaders {
                     .map(move |v| (i, v.clone()))
             })
             .collect();
-        (!scope.is_empty()).then_some(scope)
+        Some(scope)
     }
 }
 
@@ -175,7 +239,7 @@ impl MakeKey<Parts> for Unscoped {
     type Key = ();
 
     fn make_key(&self, _: &Parts) -> Option<()> {
-        None
+        Some(())
     }
 }
 
@@ -198,6 +262,38 @@ mod tests {
         assert_ne!(scope.make_key(&alice), scope.make_key(&bob));
         // The same bytes in another header are another identity.
         assert_ne!(scope.make_key(&alice), scope.make_key(&cookie));
-        assert_eq!(scope.make_key(&anonymous), None);
+        // Anonymous is an identity, shared by every anonymous caller.
+        assert_eq!(scope.make_key(&anonymous), Some(Vec::new()));
+    }
+
+    #[test]
+    fn a_credential_the_default_scope_does_not_read_leaves_the_caller_unidentified() {
+        let scope = DefaultScope::default();
+        for name in &CREDENTIAL_HEADERS {
+            let alice = parts(http::Request::get("/").header(name, "alice-key"));
+            assert_eq!(scope.make_key(&alice), None, "{name}");
+            let with_auth = parts(
+                http::Request::get("/")
+                    .header("authorization", "Bearer a")
+                    .header(name, "alice-key"),
+            );
+            assert_eq!(scope.make_key(&with_auth), None, "{name}");
+        }
+        // Checked both ways: a request with more headers than the list is long.
+        let mut many = http::Request::get("/");
+        for i in 0..12 {
+            many = many.header(format!("x-other-{i}"), "v");
+        }
+        assert!(scope.make_key(&parts(many)).is_some());
+        let mut many = http::Request::get("/").header("x-user-id", "u-1");
+        for i in 0..12 {
+            many = many.header(format!("x-other-{i}"), "v");
+        }
+        assert_eq!(scope.make_key(&parts(many)), None);
+        // Named, such a header is the identity.
+        let by_key = headers(["x-api-key"]);
+        let alice = parts(http::Request::get("/").header("x-api-key", "alice-key"));
+        let bob = parts(http::Request::get("/").header("x-api-key", "bob-key"));
+        assert_ne!(by_key.make_key(&alice), by_key.make_key(&bob));
     }
 }

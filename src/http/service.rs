@@ -138,6 +138,9 @@ where
         // `self.inner` was never polled ready, so a clone of it is as good as the original.
         let inner = self.inner.clone();
         let (parts, body) = req.into_parts();
+        if self.engine.config.skip_safe_methods && parts.method.is_safe() {
+            return ResponseFuture::direct(inner, Request::from_parts(parts, Either::Right(body)));
+        }
         // A key from the head is made here, so that requests without one pass through
         // unread; a key from the body is made once the engine has read it.
         let key = if self.engine.make_key.reads_body() {
@@ -146,7 +149,7 @@ where
             match self.engine.make_key.make_key(&parts) {
                 Some(key) => Some(key),
                 None => {
-                    return match self.engine.without_key() {
+                    return match self.engine.without_key(false) {
                         Some(refusal) => ResponseFuture::answered(refusal),
                         None => ResponseFuture::direct(
                             inner,

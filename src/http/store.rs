@@ -202,17 +202,20 @@ impl Fingerprint {
                 return None;
             }
             let name = String::from_utf8_lossy(name).to_ascii_lowercase();
-            hasher.update((name.len() as u64).to_be_bytes());
-            hasher.update(name.as_bytes());
             // A name that is not a header name matches no header: it adds nothing but itself.
-            let values = request.get_all(name.as_str());
-            hasher.update((values.iter().count() as u64).to_be_bytes());
-            for value in values {
-                hasher.update((value.len() as u64).to_be_bytes());
-                hasher.update(value.as_bytes());
-            }
+            hash_header(&mut hasher, &name, request);
         }
         Some(Fingerprint(hasher.finalize().into()))
+    }
+
+    /// This fingerprint extended by the values of the header `name` in `request`, as if
+    /// the response varied on it.
+    pub(crate) fn extended_by(self, name: &http::HeaderName, request: &HeaderMap) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"tower-coalesce header v1\0");
+        hasher.update(self.0);
+        hash_header(&mut hasher, name.as_str(), request);
+        Fingerprint(hasher.finalize().into())
     }
 
     /// Rebuilds a fingerprint read back from a store.
@@ -223,6 +226,18 @@ impl Fingerprint {
     /// The fingerprint's 32 bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+}
+
+/// Writes a lowercase header name and the values `request` has for it into `hasher`.
+fn hash_header(hasher: &mut Sha256, name: &str, request: &HeaderMap) {
+    hasher.update((name.len() as u64).to_be_bytes());
+    hasher.update(name.as_bytes());
+    let values = request.get_all(name);
+    hasher.update((values.iter().count() as u64).to_be_bytes());
+    for value in values {
+        hasher.update((value.len() as u64).to_be_bytes());
+        hasher.update(value.as_bytes());
     }
 }
 

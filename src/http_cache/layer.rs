@@ -7,7 +7,7 @@ use http::header::SET_COOKIE;
 use http::request::Parts;
 use tower::Layer;
 
-use super::rules::Rules;
+use super::rules::{self, Rules};
 use super::stage::CacheState;
 use crate::coalesce::MakeKey;
 use crate::http::engine::{Config, Engine};
@@ -112,6 +112,12 @@ impl<I, St> HttpCacheLayer<I, St> {
                 || parts.extensions.get::<DoNotShare>().is_some();
             !personal && (private || not_private(parts))
         });
+        // RFC 9111 §3.5 applies to sharing a flight as much as to keeping its response:
+        // unless the scope is one identity (`private`), a response to a request with
+        // `Authorization` that doesn't say it may be shared answers only callers with the
+        // same `Authorization`; the others wait for a run of their own.
+        self.engine.config.authorized_shared_if =
+            (!private).then_some(rules::shared_when_authorized);
         self.engine.cache = Some(Arc::new(CacheState::new(self.rules.clone())));
         self
     }

@@ -41,8 +41,10 @@ impl Directives {
                 None => (directive.trim(), None),
             };
             // A malformed number makes the directive count as absent, except where absence
-            // would store more: a `max-age` that can't be read is 0 (RFC 9111 §4.2.1).
-            let seconds = || value.and_then(|v| v.parse::<u64>().ok());
+            // would store more: a `max-age` that can't be read is 0 (RFC 9111 §4.2.1). A
+            // number too large to hold is the largest there is (§1.2.2), capped later by
+            // `max_ttl`.
+            let seconds = || value.and_then(delta_seconds);
             // Lowercased on the stack: this runs on every hit. Longer names are none of ours.
             let mut lower = [0u8; 24];
             let Some(lower) = lower.get_mut(..name.len()) else {
@@ -66,6 +68,22 @@ impl Directives {
         }
         d
     }
+}
+
+/// RFC 9111 §1.2.2 `delta-seconds`: one or more digits; a value past `u64::MAX` is
+/// `u64::MAX`.
+fn delta_seconds(value: &str) -> Option<u64> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(value.parse::<u64>().unwrap_or(u64::MAX))
+}
+
+/// RFC 9111 §3.5: whether a response to a request with `Authorization` may be used for
+/// other requests: it says `public`, `s-maxage` or `must-revalidate`.
+pub(crate) fn shared_when_authorized(response: &HeaderMap) -> bool {
+    let d = Directives::of(response);
+    d.public || d.s_maxage.is_some() || d.must_revalidate
 }
 
 /// What a request's own headers ask of the cache.
@@ -463,6 +481,33 @@ mod tests {
                 .not_modified(StatusCode::OK, &response)
         );
         assert!(!cond(&[]).not_modified(StatusCode::OK, &response));
+    }
+
+    #[test]
+    fn delta_seconds_past_the_largest_number_are_the_largest() {
+        let max_age = |v: &str| Directives::of(&headers(&[("cache-control", v)])).max_age;
+        assert_eq!(max_age("max-age=99999999999999999999"), Some(u64::MAX));
+        assert_eq!(max_age("max-age=18446744073709551615"), Some(u64::MAX));
+        assert_eq!(max_age("max-age=60"), Some(60));
+        // Not the grammar: unreadable, so 0.
+        for bad in [
+            "max-age=",
+            "max-age=-1",
+            "max-age=+5",
+            "max-age=1e3",
+            "max-age=12a",
+        ] {
+            assert_eq!(max_age(bad), Some(0), "{bad}");
+        }
+        let verdict = rules().verdict(
+            StatusCode::OK,
+            &headers(&[("cache-control", "max-age=99999999999999999999")]),
+            &HeaderMap::new(),
+        );
+        let Verdict::Store(lifetimes) = verdict else {
+            panic!("{verdict:?}");
+        };
+        assert_eq!(lifetimes.fresh, rules().max_ttl);
     }
 
     #[test]

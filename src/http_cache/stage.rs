@@ -385,12 +385,12 @@ pub(crate) async fn keep<K, I, St, B>(
     cache: &CacheState,
     key: StoreKey,
     lease: Option<LeaseGuard>,
-    flown: Option<&(Flown<B>, Option<Fingerprint>)>,
+    flown: Option<(&Flown<B>, Option<Fingerprint>)>,
     asked: &HeaderMap,
 ) where
     St: IdempotencyStore,
 {
-    let kept = flown.and_then(|(flown, answers)| keepable(cache, &key, flown, *answers, asked));
+    let kept = flown.and_then(|(flown, answers)| keepable(cache, &key, flown, answers, asked));
     if let Err(error) = engine::store_and_release(engine, key, lease, kept).await {
         engine.metrics.store_error();
         tracing::warn!(%error, "keeping a response in the cache failed");

@@ -18,9 +18,13 @@ use crate::http::scope::DefaultScope;
 /// This is [`HttpCoalesceLayer`](crate::http::HttpCoalesceLayer)'s engine with strict
 /// defaults, each changed by the method of the same name:
 /// - [`header`](Self::header): the key is the `Idempotency-Key` header;
-/// - [`require_key`](Self::require_key): on, a request without a valid key gets `400`;
+/// - [`skip_safe_methods`](Self::skip_safe_methods): on, `GET`, `HEAD`, `OPTIONS` and
+///   `TRACE` pass through untouched, key or not;
+/// - [`require_key`](Self::require_key): on, a request without a valid key gets `400`,
+///   and so does one whose [scope](Self::scope) finds no identity;
 /// - [`on_mismatch`](Self::on_mismatch): [`OnMismatch::Reject`], a key reused with another
-///   method, path, query or body gets `422`;
+///   method, path, query or body, or with other values of a header the key's response
+///   `Vary`s on, gets `422`;
 /// - [`store`](Self::store): a [`MemoryStore`] of 64 MiB;
 /// - [`ttl`](Self::ttl) (the same as [`replay`](Self::replay)): completed responses are
 ///   replayed for 24 hours;
@@ -53,6 +57,7 @@ impl IdempotencyLayer {
             replay: Some(DEFAULT_TTL),
             finish_abandoned: true,
             key_header: Some(header.clone()),
+            skip_safe_methods: true,
             ..Config::default()
         };
         let engine = Engine::new(
@@ -89,6 +94,20 @@ impl<I, St> IdempotencyLayer<I, St> {
             .expect("invalid idempotency key header name");
         self.engine.config.key_header = Some(name.clone());
         self.engine.make_key = key::header(name);
+        self
+    }
+
+    /// Whether requests with a safe method (`GET`, `HEAD`, `OPTIONS`, `TRACE`) pass through
+    /// untouched, with a key or without: on by default. The Idempotency-Key draft and
+    /// Stripe apply keys to methods that are not idempotent; with this on, the layer can
+    /// sit on a whole router (`GET /health`, CORS preflights) without refusing its reads.
+    ///
+    /// Unknown paths are a router's business: on an axum `Router`, apply the layer with
+    /// `route_layer` rather than `layer`, so that a `POST` to an unknown path gets the
+    /// router's `404` (and a wrong method its `405`) rather than this layer's `400` for a
+    /// missing key, as axum advises for every middleware that may answer early.
+    pub fn skip_safe_methods(mut self, skip: bool) -> Self {
+        self.engine.config.skip_safe_methods = skip;
         self
     }
 

@@ -20,15 +20,17 @@
 //!
 //! | request | answer | inner service called |
 //! | --- | --- | --- |
-//! | no key, `require_key(false)` (default) | passed through | yes |
-//! | no key, `require_key(true)` | `400`, problem+json | no |
+//! | `GET`, `HEAD`, `OPTIONS` or `TRACE` (under [`skip_safe_methods`](IdempotencyLayer::skip_safe_methods), the default) | passed through untouched, key or not | yes |
+//! | no key, `require_key(true)` (default) | `400`, problem+json | no |
+//! | no key, `require_key(false)` | passed through | yes |
 //! | key empty, over 255 bytes, not visible ASCII, or sent twice | `400`, problem+json | no |
+//! | key, but the [scope](crate::http::scope) finds no identity (an auth layer that runs after this one) | `400` (or, under `require_key(false)`, run on its own, never shared or replayed) | no / yes |
 //! | body over the limit | `413`, problem+json | no |
 //! | same key (and scope), same method, path and body, running | joins the flight (or `409` under [`on_duplicate`](IdempotencyLayer::on_duplicate), `503` beyond [`max_followers`](IdempotencyLayer::max_followers) or after [`follower_timeout`](IdempotencyLayer::follower_timeout)) | no |
 //! | same key, running on another instance (shared store) | waits for it, then replayed (the same `409` / `503` rules) | no |
 //! | same key, completed and stored | stored response replayed | no |
 //! | store down or timed out | runs as if nothing were stored, or `503` under [`OnStoreError::FailClosed`] | yes / no |
-//! | same key, different method, path, query or body, or a stored response that `Vary`s on a header this request sends otherwise | `422`, problem+json | no |
+//! | same key, different method, path, query or body, or a response (running or stored) that `Vary`s on a header this request sends otherwise | `422`, problem+json naming the varied headers | no |
 //!
 //! What is stored: successful and client-error responses (`2xx`, `3xx`, `4xx`). Not
 //! stored, so that a retry runs again: server errors (`5xx`), errors of the inner service,

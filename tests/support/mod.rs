@@ -55,6 +55,32 @@ impl Counter {
     }
 }
 
+/// Runs of a handler, and how many ran at once at most.
+#[derive(Clone, Default)]
+pub struct Runs {
+    pub started: Counter,
+    running: Arc<AtomicUsize>,
+    most_at_once: Arc<AtomicUsize>,
+}
+
+impl Runs {
+    /// A run starts; returns its number, from 1.
+    pub fn enter(&self) -> usize {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        self.started.incr() + 1
+    }
+
+    pub fn leave(&self) {
+        self.running.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The most runs there were at once.
+    pub fn most_at_once(&self) -> usize {
+        self.most_at_once.load(Ordering::SeqCst)
+    }
+}
+
 /// Increments a counter when dropped: tells whether work was dropped before completing.
 pub struct DropFlag(pub Counter);
 
