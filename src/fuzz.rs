@@ -138,7 +138,7 @@ pub fn cache_headers(bytes: &[u8]) {
 /// encoded and decoded again to the same.
 #[cfg(feature = "redis")]
 pub fn stored_response(bytes: &[u8]) {
-    use crate::redis::codec::{decode, encode};
+    use crate::shared_store::codec::{decode, encode};
 
     let Ok(decoded) = decode(bytes) else {
         return;

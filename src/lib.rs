@@ -72,6 +72,8 @@
 //!   Vary, Age, Cache-Status, 304s, stale-while-revalidate, stale-if-error).
 //! - `redis`: `RedisStore`, a store shared by several instances: one run per key across all
 //!   of them.
+//! - `postgres`: `PostgresStore`, the same on the PostgreSQL the app already has (sqlx).
+//! - `metrics`: the layers' counters exported through the `metrics` facade.
 //!
 //! # Minimum supported Rust version
 //!
@@ -107,9 +109,14 @@ pub mod http_cache;
 #[cfg(feature = "idempotency")]
 #[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
 pub mod idempotency;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod shared_store;
 pub mod single_flight;
 mod sync;
 

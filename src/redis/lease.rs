@@ -2,18 +2,15 @@
 //! in one round trip, scripts that check the owner's token to renew it and to store the
 //! response and release it, and a pub/sub message on release for the instances that wait.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{OnceLock, Weak};
 
 use redis::aio::ConnectionLike;
 use redis::{
     Cmd, ErrorKind, FromRedisValue, PushInfo, PushKind, RedisResult, Script, ServerErrorKind,
     ToRedisArgs, Value,
 };
-use tokio::sync::Notify;
+
+pub(super) use crate::shared_store::release::{Waiters, token};
 
 /// Extends the lease to `ARGV[2]` ms if `ARGV[1]` still owns it. A lease that expired and
 /// was taken over belongs to the new owner: renewing it would run the key twice at once.
@@ -152,115 +149,38 @@ impl<'a> ScriptCall<'a> {
     }
 }
 
-/// A token no other lease, in this process or another, ever has: 64 random bits per
-/// process (the OS-seeded `RandomState`), the time, and a counter.
-pub(super) fn token() -> String {
-    static PROCESS: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let process = *PROCESS.get_or_init(|| RandomState::new().hash_one(std::process::id()));
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{process:016x}-{nanos:x}-{n:x}")
-}
-
-/// The local flights that wait for a release, by channel. The connection's push sender
-/// wakes them when a message arrives on their channel.
-#[derive(Default)]
-pub(super) struct Waiters {
-    channels: Mutex<HashMap<String, Waiting>>,
-}
-
-struct Waiting {
-    notify: Arc<Notify>,
-    count: usize,
-}
-
-impl Waiters {
-    /// Registers interest in `channel` until the returned guard drops.
-    pub(super) fn register(self: &Arc<Self>, channel: &str) -> Registration {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        let waiting = channels
-            .entry(channel.to_owned())
-            .or_insert_with(|| Waiting {
-                notify: Arc::new(Notify::new()),
-                count: 0,
-            });
-        waiting.count += 1;
-        Registration {
-            notify: waiting.notify.clone(),
-            waiters: self.clone(),
-            channel: channel.to_owned(),
+/// The push sender of a connection: wakes the flights waiting on the channel of a message.
+/// It must not block, and it doesn't (a short lock). Weak, so that the connection doesn't
+/// keep the registry alive, nor the other way round.
+pub(super) fn push_sender(
+    waiters: Weak<Waiters>,
+) -> impl Fn(PushInfo) -> Result<(), std::convert::Infallible> + Send + Sync + 'static {
+    move |push: PushInfo| {
+        // `smessage`: a sharded channel's message, on a cluster.
+        if !matches!(push.kind, PushKind::Message | PushKind::SMessage) {
+            return Ok(());
         }
-    }
-
-    fn wake(&self, channel: &[u8]) {
-        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(waiting) = std::str::from_utf8(channel)
-            .ok()
-            .and_then(|c| channels.get(c))
+        if let (Some(waiters), Some(Value::BulkString(channel))) =
+            (waiters.upgrade(), push.data.first())
         {
-            waiting.notify.notify_waiters();
-        }
-    }
-
-    /// The push sender of the connection: it must not block, and it doesn't (a short lock).
-    /// Weak, so that the connection doesn't keep the registry alive, nor the other way round.
-    pub(super) fn push_sender(
-        waiters: Weak<Waiters>,
-    ) -> impl Fn(PushInfo) -> Result<(), std::convert::Infallible> + Send + Sync + 'static {
-        move |push: PushInfo| {
-            // `smessage`: a sharded channel's message, on a cluster.
-            if !matches!(push.kind, PushKind::Message | PushKind::SMessage) {
-                return Ok(());
-            }
-            if let (Some(waiters), Some(Value::BulkString(channel))) =
-                (waiters.upgrade(), push.data.first())
-            {
+            if let Ok(channel) = std::str::from_utf8(channel) {
                 waiters.wake(channel);
             }
-            Ok(())
         }
-    }
-}
-
-pub(super) struct Registration {
-    pub(super) notify: Arc<Notify>,
-    waiters: Arc<Waiters>,
-    channel: String,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let mut channels = self
-            .waiters
-            .channels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(waiting) = channels.get_mut(&self.channel) {
-            waiting.count -= 1;
-            if waiting.count == 0 {
-                channels.remove(&self.channel);
-            }
-        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::Arc;
 
-    #[test]
-    fn tokens_are_unique() {
-        let tokens: std::collections::HashSet<_> = (0..10_000).map(|_| token()).collect();
-        assert_eq!(tokens.len(), 10_000);
-    }
+    use super::*;
 
     #[tokio::test]
     async fn a_message_wakes_the_flights_registered_on_its_channel_only() {
         let waiters = Arc::new(Waiters::default());
-        let send = Waiters::push_sender(Arc::downgrade(&waiters));
+        let send = push_sender(Arc::downgrade(&waiters));
         let mine = waiters.register("chan-a");
         let other = waiters.register("chan-b");
         {
@@ -280,6 +200,6 @@ mod tests {
             assert!(futures::poll!(other_woken).is_pending());
         }
         drop((mine, other));
-        assert!(waiters.channels.lock().unwrap().is_empty());
+        assert!(waiters.is_empty());
     }
 }

@@ -72,7 +72,6 @@
 //! [`FencingToken`]: crate::http::lease::FencingToken
 //! [`IdempotencyLayer`]: crate::idempotency::IdempotencyLayer
 
-pub(crate) mod codec;
 mod connection;
 mod lease;
 
@@ -86,10 +85,11 @@ use redis::cluster::ClusterClientBuilder;
 use redis::{ConnectionInfo, IntoConnectionInfo, ProtocolVersion, RedisError, Value};
 
 use self::connection::Connection;
-use self::lease::{LEASE, RENEW, STORE_AND_RELEASE, Waiters};
+use self::lease::{LEASE, RENEW, STORE_AND_RELEASE, Waiters, push_sender};
 use crate::BoxError;
 use crate::idempotency::lease::{Lease, LeaseGuard};
 use crate::idempotency::store::{IdempotencyStore, StoreKey, StoredResponse};
+use crate::shared_store::codec;
 
 /// The default timeout of every Redis command, and of connecting.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -143,7 +143,7 @@ impl RedisStore {
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
-            .set_push_sender(Waiters::push_sender(Arc::downgrade(&waiters)))
+            .set_push_sender(push_sender(Arc::downgrade(&waiters)))
             .set_automatic_resubscription();
         let conn =
             tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
@@ -208,7 +208,7 @@ impl RedisStore {
         let waiters = Arc::new(Waiters::default());
         let client = ClusterClientBuilder::new(nodes)
             .use_protocol(ProtocolVersion::RESP3)
-            .push_sender(Waiters::push_sender(Arc::downgrade(&waiters)))
+            .push_sender(push_sender(Arc::downgrade(&waiters)))
             .connection_timeout(timeout)
             .response_timeout(timeout)
             // The client's own waits between retries start at 1.28 s, over any command

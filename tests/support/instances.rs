@@ -10,8 +10,8 @@ use axum::routing;
 use axum::{Extension, Router};
 use tower_coalesce::http::Metrics;
 use tower_coalesce::http::lease::FencingToken;
+use tower_coalesce::idempotency::store::IdempotencyStore;
 use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
-use tower_coalesce::redis::RedisStore;
 
 use super::{Counter, Gate};
 
@@ -38,8 +38,8 @@ pub struct Instance {
     pub metrics: Metrics,
 }
 
-pub async fn instance(
-    store: RedisStore,
+pub async fn instance<St: IdempotencyStore>(
+    store: St,
     policy: OnStoreError,
     runs: &Counter,
     gate: &Gate,
@@ -142,9 +142,10 @@ pub async fn one_run_for_fifty_callers_each(
 /// the instance that took over (`other`) has a higher token than the stalled run it
 /// replaced (on `stalled`), and every token is at least the server's clock in microseconds
 /// (so tokens survive a Redis that lost its counters; the test's clock is the server's).
-/// Both stores share one Redis, with leases and poll intervals (30 s) longer than the test:
-/// the other instance takes over at once, woken by the release message.
-pub async fn assert_fencing_across_a_takeover(stalled: RedisStore, other: RedisStore) {
+/// Both stores share one Redis (or PostgreSQL), with leases and poll intervals (30 s)
+/// longer than the test: the other instance takes over at once, woken by the release
+/// message.
+pub async fn assert_fencing_across_a_takeover<St: IdempotencyStore>(stalled: St, other: St) {
     // The handler records its token, then passes `gate`.
     let fences = Arc::new(std::sync::Mutex::new(Vec::<Option<u64>>::new()));
     let route = |gate: Gate| {

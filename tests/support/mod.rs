@@ -124,7 +124,9 @@ pub fn header(res: &reqwest::Response, name: &str) -> Option<String> {
         .map(|value| value.to_str().unwrap().to_owned())
 }
 
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "postgres"))]
 pub mod instances;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;

@@ -1,4 +1,4 @@
-//! The bytes a stored response is kept as in Redis.
+//! The bytes a stored response is kept as in a shared store (Redis, PostgreSQL).
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};

@@ -1,0 +1,629 @@
+//! PostgreSQL as the shared store: the database the app already has runs each key once
+//! across all its instances, and keeps completed responses through restarts.
+//!
+//! [`PostgresStore`] implements [`IdempotencyStore`] on one table, through sqlx, for
+//! [`IdempotencyLayer::store`], [`HttpCoalesceLayer::store`] and `HttpCacheLayer::store`.
+//! It works as [`RedisStore`](crate::redis::RedisStore) does:
+//!
+//! 1. Within an instance, requests with the same key coalesce first: the database sees one
+//!    flight per key per instance, not one per request.
+//! 2. The flight takes the key's lease in one statement (`INSERT .. ON CONFLICT .. DO
+//!    UPDATE .. WHERE` the lease is free), which also finds a kept response (the lookup),
+//!    and takes the key's next [`FencingToken`], handed to the inner service as a request
+//!    extension.
+//! 3. The instance that holds the lease runs the request, and renews the lease every third
+//!    of its duration. One statement then keeps the response, releases the lease if its
+//!    token still holds it, and sends a release message (`pg_notify`, delivered when it
+//!    commits).
+//! 4. The other instances `LISTEN` on one connection each and wake at the message, or after
+//!    the poll interval if none comes (lost while the connection was down, or the leading
+//!    instance died): they find the response and replay it, or, once a dead instance's lease
+//!    expired, one of them takes it over and runs the request, with a higher token.
+//!
+//! Every call has a timeout (1 s by default). A failed or timed-out call is an error to the
+//! layer, which runs the request anyway or answers `503`, as
+//! [`on_store_error`](crate::idempotency::IdempotencyLayer::on_store_error) says: PostgreSQL
+//! down or slow never hangs a request. A kept response is a committed row: it survives a
+//! PostgreSQL restart, so the retry after one is replayed.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_coalesce::idempotency::IdempotencyLayer;
+//! use tower_coalesce::postgres::PostgresStore;
+//!
+//! # async fn build(pool: sqlx::PgPool) -> Result<(), tower_coalesce::BoxError> {
+//! // The app's own pool; or `PostgresStore::connect("postgres://...")`.
+//! let store = PostgresStore::new(pool).await?.with_lease(Duration::from_secs(5));
+//! store.migrate().await?; // once, at startup; or run `store.schema()` with your migrations
+//! let layer = IdempotencyLayer::new().store(store);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # The table
+//!
+//! [`migrate`](PostgresStore::migrate) creates it if it is missing (under an advisory lock,
+//! so that instances starting together don't race on it); teams that run their own
+//! migrations take [`schema`](PostgresStore::schema) instead, which for the default table is:
+//!
+//! ```sql
+//! CREATE TABLE IF NOT EXISTS tower_coalesce_store (
+//!     key         bytea       PRIMARY KEY,  -- the 32-byte store key
+//!     response    bytea,                    -- the kept response (the crate's codec); NULL: none
+//!     expires_at  timestamptz,              -- until when the response is kept
+//!     lease_token text,                     -- the instance's token of the last lease
+//!     lease_until timestamptz,              -- the lease is held until then
+//!     fence       bigint      NOT NULL DEFAULT 0,  -- the fencing token of the last lease
+//!     -- when the row may go: past both its response and its lease
+//!     dead_after  timestamptz GENERATED ALWAYS AS (GREATEST(expires_at, lease_until)) STORED
+//! );
+//! CREATE INDEX IF NOT EXISTS tower_coalesce_store_dead_after
+//!     ON tower_coalesce_store (dead_after);
+//! ```
+//!
+//! Keys are [`StoreKey`]s (a SHA-256 of scope and key: no credentials, no raw keys). Expiry
+//! is checked on every read, and each store sweeps dead rows (past their response and
+//! their lease) every [`sweep_interval`](PostgresStoreBuilder::sweep_interval), in batches
+//! of 1,000 that skip locked rows: short transactions, no table lock, and a table bounded by
+//! the keys of the last TTL, however many distinct keys arrive.
+//!
+//! # Connections
+//!
+//! One of the pool's connections is held for `LISTEN`, for as long as the store lives (it
+//! reconnects after the connection drops, and wakes every waiting flight then, since
+//! messages may have been lost). Every other call borrows a pool connection for one
+//! statement: a lease and a completion per flight (per key and instance, not per request),
+//! a renewal every third of the lease while a flight runs, a lookup per waiting flight and
+//! poll, and the sweeps. [`connect`](PostgresStore::connect) makes a pool of 8.
+//!
+//! # Fencing tokens
+//!
+//! A key's tokens strictly increase: each is one more than the key's last (while its row is
+//! kept), and at least the database clock in microseconds, so they go on increasing after
+//! the row was swept, or the database restored from a backup, as long as its clock did not
+//! go back by more than the time since.
+//!
+//! [`IdempotencyStore`]: crate::idempotency::store::IdempotencyStore
+//! [`StoreKey`]: crate::idempotency::store::StoreKey
+//! [`FencingToken`]: crate::http::lease::FencingToken
+//! [`IdempotencyLayer::store`]: crate::idempotency::IdempotencyLayer::store
+//! [`HttpCoalesceLayer::store`]: crate::http::HttpCoalesceLayer::store
+
+mod sql;
+
+use std::fmt::{self, Write as _};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::{Executor, Row};
+use tokio::task::JoinHandle;
+
+use self::sql::Statements;
+use crate::BoxError;
+use crate::idempotency::lease::{Lease, LeaseGuard};
+use crate::idempotency::store::{IdempotencyStore, StoreKey, StoredResponse};
+use crate::shared_store::codec;
+use crate::shared_store::release::{Waiters, token};
+
+/// The default timeout of every statement, and of connecting.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The default lease: how long a key stays claimed by an instance that stopped renewing it
+/// (it died, or lost the database), before another instance may run it.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
+
+/// The default poll interval: how long a waiting instance waits for a release message
+/// before it looks again on its own.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The default interval between sweeps of dead rows.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The default table.
+pub const DEFAULT_TABLE: &str = "tower_coalesce_store";
+
+/// Rows deleted per sweep statement.
+const SWEEP_BATCH: i64 = 1000;
+
+/// An [`IdempotencyStore`] on PostgreSQL, with leases that run each key on one instance;
+/// see the [module docs](self).
+///
+/// Clones share the pool, the `LISTEN` connection and the sweeper, which stop with the
+/// last clone.
+#[derive(Clone)]
+pub struct PostgresStore {
+    shared: Arc<Shared>,
+    timeout: Duration,
+    lease: Duration,
+    poll_interval: Duration,
+}
+
+/// What every clone shares.
+struct Shared {
+    pool: PgPool,
+    table: String,
+    statements: Statements,
+    /// The release channel of this table.
+    channel: String,
+    waiters: Arc<Waiters>,
+    /// The `LISTEN` task and the sweeper, stopped with the last clone.
+    tasks: [JoinHandle<()>; 2],
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Makes a [`PostgresStore`] with other than the defaults: its table, timeout and sweep
+/// interval.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_coalesce::postgres::PostgresStore;
+///
+/// # async fn build(pool: sqlx::PgPool) -> Result<(), tower_coalesce::BoxError> {
+/// let store = PostgresStore::builder()
+///     .table("app.idempotency")
+///     .timeout(Duration::from_millis(500))
+///     .build(pool)
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PostgresStoreBuilder {
+    table: String,
+    timeout: Duration,
+    sweep_interval: Duration,
+}
+
+impl PostgresStoreBuilder {
+    /// The table, [`DEFAULT_TABLE`] unless set: a plain lowercase identifier
+    /// (`[a-z_][a-z0-9_]*`, at most 40 bytes), optionally schema-qualified (`app.store`).
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The timeout of connecting and of every statement, [`DEFAULT_TIMEOUT`] unless set.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How often dead rows are swept, [`DEFAULT_SWEEP_INTERVAL`] unless set.
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// Makes the store on the app's `pool`: starts listening for release messages (one of
+    /// the pool's connections, held) and sweeping. Fails if the table name is not a plain
+    /// identifier or PostgreSQL can't be reached within the timeout.
+    pub async fn build(self, pool: PgPool) -> Result<PostgresStore, BoxError> {
+        if !sql::valid_table(&self.table) {
+            return Err(format!(
+                "{:?} is not a plain lowercase table name ([a-z_][a-z0-9_]*, at most 40 bytes, \
+                 optionally schema.table)",
+                self.table
+            )
+            .into());
+        }
+        let channel = format!("{}_released", self.table.replace('.', "_"));
+        let waiters = Arc::new(Waiters::default());
+        let listener = within(self.timeout, "connecting to listen", async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(&channel).await?;
+            Ok::<_, sqlx::Error>(listener)
+        })
+        .await?;
+        let statements = Statements::new(&self.table);
+        let sweeper = sweep(
+            pool.clone(),
+            statements.sweep.clone(),
+            self.sweep_interval,
+            self.timeout,
+        );
+        let listening = listen(
+            listener,
+            pool.clone(),
+            channel.clone(),
+            Arc::downgrade(&waiters),
+        );
+        Ok(PostgresStore {
+            shared: Arc::new(Shared {
+                pool,
+                table: self.table,
+                statements,
+                channel,
+                waiters,
+                tasks: [tokio::spawn(listening), tokio::spawn(sweeper)],
+            }),
+            timeout: self.timeout,
+            lease: DEFAULT_LEASE,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+        })
+    }
+
+    /// Connects a pool of 8 connections to `url` (`postgres://user@host:port/db`) and makes
+    /// the store on it.
+    pub async fn connect(self, url: &str) -> Result<PostgresStore, BoxError> {
+        let pool = within(
+            self.timeout,
+            "connecting",
+            PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(self.timeout)
+                .connect(url),
+        )
+        .await?;
+        self.build(pool).await
+    }
+}
+
+impl PostgresStore {
+    /// A builder, for another table, timeout or sweep interval.
+    pub fn builder() -> PostgresStoreBuilder {
+        PostgresStoreBuilder {
+            table: DEFAULT_TABLE.to_owned(),
+            timeout: DEFAULT_TIMEOUT,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+        }
+    }
+
+    /// The store on the app's `pool`, with the defaults; see [`PostgresStoreBuilder::build`].
+    pub async fn new(pool: PgPool) -> Result<Self, BoxError> {
+        Self::builder().build(pool).await
+    }
+
+    /// The store on a pool of 8 connections to `url`, with the defaults.
+    pub async fn connect(url: &str) -> Result<Self, BoxError> {
+        Self::builder().connect(url).await
+    }
+
+    /// Creates the table and its index if they are missing: idempotent, and safe to run
+    /// from every instance at once (under a transaction-scoped advisory lock).
+    pub async fn migrate(&self) -> Result<(), BoxError> {
+        let schema = self.schema();
+        let mut tx = self.shared.pool.begin().await?;
+        // Two `CREATE TABLE IF NOT EXISTS` at once can both find the table missing and one
+        // die on a unique index of the catalog: the very race this crate is about.
+        let lock = "SELECT pg_advisory_xact_lock(hashtext('tower-coalesce migrate'))";
+        tx.execute(lock).await?;
+        tx.execute(schema.as_str()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The SQL that [`migrate`](Self::migrate) runs: the table and its index, for teams
+    /// that run their own migrations.
+    pub fn schema(&self) -> String {
+        sql::schema(&self.shared.table)
+    }
+
+    /// How long a lease lasts without renewal: the longest an instance's death holds up
+    /// the key's other callers (plus one poll interval). It is renewed every third of this.
+    ///
+    /// # Panics
+    ///
+    /// If `lease` is under 3 ms, too short to renew.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        assert!(
+            lease >= Duration::from_millis(3),
+            "a lease of {lease:?} can't be renewed"
+        );
+        self.lease = lease;
+        self
+    }
+
+    /// How long a waiting instance waits for a release message before it looks on its own.
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Runs one call against the timeout.
+    async fn timed<T>(
+        &self,
+        what: &'static str,
+        call: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, BoxError> {
+        within(self.timeout, what, call).await.map_err(|error| {
+            match &error {
+                // A missing table says how to make it.
+                StoreError::Sql(sqlx::Error::Database(db))
+                    if db.code().as_deref() == Some("42P01") =>
+                {
+                    format!(
+                        "postgres {what}: the table {} does not exist; run \
+                         PostgresStore::migrate() or its schema() ({db})",
+                        self.shared.table
+                    )
+                    .into()
+                }
+                _ => error.into(),
+            }
+        })
+    }
+
+    /// Takes the lease of `key` with a new token and the key's next fencing token, after
+    /// looking the response up first if `lookup` (one statement).
+    async fn take(&self, key: &StoreKey, lookup: bool) -> Result<Lease, BoxError> {
+        let token = token();
+        let row = self
+            .timed(
+                "lease",
+                sqlx::query(&self.shared.statements.lease)
+                    .bind(&key.as_bytes()[..])
+                    .bind(&token)
+                    .bind(millis(self.lease))
+                    .bind(lookup)
+                    .fetch_one(&self.shared.pool),
+            )
+            .await?;
+        let fence: Option<i64> = row.try_get("fence")?;
+        let response: Option<Vec<u8>> = row.try_get("response")?;
+        match (fence, response) {
+            (Some(fence), _) => {
+                let guard = self.held(key.clone(), token);
+                Ok(Lease::Held(guard.with_fence(fence.max(0) as u64)))
+            }
+            (None, Some(bytes)) => Ok(Lease::Stored(Arc::new(codec::decode(&bytes)?))),
+            (None, None) => Ok(Lease::HeldElsewhere),
+        }
+    }
+
+    /// The lease `token` took on `key`: renewed until completed, which keeps the response,
+    /// releases the lease and tells the waiting instances.
+    fn held(&self, key: StoreKey, token: String) -> LeaseGuard {
+        let renewer = tokio::spawn(self.clone().renew(key.clone(), token.clone()));
+        let store = self.clone();
+        let complete = move |response: Option<(Arc<StoredResponse>, Duration)>| async move {
+            let (bytes, ttl) = match response {
+                Some((response, ttl)) => (Some(codec::encode(&response)), millis(ttl)),
+                None => (None, 0),
+            };
+            let statement = sqlx::query(&store.shared.statements.complete)
+                .bind(&key.as_bytes()[..])
+                .bind(&token)
+                .bind(bytes)
+                .bind(ttl)
+                .bind(&store.shared.channel)
+                .bind(hex(&key))
+                .execute(&store.shared.pool);
+            store.timed("store and release", statement).await.map(drop)
+        };
+        LeaseGuard::new(complete, renewer)
+    }
+
+    /// Renews the lease every third of its duration until the guard aborts it, or the
+    /// lease turns out to be lost.
+    async fn renew(self, key: StoreKey, token: String) {
+        let mut every = tokio::time::interval(self.lease / 3);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let renewal = sqlx::query(&self.shared.statements.renew)
+                .bind(&key.as_bytes()[..])
+                .bind(&token)
+                .bind(millis(self.lease))
+                .execute(&self.shared.pool);
+            match self.timed("lease renewal", renewal).await {
+                Ok(done) if done.rows_affected() == 1 => {}
+                Ok(_) => {
+                    tracing::warn!(
+                        "an idempotency lease expired while its request ran; another \
+                         instance may run the request too"
+                    );
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "renewing an idempotency lease failed; retrying")
+                }
+            }
+        }
+    }
+}
+
+impl IdempotencyStore for PostgresStore {
+    async fn get(&self, key: &StoreKey) -> Result<Option<Arc<StoredResponse>>, BoxError> {
+        let found: Option<Vec<u8>> = self
+            .timed(
+                "lookup",
+                sqlx::query_scalar(&self.shared.statements.get)
+                    .bind(&key.as_bytes()[..])
+                    .fetch_optional(&self.shared.pool),
+            )
+            .await?;
+        Ok(found
+            .map(|bytes| codec::decode(&bytes))
+            .transpose()?
+            .map(Arc::new))
+    }
+
+    async fn put(
+        &self,
+        key: StoreKey,
+        response: Arc<StoredResponse>,
+        ttl: Duration,
+    ) -> Result<(), BoxError> {
+        let statement = sqlx::query(&self.shared.statements.put)
+            .bind(&key.as_bytes()[..])
+            .bind(codec::encode(&response))
+            .bind(millis(ttl))
+            .execute(&self.shared.pool);
+        self.timed("store", statement).await.map(drop)
+    }
+
+    async fn lease(&self, key: &StoreKey) -> Result<Lease, BoxError> {
+        self.take(key, true).await
+    }
+
+    async fn refresh_lease(&self, key: &StoreKey) -> Result<Lease, BoxError> {
+        self.take(key, false).await
+    }
+
+    async fn released(&self, key: &StoreKey) {
+        let payload = hex(key);
+        let registration = self.shared.waiters.register(&payload);
+        let notified = registration.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let wait = async {
+            // The release may have come before this flight registered: look once.
+            let held = sqlx::query(&self.shared.statements.held)
+                .bind(&key.as_bytes()[..])
+                .fetch_optional(&self.shared.pool);
+            if let Ok(None) = self.timed("lease lookup", held).await {
+                return;
+            }
+            notified.await;
+        };
+        let _ = tokio::time::timeout(self.poll_interval, wait).await;
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.shared.table)
+            .field("timeout", &self.timeout)
+            .field("lease", &self.lease)
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Receives the release messages of `channel` and wakes the flights waiting on their key.
+/// After an error, or a connection lost (messages may have been lost with it), it listens
+/// again on a new connection and wakes every waiting flight, so that each looks on its own.
+async fn listen(
+    mut listener: PgListener,
+    pool: PgPool,
+    channel: String,
+    waiters: std::sync::Weak<Waiters>,
+) {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(message)) => match waiters.upgrade() {
+                Some(waiters) => waiters.wake(message.payload()),
+                None => return,
+            },
+            result => {
+                match result {
+                    Err(error) => {
+                        tracing::warn!(%error, "listening for releases failed; reconnecting")
+                    }
+                    _ => tracing::debug!("the listening connection dropped; reconnecting"),
+                }
+                listener = relisten(&pool, &channel).await;
+                let Some(waiters) = waiters.upgrade() else {
+                    return;
+                };
+                waiters.wake_all();
+            }
+        }
+    }
+}
+
+/// A new listener on `channel`, retrying (every 100 ms, up to every 2 s) until PostgreSQL
+/// answers.
+async fn relisten(pool: &PgPool, channel: &str) -> PgListener {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let mut listener = PgListener::connect_with(pool).await?;
+            listener.listen(channel).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(listener)) => return listener,
+            Ok(Err(error)) => tracing::debug!(%error, "listening again failed; retrying"),
+            Err(_) => tracing::debug!("listening again timed out; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Deletes dead rows every `interval`, a batch at a time, until a batch finds fewer than a
+/// full one.
+async fn sweep(pool: PgPool, statement: String, interval: Duration, timeout: Duration) {
+    let mut every = tokio::time::interval(interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        loop {
+            let batch = sqlx::query(&statement).bind(SWEEP_BATCH).execute(&pool);
+            match within(timeout, "sweep", batch).await {
+                Ok(done) if done.rows_affected() < SWEEP_BATCH as u64 => break,
+                Ok(_) => tokio::task::yield_now().await,
+                Err(error) => {
+                    tracing::debug!(%error, "sweeping dead rows failed; next time");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// An error of one call: of PostgreSQL, or its timeout.
+#[derive(Debug)]
+enum StoreError {
+    Sql(sqlx::Error),
+    TimedOut(&'static str, Duration),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Sql(error) => error.fmt(f),
+            StoreError::TimedOut(what, after) => {
+                write!(f, "postgres {what} timed out after {after:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Sql(error) => Some(error),
+            StoreError::TimedOut(..) => None,
+        }
+    }
+}
+
+/// Runs `call` against `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    what: &'static str,
+    call: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result.map_err(StoreError::Sql),
+        Err(_) => Err(StoreError::TimedOut(what, timeout)),
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
+/// The store key in hex: the payload of its release message.
+fn hex(key: &StoreKey) -> String {
+    let mut hex = String::with_capacity(64);
+    for b in key.as_bytes() {
+        let _ = write!(hex, "{b:02x}"); // Writing to a String can't fail.
+    }
+    hex
+}

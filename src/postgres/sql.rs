@@ -1,0 +1,150 @@
+//! The store's SQL: its table, and one statement per call, each made once for the table's
+//! name.
+
+/// The table and its index, as [`migrate`](super::PostgresStore::migrate) creates them.
+pub(super) fn schema(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+    key         bytea       PRIMARY KEY,  -- the 32-byte store key
+    response    bytea,                    -- the kept response (the crate's codec); NULL: none
+    expires_at  timestamptz,              -- until when the response is kept
+    lease_token text,                     -- the instance's token of the last lease
+    lease_until timestamptz,              -- the lease is held until then
+    fence       bigint      NOT NULL DEFAULT 0,  -- the fencing token of the last lease
+    -- when the row may go: past both its response and its lease
+    dead_after  timestamptz GENERATED ALWAYS AS (GREATEST(expires_at, lease_until)) STORED
+);
+CREATE INDEX IF NOT EXISTS {index} ON {table} (dead_after);",
+        index = index_name(table),
+    )
+}
+
+fn index_name(table: &str) -> String {
+    format!("{}_dead_after", table.rsplit('.').next().unwrap_or(table))
+}
+
+/// The statements, with the table's name in them.
+#[derive(Debug)]
+pub(super) struct Statements {
+    pub(super) lease: String,
+    pub(super) complete: String,
+    pub(super) renew: String,
+    pub(super) get: String,
+    pub(super) put: String,
+    pub(super) held: String,
+    pub(super) sweep: String,
+}
+
+impl Statements {
+    pub(super) fn new(table: &str) -> Self {
+        // `$n * interval '1 millisecond'`: durations go as milliseconds (bigint).
+        Statements {
+            // Takes the lease of `$1` for the token `$2` and `$3` ms, unless it is held, or
+            // (`$4`, the lookup) a live response is kept: one statement. The lease's fencing
+            // token is one more than the key's last, and at least the server's clock in
+            // microseconds. The second part of the answer is the kept response, as the
+            // statement's snapshot saw it (before the insert).
+            lease: format!(
+                "WITH taken AS (
+                    INSERT INTO {table} AS s (key, lease_token, lease_until, fence)
+                    VALUES ($1, $2, now() + $3 * interval '1 millisecond',
+                            (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+                    ON CONFLICT (key) DO UPDATE SET
+                        lease_token = EXCLUDED.lease_token,
+                        lease_until = EXCLUDED.lease_until,
+                        fence = GREATEST(s.fence + 1, EXCLUDED.fence)
+                    WHERE (s.lease_until IS NULL OR s.lease_until <= now())
+                      AND NOT ($4 AND s.response IS NOT NULL AND s.expires_at > now())
+                    RETURNING fence
+                )
+                SELECT (SELECT fence FROM taken) AS fence,
+                       (SELECT response FROM {table}
+                         WHERE key = $1 AND $4 AND response IS NOT NULL AND expires_at > now())
+                       AS response"
+            ),
+            // Keeps the response `$3` (if any) for `$4` ms, releases the lease if the token
+            // `$2` still holds it, and tells the waiting instances (`pg_notify`, sent when the
+            // statement commits): one statement. The response is kept even if the lease was
+            // lost meanwhile: it is real either way.
+            complete: format!(
+                "WITH kept AS (
+                    INSERT INTO {table} AS s (key, response, expires_at)
+                    VALUES ($1, $3, CASE WHEN $3::bytea IS NULL THEN NULL
+                                    ELSE now() + $4 * interval '1 millisecond' END)
+                    ON CONFLICT (key) DO UPDATE SET
+                        response = COALESCE(EXCLUDED.response, s.response),
+                        expires_at = CASE WHEN EXCLUDED.response IS NULL THEN s.expires_at
+                                     ELSE EXCLUDED.expires_at END,
+                        lease_until = CASE WHEN s.lease_token = $2 THEN now()
+                                      ELSE s.lease_until END
+                    RETURNING 1
+                )
+                SELECT pg_notify($5, $6) FROM kept"
+            ),
+            renew: format!(
+                "UPDATE {table} SET lease_until = now() + $3 * interval '1 millisecond'
+                  WHERE key = $1 AND lease_token = $2 AND lease_until > now()"
+            ),
+            get: format!(
+                "SELECT response FROM {table}
+                  WHERE key = $1 AND response IS NOT NULL AND expires_at > now()"
+            ),
+            put: format!(
+                "INSERT INTO {table} AS s (key, response, expires_at)
+                 VALUES ($1, $2, now() + $3 * interval '1 millisecond')
+                 ON CONFLICT (key) DO UPDATE SET
+                     response = EXCLUDED.response, expires_at = EXCLUDED.expires_at"
+            ),
+            held: format!("SELECT 1 FROM {table} WHERE key = $1 AND lease_until > now()"),
+            // A batch of dead rows, oldest first, skipping rows another instance's sweep
+            // (or a lease) has locked: short transactions, no table lock.
+            sweep: format!(
+                "DELETE FROM {table} WHERE key IN (
+                    SELECT key FROM {table} WHERE dead_after < now()
+                     ORDER BY dead_after LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            ),
+        }
+    }
+}
+
+/// Whether `table` is a plain SQL identifier, optionally schema-qualified
+/// (`[a-z_][a-z0-9_]*`, each part at most 40 bytes so that the index and channel names
+/// derived from it stay within PostgreSQL's 63).
+pub(super) fn valid_table(table: &str) -> bool {
+    table.split('.').count() <= 2
+        && table.split('.').all(|part| {
+            let mut bytes = part.bytes();
+            matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
+                && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+                && part.len() <= 40
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_plain_identifiers() {
+        for good in ["tower_coalesce_store", "app.store", "_t1"] {
+            assert!(valid_table(good), "{good}");
+        }
+        for bad in [
+            "",
+            "1t",
+            "Store",
+            "t; DROP TABLE users",
+            "a.b.c",
+            "t-1",
+            "\"t\"",
+            &"t".repeat(41),
+        ] {
+            assert!(!valid_table(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_index_is_named_after_the_table_without_its_schema() {
+        assert!(schema("app.store").contains("INDEX IF NOT EXISTS store_dead_after ON app.store"));
+    }
+}

@@ -1,0 +1,6 @@
+//! What the stores shared by several instances ([`RedisStore`](crate::redis::RedisStore),
+//! [`PostgresStore`](crate::postgres::PostgresStore)) have in common: the bytes a response
+//! is kept as, lease tokens, and the flights waiting for a release.
+
+pub(crate) mod codec;
+pub(crate) mod release;

@@ -1,0 +1,320 @@
+//! `PostgresStore`, several instances of an app in one test process on one PostgreSQL: a
+//! key runs once across all of them, distinct keys each run once, a dropped leader hands
+//! over at once (the release message) with a higher fencing token, PostgreSQL killed and
+//! restarted loses no kept response and hangs no request, and the table stays bounded
+//! under a flood of distinct keys.
+//!
+//! The shared server comes from `DATABASE_URL` (`.ci/run` starts one); the restart test
+//! starts a server of its own. Under `CI=true` a missing server fails the tests.
+#![cfg(feature = "postgres")]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use futures::StreamExt;
+use futures::future::join_all;
+use support::instances::{
+    assert_fencing_across_a_takeover, fire, instance, micros_since_1970,
+    one_run_for_fifty_callers_each, post,
+};
+use support::postgres::{Server, database_url, pool, rows, store, table};
+use support::{Counter, Gate, eventually};
+use tower_coalesce::idempotency::OnStoreError;
+use tower_coalesce::idempotency::lease::Lease;
+use tower_coalesce::idempotency::store::{IdempotencyStore, StoreKey, StoredResponse};
+use tower_coalesce::postgres::PostgresStore;
+
+const LEASE: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(500);
+
+/// 4 instances x 50 concurrent requests with one key: one run, 200 identical answers (the
+/// 150 of the instances that waited are replays of the kept response).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_instances_run_a_key_once_for_all_two_hundred_callers() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let (pool, table) = (pool(&url).await, table());
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    let mut instances = Vec::new();
+    for _ in 0..4 {
+        let store = store(&pool, &table, LEASE, POLL).await;
+        instances.push(instance(store, OnStoreError::FailClosed, &runs, &gate).await);
+    }
+    one_run_for_fifty_callers_each(&instances, &runs, &gate, "order-42").await;
+    let errors: u64 = instances.iter().map(|i| i.metrics.store_errors()).sum();
+    assert_eq!(errors, 0);
+}
+
+/// 60 distinct keys, each posted to the 4 instances at once: 60 runs, every caller of a
+/// key answered by its one run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_keys_over_four_instances_run_sixty_times() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let (pool, table) = (pool(&url).await, table());
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    gate.open();
+    let mut instances = Vec::new();
+    for _ in 0..4 {
+        let store = store(&pool, &table, LEASE, POLL).await;
+        instances.push(instance(store, OnStoreError::FailClosed, &runs, &gate).await);
+    }
+    let requests: Vec<_> = (0..60)
+        .map(|k| (k, fire(&instances, &format!("order-{k}"), 1)))
+        .collect();
+    for (k, requests) in requests {
+        let answers: Vec<_> = join_all(requests)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            answers.iter().all(|a| a.status == StatusCode::CREATED
+                && a.run == answers[0].run
+                && a.body == answers[0].body),
+            "key {k}: {answers:?}"
+        );
+    }
+    assert_eq!(runs.get(), 60);
+    assert_eq!(rows(&pool, &table).await, 60);
+}
+
+/// The stalled instance's only caller disconnects: the lease is released with a message,
+/// and the other instance takes over at once (lease and poll interval are 30 s), with a
+/// higher fencing token; tokens are at least the database clock in microseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_leader_hands_over_at_once_with_a_higher_fencing_token() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let (pool, table) = (pool(&url).await, table());
+    let long = Duration::from_secs(30);
+    let stalled = store(&pool, &table, long, long).await;
+    let other = store(&pool, &table, long, long).await;
+    assert_fencing_across_a_takeover(stalled, other).await;
+}
+
+/// An instance that died without a word holds a lease (written as its lease statement
+/// would, then never renewed nor released): another takes the key over once the lease has
+/// expired, within the lease and a poll interval, with a higher fencing token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_that_is_never_released_is_taken_over_when_it_expires() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let (pool, table) = (pool(&url).await, table());
+    let (lease, poll) = (Duration::from_millis(600), Duration::from_millis(100));
+    let other = store(&pool, &table, lease, poll).await;
+    let key = StoreKey::from_bytes([7; 32]);
+    let dead_fence = micros_since_1970() as i64;
+    sqlx::query(&format!(
+        "INSERT INTO {table} (key, lease_token, lease_until, fence)
+         VALUES ($1, 'dead', now() + interval '600 milliseconds', $2)"
+    ))
+    .bind(&key.as_bytes()[..])
+    .bind(dead_fence)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let started = Instant::now();
+    let taken = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match other.lease(&key).await.unwrap() {
+                Lease::Held(guard) => break guard,
+                Lease::HeldElsewhere => other.released(&key).await,
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the dead lease was never taken over");
+    let waited = started.elapsed();
+    assert!(waited >= lease - Duration::from_millis(100), "{waited:?}");
+    assert!(
+        waited < lease + poll + Duration::from_millis(500),
+        "{waited:?}"
+    );
+    assert!(taken.fence().unwrap().get() > dead_fence as u64);
+    taken.complete(None).await.unwrap();
+}
+
+/// PostgreSQL killed (`pg_ctl stop -m immediate`) and started again: requests during the
+/// outage are answered promptly (the `FailClosed` instance `503`, the `FailOpen` one runs
+/// them), the response kept before the crash is replayed after it, and keys coalesce
+/// across instances again, woken by release messages on the listener's new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_restart_loses_no_kept_response_and_hangs_no_request() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let (pool, table) = (server.pool().await, table());
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    gate.open();
+    let long = Duration::from_secs(30);
+    let closed = instance(
+        store(&pool, &table, long, long).await,
+        OnStoreError::FailClosed,
+        &runs,
+        &gate,
+    )
+    .await;
+    let open = instance(
+        store(&pool, &table, long, long).await,
+        OnStoreError::FailOpen,
+        &runs,
+        &gate,
+    )
+    .await;
+    let kept = post(closed.addr, "order-1").await;
+    assert_eq!(
+        (kept.status, kept.run.as_deref()),
+        (StatusCode::CREATED, Some("1"))
+    );
+
+    server.kill();
+    let down = Instant::now();
+    let refused = post(closed.addr, "order-2").await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    let ran = post(open.addr, "order-3").await;
+    assert_eq!(ran.status, StatusCode::CREATED);
+    assert!(
+        down.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        down.elapsed()
+    );
+
+    server.start_again();
+    let replayed = loop {
+        let answer = post(open.addr, "order-1").await;
+        if answer.replayed {
+            break answer;
+        }
+        assert!(down.elapsed() < Duration::from_secs(30), "{answer:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(replayed.body, kept.body);
+    assert_eq!(replayed.run, kept.run);
+
+    // Coalescing across instances again: a key held by one instance, waited on by the
+    // other, which is woken by the release message (lease and poll are 30 s), so the
+    // listener has a connection again.
+    let gate = Gate::closed();
+    let runs = Counter::default();
+    let held = instance(
+        store(&pool, &table, long, long).await,
+        OnStoreError::FailClosed,
+        &runs,
+        &gate,
+    )
+    .await;
+    let first = tokio::spawn(post(held.addr, "order-4"));
+    runs.reach(1).await;
+    let second = tokio::spawn(post(closed.addr, "order-4"));
+    eventually("the other instance waits on the lease", || {
+        closed.metrics.flights_waiting_elsewhere() >= 1
+    })
+    .await;
+    let released = Instant::now();
+    gate.open();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert!(released.elapsed() < Duration::from_secs(10));
+    assert_eq!(runs.get(), 1);
+    assert!(second.replayed);
+    assert_eq!(first.body, second.body);
+}
+
+/// 100,000 distinct keys kept for 1 s: once they have expired, the sweeps (every 200 ms,
+/// in batches) empty the table, and every expired key reads as missing at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_distinct_keys_is_swept_once_expired() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let (pool, table) = (pool(&url).await, table());
+    let store = PostgresStore::builder()
+        .table(&table)
+        .sweep_interval(Duration::from_millis(200))
+        .timeout(Duration::from_secs(10))
+        .build(pool.clone())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let response = std::sync::Arc::new(StoredResponse::new(
+        StatusCode::CREATED,
+        axum::http::Version::HTTP_11,
+        axum::http::HeaderMap::new(),
+        bytes::Bytes::from_static(b"created"),
+        tower_coalesce::idempotency::store::Fingerprint::from_bytes([1; 32]),
+    ));
+    let keys = 100_000u32;
+    let started = Instant::now();
+    futures::stream::iter(0..keys)
+        .map(|i| {
+            let (store, response) = (store.clone(), response.clone());
+            let mut key = [0; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            async move {
+                let ttl = Duration::from_secs(1);
+                store.put(StoreKey::from_bytes(key), response, ttl).await
+            }
+        })
+        .buffer_unordered(16)
+        .for_each(|put| async { put.unwrap() })
+        .await;
+    eprintln!("{keys} keys kept in {:?}", started.elapsed());
+    assert!(rows(&pool, &table).await > 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = rows(&pool, &table).await;
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{left} rows left");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("table empty {:?} after the first put", started.elapsed());
+    assert!(
+        store
+            .get(&StoreKey::from_bytes([0; 32]))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// A missing table is an error that says how to make it; a bad table name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_table_and_a_bad_name_are_clear_errors() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let pool = pool(&url).await;
+    let store = PostgresStore::builder()
+        .table(table())
+        .build(pool.clone())
+        .await
+        .unwrap();
+    let error = store.get(&StoreKey::from_bytes([0; 32])).await.unwrap_err();
+    assert!(error.to_string().contains("migrate"), "{error}");
+    let error = PostgresStore::builder()
+        .table("users; DROP TABLE users")
+        .build(pool.clone())
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("table name"), "{error}");
+    // Two migrations at once, and again: no error.
+    let store = PostgresStore::builder()
+        .table(table())
+        .build(pool.clone())
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(store.migrate(), store.migrate());
+    a.unwrap();
+    b.unwrap();
+    store.migrate().await.unwrap();
+}
