@@ -9,15 +9,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing;
+use support::processes::{Instance, fire, first_to_say};
 use support::redis::{Server, free_port, prefix};
 use tower_coalesce::idempotency::IdempotencyLayer;
 use tower_coalesce::redis::RedisStore;
@@ -85,105 +82,21 @@ async fn serve_instance(url: String) {
     std::future::pending::<()>().await;
 }
 
-/// An instance process, killed on drop; its stdout lines arrive on `lines`.
-struct Instance {
-    child: Child,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Instance {
-    fn spawn(server: &Server, prefix: &str, lease: Duration, hang_first: bool) -> Instance {
-        let mut command = Command::new(std::env::current_exe().unwrap());
-        command
-            .args([
-                "instance_process",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(REDIS, server.url())
-            .env(PREFIX, prefix)
-            .env(LEASE_MS, lease.as_millis().to_string())
-            .env(POLL_MS, POLL.as_millis().to_string())
-            .stdout(Stdio::piped());
-        if hang_first {
-            command.env(HANG_FIRST, "1");
-        }
-        let mut child = command.spawn().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        // Killed on drop from here on, should the wait below fail.
-        let mut instance = Instance {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            lines: mpsc::channel().1,
-        };
-        let (send, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stdout.lines().map_while(Result::ok) {
-                let _ = send.send(line);
-            }
-        });
-        // libtest prints `test instance_process ... ` before the test's own output.
-        instance.addr = loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(30))
-                .expect("the instance process did not start listening");
-            if let Some((_, addr)) = line.split_once("listening ") {
-                break addr.parse().unwrap();
-            }
-        };
-        instance.lines = lines;
-        instance
+/// An instance process on `server`, with `lease`; its first run hangs if `hang_first`.
+fn spawn(server: &Server, prefix: &str, lease: Duration, hang_first: bool) -> Instance {
+    let mut env = vec![
+        (REDIS, server.url()),
+        (PREFIX, prefix.to_owned()),
+        (LEASE_MS, lease.as_millis().to_string()),
+        (POLL_MS, POLL.as_millis().to_string()),
+    ];
+    if hang_first {
+        env.push((HANG_FIRST, "1".to_owned()));
     }
-
-    /// Whether the instance printed `line` within `within`.
-    fn said(&self, line: &str, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(said) if said == line => return true,
-                Ok(_) => {}
-                Err(_) => return false,
-            }
-        }
-        false
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    Instance::spawn("instance_process", &env)
 }
 
 const POLL: Duration = Duration::from_millis(200);
-
-async fn post(addr: SocketAddr, key: &str) -> Result<(StatusCode, String), reqwest::Error> {
-    let res = reqwest::Client::new()
-        .post(format!("http://{addr}/orders"))
-        .header("idempotency-key", key)
-        .body("2 apples")
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await?;
-    Ok((res.status(), res.text().await?))
-}
-
-fn fire(
-    addrs: impl Iterator<Item = SocketAddr>,
-    n: usize,
-    key: &str,
-) -> Vec<tokio::task::JoinHandle<Result<(StatusCode, String), reqwest::Error>>> {
-    addrs
-        .flat_map(|addr| std::iter::repeat_n(addr, n))
-        .map(|addr| {
-            let key = key.to_owned();
-            tokio::spawn(async move { post(addr, &key).await })
-        })
-        .collect()
-}
 
 async fn runs(server: &Server, prefix: &str) -> u64 {
     let client = redis::Client::open(server.url()).unwrap();
@@ -204,7 +117,7 @@ async fn four_processes_run_a_key_once() {
     };
     let prefix = prefix();
     let instances: Vec<Instance> = (0..4)
-        .map(|_| Instance::spawn(&server, &prefix, Duration::from_secs(5), false))
+        .map(|_| spawn(&server, &prefix, Duration::from_secs(5), false))
         .collect();
 
     let answers = futures::future::join_all(fire(instances.iter().map(|i| i.addr), 50, "k")).await;
@@ -231,21 +144,14 @@ async fn when_the_running_process_is_killed_another_takes_over_after_the_lease()
     };
     let (prefix, lease) = (prefix(), Duration::from_secs(1));
     let mut instances: Vec<Instance> = (0..4)
-        .map(|_| Instance::spawn(&server, &prefix, lease, true))
+        .map(|_| spawn(&server, &prefix, lease, true))
         .collect();
 
     let requests: Vec<_> = instances
         .iter()
         .map(|i| fire(std::iter::once(i.addr), 50, "k"))
         .collect();
-    let leader = loop {
-        if let Some(i) = instances
-            .iter()
-            .position(|i| i.said("running 1", Duration::from_millis(50)))
-        {
-            break i;
-        }
-    };
+    let leader = first_to_say(&instances, "running 1");
     // Long enough for the others' callers to arrive and wait, and for a renewal or two.
     tokio::time::sleep(Duration::from_millis(700)).await;
 

@@ -128,5 +128,7 @@ pub fn header(res: &reqwest::Response, name: &str) -> Option<String> {
 pub mod instances;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub mod processes;
 #[cfg(feature = "redis")]
 pub mod redis;
