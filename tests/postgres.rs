@@ -318,3 +318,46 @@ async fn a_missing_table_and_a_bad_name_are_clear_errors() {
     b.unwrap();
     store.migrate().await.unwrap();
 }
+
+/// The HTTP cache on `PostgresStore`: a miss on two instances at once runs once, and the
+/// other instance answers from the kept response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_http_cache_runs_a_miss_once_across_instances() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let (pool, table) = (pool(&url).await, table());
+    let runs = Counter::default();
+    let mut addrs = Vec::new();
+    for _ in 0..2 {
+        let runs = runs.clone();
+        let handler = move || {
+            let n = runs.incr() + 1;
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                ([("cache-control", "max-age=60")], format!("report {n}"))
+            }
+        };
+        let cache = tower_coalesce::http_cache::HttpCacheLayer::new()
+            .unscoped()
+            .store(store(&pool, &table, LEASE, POLL).await);
+        let app = axum::Router::new()
+            .route("/report", axum::routing::get(handler))
+            .layer(cache);
+        addrs.push(support::serve(app).await);
+    }
+    let get = |addr: std::net::SocketAddr| async move {
+        let res = reqwest::get(format!("http://{addr}/report")).await.unwrap();
+        let status = support::header(&res, "cache-status").unwrap();
+        (res.text().await.unwrap(), status)
+    };
+    let answers = join_all((0..20).map(|i| get(addrs[i % 2]))).await;
+    assert_eq!(runs.get(), 1);
+    assert!(
+        answers.iter().all(|(body, _)| body == "report 1"),
+        "{answers:?}"
+    );
+    let (body, status) = get(addrs[1]).await;
+    assert_eq!(body, "report 1");
+    assert!(status.contains("; hit"), "{status}");
+}

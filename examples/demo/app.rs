@@ -217,10 +217,21 @@ pub async fn fire_with(
     n: usize,
     headers: &[(&'static str, String)],
 ) -> Vec<Received> {
+    fire_across(&[base.to_owned()], id, n, headers).await
+}
+
+/// [`fire_with`] across several instances of the app: create `i` goes to `bases[i % len]`.
+pub async fn fire_across(
+    bases: &[String],
+    id: &str,
+    n: usize,
+    headers: &[(&'static str, String)],
+) -> Vec<Received> {
     let barrier = Arc::new(tokio::sync::Barrier::new(n));
     let tasks: Vec<_> = (0..n)
-        .map(|_| {
-            let (base, id, barrier) = (base.to_owned(), id.to_owned(), barrier.clone());
+        .map(|i| {
+            let base = bases[i % bases.len()].clone();
+            let (id, barrier) = (id.to_owned(), barrier.clone());
             let headers = headers.to_vec();
             tokio::spawn(async move {
                 let client = reqwest::Client::builder().no_proxy().build().unwrap();

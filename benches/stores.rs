@@ -1,21 +1,23 @@
-//! The Redis mode beside local-only (the in-memory store), in one run, on the Redis at
-//! `REDIS_URL` (skipped without it). Services are called in process, without sockets, so
-//! that the difference is Redis's alone; the handler answers at once.
+//! The shared stores beside local-only (the in-memory store), in one run: Redis, a Redis
+//! Cluster and PostgreSQL, each where its server is given. Services are called in process,
+//! without sockets, so that the difference is the store's alone; the handler answers at
+//! once.
 //!
-//! - `one_caller`: a fresh key, one caller: what Redis adds to a request that coalesces
-//!   with nothing (a lookup-or-lease script, then a store-and-release script: two round
-//!   trips).
-//! - `fan_in_50`: a fresh key, 50 concurrent callers on one instance: Redis is paid once
-//!   per key per instance, so per caller it nearly vanishes.
+//! - `one_caller`: a fresh key, one caller: what the store adds to a request that coalesces
+//!   with nothing (a lookup-or-lease, then a store-and-release: two round trips).
+//! - `fan_in_50`: a fresh key, 50 concurrent callers on one instance: the store is paid
+//!   once per key per instance, so per caller it nearly vanishes.
 //! - `four_instances_one_key`: 4 instances (a layer and a connection each) x 50 callers of
-//!   one fresh key. Local-only runs the key four times; Redis once.
+//!   one fresh key. Local-only runs the key four times; a shared store once.
 //! - `four_instances_distinct_keys`: 400 requests with distinct keys over 4 instances at
 //!   once: throughput when nothing coalesces.
 //!
-//! Each on local-only, on the Redis at `REDIS_URL`, and on the Redis Cluster at
-//! `REDIS_CLUSTER_URLS` (comma-separated) if it is set.
+//! Each on local-only; on the Redis at `REDIS_URL` and the Redis Cluster at
+//! `REDIS_CLUSTER_URLS` (comma-separated) with the feature `redis`; on the PostgreSQL at
+//! `DATABASE_URL` with the feature `postgres`.
 //!
-//! Run with `REDIS_URL=redis://127.0.0.1:6379 cargo bench --bench redis --features redis`.
+//! Run with `REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL=postgres://... cargo bench
+//! --bench stores --features redis,postgres`.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +32,6 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_coalesce::idempotency::IdempotencyLayer;
 use tower_coalesce::idempotency::store::{IdempotencyStore, MemoryStore};
-use tower_coalesce::redis::RedisStore;
 
 type Svc = BoxCloneSyncService<Request<Full<Bytes>>, Response<()>, Infallible>;
 
@@ -81,44 +82,23 @@ async fn distinct(instances: &[Svc], per_instance: usize) {
 }
 
 fn benches(c: &mut Criterion) {
-    let Some(url) = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) else {
-        eprintln!("skipped: set REDIS_URL=redis://... to run the Redis benchmark");
-        return;
-    };
     let rt: Runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let prefix = format!("tower-coalesce-bench:{}:", std::process::id());
-    let redis = |n: usize| -> Vec<Svc> {
-        rt.block_on(async {
-            let mut out = Vec::new();
-            for _ in 0..n {
-                let store = RedisStore::connect(&url).await.unwrap();
-                out.push(instance(store.with_prefix(prefix.clone())));
-            }
-            out
-        })
-    };
     let local =
         |n: usize| -> Vec<Svc> { (0..n).map(|_| instance(MemoryStore::default())).collect() };
-    let mut setups = vec![("local_only", local(4)), ("redis", redis(4))];
-    // A Redis Cluster beside it, if there is one: each key's scripts go to its slot's master.
-    if let Some(urls) = std::env::var("REDIS_CLUSTER_URLS")
-        .ok()
-        .filter(|u| !u.is_empty())
-    {
-        let nodes: Vec<&str> = urls.split(',').collect();
-        let cluster = rt.block_on(async {
-            let mut out = Vec::new();
-            for _ in 0..4 {
-                let store = RedisStore::connect_cluster(&nodes).await.unwrap();
-                out.push(instance(store.with_prefix(prefix.clone())));
-            }
-            out
-        });
-        setups.push(("redis_cluster", cluster));
+    let mut setups = vec![("local_only", local(4))];
+    #[cfg(feature = "redis")]
+    setups.extend(redis(&rt));
+    #[cfg(feature = "postgres")]
+    setups.extend(postgres(&rt));
+    if setups.len() == 1 {
+        eprintln!(
+            "skipped: no shared store (REDIS_URL with --features redis, DATABASE_URL with --features postgres)"
+        );
+        return;
     }
 
     let mut group = c.benchmark_group("one_caller");
@@ -153,5 +133,67 @@ fn benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(redis_mode, benches);
-criterion_main!(redis_mode);
+/// 4 instances on the Redis at `REDIS_URL`, and 4 on the cluster at `REDIS_CLUSTER_URLS`,
+/// where they are set.
+#[cfg(feature = "redis")]
+fn redis(rt: &Runtime) -> Vec<(&'static str, Vec<Svc>)> {
+    use tower_coalesce::redis::RedisStore;
+
+    let env = |name| std::env::var(name).ok().filter(|u: &String| !u.is_empty());
+    let prefix = format!("tower-coalesce-bench:{}:", std::process::id());
+    let mut setups = Vec::new();
+    if let Some(url) = env("REDIS_URL") {
+        let instances = rt.block_on(async {
+            let mut out = Vec::new();
+            for _ in 0..4 {
+                let store = RedisStore::connect(&url).await.unwrap();
+                out.push(instance(store.with_prefix(prefix.clone())));
+            }
+            out
+        });
+        setups.push(("redis", instances));
+    }
+    // A Redis Cluster beside it, if there is one: each key's scripts go to its slot's master.
+    if let Some(urls) = env("REDIS_CLUSTER_URLS") {
+        let nodes: Vec<&str> = urls.split(',').collect();
+        let instances = rt.block_on(async {
+            let mut out = Vec::new();
+            for _ in 0..4 {
+                let store = RedisStore::connect_cluster(&nodes).await.unwrap();
+                out.push(instance(store.with_prefix(prefix.clone())));
+            }
+            out
+        });
+        setups.push(("redis_cluster", instances));
+    }
+    setups
+}
+
+/// 4 instances on the PostgreSQL at `DATABASE_URL`, each with a pool of its own, on a
+/// table of this run.
+#[cfg(feature = "postgres")]
+fn postgres(rt: &Runtime) -> Vec<(&'static str, Vec<Svc>)> {
+    use tower_coalesce::postgres::PostgresStore;
+
+    let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) else {
+        return Vec::new();
+    };
+    let table = format!("tc_bench_{}", std::process::id());
+    let instances = rt.block_on(async {
+        let mut out = Vec::new();
+        for _ in 0..4 {
+            let store = PostgresStore::builder()
+                .table(&table)
+                .connect(&url)
+                .await
+                .unwrap();
+            store.migrate().await.unwrap();
+            out.push(instance(store));
+        }
+        out
+    });
+    vec![("postgres", instances)]
+}
+
+criterion_group!(stores, benches);
+criterion_main!(stores);
