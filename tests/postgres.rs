@@ -361,3 +361,48 @@ async fn the_http_cache_runs_a_miss_once_across_instances() {
     assert_eq!(body, "report 1");
     assert!(status.contains("; hit"), "{status}");
 }
+
+/// PostgreSQL slow (the table locked by another transaction): every call gives up at the
+/// store's timeout, and the request is answered then, `503` under `FailClosed` or run under
+/// `FailOpen`, never held for the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_postgres_costs_a_timeout_never_a_hang() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let (pool, table) = (pool(&url).await, table());
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    gate.open();
+    let timeout = Duration::from_millis(300);
+    let slow_store = || async {
+        let store = PostgresStore::builder()
+            .table(&table)
+            .timeout(timeout)
+            .build(pool.clone())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        store
+    };
+    let closed = instance(slow_store().await, OnStoreError::FailClosed, &runs, &gate).await;
+    let open = instance(slow_store().await, OnStoreError::FailOpen, &runs, &gate).await;
+
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (refused, ran) = tokio::join!(post(closed.addr, "order-1"), post(open.addr, "order-2"));
+    let took = started.elapsed();
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ran.status, StatusCode::CREATED);
+    assert!(took < timeout * 4, "{took:?}");
+    lock.rollback().await.unwrap();
+
+    // Once the lock is gone, the store answers again.
+    assert_eq!(
+        post(closed.addr, "order-3").await.status,
+        StatusCode::CREATED
+    );
+}
