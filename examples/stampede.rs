@@ -8,9 +8,9 @@
 //! stale-while-revalidate). It prints the database queries run (counted by the handler)
 //! and the latencies the clients saw.
 //!
-//!     cargo run --example stampede --features http-cache                  # SQLite file
-//!     DATABASE_URL=postgres://... cargo run --example stampede --features http-cache
-//!     cargo run --example stampede --features http-cache -- --requests 300 --rows 50000
+//!     cargo run --release --example stampede --features http-cache                  # SQLite file
+//!     DATABASE_URL=postgres://... cargo run --release --example stampede --features http-cache
+//!     cargo run --release --example stampede --features http-cache -- --requests 300 --rows 50000
 
 #[path = "demo/app.rs"]
 mod app;
@@ -127,6 +127,8 @@ struct Burst {
     stale: usize,
     queries: usize,
     latencies: Vec<Duration>,
+    /// The first failed answer: its status and body.
+    failure: Option<String>,
 }
 
 async fn burst(mode: Mode, args: &Args) -> Burst {
@@ -176,9 +178,11 @@ async fn burst(mode: Mode, args: &Args) -> Burst {
                     .headers()
                     .get("cache-status")
                     .is_some_and(|v| v.to_str().unwrap_or("").contains("stale"));
-                let ok = res.status().is_success();
-                res.bytes().await.expect("body failed");
-                (ok, stale, start.elapsed())
+                let status = res.status();
+                let body = res.bytes().await.expect("body failed");
+                let failure = (!status.is_success())
+                    .then(|| format!("{status}: {}", String::from_utf8_lossy(&body)));
+                (failure, stale, start.elapsed())
             })
         })
         .collect();
@@ -187,10 +191,14 @@ async fn burst(mode: Mode, args: &Args) -> Burst {
         stale: 0,
         queries: 0,
         latencies: Vec::new(),
+        failure: None,
     };
     for call in calls {
-        let (ok, stale, latency) = call.await.unwrap();
-        out.ok += ok as usize;
+        let (failure, stale, latency) = call.await.unwrap();
+        out.ok += failure.is_none() as usize;
+        if out.failure.is_none() {
+            out.failure = failure;
+        }
         out.stale += stale as usize;
         out.latencies.push(latency);
     }
@@ -237,6 +245,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{:<22} {:>8} {:>6} {:>11} {:>7} {:>10} {:>10}",
         "", "requests", "2xx", "db queries", "stale", "p50", "p99"
     );
+    let mut failures = Vec::new();
     for (label, mode) in [
         ("no layer", Mode::Bare),
         ("coalescing only", Mode::Coalescing),
@@ -257,6 +266,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3,
         );
+        if let Some(failure) = b.failure {
+            failures.push(format!(
+                "{label}: {} failed, the first with {failure}",
+                args.requests - b.ok
+            ));
+        }
+    }
+    for failure in failures {
+        println!("{failure}");
     }
     println!(
         "\ndb queries: report queries the handler ran for the burst (a background refresh \

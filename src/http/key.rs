@@ -20,10 +20,13 @@
 //! // A client id in a header of your own.
 //! let layer = HttpCoalesceLayer::new(key::header("x-client-id"));
 //!
-//! // Anything else: a closure over the request head.
-//! let layer = HttpCoalesceLayer::new(|parts: &Parts| {
+//! // Anything else: a function of the request head, whose argument type `from_fn` gives.
+//! let layer = HttpCoalesceLayer::new(key::from_fn(|parts| {
 //!     parts.uri.query().map(str::to_owned)
-//! });
+//! }));
+//!
+//! // The same as a bare closure, whose argument type must then be spelled out.
+//! let layer = HttpCoalesceLayer::new(|parts: &Parts| parts.uri.query().map(str::to_owned));
 //! ```
 //!
 //! Whatever the key, the layer also scopes it to the caller's identity (see
@@ -46,6 +49,53 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, Method};
 
 use crate::coalesce::MakeKey;
+
+/// Keys requests by what `f` returns for their head: a closure whose argument type needs
+/// no annotation (a bare closure given to the layer needs `|parts: &Parts|`, because the
+/// layer's bound is generic), and `http` need not be a dependency of the app.
+///
+/// ```
+/// use tower_coalesce::http::{HttpCoalesceLayer, key};
+///
+/// #[derive(Clone)]
+/// struct TenantId(String);
+///
+/// // The tenant an earlier layer put in the extensions, and the path.
+/// let layer = HttpCoalesceLayer::new(key::from_fn(|parts| {
+///     let tenant = parts.extensions.get::<TenantId>()?;
+///     Some((tenant.0.clone(), parts.uri.path().to_owned()))
+/// }));
+/// ```
+pub fn from_fn<F, K>(f: F) -> FromFn<F>
+where
+    F: Fn(&Parts) -> Option<K>,
+{
+    FromFn(f)
+}
+
+/// Key made by [`from_fn`].
+#[derive(Clone)]
+pub struct FromFn<F>(F);
+
+impl<F, K> MakeKey<Parts> for FromFn<F>
+where
+    F: Fn(&Parts) -> Option<K>,
+    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+{
+    type Key = K;
+
+    fn make_key(&self, parts: &Parts) -> Option<K> {
+        (self.0)(parts)
+    }
+}
+
+impl<F> fmt::Debug for FromFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("FromFn")
+            .field(&std::any::type_name::<F>())
+            .finish()
+    }
+}
 
 /// The longest header value [`header`] accepts as a key, in bytes.
 pub const MAX_HEADER_KEY_LEN: usize = 255;

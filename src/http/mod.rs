@@ -193,6 +193,10 @@ pub mod scope;
 mod service;
 pub mod store;
 
+/// The request head that keys and scopes read, re-exported so that an app need not depend
+/// on `http` to name it.
+pub use http::request::Parts;
+
 pub use self::body::ResponseBody;
 pub use self::layer::{DEFAULT_BODY_LIMIT, DEFAULT_HANDOVER, HttpCoalesceLayer};
 pub use self::metrics::Metrics;

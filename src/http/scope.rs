@@ -21,8 +21,9 @@
 //!   with a [credential header it does not read](DefaultScope#credentials-it-does-not-read)
 //!   (`x-api-key`, ...) has no identity.
 //! - [`headers`]: other headers, such as an API key header.
-//! - A closure, for an identity that a middleware above put in the request's extensions:
-//!   `|parts: &Parts| parts.extensions.get::<UserId>().cloned()`.
+//! - [`extension`], for an identity that a middleware above put in the request's
+//!   extensions: `scope::extension::<UserId>()`; or any closure over the head
+//!   (`|parts: &Parts| ...`).
 //! - [`Unscoped`]: **every caller shares with every other**. Use it only where responses
 //!   hold nothing private to a caller, for example public, read-only data.
 //!
@@ -221,6 +222,72 @@ impl MakeKey<Parts> for ScopeHeaders {
     }
 }
 
+/// Scopes by the extension of type `T` that a layer before this one (the auth middleware)
+/// put in the request: `None` (no such extension yet, say because the auth layer runs
+/// after this one) means "not identified", and such a request is shared with nobody.
+///
+/// `T` is the scope's key, so it implements [`EncodeKey`](super::key::EncodeKey) (the
+/// bytes a shared store digests), usually by encoding its one field.
+///
+/// ```
+/// use axum::{Router, routing::post};
+/// use tower_coalesce::http::key::EncodeKey;
+/// use tower_coalesce::http::{HttpCoalesceLayer, key, scope};
+///
+/// #[derive(Clone, PartialEq, Eq, Hash)]
+/// struct UserId(String);
+///
+/// impl EncodeKey for UserId {
+///     fn encode_key(&self, out: &mut Vec<u8>) {
+///         self.0.encode_key(out);
+///     }
+/// }
+///
+/// async fn auth(mut request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+///     request.extensions_mut().insert(UserId("u-1".into()));
+///     next.run(request).await
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/orders", post(|| async { "created" }))
+///     .layer(HttpCoalesceLayer::new(key::idempotency_key()).scope(scope::extension::<UserId>()))
+///     .layer(axum::middleware::from_fn(auth)); // runs first
+/// ```
+pub fn extension<T>() -> Extension<T>
+where
+    T: Clone + std::hash::Hash + Eq + Send + Sync + 'static,
+{
+    Extension(std::marker::PhantomData)
+}
+
+/// Scope made by [`extension`].
+pub struct Extension<T>(std::marker::PhantomData<fn() -> T>);
+
+impl<T> Clone for Extension<T> {
+    fn clone(&self) -> Self {
+        Extension(std::marker::PhantomData)
+    }
+}
+
+impl<T> std::fmt::Debug for Extension<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Extension")
+            .field(&std::any::type_name::<T>())
+            .finish()
+    }
+}
+
+impl<T> MakeKey<Parts> for Extension<T>
+where
+    T: Clone + std::hash::Hash + Eq + Send + Sync + 'static,
+{
+    type Key = T;
+
+    fn make_key(&self, parts: &Parts) -> Option<T> {
+        parts.extensions.get::<T>().cloned()
+    }
+}
+
 /// No scope: callers with equal keys share flights whoever they are.
 ///
 /// **One caller may then receive a response that was made for another.** Use it only where
@@ -264,6 +331,18 @@ mod tests {
         assert_ne!(scope.make_key(&alice), scope.make_key(&cookie));
         // Anonymous is an identity, shared by every anonymous caller.
         assert_eq!(scope.make_key(&anonymous), Some(Vec::new()));
+    }
+
+    #[test]
+    fn an_extension_scope_is_the_extension_or_unidentified() {
+        #[derive(Clone, PartialEq, Eq, Hash, Debug)]
+        struct UserId(u32);
+        let scope = extension::<UserId>();
+        let mut alice = parts(http::Request::get("/"));
+        alice.extensions.insert(UserId(1));
+        assert_eq!(scope.make_key(&alice), Some(UserId(1)));
+        // The auth layer has not run yet: not anonymous, unidentified.
+        assert_eq!(scope.make_key(&parts(http::Request::get("/"))), None);
     }
 
     #[test]
