@@ -86,6 +86,7 @@ async fn the_layer_fixes_it(url: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn postgres_duplicate_creates_fail_without_the_layer_and_run_once_with_it() {
     let Some(url) = postgres_url() else { return };
     the_bug_reproduces(&url, "23505").await;
