@@ -11,7 +11,7 @@
 //! 1. **Admit.** The key comes from the request head (a header such as `Idempotency-Key`,
 //!    the method and path, a path parameter) or from the body ([`key::json`],
 //!    [`key::form`]), alone or in tuples, or from a closure over
-//!    [`Parts`](http::request::Parts); see [`key`]. A request without one passes through
+//!    [`Parts`]; see [`key`]. A request without one passes through
 //!    unread. A keyed request's body is read (up to a
 //!    [limit](HttpCoalesceLayer::request_body_limit), else `413`), and the request gets a
 //!    *fingerprint*: its method, path, query and body.
