@@ -30,11 +30,12 @@ use tracing::Instrument;
 
 use super::body::ResponseBody;
 use super::error::ShareError;
-use super::flown::{self, Flown};
+use super::flown::{self, Buffered, Flown};
 use super::key::BufferedBody;
 use super::lease::{Lease, LeaseGuard};
 use super::metrics::Metrics;
 use super::policy::{Fallback, OnDuplicate, OnMismatch, OnStoreError, SharePredicate, Unshared};
+use super::stage::{Admit, After, Answered, Ran, Stage};
 use super::store::{Fingerprint, IdempotencyStore, StoreKey, StoredResponse};
 use super::{DEFAULT_BODY_LIMIT, DEFAULT_HANDOVER, Role, problem};
 use crate::BoxError;
@@ -54,9 +55,8 @@ pub(crate) struct Engine<K, I, St> {
     pub(crate) config: Config,
     pub(crate) metrics: Metrics,
     pub(crate) flights: LazyGroup,
-    /// The HTTP cache's stage, for the cache preset.
-    #[cfg(feature = "http-cache")]
-    pub(crate) cache: Option<Arc<crate::http_cache::CacheState>>,
+    /// What a preset adds to the engine's steps, if anything (the HTTP cache).
+    pub(crate) stage: Option<Arc<dyn Stage>>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,8 +124,7 @@ impl<K, I, St> Engine<K, I, St> {
             config,
             metrics: Metrics::default(),
             flights: LazyGroup::default(),
-            #[cfg(feature = "http-cache")]
-            cache: None,
+            stage: None,
         }
     }
 
@@ -137,8 +136,7 @@ impl<K, I, St> Engine<K, I, St> {
             config: self.config,
             metrics: self.metrics,
             flights: self.flights,
-            #[cfg(feature = "http-cache")]
-            cache: self.cache,
+            stage: self.stage,
         }
     }
 
@@ -153,17 +151,14 @@ impl<K, I, St> Engine<K, I, St> {
             },
             metrics: self.metrics,
             flights: self.flights,
-            #[cfg(feature = "http-cache")]
-            cache: self.cache,
+            stage: self.stage,
         }
     }
 
-    /// Whether this is the HTTP cache preset.
-    fn caches(&self) -> bool {
-        #[cfg(feature = "http-cache")]
-        return self.cache.is_some();
-        #[cfg(not(feature = "http-cache"))]
-        false
+    /// Whether a stored response that answers a flight is a replay (not a stage's copy of
+    /// another instance's run).
+    fn replays(&self) -> bool {
+        self.stage.as_ref().is_none_or(|stage| stage.replays())
     }
 
     /// A request whose key maker found no key: counted, logged (loudly the first time: on a
@@ -268,13 +263,6 @@ pub(crate) struct FlightKey<Scope, Key> {
     scope: Scope,
     key: Key,
     fingerprint: Fingerprint,
-}
-
-impl<Scope, Key> FlightKey<Scope, Key> {
-    #[cfg_attr(not(feature = "http-cache"), allow(dead_code))]
-    pub(crate) fn fingerprint(&self) -> Fingerprint {
-        self.fingerprint
-    }
 }
 
 impl<Scope: PartialEq, Key: PartialEq> PartialEq for FlightKey<Scope, Key> {
@@ -405,17 +393,109 @@ where
     // Keys carry user ids: logs get a hash, and only when someone reads them.
     let key_hash = tracing::enabled!(tracing::Level::DEBUG).then(|| KeyHash::of(&flight_key));
     let request = Request::from_parts(parts, Either::Left(Full::new(bytes)));
-    #[cfg(feature = "http-cache")]
-    let store_key = match (engine.cache.clone(), store_key) {
-        (Some(cache), Some(store_key)) => {
-            return crate::http_cache::serve(
-                inner, engine, cache, flight_key, store_key, key_hash, request,
+    match (engine.stage.clone(), store_key) {
+        (Some(stage), Some(store_key)) => {
+            staged(
+                stage, inner, engine, flight_key, store_key, key_hash, request,
             )
-            .await;
+            .await
         }
-        (_, store_key) => store_key,
+        (_, store_key) => {
+            join_or_lead(inner, engine, flight_key, store_key, key_hash, request).await
+        }
+    }
+}
+
+/// Serves a keyed request through the layer's stage: answered from what the stage keeps,
+/// or through its flight (or on its own), and the answer then as the stage says.
+async fn staged<S, K, I, St, ReqB, ResB>(
+    stage: Arc<dyn Stage>,
+    inner: S,
+    engine: Arc<Engine<K, I, St>>,
+    flight_key: FlightKey<I::Key, K::Key>,
+    store_key: StoreKey,
+    key_hash: Option<KeyHash>,
+    mut request: InnerRequest<ReqB>,
+) -> Answer<ResB, S::Error>
+where
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: ShareError,
+    K: MakeKey<Parts> + Send + Sync + 'static,
+    I: MakeKey<Parts> + Send + Sync + 'static,
+    St: IdempotencyStore,
+    ReqB: Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let (fingerprint, metrics) = (flight_key.fingerprint, &engine.metrics);
+    let admit = stage
+        .admit(
+            &engine.store,
+            &store_key,
+            fingerprint,
+            request.headers_mut(),
+            metrics,
+        )
+        .await;
+    let (ticket, answer) = match admit {
+        Admit::Answer(answer) => return Ok(from_stage(answer)),
+        Admit::AnswerAndRefresh { answer, refreshing } => {
+            // The caller's own request refreshes what is kept: a flight like any other,
+            // which keeps its response; nobody reads its answer.
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let _ = join_or_lead(
+                    inner,
+                    engine,
+                    flight_key,
+                    Some(store_key),
+                    key_hash,
+                    request,
+                )
+                .await;
+                drop(refreshing);
+            });
+            return Ok(from_stage(answer));
+        }
+        Admit::Own(ticket) => {
+            let role_header = engine.config.role_header;
+            (ticket, run_own(inner, Some(request), role_header).await)
+        }
+        Admit::Flight(ticket) => {
+            let flight = join_or_lead(
+                inner,
+                engine.clone(),
+                flight_key,
+                Some(store_key),
+                key_hash,
+                request,
+            );
+            (ticket, flight.await)
+        }
     };
-    join_or_lead(inner, engine, flight_key, store_key, key_hash, request).await
+    let answered = answer.as_ref().ok().map(|response| Answered {
+        status: response.status(),
+        headers: response.headers(),
+        role: response.extensions().get::<Role>().copied(),
+    });
+    match stage.answered(ticket, answered, metrics) {
+        After::Keep(headers) => {
+            let mut response = answer?;
+            for (name, value) in headers {
+                if let Some(name) = name {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+            Ok(response)
+        }
+        After::Replace(response) => Ok(from_stage(response)),
+    }
+}
+
+/// A response a stage made, with its body in one piece.
+fn from_stage<B>(response: Response<Bytes>) -> Response<ResponseBody<B>> {
+    response.map(|body| ResponseBody::buffered(body, None))
 }
 
 /// Reads a keyed request's body, refusing one over `limit` before reading it when its size
@@ -845,7 +925,7 @@ where
 }
 
 /// Keeps a flight's response (`None`: its service failed) by the rules of the layer's
-/// preset, and releases the lease, if the flight holds one.
+/// stage, or the engine's own, and releases the lease, if the flight holds one.
 async fn keep_ran<K, I, St: IdempotencyStore, B>(
     engine: &Engine<K, I, St>,
     key: StoreKey,
@@ -853,12 +933,19 @@ async fn keep_ran<K, I, St: IdempotencyStore, B>(
     flown: Option<(&Flown<B>, Option<Fingerprint>)>,
     asked: &HeaderMap,
 ) {
-    #[cfg(feature = "http-cache")]
-    if let Some(cache) = &engine.cache {
-        return crate::http_cache::keep(engine, cache, key, lease, flown, asked).await;
+    let Some(stage) = &engine.stage else {
+        return keep(engine, key, lease, flown).await;
+    };
+    let ran = flown.map(|(flown, answers)| match flown {
+        Flown::Buffered(buffered) => Ran::Buffered(buffered, answers),
+        Flown::Unshared { .. } => Ran::Unshared,
+        Flown::TooLarge(_) => Ran::TooLarge,
+    });
+    let kept = stage.keep(&key, ran, asked);
+    if let Err(error) = store_and_release(engine, key, lease, kept).await {
+        engine.metrics.store_error();
+        tracing::warn!(%error, "keeping a response failed; a retry will run again");
     }
-    let _ = asked;
-    keep(engine, key, lease, flown).await;
 }
 
 /// Takes the key's lease (or finds its response), waiting while another instance holds it.
@@ -873,16 +960,17 @@ async fn take_lease<K, I, St: IdempotencyStore, B>(
     let started = std::time::Instant::now();
     let mut waited = false;
     loop {
-        // The cache refreshes entries that are stale but still kept: its own lease.
-        #[cfg(feature = "http-cache")]
-        let lease = match &engine.cache {
-            Some(cache) => {
-                crate::http_cache::lease(engine, cache, key, fingerprint, asked, waited).await
+        // A stage may take its own lease (the cache refreshes entries that are stale but
+        // still kept).
+        let lease = match &engine.stage {
+            Some(stage) => {
+                let metrics = &engine.metrics;
+                stage
+                    .lease(store, key, fingerprint, asked, waited, metrics)
+                    .await
             }
             None => store.lease(key).await,
         };
-        #[cfg(not(feature = "http-cache"))]
-        let lease = store.lease(key).await;
         let found = match lease {
             Ok(Lease::Held(guard)) => {
                 if waited {
@@ -964,7 +1052,10 @@ async fn keep<K, I, St: IdempotencyStore, B>(
         .or_else(|| lease.is_some().then_some(config.handover));
     let stored = ttl.and_then(|ttl| {
         let (flown, answers) = flown?;
-        let stored = storable(flown, answers?)?;
+        let Flown::Buffered(buffered) = flown else {
+            return None;
+        };
+        let stored = storable(buffered, answers?)?;
         Some((Arc::new(stored), ttl))
     });
     if let Err(error) = store_and_release(engine, key, lease, stored).await {
@@ -990,12 +1081,9 @@ pub(crate) async fn store_and_release<K, I, St: IdempotencyStore>(
 
 /// A completed response as the store keeps it, under the fingerprint of the requests it
 /// answers, unless the rules say not to keep it: server errors (so that a retry runs
-/// again), bodies over the limit or not shared, bodies that ended in an error or with
-/// trailers, and (by the caller) `Vary: *`.
-pub(crate) fn storable<B>(flown: &Flown<B>, fingerprint: Fingerprint) -> Option<StoredResponse> {
-    let Flown::Buffered(buffered) = flown else {
-        return None;
-    };
+/// again), bodies that ended in an error or with trailers, and (by the caller) `Vary: *`.
+/// Bodies over the limit or not shared are not `Buffered`: not kept either.
+pub(crate) fn storable(buffered: &Buffered, fingerprint: Fingerprint) -> Option<StoredResponse> {
     let parts = &buffered.parts;
     if parts.status.is_server_error() || buffered.end.is_some() {
         return None;
@@ -1037,7 +1125,7 @@ where
     let mut response = match outcome.into_value() {
         Err(error) => return Some(Err(S::Error::share(&error))),
         Ok(Done::Stored(stored)) if answers(&stored, fingerprint, asked) => {
-            if !engine.caches() {
+            if engine.replays() {
                 return Some(Ok(replay(&stored, metrics)));
             }
             // A cache entry another instance kept while this one waited for its lease: a

@@ -191,6 +191,7 @@ pub(crate) mod problem;
 mod role;
 pub mod scope;
 mod service;
+pub(crate) mod stage;
 pub mod store;
 
 /// The request head that keys and scopes read, re-exported so that an app need not depend

@@ -8,7 +8,7 @@ use http::request::Parts;
 use tower::Layer;
 
 use super::rules::{self, Rules};
-use super::stage::CacheState;
+use super::stage::CacheStage;
 use crate::coalesce::MakeKey;
 use crate::http::engine::{Config, Engine};
 use crate::http::key::{self, MethodPathAndQuery};
@@ -118,7 +118,7 @@ impl<I, St> HttpCacheLayer<I, St> {
         // same `Authorization`; the others wait for a run of their own.
         self.engine.config.authorized_shared_if =
             (!private).then_some(rules::shared_when_authorized);
-        self.engine.cache = Some(Arc::new(CacheState::new(self.rules.clone())));
+        self.engine.stage = Some(Arc::new(CacheStage::new(self.rules.clone())));
         self
     }
 

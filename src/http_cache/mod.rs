@@ -102,4 +102,3 @@ mod stage;
 pub use self::layer::{
     DEFAULT_HIT_FOR_PASS, DEFAULT_MAX_TTL, HttpCache, HttpCacheLayer, SafeMethods,
 };
-pub(crate) use self::stage::{CacheState, keep, lease, serve};

@@ -1,55 +1,51 @@
-//! The cache's stage of the engine: between admitting a request and joining its flight,
-//! a kept response answers it (fresh, or stale while one refresh runs); otherwise the
-//! request goes through the flight as any other, and the flight keeps its response by the
-//! rules.
+//! The cache's [`Stage`] of the engine: before a request joins its flight, a kept response
+//! answers it (fresh, or stale while one refresh runs); otherwise the request goes through
+//! the flight as any other, the flight keeps its response by the rules, and the answer gets
+//! its `Cache-Status` (or becomes a `304`, or a stale response in place of an error).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use futures::future::BoxFuture;
 use http::header::{HeaderName, HeaderValue};
-use http::request::Parts;
 use http::{HeaderMap, Response, StatusCode};
-use http_body::Body;
-use tower::Service;
 
 use super::rules::{self, Asked, Conditional, Rules, Verdict};
 use crate::BoxError;
-use crate::coalesce::MakeKey;
+use crate::http::Metrics;
 use crate::http::Role;
-use crate::http::body::ResponseBody;
-use crate::http::engine::{self, Answer, Engine, FlightKey, InnerRequest, KeyHash};
-use crate::http::error::ShareError;
-use crate::http::flown::Flown;
-use crate::http::lease::{Lease, LeaseGuard};
-use crate::http::store::{Fingerprint, IdempotencyStore, StoreKey, StoredResponse};
+use crate::http::engine;
+use crate::http::lease::Lease;
+use crate::http::stage::{Admit, After, Answered, Lookup, Ran, Stage, Ticket};
+use crate::http::store::{Fingerprint, StoreKey, StoredResponse};
 use crate::single_flight::{Freshness, Lifetimes};
 
-/// What a cache layer holds besides the engine's store: its rules, the keys on
-/// hit-for-pass, and the keys being refreshed in the background.
-pub(crate) struct CacheState {
+/// The cache's stage: its rules, the keys on hit-for-pass, and the keys being refreshed in
+/// the background.
+pub(crate) struct CacheStage {
     pub(crate) rules: Rules,
     passes: moka::sync::Cache<StoreKey, ()>,
-    refreshing: DashMap<StoreKey, ()>,
+    refreshing: Arc<DashMap<StoreKey, ()>>,
 }
 
-impl CacheState {
+impl CacheStage {
     pub(crate) fn new(rules: Rules) -> Self {
-        CacheState {
+        CacheStage {
             passes: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(rules.hit_for_pass.max(std::time::Duration::from_millis(1)))
                 .build(),
-            refreshing: DashMap::new(),
+            refreshing: Arc::default(),
             rules,
         }
     }
 }
 
-impl std::fmt::Debug for CacheState {
+impl std::fmt::Debug for CacheStage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CacheState")
+        f.debug_struct("CacheStage")
             .field("rules", &self.rules)
             .finish_non_exhaustive()
     }
@@ -91,74 +87,110 @@ fn cache_status(status: Status, collapsed: bool, ttl: Option<i64>) -> HeaderValu
     HeaderValue::try_from(value).expect("ASCII tokens")
 }
 
-/// Serves a keyed `GET` or `HEAD` through the cache.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn serve<S, K, I, St, ReqB, ResB>(
-    inner: S,
-    engine: Arc<Engine<K, I, St>>,
-    cache: Arc<CacheState>,
-    flight_key: FlightKey<I::Key, K::Key>,
-    store_key: StoreKey,
-    key_hash: Option<KeyHash>,
-    mut request: InnerRequest<ReqB>,
-) -> Answer<ResB, S::Error>
-where
-    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: ShareError,
-    K: MakeKey<Parts> + Send + Sync + 'static,
-    K::Key: Send + Sync + 'static,
-    I: MakeKey<Parts> + Send + Sync + 'static,
-    I::Key: Send + Sync + 'static,
-    St: IdempotencyStore,
-    ReqB: Send + 'static,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    let asked = Asked::of(request.headers());
-    if asked.no_store || cache.passes.contains_key(&store_key) {
-        let reason = if asked.no_store {
-            "request"
-        } else {
-            "uri-miss"
-        };
-        let mut response = engine::run_own(inner, Some(request), engine.config.role_header).await?;
-        response.headers_mut().insert(
-            CACHE_STATUS,
-            cache_status(Status::Forward(reason), false, None),
-        );
-        return Ok(response);
-    }
-    let conditional = Conditional::take(request.headers_mut());
-    let fingerprint = flight_key.fingerprint();
-    let now = SystemTime::now();
+/// What the cache remembers of a request between admitting it and its answer.
+struct CacheTicket {
+    /// RFC 9211's reason for forwarding it.
+    reason: &'static str,
+    /// Ran on its own (no-store, hit-for-pass): its validators went to the service.
+    own: bool,
+    /// The validators it sent, which the cache answers.
+    conditional: Conditional,
+    /// The stale entry that answers if the run fails, within `stale-if-error`, and its
+    /// freshness.
+    fallback: Option<(Arc<StoredResponse>, Duration)>,
+}
 
-    let mut reason = "miss";
-    let mut fallback = None;
-    if asked.revalidate {
-        reason = "request";
-    } else {
-        match engine.store.get(&store_key).await {
-            Ok(Some(kept)) if engine::answers(&kept, fingerprint, request.headers()) => {
-                let (age, lifetimes) = judge(&cache, &kept, request.headers(), now);
-                let served = |status| {
-                    from_store(
-                        &kept,
-                        age,
-                        lifetimes.fresh,
-                        status,
-                        &conditional,
-                        &engine.metrics,
-                    )
-                };
+impl Stage for CacheStage {
+    fn admit<'a>(
+        &'a self,
+        store: &'a dyn Lookup,
+        key: &'a StoreKey,
+        fingerprint: Fingerprint,
+        headers: &'a mut HeaderMap,
+        metrics: &'a Metrics,
+    ) -> BoxFuture<'a, Admit> {
+        Box::pin(self.admit(store, key, fingerprint, headers, metrics))
+    }
+
+    fn lease<'a>(
+        &'a self,
+        store: &'a dyn Lookup,
+        key: &'a StoreKey,
+        fingerprint: Fingerprint,
+        asked: &'a HeaderMap,
+        waited: bool,
+        metrics: &'a Metrics,
+    ) -> BoxFuture<'a, Result<Lease, BoxError>> {
+        Box::pin(self.lease(store, key, fingerprint, asked, waited, metrics))
+    }
+
+    fn keep(
+        &self,
+        key: &StoreKey,
+        ran: Option<Ran<'_>>,
+        asked: &HeaderMap,
+    ) -> Option<(Arc<StoredResponse>, Duration)> {
+        keepable(self, key, ran?, asked)
+    }
+
+    fn answered(&self, ticket: Ticket, answer: Option<Answered<'_>>, metrics: &Metrics) -> After {
+        let ticket = ticket
+            .downcast::<CacheTicket>()
+            .expect("the cache's stage reads its own tickets");
+        self.answered(*ticket, answer, metrics)
+    }
+
+    fn replays(&self) -> bool {
+        // A kept entry that answers a flight is another instance's run, not a replay.
+        false
+    }
+}
+
+impl CacheStage {
+    /// A keyed `GET` or `HEAD`: answered from the kept entry if it is fresh (or stale
+    /// within `stale-while-revalidate`, while the request refreshes it in the background),
+    /// else through its flight.
+    async fn admit(
+        &self,
+        store: &dyn Lookup,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        headers: &mut HeaderMap,
+        metrics: &Metrics,
+    ) -> Admit {
+        let asked = Asked::of(headers);
+        if asked.no_store || self.passes.contains_key(key) {
+            let reason = if asked.no_store {
+                "request"
+            } else {
+                "uri-miss"
+            };
+            return Admit::Own(ticket(reason, true, Conditional::default(), None));
+        }
+        let conditional = Conditional::take(headers);
+        let (mut reason, mut fallback) = ("miss", None);
+        if asked.revalidate {
+            return Admit::Flight(ticket("request", false, conditional, None));
+        }
+        match store.get(key).await {
+            Ok(Some(kept)) if engine::answers(&kept, fingerprint, headers) => {
+                let (age, lifetimes) = judge(self, &kept, headers, SystemTime::now());
+                let served =
+                    |status| from_store(&kept, age, lifetimes.fresh, status, &conditional, metrics);
                 match lifetimes.state(age) {
-                    Freshness::Fresh => return Ok(served(Status::Hit)),
+                    Freshness::Fresh => return Admit::Answer(served(Status::Hit)),
                     Freshness::Revalidate => {
-                        let stale = served(Status::Stale("stale-while-revalidate"));
-                        refresh(
-                            inner, engine, cache, flight_key, store_key, key_hash, request,
-                        );
-                        return Ok(stale);
+                        let answer = served(Status::Stale("stale-while-revalidate"));
+                        // One refresh at a time per key: the others are answered stale.
+                        if self.refreshing.insert(key.clone(), ()).is_some() {
+                            return Admit::Answer(answer);
+                        }
+                        metrics.cache_refreshed();
+                        let refreshing = Refreshing(self.refreshing.clone(), key.clone());
+                        return Admit::AnswerAndRefresh {
+                            answer,
+                            refreshing: Box::new(refreshing),
+                        };
                     }
                     Freshness::IfError => {
                         reason = "stale";
@@ -170,54 +202,77 @@ where
             Ok(Some(_)) => reason = "vary-miss",
             Ok(None) => {}
             Err(error) => {
-                engine.metrics.store_error();
+                metrics.store_error();
                 tracing::warn!(%error, "cache lookup failed; running the request");
             }
         }
+        Admit::Flight(ticket(reason, false, conditional, fallback))
     }
 
-    let answer = engine::join_or_lead(
-        inner,
-        engine.clone(),
-        flight_key,
-        Some(store_key),
-        key_hash,
-        request,
-    )
-    .await;
-    let failed = match &answer {
-        Err(_) => true,
-        Ok(response) => response.status().is_server_error(),
-    };
-    if let (true, Some((kept, fresh))) = (failed, fallback) {
-        let age = rules::age(kept.headers(), SystemTime::now());
-        tracing::debug!("serving a stale response in place of an error");
-        let status = Status::Stale("stale-if-error");
-        return Ok(from_store(
-            &kept,
-            age,
-            fresh,
-            status,
-            &conditional,
-            &engine.metrics,
-        ));
+    /// The answer of a request the cache forwarded: a stale entry in place of a failure
+    /// (within `stale-if-error`), a `304` for validators that match, and `Cache-Status`.
+    fn answered(
+        &self,
+        ticket: CacheTicket,
+        answer: Option<Answered<'_>>,
+        metrics: &Metrics,
+    ) -> After {
+        let failed = answer
+            .as_ref()
+            .is_none_or(|answer| answer.status.is_server_error());
+        if let (true, Some((kept, fresh))) = (failed, &ticket.fallback) {
+            let age = rules::age(kept.headers(), SystemTime::now());
+            tracing::debug!("serving a stale response in place of an error");
+            let status = Status::Stale("stale-if-error");
+            return After::Replace(from_store(
+                kept,
+                age,
+                *fresh,
+                status,
+                &ticket.conditional,
+                metrics,
+            ));
+        }
+        let forwarded = |collapsed| cache_status(Status::Forward(ticket.reason), collapsed, None);
+        let Some(answer) = answer else {
+            return After::Keep(HeaderMap::new());
+        };
+        let collapsed = !ticket.own && answer.role == Some(Role::Follower);
+        if !ticket.own
+            && ticket
+                .conditional
+                .not_modified(answer.status, answer.headers)
+        {
+            let mut response = not_modified(answer.headers);
+            response
+                .headers_mut()
+                .insert(CACHE_STATUS, forwarded(collapsed));
+            return After::Replace(response);
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(CACHE_STATUS, forwarded(collapsed));
+        After::Keep(headers)
     }
-    let mut response = answer?;
-    let collapsed = response.extensions().get::<Role>() == Some(&Role::Follower);
-    if conditional.not_modified(response.status(), response.headers()) {
-        response = not_modified(response.headers());
-    }
-    response.headers_mut().insert(
-        CACHE_STATUS,
-        cache_status(Status::Forward(reason), collapsed, None),
-    );
-    Ok(response)
+}
+
+fn ticket(
+    reason: &'static str,
+    own: bool,
+    conditional: Conditional,
+    fallback: Option<(Arc<StoredResponse>, Duration)>,
+) -> Ticket {
+    Box::new(CacheTicket {
+        reason,
+        own,
+        conditional,
+        fallback,
+    })
 }
 
 /// How old a kept response is, and how long it may be served, to a request with the
 /// headers `asked`.
 fn judge(
-    cache: &CacheState,
+    cache: &CacheStage,
     kept: &StoredResponse,
     asked: &HeaderMap,
     now: SystemTime,
@@ -231,132 +286,94 @@ fn judge(
     (age, lifetimes)
 }
 
-/// The lease of a cache flight, with a store shared by several instances: taken whatever
-/// is kept (the entry may be stale: that is why the flight runs), unless the key turns out
-/// to have been refreshed by another instance: then that entry answers ([`Lease::Stored`]).
-/// So one instance refreshes a key, and the others wait for it or serve the stale entry
-/// meanwhile.
-///
-/// The key is looked at again after waiting for another instance (`waited`), before the
-/// lease, so that the instances that waited don't take the lease one after another; and
-/// once the lease is held, in case the refresh completed between this caller's lookup and
-/// the lease.
-pub(crate) async fn lease<K, I, St: IdempotencyStore>(
-    engine: &Engine<K, I, St>,
-    cache: &CacheState,
-    key: &StoreKey,
-    fingerprint: Fingerprint,
-    asked: &HeaderMap,
-    waited: bool,
-) -> Result<Lease, BoxError> {
-    if waited {
-        if let Some(kept) = fresh_entry(engine, cache, key, fingerprint, asked).await? {
-            return Ok(Lease::Stored(kept));
+impl CacheStage {
+    /// The lease of a cache flight, with a store shared by several instances: taken
+    /// whatever is kept (the entry may be stale: that is why the flight runs), unless the
+    /// key turns out to have been refreshed by another instance: then that entry answers
+    /// ([`Lease::Stored`]). So one instance refreshes a key, and the others wait for it or
+    /// serve the stale entry meanwhile.
+    ///
+    /// The key is looked at again after waiting for another instance (`waited`), before
+    /// the lease, so that the instances that waited don't take the lease one after
+    /// another; and once the lease is held, in case the refresh completed between this
+    /// caller's lookup and the lease.
+    async fn lease(
+        &self,
+        store: &dyn Lookup,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        asked: &HeaderMap,
+        waited: bool,
+        metrics: &Metrics,
+    ) -> Result<Lease, BoxError> {
+        if waited {
+            if let Some(kept) = self.fresh_entry(store, key, fingerprint, asked).await? {
+                return Ok(Lease::Stored(kept));
+            }
+        }
+        let guard = match store.refresh_lease(key).await? {
+            Lease::Held(guard) => guard,
+            other => return Ok(other),
+        };
+        match self.fresh_entry(store, key, fingerprint, asked).await {
+            Ok(Some(kept)) => {
+                // Released by a task of its own, off this caller's path.
+                drop(guard);
+                Ok(Lease::Stored(kept))
+            }
+            Ok(None) => Ok(Lease::Held(guard)),
+            Err(error) => {
+                // Holding the lease, the flight may as well run.
+                metrics.store_error();
+                tracing::warn!(%error, "cache lookup under a lease failed; refreshing");
+                Ok(Lease::Held(guard))
+            }
         }
     }
-    let guard = match engine.store.refresh_lease(key).await? {
-        Lease::Held(guard) => guard,
-        other => return Ok(other),
-    };
-    match fresh_entry(engine, cache, key, fingerprint, asked).await {
-        Ok(Some(kept)) => {
-            // Released by a task of its own, off this caller's path.
-            drop(guard);
-            Ok(Lease::Stored(kept))
-        }
-        Ok(None) => Ok(Lease::Held(guard)),
-        Err(error) => {
-            // Holding the lease, the flight may as well run.
-            engine.metrics.store_error();
-            tracing::warn!(%error, "cache lookup under a lease failed; refreshing");
-            Ok(Lease::Held(guard))
-        }
-    }
-}
 
-/// The entry kept under `key`, if it answers this request and is fresh.
-async fn fresh_entry<K, I, St: IdempotencyStore>(
-    engine: &Engine<K, I, St>,
-    cache: &CacheState,
-    key: &StoreKey,
-    fingerprint: Fingerprint,
-    asked: &HeaderMap,
-) -> Result<Option<Arc<StoredResponse>>, BoxError> {
-    Ok(engine.store.get(key).await?.filter(|kept| {
-        let (age, lifetimes) = judge(cache, kept, asked, SystemTime::now());
-        engine::answers(kept, fingerprint, asked) && lifetimes.state(age) == Freshness::Fresh
-    }))
-}
-
-/// Starts one background refresh of `store_key` on a tokio task, unless one runs: a flight
-/// like any other, whose response the flight keeps.
-fn refresh<S, K, I, St, ReqB, ResB>(
-    inner: S,
-    engine: Arc<Engine<K, I, St>>,
-    cache: Arc<CacheState>,
-    flight_key: FlightKey<I::Key, K::Key>,
-    store_key: StoreKey,
-    key_hash: Option<KeyHash>,
-    request: InnerRequest<ReqB>,
-) where
-    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: ShareError,
-    K: MakeKey<Parts> + Send + Sync + 'static,
-    K::Key: Send + Sync + 'static,
-    I: MakeKey<Parts> + Send + Sync + 'static,
-    I::Key: Send + Sync + 'static,
-    St: IdempotencyStore,
-    ReqB: Send + 'static,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    if cache.refreshing.insert(store_key.clone(), ()).is_some() {
-        return;
+    /// The entry kept under `key`, if it answers this request and is fresh.
+    async fn fresh_entry(
+        &self,
+        store: &dyn Lookup,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        asked: &HeaderMap,
+    ) -> Result<Option<Arc<StoredResponse>>, BoxError> {
+        Ok(store.get(key).await?.filter(|kept| {
+            let (age, lifetimes) = judge(self, kept, asked, SystemTime::now());
+            engine::answers(kept, fingerprint, asked) && lifetimes.state(age) == Freshness::Fresh
+        }))
     }
-    // The caller's own request (its validators already taken off), body and all: the
-    // refreshed response is kept under this request's fingerprint, so it must answer it.
-    engine.metrics.cache_refreshed();
-    tokio::spawn(async move {
-        let done = Refreshing(cache, store_key.clone());
-        // The flight kept the response; nobody reads this copy.
-        let _ = engine::join_or_lead(
-            inner,
-            engine,
-            flight_key,
-            Some(store_key),
-            key_hash,
-            request,
-        )
-        .await;
-        drop(done);
-    });
 }
 
 /// Frees a key's refresh slot when the refresh ends, however it ends.
-struct Refreshing(Arc<CacheState>, StoreKey);
+struct Refreshing(Arc<DashMap<StoreKey, ()>>, StoreKey);
 
 impl Drop for Refreshing {
     fn drop(&mut self) {
-        self.0.refreshing.remove(&self.1);
+        self.0.remove(&self.1);
     }
 }
 
 /// A kept response as an answer: its `Age` and `Cache-Status`, or a `304` for a request
 /// whose validators match it.
 /// `ttl` in `Cache-Status` is the freshness left, negative once stale (RFC 9211).
-fn from_store<B>(
+fn from_store(
     kept: &StoredResponse,
     age: Duration,
     fresh: Duration,
     status: Status,
     conditional: &Conditional,
-    metrics: &crate::http::Metrics,
-) -> Response<ResponseBody<B>> {
+    metrics: &Metrics,
+) -> Response<Bytes> {
     let mut response = if conditional.not_modified(kept.status(), kept.headers()) {
         not_modified(kept.headers())
     } else {
-        engine::stored_response(kept)
+        let mut response = Response::new(kept.body().clone());
+        *response.status_mut() = kept.status();
+        *response.version_mut() = kept.version();
+        *response.headers_mut() = kept.headers().clone();
+        response
     };
     metrics.cache_answered(matches!(status, Status::Hit));
     let seconds = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
@@ -367,8 +384,8 @@ fn from_store<B>(
     response
 }
 
-fn not_modified<B>(headers: &HeaderMap) -> Response<ResponseBody<B>> {
-    let mut response = Response::new(ResponseBody::buffered(Bytes::new(), None));
+fn not_modified(headers: &HeaderMap) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::new());
     *response.status_mut() = StatusCode::NOT_MODIFIED;
     for name in rules::NOT_MODIFIED_HEADERS {
         for value in headers.get_all(&name) {
@@ -378,42 +395,23 @@ fn not_modified<B>(headers: &HeaderMap) -> Response<ResponseBody<B>> {
     response
 }
 
-/// Keeps a flight's response by the rules, or puts its key on hit-for-pass; then releases
-/// the lease, if the flight held one.
-pub(crate) async fn keep<K, I, St, B>(
-    engine: &Engine<K, I, St>,
-    cache: &CacheState,
-    key: StoreKey,
-    lease: Option<LeaseGuard>,
-    flown: Option<(&Flown<B>, Option<Fingerprint>)>,
-    asked: &HeaderMap,
-) where
-    St: IdempotencyStore,
-{
-    let kept = flown.and_then(|(flown, answers)| keepable(cache, &key, flown, answers, asked));
-    if let Err(error) = engine::store_and_release(engine, key, lease, kept).await {
-        engine.metrics.store_error();
-        tracing::warn!(%error, "keeping a response in the cache failed");
-    }
-}
-
 /// A response as the cache keeps it, and for how long, or `None` (and the key on
 /// hit-for-pass, for a personal response).
-fn keepable<B>(
-    cache: &CacheState,
+fn keepable(
+    cache: &CacheStage,
     key: &StoreKey,
-    flown: &Flown<B>,
-    answers: Option<Fingerprint>,
+    ran: Ran<'_>,
     asked: &HeaderMap,
 ) -> Option<(Arc<StoredResponse>, Duration)> {
-    let parts = match flown {
-        Flown::Buffered(buffered) => &buffered.parts,
-        Flown::Unshared { .. } => {
+    let (buffered, answers) = match ran {
+        Ran::Buffered(buffered, answers) => (buffered, answers),
+        Ran::Unshared => {
             cache.passes.insert(key.clone(), ());
             return None;
         }
-        Flown::TooLarge(_) => return None,
+        Ran::TooLarge => return None,
     };
+    let parts = &buffered.parts;
     let lifetimes = match cache.rules.verdict(parts.status, &parts.headers, asked) {
         Verdict::Store(lifetimes) => lifetimes,
         Verdict::Pass => {
@@ -423,7 +421,7 @@ fn keepable<B>(
         Verdict::Skip => return None,
     };
     // The engine's own rules of what a store keeps (`Vary: *`, trailers, errors in the body).
-    let mut kept = engine::storable(flown, answers?)?;
+    let mut kept = engine::storable(buffered, answers?)?;
     rules::stamp(kept.headers_mut(), SystemTime::now());
     // Kept while it may be served at all; the store drops it after.
     Some((Arc::new(kept), lifetimes.usable()))
