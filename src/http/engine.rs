@@ -46,6 +46,47 @@ use crate::single_flight::{LazyGroup, Outcome};
 /// untouched body of a request passed through.
 pub(crate) type InnerRequest<B> = Request<Either<Full<Bytes>, B>>;
 
+// The bounds the engine's steps share, named once.
+
+/// The inner service, as the engine calls it: a clone per flight, on any task, with an
+/// error every caller of a flight can have a copy of.
+pub(crate) trait InnerService<ReqB, ResB>:
+    Service<
+        InnerRequest<ReqB>,
+        Response = Response<ResB>,
+        Error: ShareError,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T, ReqB, ResB> InnerService<ReqB, ResB> for T where
+    T: Service<
+            InnerRequest<ReqB>,
+            Response = Response<ResB>,
+            Error: ShareError,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// A response body the engine reads once and shares.
+pub(crate) trait SharedBody:
+    Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static
+{
+}
+
+impl<B> SharedBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
+
+/// A key maker, or a scope: a function of the request head, shared by every call.
+pub(crate) trait HeadKey: MakeKey<Parts> + Send + Sync + 'static {}
+
+impl<T> HeadKey for T where T: MakeKey<Parts> + Send + Sync + 'static {}
+
 /// What a layer is made of; every service it builds shares it behind an `Arc`.
 #[derive(Clone)]
 pub(crate) struct Engine<K, I, St> {
@@ -336,18 +377,12 @@ pub(crate) async fn serve<S, K, I, St, ReqB, ResB>(
     key: Option<K::Key>,
 ) -> Answer<ResB, S::Error>
 where
-    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: ShareError,
-    K: MakeKey<Parts> + Send + Sync + 'static,
-    K::Key: super::key::EncodeKey,
-    I: MakeKey<Parts> + Send + Sync + 'static,
-    I::Key: super::key::EncodeKey,
+    S: InnerService<ReqB, ResB>,
+    K: HeadKey<Key: super::key::EncodeKey>,
+    I: HeadKey<Key: super::key::EncodeKey>,
     St: IdempotencyStore,
-    ReqB: Body<Data = Bytes> + Send + 'static,
-    ReqB::Error: Into<BoxError>,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
+    ReqB: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static,
+    ResB: SharedBody,
 {
     let bytes = match read_body(&parts, body, engine.config.request_body_limit).await {
         Ok(bytes) => bytes,
@@ -418,15 +453,12 @@ async fn staged<S, K, I, St, ReqB, ResB>(
     mut request: InnerRequest<ReqB>,
 ) -> Answer<ResB, S::Error>
 where
-    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: ShareError,
-    K: MakeKey<Parts> + Send + Sync + 'static,
-    I: MakeKey<Parts> + Send + Sync + 'static,
+    S: InnerService<ReqB, ResB>,
+    K: HeadKey,
+    I: HeadKey,
     St: IdempotencyStore,
     ReqB: Send + 'static,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
+    ResB: SharedBody,
 {
     let (fingerprint, metrics) = (flight_key.fingerprint, &engine.metrics);
     let admit = stage
@@ -567,15 +599,12 @@ pub(crate) async fn join_or_lead<S, K, I, St, ReqB, ResB>(
     request: InnerRequest<ReqB>,
 ) -> Answer<ResB, S::Error>
 where
-    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: ShareError,
-    K: MakeKey<Parts> + Send + Sync + 'static,
-    I: MakeKey<Parts> + Send + Sync + 'static,
+    S: InnerService<ReqB, ResB>,
+    K: HeadKey,
+    I: HeadKey,
     St: IdempotencyStore,
     ReqB: Send + 'static,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
+    ResB: SharedBody,
 {
     let fingerprint = flight_key.fingerprint;
     // Until this caller leads a flight (the request goes into it) or runs on its own.
@@ -831,15 +860,12 @@ fn fly<S, K, I, St, ReqB, ResB>(
     key_hash: Option<KeyHash>,
 ) -> impl Future<Output = FlightResult<ResB, S::Error>> + Send + 'static
 where
-    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + Sync + 'static,
+    S: InnerService<ReqB, ResB>,
     K: Send + Sync + 'static,
     I: Send + Sync + 'static,
     St: IdempotencyStore,
     ReqB: Send + 'static,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
+    ResB: SharedBody,
 {
     let span = tracing::debug_span!("coalesce_flight", key = key_hash.map(|h| h.0));
     async move {
