@@ -1,0 +1,209 @@
+//! Step 1, admit: read a keyed request's body, make its key, scope and fingerprint, and
+//! send it through the layer's stage, if any, or straight to its flight.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use http::request::Parts;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use tower::ServiceExt;
+
+use super::*;
+use crate::BoxError;
+use crate::http::body::ResponseBody;
+use crate::http::key::BufferedBody;
+use crate::http::stage::{Admit, After, Answered, Stage};
+use crate::http::store::{Fingerprint, IdempotencyStore, StoreKey};
+use crate::http::{Role, problem};
+
+/// Serves a request that has a key, or whose key is in its body.
+pub(crate) async fn serve<S, K, I, St, ReqB, ResB>(
+    inner: S,
+    engine: Arc<Engine<K, I, St>>,
+    mut parts: Parts,
+    body: ReqB,
+    key: Option<K::Key>,
+) -> Answer<ResB, S::Error>
+where
+    S: InnerService<ReqB, ResB>,
+    K: HeadKey<Key: crate::http::key::EncodeKey>,
+    I: HeadKey<Key: crate::http::key::EncodeKey>,
+    St: IdempotencyStore,
+    ReqB: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static,
+    ResB: SharedBody,
+{
+    let bytes = match read_body(&parts, body, engine.config.request_body_limit).await {
+        Ok(bytes) => bytes,
+        Err(refusal) => return Ok(refusal),
+    };
+    let key = match key {
+        Some(key) => key,
+        None => {
+            parts.extensions.insert(BufferedBody(bytes.clone()));
+            let key = engine.make_key.make_key(&parts);
+            parts.extensions.remove::<BufferedBody>();
+            match key {
+                Some(key) => key,
+                None => {
+                    if let Some(refusal) = engine.without_key(true) {
+                        return Ok(refusal);
+                    }
+                    let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
+                    return Ok(inner.oneshot(req).await?.map(ResponseBody::inner));
+                }
+            }
+        }
+    };
+    let Some(scope) = engine.scope.make_key(&parts) else {
+        // Not knowing who asks, the layer can't tell whose answer is whose: nobody shares
+        // this request, nor a replay of it.
+        if let Some(refusal) = engine.without_identity(&parts) {
+            return Ok(refusal);
+        }
+        let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
+        return run_own(inner, Some(req), engine.config.role_header).await;
+    };
+    let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &bytes);
+    let store_key = engine
+        .config
+        .has_store
+        .then(|| StoreKey::new(Some(&scope), &key));
+    let flight_key = FlightKey {
+        scope,
+        key,
+        fingerprint,
+    };
+    // Keys carry user ids: logs get a hash, and only when someone reads them.
+    let key_hash = tracing::enabled!(tracing::Level::DEBUG).then(|| KeyHash::of(&flight_key));
+    let request = Request::from_parts(parts, Either::Left(Full::new(bytes)));
+    match (engine.stage.clone(), store_key) {
+        (Some(stage), Some(store_key)) => {
+            staged(
+                stage, inner, engine, flight_key, store_key, key_hash, request,
+            )
+            .await
+        }
+        (_, store_key) => {
+            join_or_lead(inner, engine, flight_key, store_key, key_hash, request).await
+        }
+    }
+}
+
+/// Serves a keyed request through the layer's stage: answered from what the stage keeps,
+/// or through its flight (or on its own), and the answer then as the stage says.
+pub(super) async fn staged<S, K, I, St, ReqB, ResB>(
+    stage: Arc<dyn Stage>,
+    inner: S,
+    engine: Arc<Engine<K, I, St>>,
+    flight_key: FlightKey<I::Key, K::Key>,
+    store_key: StoreKey,
+    key_hash: Option<KeyHash>,
+    mut request: InnerRequest<ReqB>,
+) -> Answer<ResB, S::Error>
+where
+    S: InnerService<ReqB, ResB>,
+    K: HeadKey,
+    I: HeadKey,
+    St: IdempotencyStore,
+    ReqB: Send + 'static,
+    ResB: SharedBody,
+{
+    let (fingerprint, metrics) = (flight_key.fingerprint, &engine.metrics);
+    let admit = stage
+        .admit(
+            &engine.store,
+            &store_key,
+            fingerprint,
+            request.headers_mut(),
+            metrics,
+        )
+        .await;
+    let (ticket, answer) = match admit {
+        Admit::Answer(answer) => return Ok(from_stage(answer)),
+        Admit::AnswerAndRefresh { answer, refreshing } => {
+            // The caller's own request refreshes what is kept: a flight like any other,
+            // which keeps its response; nobody reads its answer.
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let _ = join_or_lead(
+                    inner,
+                    engine,
+                    flight_key,
+                    Some(store_key),
+                    key_hash,
+                    request,
+                )
+                .await;
+                drop(refreshing);
+            });
+            return Ok(from_stage(answer));
+        }
+        Admit::Own(ticket) => {
+            let role_header = engine.config.role_header;
+            (ticket, run_own(inner, Some(request), role_header).await)
+        }
+        Admit::Flight(ticket) => {
+            let flight = join_or_lead(
+                inner,
+                engine.clone(),
+                flight_key,
+                Some(store_key),
+                key_hash,
+                request,
+            );
+            (ticket, flight.await)
+        }
+    };
+    let answered = answer.as_ref().ok().map(|response| Answered {
+        status: response.status(),
+        headers: response.headers(),
+        role: response.extensions().get::<Role>().copied(),
+    });
+    match stage.answered(ticket, answered, metrics) {
+        After::Keep(headers) => {
+            let mut response = answer?;
+            for (name, value) in headers {
+                if let Some(name) = name {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+            Ok(response)
+        }
+        After::Replace(response) => Ok(from_stage(response)),
+    }
+}
+
+/// A response a stage made, with its body in one piece.
+pub(super) fn from_stage<B>(response: Response<Bytes>) -> Response<ResponseBody<B>> {
+    response.map(|body| ResponseBody::buffered(body, None))
+}
+
+/// Reads a keyed request's body, refusing one over `limit` before reading it when its size
+/// is declared.
+pub(super) async fn read_body<B, R>(
+    parts: &Parts,
+    body: B,
+    limit: usize,
+) -> Result<Bytes, Response<ResponseBody<R>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let limit_u64 = limit as u64;
+    if body.size_hint().lower() > limit_u64 || declared.is_some_and(|len| len > limit_u64) {
+        return Err(problem::request_too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(problem::request_too_large()),
+        Err(_) => Err(problem::request_unreadable()),
+    }
+}

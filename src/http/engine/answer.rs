@@ -1,0 +1,212 @@
+//! Step 4, answer: every caller of a flight gets its copy, a replay, or the layer's own
+//! problem response; a caller whose answer the response is not waits for a run of its own
+//! variant.
+
+use std::sync::Arc;
+
+use http::HeaderMap;
+use http::Response;
+use http::header::{AUTHORIZATION, HeaderName, HeaderValue, VARY};
+use tower::Service;
+
+use super::*;
+use crate::http::body::ResponseBody;
+use crate::http::error::ShareError;
+use crate::http::flown::Flown;
+use crate::http::metrics::Metrics;
+use crate::http::policy::OnMismatch;
+use crate::http::store::{Fingerprint, StoredResponse};
+use crate::http::{Role, problem};
+use crate::single_flight::Outcome;
+
+/// What a caller of a flight gets from its outcome; `None` when the response varies on a
+/// header this caller sent otherwise and it is to wait for a run of its own variant.
+pub(super) async fn answer<S, K, I, St, ReqB, ResB>(
+    outcome: Outcome<FlightResult<ResB, S::Error>>,
+    inner: S,
+    engine: &Engine<K, I, St>,
+    request: &mut Option<InnerRequest<ReqB>>,
+    leader_asked: Option<Arc<HeaderMap>>,
+    fingerprint: Fingerprint,
+) -> Option<Answer<ResB, S::Error>>
+where
+    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone,
+    S::Error: ShareError,
+{
+    let (config, metrics) = (&engine.config, &engine.metrics);
+    let leader = outcome.is_leader();
+    let role = if leader { Role::Leader } else { Role::Follower };
+    // What this caller asked: its own request's headers, or the leader's copy of them.
+    let asked = match (request.as_ref(), &leader_asked) {
+        (Some(request), _) => request.headers(),
+        (None, Some(asked)) => asked,
+        (None, None) => unreachable!("a caller keeps its request unless it leads"),
+    };
+    let mut response = match outcome.into_value() {
+        Err(error) => return Some(Err(S::Error::share(&error))),
+        Ok(Done::Stored(stored)) if answers(&stored, fingerprint, asked) => {
+            if engine.replays() {
+                return Some(Ok(replay(&stored, metrics)));
+            }
+            // A cache entry another instance kept while this one waited for its lease: a
+            // copy of that instance's run, not a replay.
+            let mut response = stored_response(&stored);
+            tag(&mut response, Role::Follower, config.role_header);
+            return Some(Ok(response));
+        }
+        Ok(Done::Stored(stored)) => {
+            metrics.mismatch_rejected();
+            let varied = vary_names(stored.headers());
+            return Some(Ok(problem::key_reused(varied.as_deref())));
+        }
+        Ok(Done::InProgress) => return Some(Ok(problem::in_progress())),
+        Ok(Done::GaveUp) => return Some(Ok(problem::gave_up_waiting())),
+        Ok(Done::Unavailable) => return Some(Ok(problem::store_unavailable())),
+        Ok(Done::Fresh {
+            flown: Flown::Buffered(buffered),
+            answers,
+            by_authorization,
+        }) => {
+            let headers = &buffered.parts.headers;
+            let own = leader
+                || answers.is_some()
+                    && answers == answered_by(fingerprint, headers, asked, by_authorization);
+            if !own {
+                return varied(engine, headers);
+            }
+            buffered.into_response()
+        }
+        Ok(Done::Fresh {
+            flown: Flown::TooLarge(slot) | Flown::Unshared { leader: slot, .. },
+            ..
+        }) if leader => Flown::take_leader(&slot)
+            .expect("the leader's own response is taken once, by the leader"),
+        Ok(Done::Fresh {
+            flown: Flown::TooLarge(_),
+            ..
+        }) => problem::too_large_to_share(),
+        Ok(Done::Fresh {
+            flown: Flown::Unshared { turn, .. },
+            ..
+        }) => {
+            // Holds the turn, if followers take turns, until its own response is there.
+            let _turn = match turn {
+                Some(turn) => turn.acquire_owned().await.ok(),
+                None => None,
+            };
+            return Some(run_own(inner, request.take(), config.role_header).await);
+        }
+    };
+    tag(&mut response, role, config.role_header);
+    Some(Ok(response))
+}
+
+/// A follower whose flight's response is not its answer: it varies on a header this
+/// caller sent otherwise (or, in a cache, was made for another `Authorization`). Under
+/// `OnMismatch::Reject` that is another request for the key, refused with a `422` naming
+/// the headers, never a second run; else the caller waits for a run of its own variant
+/// (`None`), one variant at a time.
+pub(super) fn varied<K, I, St, B, E>(
+    engine: &Engine<K, I, St>,
+    response: &HeaderMap,
+) -> Option<Answer<B, E>> {
+    let (config, metrics) = (&engine.config, &engine.metrics);
+    let reject = config.on_mismatch == OnMismatch::Reject;
+    let names = vary_names(response);
+    if let Some(names) = names.as_deref().filter(|_| metrics.first_varied()) {
+        let outcome = if reject {
+            "they get 422 (one run per key)"
+        } else {
+            "they wait for a run of their own, one variant at a time"
+        };
+        tracing::warn!(
+            "a response shared by this layer's flights varies on `{names}`, and callers \
+             that sent other values of it can't share it: {outcome}. `Vary` comes from the \
+             handler or from a layer below this one (tower-http's CompressionLayer adds \
+             `accept-encoding`, CorsLayer `origin`): put such layers above (outside) this \
+             one, so that they run on every caller's copy"
+        );
+    }
+    if reject {
+        metrics.mismatch_rejected();
+        return Some(Ok(problem::key_reused(Some(
+            names.as_deref().unwrap_or("authorization"),
+        ))));
+    }
+    metrics.mismatch_queued();
+    tracing::debug!("response varies on a header this follower sent otherwise");
+    None
+}
+
+/// The header names a response's `Vary` lists, lowercase and comma-separated.
+pub(super) fn vary_names(response: &HeaderMap) -> Option<String> {
+    let mut names = String::new();
+    for value in response.get_all(VARY) {
+        for name in value.as_bytes().split(|&b| b == b',') {
+            let name = String::from_utf8_lossy(name.trim_ascii()).to_ascii_lowercase();
+            if !name.is_empty() {
+                if !names.is_empty() {
+                    names.push_str(", ");
+                }
+                names.push_str(&name);
+            }
+        }
+    }
+    (!names.is_empty()).then_some(names)
+}
+
+/// The fingerprint of the requests a flight's response answers: the leader's, extended by
+/// the values of the headers the response varies on, and (`by_authorization`) by
+/// `Authorization`. `None` for `Vary: *`: only its own request.
+pub(super) fn answered_by(
+    fingerprint: Fingerprint,
+    response: &HeaderMap,
+    asked: &HeaderMap,
+    by_authorization: bool,
+) -> Option<Fingerprint> {
+    let answers = fingerprint.answered_by(response, asked)?;
+    Some(match by_authorization {
+        true => answers.extended_by(&AUTHORIZATION, asked),
+        false => answers,
+    })
+}
+
+/// Whether a stored response answers a request with this fingerprint and these headers.
+pub(crate) fn answers(
+    stored: &StoredResponse,
+    fingerprint: Fingerprint,
+    asked: &HeaderMap,
+) -> bool {
+    fingerprint.answered_by(stored.headers(), asked) == Some(stored.fingerprint())
+}
+
+/// A stored response as a response: its status, version, headers and body (not copied).
+pub(crate) fn stored_response<B>(stored: &StoredResponse) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::buffered(stored.body().clone(), None));
+    *response.status_mut() = stored.status();
+    *response.version_mut() = stored.version();
+    *response.headers_mut() = stored.headers().clone();
+    response
+}
+
+pub(super) const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+pub(super) fn replay<B>(stored: &StoredResponse, metrics: &Metrics) -> Response<ResponseBody<B>> {
+    metrics.replayed();
+    let mut response = stored_response(stored);
+    response
+        .headers_mut()
+        .insert(REPLAYED, HeaderValue::from_static("true"));
+    response
+}
+
+pub(super) const ROLE_HEADER: HeaderName = HeaderName::from_static("coalesce-role");
+
+pub(super) fn tag<B>(response: &mut Response<B>, role: Role, role_header: bool) {
+    response.extensions_mut().insert(role);
+    if role_header {
+        response
+            .headers_mut()
+            .insert(ROLE_HEADER, role.header_value());
+    }
+}

@@ -1,0 +1,389 @@
+//! The one engine behind [`HttpCoalesceLayer`](super::HttpCoalesceLayer) and
+//! [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer), read top to bottom:
+//!
+//! 1. **admit** ([`serve`]): read the body (up to the request body limit), make the key,
+//!    the scope and the fingerprint of what the request asks for;
+//! 2. **join or lead** ([`join_or_lead`]): decide, before joining, whether this caller may
+//!    wait on the flight running for its key (same request, policies, follower cap); a
+//!    different request waits for that flight to end, then tries again;
+//! 3. **run** ([`fly`], the leader's flight): look the key up in the store and take its
+//!    lease when there is a store, call the inner service, buffer the response, keep it;
+//! 4. **answer** ([`answer`]): every caller of the flight gets its copy, a replay, or the
+//!    layer's own problem response.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http::header::{AUTHORIZATION, HeaderName};
+use http::request::Parts;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::{Either, Full};
+use tower::Service;
+
+use super::body::ResponseBody;
+use super::error::ShareError;
+use super::flown::Flown;
+use super::metrics::Metrics;
+use super::policy::{Fallback, OnDuplicate, OnMismatch, OnStoreError, SharePredicate, Unshared};
+use super::stage::Stage;
+use super::store::{Fingerprint, StoredResponse};
+use super::{DEFAULT_BODY_LIMIT, DEFAULT_HANDOVER, problem};
+use crate::BoxError;
+use crate::coalesce::MakeKey;
+use crate::single_flight::LazyGroup;
+
+/// The request the inner service receives: the buffered body of a keyed request, or the
+/// untouched body of a request passed through.
+pub(crate) type InnerRequest<B> = Request<Either<Full<Bytes>, B>>;
+
+// The bounds the engine's steps share, named once.
+
+/// The inner service, as the engine calls it: a clone per flight, on any task, with an
+/// error every caller of a flight can have a copy of.
+pub(crate) trait InnerService<ReqB, ResB>:
+    Service<
+        InnerRequest<ReqB>,
+        Response = Response<ResB>,
+        Error: ShareError,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T, ReqB, ResB> InnerService<ReqB, ResB> for T where
+    T: Service<
+            InnerRequest<ReqB>,
+            Response = Response<ResB>,
+            Error: ShareError,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// A response body the engine reads once and shares.
+pub(crate) trait SharedBody:
+    Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static
+{
+}
+
+impl<B> SharedBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
+
+/// A key maker, or a scope: a function of the request head, shared by every call.
+pub(crate) trait HeadKey: MakeKey<Parts> + Send + Sync + 'static {}
+
+impl<T> HeadKey for T where T: MakeKey<Parts> + Send + Sync + 'static {}
+
+/// What a layer is made of; every service it builds shares it behind an `Arc`.
+#[derive(Clone)]
+pub(crate) struct Engine<K, I, St> {
+    pub(crate) make_key: K,
+    pub(crate) scope: I,
+    pub(crate) store: St,
+    pub(crate) config: Config,
+    pub(crate) metrics: Metrics,
+    pub(crate) flights: LazyGroup,
+    /// What a preset adds to the engine's steps, if anything (the HTTP cache).
+    pub(crate) stage: Option<Arc<dyn Stage>>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) body_limit: usize,
+    pub(crate) request_body_limit: usize,
+    pub(crate) require_key: bool,
+    pub(crate) role_header: bool,
+    pub(crate) on_duplicate: OnDuplicate,
+    pub(crate) on_mismatch: OnMismatch,
+    pub(crate) follower_timeout: Option<Duration>,
+    pub(crate) max_followers: Option<usize>,
+    pub(crate) fallback: Fallback,
+    pub(crate) share: SharePredicate,
+    pub(crate) unshared: Unshared,
+    /// Whether a store was given: only then are store keys made and the store asked.
+    pub(crate) has_store: bool,
+    pub(crate) replay: Option<Duration>,
+    pub(crate) handover: Duration,
+    pub(crate) finish_abandoned: bool,
+    pub(crate) on_store_error: OnStoreError,
+    /// The header the key is read from, to name it in a `400`, when it is one header.
+    pub(crate) key_header: Option<HeaderName>,
+    /// Safe methods (`GET`, `HEAD`, `OPTIONS`, `TRACE`) pass through untouched, key or
+    /// not: the idempotency preset.
+    pub(crate) skip_safe_methods: bool,
+    /// A cache's RFC 9111 §3.5 rule: whether a response to a request with
+    /// `Authorization` may answer other callers. When it may not, it answers only callers
+    /// that sent the same `Authorization`, as if it varied on it. `None`: no such rule.
+    pub(crate) authorized_shared_if: Option<fn(&HeaderMap) -> bool>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            body_limit: DEFAULT_BODY_LIMIT,
+            request_body_limit: DEFAULT_BODY_LIMIT,
+            require_key: false,
+            role_header: false,
+            on_duplicate: OnDuplicate::Share,
+            on_mismatch: OnMismatch::Queue,
+            follower_timeout: None,
+            max_followers: None,
+            fallback: Fallback::ServiceUnavailable,
+            share: SharePredicate::default_marker(),
+            unshared: Unshared::Concurrently,
+            has_store: false,
+            replay: None,
+            handover: DEFAULT_HANDOVER,
+            finish_abandoned: false,
+            on_store_error: OnStoreError::FailOpen,
+            key_header: None,
+            skip_safe_methods: false,
+            authorized_shared_if: None,
+        }
+    }
+}
+
+impl<K, I, St> Engine<K, I, St> {
+    pub(crate) fn new(make_key: K, scope: I, store: St, config: Config) -> Self {
+        Engine {
+            make_key,
+            scope,
+            store,
+            config,
+            metrics: Metrics::default(),
+            flights: LazyGroup::default(),
+            stage: None,
+        }
+    }
+
+    pub(crate) fn with_scope<I2>(self, scope: I2) -> Engine<K, I2, St> {
+        Engine {
+            make_key: self.make_key,
+            scope,
+            store: self.store,
+            config: self.config,
+            metrics: self.metrics,
+            flights: self.flights,
+            stage: self.stage,
+        }
+    }
+
+    pub(crate) fn with_store<St2>(self, store: St2) -> Engine<K, I, St2> {
+        Engine {
+            make_key: self.make_key,
+            scope: self.scope,
+            store,
+            config: Config {
+                has_store: true,
+                ..self.config
+            },
+            metrics: self.metrics,
+            flights: self.flights,
+            stage: self.stage,
+        }
+    }
+
+    /// Whether a stored response that answers a flight is a replay (not a stage's copy of
+    /// another instance's run).
+    fn replays(&self) -> bool {
+        self.stage.as_ref().is_none_or(|stage| stage.replays())
+    }
+
+    /// A request whose key maker found no key: counted, logged (loudly the first time: on a
+    /// route where every request has a key, it means the key is read from the wrong
+    /// place, or clients send bodies without it), and refused under `require_key`, else
+    /// passed through. `in_body`: the key is read from the body.
+    pub(crate) fn without_key<B>(&self, in_body: bool) -> Option<Response<ResponseBody<B>>> {
+        let refused = self.config.require_key;
+        let what = if refused {
+            "refused with 400"
+        } else {
+            "passed through"
+        };
+        if !self.metrics.request_without_key(!refused) {
+            tracing::debug!("request without a coalescing key");
+        } else if in_body {
+            tracing::warn!(
+                "a request reached the coalescing layer whose body held no key, and was \
+                 {what}: the client sent a body without the key's field (or a malformed \
+                 one, or not JSON or a form); if every request should have it, check the \
+                 field name or pointer the key reads"
+            );
+        } else {
+            tracing::warn!(
+                "a request reached the coalescing layer without a key and was {what}; if \
+                 every request here should have one, check that the layer that provides it \
+                 (auth, an extension) runs before this one (axum applies `.layer` calls \
+                 outside-in) and that path patterns include the prefix of a `Router::nest`"
+            );
+        }
+        refused.then(|| {
+            self.metrics.key_missing();
+            match &self.config.key_header {
+                Some(header) => problem::bad_key_header(
+                    header,
+                    "is missing, repeated, empty, longer than 255 bytes or not visible ASCII, \
+                     and this route requires it",
+                ),
+                None => problem::key_required(in_body),
+            }
+        })
+    }
+
+    /// A keyed request whose scope found no identity: counted, logged (loudly the first
+    /// time, naming the likely cause), and refused under `require_key`; else it runs on
+    /// its own, shared with nobody.
+    fn without_identity<B>(&self, parts: &Parts) -> Option<Response<ResponseBody<B>>> {
+        let refused = self.config.require_key;
+        if self.metrics.request_without_identity(!refused) {
+            let what = if refused {
+                "refused with 400"
+            } else {
+                "run on its own, shared with nobody"
+            };
+            match super::scope::credential_ignored(parts) {
+                Some(header) => tracing::warn!(
+                    "a keyed request reached the coalescing layer with a `{header}` header, a \
+                     credential its scope does not read, so the layer could not tell who sent \
+                     it, and it was {what}: scope the layer by it \
+                     (`.scope(scope::headers([\"{header}\"]))`) or by the identity your auth \
+                     layer puts in the extensions"
+                ),
+                None => tracing::warn!(
+                    "a keyed request reached the coalescing layer and its scope found no \
+                     identity, so it was {what}; if the scope reads an extension that an \
+                     auth layer inserts, that layer must run before this one (axum applies \
+                     `.layer` calls outside-in: add the auth layer after this one)"
+                ),
+            }
+        } else {
+            tracing::debug!("keyed request without an identity");
+        }
+        refused.then(problem::identity_required)
+    }
+
+    /// Whether a flight's response may answer only callers with the leader's
+    /// `Authorization` (a cache's RFC 9111 §3.5 rule).
+    fn by_authorization(&self, response: &HeaderMap, asked: &HeaderMap) -> bool {
+        self.config
+            .authorized_shared_if
+            .is_some_and(|shared| asked.contains_key(AUTHORIZATION) && !shared(response))
+    }
+}
+
+impl<K, I, St> fmt::Debug for Engine<K, I, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("make_key", &std::any::type_name::<K>())
+            .field("scope", &std::any::type_name::<I>())
+            .field("store", &std::any::type_name::<St>())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// The key of a flight in the registry: the caller's scope and the request's key. The
+/// fingerprint of the leader's request rides along so that a caller can tell, before it
+/// joins, whether the running flight is its own request; `Eq` and `Hash` ignore it, so that
+/// one key has one flight at a time, whatever the request.
+#[derive(Debug, Clone)]
+pub(crate) struct FlightKey<Scope, Key> {
+    scope: Scope,
+    key: Key,
+    fingerprint: Fingerprint,
+}
+
+impl<Scope: PartialEq, Key: PartialEq> PartialEq for FlightKey<Scope, Key> {
+    fn eq(&self, other: &Self) -> bool {
+        self.scope == other.scope && self.key == other.key
+    }
+}
+
+impl<Scope: Eq, Key: Eq> Eq for FlightKey<Scope, Key> {}
+
+impl<Scope: Hash, Key: Hash> Hash for FlightKey<Scope, Key> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.scope.hash(state);
+        self.key.hash(state);
+    }
+}
+
+/// What a flight shares: a response it produced, one it found stored, or why it ran
+/// nothing.
+pub(crate) enum Done<B> {
+    /// A response of this flight's own run, and the fingerprint of the requests it answers
+    /// (see [`Fingerprint::answered_by`]): followers whose own differs, for a response that
+    /// varies on a header they sent otherwise, are not given it.
+    Fresh {
+        flown: Flown<B>,
+        answers: Option<Fingerprint>,
+        /// The response answers only callers with the leader's `Authorization`.
+        by_authorization: bool,
+    },
+    Stored(Arc<StoredResponse>),
+    /// Another instance runs the key, under `OnDuplicate::Conflict`.
+    InProgress,
+    /// Another instance ran the key for longer than the follower timeout.
+    GaveUp,
+    /// The store failed, under `OnStoreError::FailClosed`.
+    Unavailable,
+}
+
+impl<B> Clone for Done<B> {
+    fn clone(&self) -> Self {
+        match self {
+            Done::Fresh {
+                flown,
+                answers,
+                by_authorization,
+            } => Done::Fresh {
+                flown: flown.clone(),
+                answers: *answers,
+                by_authorization: *by_authorization,
+            },
+            Done::Stored(stored) => Done::Stored(stored.clone()),
+            Done::InProgress => Done::InProgress,
+            Done::GaveUp => Done::GaveUp,
+            Done::Unavailable => Done::Unavailable,
+        }
+    }
+}
+
+pub(crate) type FlightResult<B, E> = Result<Done<B>, Arc<E>>;
+
+pub(crate) type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+mod admit;
+mod answer;
+mod join;
+mod run;
+
+// Each step's module names the others' items through these.
+use self::answer::*;
+use self::join::*;
+use self::run::*;
+
+pub(crate) use self::admit::serve;
+pub(crate) use self::answer::answers;
+#[cfg(feature = "http-cache")]
+pub(crate) use self::run::storable;
+
+/// A hash of a flight key for logs, with a per-process random seed so that a logged hash
+/// can't be matched against hashes of guessed ids.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyHash(pub(crate) u64);
+
+impl KeyHash {
+    fn of<T: Hash>(key: &T) -> Self {
+        static SEED: OnceLock<RandomState> = OnceLock::new();
+        KeyHash(SEED.get_or_init(RandomState::new).hash_one(key))
+    }
+}
