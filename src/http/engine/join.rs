@@ -16,6 +16,7 @@ use crate::http::metrics::Metrics;
 use crate::http::policy::{Fallback, OnDuplicate, OnMismatch};
 use crate::http::store::{Fingerprint, IdempotencyStore, StoreKey};
 use crate::http::{Role, problem};
+use crate::single_flight::Outcome;
 
 /// Why a caller was not admitted to the running flight of its key.
 #[derive(Debug, Clone, Copy)]
@@ -64,15 +65,6 @@ where
     ReqB: Send + 'static,
     ResB: SharedBody,
 {
-    let fingerprint = flight_key.fingerprint;
-    // Until this caller leads a flight (the request goes into it) or runs on its own.
-    let mut request = Some(request);
-    // The key goes into the registry; only a caller that waits for another request's turn
-    // needs it again, and takes a copy of it then, from the registered key.
-    let mut flight_key = Some(flight_key);
-    // The leader's request goes into the flight; its headers are kept to tell which
-    // responses and replays answer it when a response `Vary`s (one copy per flight).
-    let mut leader_asked: Option<Arc<HeaderMap>> = None;
     let (config, metrics) = (&engine.config, &engine.metrics);
     let group = engine
         .flights
@@ -81,67 +73,26 @@ where
     let deadline = config
         .follower_timeout
         .map(|timeout| Instant::now() + timeout);
-    let mut watch = None;
     // A follower's wait, turns of other requests included, for the wait histogram.
     let arrived = metrics.wait_started();
+    let mut watch = None;
+    let mut caller = Caller {
+        fingerprint: flight_key.fingerprint,
+        flight_key: Some(flight_key),
+        request: Some(request),
+        leader_asked: None,
+        inner,
+        engine: &engine,
+        store_key,
+        key_hash,
+    };
     loop {
-        let (mut refusal, mut mismatched) = (None, false);
-        let run = group.run_if(
-            flight_key.take().expect("a key for every attempt"),
-            || {
-                let req = request.take().expect("a caller leads at most one flight");
-                let asked = Arc::new(req.headers().clone());
-                leader_asked = Some(asked.clone());
-                fly(
-                    inner.clone(),
-                    engine.clone(),
-                    req,
-                    asked,
-                    store_key.clone(),
-                    fingerprint,
-                    key_hash,
-                )
-            },
-            |running, followers| {
-                mismatched = running.fingerprint != fingerprint;
-                refusal = admission(config, mismatched, followers);
-                if refusal.is_none() {
-                    // For another try: after another request's turn, or when the response
-                    // varies on a header this caller sent otherwise. Equal to this caller's
-                    // key but for the fingerprint. Followers only: a leader's key went
-                    // into the registry.
-                    flight_key = Some(FlightKey {
-                        fingerprint,
-                        ..running.clone()
-                    });
-                }
-                refusal.is_none()
-            },
-        );
-        let Some(run) = run else {
-            let refusal = refusal.expect("a caller is refused only by admission");
-            return refused(
-                refusal,
-                inner,
-                &engine,
-                request,
-                store_key,
-                fingerprint,
-                key_hash,
-            )
-            .await;
+        let (run, mismatched) = match caller.attempt(&group) {
+            Ok(attempt) => attempt,
+            Err(refusal) => return caller.refused(refusal).await,
         };
         let leader = run.is_leader();
-        if mismatched {
-            metrics.mismatch_queued();
-            tracing::debug!(
-                key = key_hash.map(|h| h.0),
-                "waiting for another request's turn"
-            );
-        } else if !leader {
-            metrics.caller_joined();
-            tracing::debug!(key = key_hash.map(|h| h.0), "caller joined flight");
-        }
+        caller.entered(leader, mismatched);
         let watch = watch.get_or_insert_with(|| Watch {
             metrics: metrics.clone(),
             key_hash,
@@ -158,7 +109,7 @@ where
                     metrics.follower_waited(arrived);
                     metrics.follower_timed_out();
                     tracing::debug!(key = key_hash.map(|h| h.0), "follower stopped waiting");
-                    return fall_back(config, inner, request).await;
+                    return fall_back(config, caller.inner, caller.request).await;
                 }
             },
         };
@@ -167,17 +118,7 @@ where
             continue;
         }
         watch.done = true;
-        let leader_asked = leader_asked.clone();
-        match answer(
-            outcome,
-            inner.clone(),
-            &engine,
-            &mut request,
-            leader_asked,
-            fingerprint,
-        )
-        .await
-        {
+        match caller.answer(outcome).await {
             Some(answer) => {
                 if !leader {
                     metrics.follower_waited(arrived);
@@ -190,6 +131,154 @@ where
         }
     }
 }
+
+/// One caller's way through the flights of its key: its attempts (another after another
+/// request's turn, or after a response that varies on a header it sent otherwise), and
+/// what it keeps between them.
+struct Caller<'a, S, K: HeadKey, I: HeadKey, St, ReqB> {
+    inner: S,
+    engine: &'a Arc<Engine<K, I, St>>,
+    store_key: Option<StoreKey>,
+    key_hash: Option<KeyHash>,
+    fingerprint: Fingerprint,
+    /// Until this caller leads a flight (the request goes into it) or runs on its own.
+    request: Option<InnerRequest<ReqB>>,
+    /// The key of the next attempt. It goes into the registry; a follower takes a copy of
+    /// the registered key, for another attempt.
+    flight_key: Option<FlightKey<I::Key, K::Key>>,
+    /// The leader's request goes into the flight; its headers are kept to tell which
+    /// responses and replays answer it when a response `Vary`s (one copy per flight).
+    leader_asked: Option<Arc<HeaderMap>>,
+}
+
+type Flights<'g, K, I, ResB, E> = std::borrow::Cow<
+    'g,
+    crate::single_flight::Group<
+        FlightKey<<I as MakeKey<Parts>>::Key, <K as MakeKey<Parts>>::Key>,
+        FlightResult<ResB, E>,
+    >,
+>;
+
+impl<S, K, I, St, ReqB> Caller<'_, S, K, I, St, ReqB>
+where
+    K: HeadKey,
+    I: HeadKey,
+    St: IdempotencyStore,
+    ReqB: Send + 'static,
+{
+    /// Leads the key's flight, joins the running one, or is refused by the policies;
+    /// whether the running flight is another request's (this caller then waits for its
+    /// turn).
+    fn attempt<ResB>(
+        &mut self,
+        group: &Flights<'_, K, I, ResB, S::Error>,
+    ) -> Attempt<K, I, ResB, S::Error>
+    where
+        S: InnerService<ReqB, ResB>,
+        ResB: SharedBody,
+    {
+        let (mut refusal, mut mismatched) = (None, false);
+        let (config, fingerprint) = (&self.engine.config, self.fingerprint);
+        let run = group.run_if(
+            self.flight_key.take().expect("a key for every attempt"),
+            || {
+                let req = self
+                    .request
+                    .take()
+                    .expect("a caller leads at most one flight");
+                let asked = Arc::new(req.headers().clone());
+                self.leader_asked = Some(asked.clone());
+                let (inner, engine) = (self.inner.clone(), self.engine.clone());
+                let store_key = self.store_key.clone();
+                fly(
+                    inner,
+                    engine,
+                    req,
+                    asked,
+                    store_key,
+                    fingerprint,
+                    self.key_hash,
+                )
+            },
+            |running, followers| {
+                mismatched = running.fingerprint != fingerprint;
+                refusal = admission(config, mismatched, followers);
+                if refusal.is_none() {
+                    // Equal to this caller's key but for the fingerprint.
+                    self.flight_key = Some(FlightKey {
+                        fingerprint,
+                        ..running.clone()
+                    });
+                }
+                refusal.is_none()
+            },
+        );
+        match run {
+            Some(run) => Ok((run, mismatched)),
+            None => Err(refusal.expect("a caller is refused only by admission")),
+        }
+    }
+
+    /// Counts and logs how this caller entered a flight.
+    fn entered(&self, leader: bool, mismatched: bool) {
+        let (metrics, key) = (&self.engine.metrics, self.key_hash.map(|h| h.0));
+        if mismatched {
+            metrics.mismatch_queued();
+            tracing::debug!(key, "waiting for another request's turn");
+        } else if !leader {
+            metrics.caller_joined();
+            tracing::debug!(key, "caller joined flight");
+        }
+    }
+
+    async fn refused<ResB>(self, refusal: Refusal) -> Answer<ResB, S::Error>
+    where
+        S: InnerService<ReqB, ResB>,
+    {
+        let (fingerprint, key_hash) = (self.fingerprint, self.key_hash);
+        let (engine, request, store_key) = (self.engine, self.request, self.store_key);
+        refused(
+            refusal,
+            self.inner,
+            engine,
+            request,
+            store_key,
+            fingerprint,
+            key_hash,
+        )
+        .await
+    }
+
+    /// This caller's answer from its flight's outcome; `None` to try again (see
+    /// [`answer`]).
+    async fn answer<ResB>(
+        &mut self,
+        outcome: Outcome<FlightResult<ResB, S::Error>>,
+    ) -> Option<Answer<ResB, S::Error>>
+    where
+        S: InnerService<ReqB, ResB>,
+    {
+        let (inner, asked) = (self.inner.clone(), self.leader_asked.clone());
+        answer(
+            outcome,
+            inner,
+            self.engine,
+            &mut self.request,
+            asked,
+            self.fingerprint,
+        )
+        .await
+    }
+}
+
+/// The flight a caller led or joined and whether it runs another request; or why the
+/// caller was refused.
+type Attempt<K, I, ResB, E> = Result<(RunOf<K, I, ResB, E>, bool), Refusal>;
+
+type RunOf<K, I, ResB, E> = crate::single_flight::Run<
+    FlightKey<<I as MakeKey<Parts>>::Key, <K as MakeKey<Parts>>::Key>,
+    FlightResult<ResB, E>,
+>;
 
 /// Waits for the leader's flight; under `finish_abandoned`, on a task of its own, so that
 /// the key stays claimed (its flight registered, for retries to join) until the work has
