@@ -13,9 +13,10 @@ use tower::ServiceExt;
 
 use super::*;
 use crate::BoxError;
+use crate::coalesce::MakeKey;
 use crate::http::body::ResponseBody;
 use crate::http::key::BufferedBody;
-use crate::http::stage::{Admit, After, Answered, Stage};
+use crate::http::stage::{Admit, After, Answered, Stage, Ticket};
 use crate::http::store::{Fingerprint, IdempotencyStore, StoreKey};
 use crate::http::{Role, problem};
 
@@ -39,23 +40,12 @@ where
         Ok(bytes) => bytes,
         Err(refusal) => return Ok(refusal),
     };
-    let key = match key {
-        Some(key) => key,
-        None => {
-            parts.extensions.insert(BufferedBody(bytes.clone()));
-            let key = engine.make_key.make_key(&parts);
-            parts.extensions.remove::<BufferedBody>();
-            match key {
-                Some(key) => key,
-                None => {
-                    if let Some(refusal) = engine.without_key(true) {
-                        return Ok(refusal);
-                    }
-                    let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
-                    return Ok(inner.oneshot(req).await?.map(ResponseBody::inner));
-                }
-            }
+    let Some(key) = key.or_else(|| key_in_body(&engine.make_key, &mut parts, &bytes)) else {
+        if let Some(refusal) = engine.without_key(true) {
+            return Ok(refusal);
         }
+        let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
+        return Ok(inner.oneshot(req).await?.map(ResponseBody::inner));
     };
     let Some(scope) = engine.scope.make_key(&parts) else {
         // Not knowing who asks, the layer can't tell whose answer is whose: nobody shares
@@ -157,6 +147,16 @@ where
             (ticket, flight.await)
         }
     };
+    after(&*stage, ticket, answer, metrics)
+}
+
+/// The answer a stage makes of a request's answer, under its ticket.
+fn after<B, E>(
+    stage: &dyn Stage,
+    ticket: Ticket,
+    answer: Answer<B, E>,
+    metrics: &Metrics,
+) -> Answer<B, E> {
     let answered = answer.as_ref().ok().map(|response| Answered {
         status: response.status(),
         headers: response.headers(),
@@ -179,6 +179,15 @@ where
 /// A response a stage made, with its body in one piece.
 pub(super) fn from_stage<B>(response: Response<Bytes>) -> Response<ResponseBody<B>> {
     response.map(|body| ResponseBody::buffered(body, None))
+}
+
+/// The key of a request whose key maker reads the body: it finds the body in the head's
+/// extensions while it makes the key.
+fn key_in_body<K: MakeKey<Parts>>(make_key: &K, parts: &mut Parts, body: &Bytes) -> Option<K::Key> {
+    parts.extensions.insert(BufferedBody(body.clone()));
+    let key = make_key.make_key(parts);
+    parts.extensions.remove::<BufferedBody>();
+    key
 }
 
 /// Reads a keyed request's body, refusing one over `limit` before reading it when its size
