@@ -105,7 +105,7 @@ use crate::BoxError;
 use crate::idempotency::lease::{Lease, LeaseGuard};
 use crate::idempotency::store::{IdempotencyStore, StoreKey, StoredResponse};
 use crate::shared_store::codec;
-use crate::shared_store::release::{Waiters, token};
+use crate::shared_store::release::{Waiters, renew_every_third, token};
 
 /// The default timeout of every statement, and of connecting.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -405,29 +405,16 @@ impl PostgresStore {
     /// Renews the lease every third of its duration until the guard aborts it, or the
     /// lease turns out to be lost.
     async fn renew(self, key: StoreKey, token: String) {
-        let mut every = tokio::time::interval(self.lease / 3);
-        every.tick().await;
-        loop {
-            every.tick().await;
+        let lease = self.lease;
+        renew_every_third(lease, || async {
             let renewal = sqlx::query(&self.shared.statements.renew)
                 .bind(&key.as_bytes()[..])
                 .bind(&token)
-                .bind(millis(self.lease))
+                .bind(millis(lease))
                 .execute(&self.shared.pool);
-            match self.timed("lease renewal", renewal).await {
-                Ok(done) if done.rows_affected() == 1 => {}
-                Ok(_) => {
-                    tracing::warn!(
-                        "an idempotency lease expired while its request ran; another \
-                         instance may run the request too"
-                    );
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "renewing an idempotency lease failed; retrying")
-                }
-            }
-        }
+            Ok(self.timed("lease renewal", renewal).await?.rows_affected() == 1)
+        })
+        .await
     }
 }
 

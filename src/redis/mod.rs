@@ -90,6 +90,7 @@ use crate::BoxError;
 use crate::idempotency::lease::{Lease, LeaseGuard};
 use crate::idempotency::store::{IdempotencyStore, StoreKey, StoredResponse};
 use crate::shared_store::codec;
+use crate::shared_store::release::renew_every_third;
 
 /// The default timeout of every Redis command, and of connecting.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -323,35 +324,19 @@ impl RedisStore {
     /// lease turns out to be lost.
     fn renew(&self, lease_key: String, token: String) -> impl Future<Output = ()> + use<> {
         let store = self.clone();
-        async move {
-            let mut every = tokio::time::interval(store.lease / 3);
-            every.tick().await;
-            loop {
-                every.tick().await;
+        renew_every_third(self.lease, move || {
+            let (store, lease_key, token) = (store.clone(), lease_key.clone(), token.clone());
+            async move {
                 let mut conn = store.conn.clone();
                 let mut renew = RENEW.call();
                 renew
                     .key(&lease_key)
                     .arg(&token)
                     .arg(Self::millis(store.lease));
-                match store
-                    .timed("lease renewal", renew.invoke::<i64>(&mut conn))
-                    .await
-                {
-                    Ok(1) => {}
-                    Ok(_) => {
-                        tracing::warn!(
-                            "an idempotency lease expired while its request ran; another \
-                             instance may run the request too"
-                        );
-                        return;
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "renewing an idempotency lease failed; retrying")
-                    }
-                }
+                let renewed = renew.invoke::<i64>(&mut conn);
+                Ok(store.timed("lease renewal", renewed).await? == 1)
             }
-        }
+        })
     }
 
     /// Takes the lease of `key` with a new token and the key's next fencing token, after

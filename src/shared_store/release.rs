@@ -9,6 +9,34 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 
+use crate::BoxError;
+
+/// Renews a lease of `lease` every third of it, by `renew` (`Ok(true)`: renewed,
+/// `Ok(false)`: the lease was lost), until the lease is lost or the task is aborted (the
+/// guard completes or drops). A failed renewal is retried at the next tick.
+pub(crate) async fn renew_every_third<F, Fut>(lease: std::time::Duration, mut renew: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, BoxError>>,
+{
+    let mut every = tokio::time::interval(lease / 3);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        match renew().await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    "an idempotency lease expired while its request ran; another instance \
+                     may run the request too"
+                );
+                return;
+            }
+            Err(error) => tracing::warn!(%error, "renewing an idempotency lease failed; retrying"),
+        }
+    }
+}
+
 /// A token no other lease, in this process or another, ever has: 64 random bits per
 /// process (the OS-seeded `RandomState`), the time, and a counter.
 pub(crate) fn token() -> String {

@@ -107,6 +107,12 @@ impl Server {
 
     /// Runs one of PostgreSQL's programs, as `postgres` if this is root.
     fn run(&self, program: &str, args: &[&str]) {
+        let status = self.command(program, args).status().unwrap();
+        assert!(status.success(), "{program} {args:?} failed");
+    }
+
+    /// One of PostgreSQL's programs with `args`, as `postgres` if this is root, quiet.
+    fn command(&self, program: &str, args: &[&str]) -> Command {
         let program = self.bin.join(program);
         let mut command = if is_root() {
             let mut command = Command::new("runuser");
@@ -115,13 +121,11 @@ impl Server {
         } else {
             Command::new(&program)
         };
-        let status = command
+        command
             .args(args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "{} {args:?} failed", program.display());
+            .stderr(Stdio::null());
+        command
     }
 
     /// Starts the server (again), and waits until it accepts connections.
@@ -178,21 +182,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let program = self.bin.join("pg_ctl");
         let data = self.data();
-        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
-        let mut command = if is_root() {
-            let mut command = Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(&program);
-            command
-        } else {
-            Command::new(&program)
-        };
-        let _ = command
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let stop = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let _ = self.command("pg_ctl", &stop).status();
     }
 }
 
