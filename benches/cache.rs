@@ -7,7 +7,7 @@
 //! - `miss_fan_in_1000`: 1000 callers of one new key at once, the work yielding until all of
 //!   them have called; baseline moka's `future::Cache::get_with`, which also runs it once.
 //!
-//! Run with `cargo bench --bench cache --features cache`; compare within one run.
+//! Run with `cargo bench --manifest-path benches/Cargo.toml --bench cache`; compare within one run.
 
 use std::hint::black_box;
 use std::sync::Arc;

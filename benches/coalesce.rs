@@ -12,7 +12,7 @@
 //!   `no_coalescer_floor` is the runtime's own cost of a round: the callers wait for the
 //!   release without any coalescer, and the work never runs (0 executions).
 //!
-//! Run with `cargo bench --bench coalesce`; compare within one run.
+//! Run with `cargo bench --manifest-path benches/Cargo.toml --bench coalesce`; compare within one run.
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -11,7 +11,7 @@
 //!   counted and printed at the end.
 //!
 //! Client and server share the machine; compare within one run.
-//! Run with `cargo bench --bench http`.
+//! Run with `cargo bench --manifest-path benches/Cargo.toml --bench http`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

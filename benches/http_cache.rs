@@ -10,7 +10,7 @@
 //!   fan-in of 100 concurrent requests for a new key per round (work that takes 1 ms),
 //!   with the handler's runs per round printed for each.
 //!
-//! Run with `cargo bench --bench http_cache --features http-cache`; compare within one run.
+//! Run with `cargo bench --manifest-path benches/Cargo.toml --bench http_cache`; compare within one run.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -9,8 +9,7 @@
 //!   miss once (4 runs), on Redis one instance runs it for all (1 run); the runs per round
 //!   are printed.
 //!
-//! Run with `REDIS_URL=redis://127.0.0.1:6379 cargo bench --bench redis_cache --features
-//! redis,http-cache`.
+//! Run with `REDIS_URL=redis://127.0.0.1:6379 cargo bench --manifest-path benches/Cargo.toml --bench redis_cache`.
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -16,8 +16,8 @@
 //! `REDIS_CLUSTER_URLS` (comma-separated) with the feature `redis`; on the PostgreSQL at
 //! `DATABASE_URL` with the feature `postgres`.
 //!
-//! Run with `REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL=postgres://... cargo bench
-//! --bench stores --features redis,postgres`.
+//! Run with `REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL=postgres://... cargo bench --manifest-path benches/Cargo.toml
+//! --bench stores`.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -4,7 +4,7 @@
 //! the followers wait (counted by an instrumented allocator, not sampled) and the
 //! followers' latencies and statuses.
 //!
-//! Run with `cargo bench --bench waiting`.
+//! Run with `cargo bench --manifest-path benches/Cargo.toml --bench waiting`.
 
 use std::alloc::System;
 use std::collections::BTreeMap;
