@@ -26,12 +26,12 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_coalesce::http::ResponseBody;
 use tower_coalesce::http_cache::HttpCacheLayer;
-use tower_coalesce::idempotency::store::{IdempotencyStore, MemoryStore};
+use tower_coalesce::store::{Store, MemoryStore};
 use tower_coalesce::redis::RedisStore;
 
 type Svc = BoxCloneSyncService<Request<Full<Bytes>>, Bytes, Infallible>;
 
-fn instance<St: IdempotencyStore>(store: St, runs: Arc<AtomicU64>, delay: Duration) -> Svc {
+fn instance<St: Store>(store: St, runs: Arc<AtomicU64>, delay: Duration) -> Svc {
     let handler = service_fn(move |_: Request<Either<Full<Bytes>, Full<Bytes>>>| {
         runs.fetch_add(1, Ordering::Relaxed);
         async move {

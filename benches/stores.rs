@@ -31,11 +31,11 @@ use tokio::runtime::Runtime;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_coalesce::idempotency::IdempotencyLayer;
-use tower_coalesce::idempotency::store::{IdempotencyStore, MemoryStore};
+use tower_coalesce::store::{Store, MemoryStore};
 
 type Svc = BoxCloneSyncService<Request<Full<Bytes>>, Response<()>, Infallible>;
 
-fn instance<St: IdempotencyStore>(store: St) -> Svc {
+fn instance<St: Store>(store: St) -> Svc {
     let handler = service_fn(|_: Request<Either<Full<Bytes>, Full<Bytes>>>| async {
         let mut response = Response::new(Full::new(Bytes::from_static(b"order created")));
         *response.status_mut() = StatusCode::CREATED;

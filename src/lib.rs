@@ -118,6 +118,9 @@ pub mod redis;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 mod shared_store;
 pub mod single_flight;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod store;
 mod sync;
 
 /// Alias for a type-erased error type.

@@ -419,7 +419,10 @@ async fn a_key_that_is_never_there_is_counted_and_refused_under_require_key() {
             assert_eq!(res.status(), expected);
         }
         assert_eq!(metrics.requests_without_key(), 3);
-        assert_eq!(metrics.keys_missing(), if require { 3 } else { 0 });
+        assert_eq!(
+            metrics.requests_refused_without_key(),
+            if require { 3 } else { 0 }
+        );
     }
 }
 

@@ -286,7 +286,7 @@ async fn a_required_key_that_is_missing_or_malformed_gets_a_400_problem() {
         );
     }
     assert_eq!(app.executions(), 0);
-    assert_eq!(app.metrics.keys_missing(), 4);
+    assert_eq!(app.metrics.requests_refused_without_key(), 4);
 
     let ok = send(&client, &url, &[("idempotency-key", "k")]).await;
     assert_eq!(ok.status, StatusCode::CREATED);

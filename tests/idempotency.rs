@@ -178,7 +178,7 @@ async fn a_server_error_is_not_stored_and_the_retry_runs_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_expired_response_runs_again() {
-    let layer = IdempotencyLayer::new().ttl(Duration::from_millis(300));
+    let layer = IdempotencyLayer::new().replay(Duration::from_millis(300));
     let (router, runs) = orders(layer, status(201));
     let addr = support::serve(router).await;
     let client = reqwest::Client::new();
@@ -364,24 +364,21 @@ async fn duplicates_of_a_running_request_are_refused_shed_or_timed_out_as_config
 /// A store whose lookups take 100 ms: a flight that only looks up a completed key lasts
 /// long enough for a retry to arrive while it runs.
 #[derive(Clone, Default)]
-struct SlowLookups(tower_coalesce::idempotency::store::MemoryStore);
+struct SlowLookups(tower_coalesce::store::MemoryStore);
 
-impl tower_coalesce::idempotency::store::IdempotencyStore for SlowLookups {
+impl tower_coalesce::store::Store for SlowLookups {
     async fn get(
         &self,
-        key: &tower_coalesce::idempotency::store::StoreKey,
-    ) -> Result<
-        Option<Arc<tower_coalesce::idempotency::store::StoredResponse>>,
-        tower_coalesce::BoxError,
-    > {
+        key: &tower_coalesce::store::StoreKey,
+    ) -> Result<Option<Arc<tower_coalesce::store::StoredResponse>>, tower_coalesce::BoxError> {
         tokio::time::sleep(Duration::from_millis(100)).await;
         self.0.get(key).await
     }
 
     async fn put(
         &self,
-        key: tower_coalesce::idempotency::store::StoreKey,
-        response: Arc<tower_coalesce::idempotency::store::StoredResponse>,
+        key: tower_coalesce::store::StoreKey,
+        response: Arc<tower_coalesce::store::StoredResponse>,
         ttl: Duration,
     ) -> Result<(), tower_coalesce::BoxError> {
         self.0.put(key, response, ttl).await

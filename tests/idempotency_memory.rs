@@ -1,4 +1,4 @@
-//! The in-memory store stays within its byte budget: 100,000 distinct keys with 4 KiB
+//! The in-memory store stays within its byte limit: 100,000 distinct keys with 4 KiB
 //! responses (400 MiB if all were kept) through a 16 MiB store, oldest evicted first.
 //! A binary of its own, so that its resident memory is its own.
 #![cfg(feature = "idempotency")]
@@ -14,15 +14,15 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceExt, service_fn};
 use tower_coalesce::idempotency::IdempotencyLayer;
-use tower_coalesce::idempotency::store::MemoryStore;
+use tower_coalesce::store::MemoryStore;
 
 const KEYS: usize = 100_000;
 const BODY: usize = 4096;
-const BUDGET: u64 = 16 * 1024 * 1024;
+const LIMIT: usize = 16 * 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_thousand_responses_stay_within_the_byte_budget() {
-    let store = MemoryStore::with_budget(BUDGET);
+    let store = MemoryStore::with_limit(LIMIT);
     let runs = Arc::new(AtomicUsize::new(0));
     let mut svc = tower::ServiceBuilder::new()
         .layer(IdempotencyLayer::new().store(store.clone()))
@@ -54,17 +54,17 @@ async fn a_hundred_thousand_responses_stay_within_the_byte_budget() {
     store.run_pending_tasks().await;
     let grown = support::rss_kib().saturating_sub(before) * 1024;
     eprintln!(
-        "{KEYS} responses of {BODY} B: store holds {} entries, {} B (budget {BUDGET}); RSS grew {} KiB",
+        "{KEYS} responses of {BODY} B: store holds {} entries, {} B (limit {LIMIT}); RSS grew {} KiB",
         store.entry_count(),
         store.weighted_size(),
         grown / 1024
     );
-    assert!(store.weighted_size() <= BUDGET);
+    assert!(store.weighted_size() <= LIMIT as u64);
     assert!(store.entry_count() < KEYS as u64 / 10);
-    // Unbounded, the bodies alone would be 400 MiB; allow the budget and allocator slack.
+    // Unbounded, the bodies alone would be 400 MiB; allow the limit and allocator slack.
     assert!(
-        grown < 3 * BUDGET,
-        "RSS grew {grown} B for a {BUDGET} B budget"
+        grown < 3 * LIMIT as u64,
+        "RSS grew {grown} B for a {LIMIT} B limit"
     );
 
     // Oldest out first: the newest keys are replayed, the oldest run again.

@@ -6,7 +6,7 @@
 //!
 //! The shared server comes from `DATABASE_URL` (`.ci/run` starts one); the restart test
 //! starts a server of its own. Under `CI=true` a missing server fails the tests.
-#![cfg(feature = "postgres")]
+#![cfg(all(feature = "postgres", feature = "idempotency"))]
 
 mod support;
 
@@ -22,9 +22,9 @@ use support::instances::{
 use support::postgres::{Server, database_url, pool, rows, store, table};
 use support::{Counter, Gate, eventually};
 use tower_coalesce::idempotency::OnStoreError;
-use tower_coalesce::idempotency::lease::Lease;
-use tower_coalesce::idempotency::store::{IdempotencyStore, StoreKey, StoredResponse};
 use tower_coalesce::postgres::PostgresStore;
+use tower_coalesce::store::Lease;
+use tower_coalesce::store::{Store, StoreKey, StoredResponse};
 
 const LEASE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(500);
@@ -255,7 +255,7 @@ async fn a_flood_of_distinct_keys_is_swept_once_expired() {
         axum::http::Version::HTTP_11,
         axum::http::HeaderMap::new(),
         bytes::Bytes::from_static(b"created"),
-        tower_coalesce::idempotency::store::Fingerprint::from_bytes([1; 32]),
+        tower_coalesce::store::Fingerprint::from_bytes([1; 32]),
     ));
     let keys = 100_000u32;
     let started = Instant::now();

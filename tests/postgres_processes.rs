@@ -6,7 +6,7 @@
 //! The instances are this test binary run again: `instance_process` serves the app when
 //! `TOWER_COALESCE_INSTANCE_PG` is set, and does nothing otherwise. The handler records
 //! each run, with its fencing token, in a table every process sees.
-#![cfg(feature = "postgres")]
+#![cfg(all(feature = "postgres", feature = "idempotency"))]
 
 mod support;
 
@@ -17,8 +17,8 @@ use axum::routing;
 use axum::{Extension, Router};
 use support::postgres::{database_url, pool, store, table};
 use support::processes::{Instance, fire, first_to_say};
-use tower_coalesce::http::lease::FencingToken;
 use tower_coalesce::idempotency::IdempotencyLayer;
+use tower_coalesce::store::FencingToken;
 
 const PG: &str = "TOWER_COALESCE_INSTANCE_PG";
 const TABLE: &str = "TOWER_COALESCE_INSTANCE_TABLE";

@@ -2,7 +2,7 @@
 //! stops and comes back. The shared server comes from `REDIS_URL` (`.ci/run` starts one);
 //! the stop-and-restart test starts a `redis-server` of its own. Under `CI=true` these tests
 //! fail rather than skip when Redis is missing.
-#![cfg(feature = "redis")]
+#![cfg(all(feature = "redis", feature = "idempotency"))]
 
 mod support;
 
@@ -139,10 +139,8 @@ async fn requests_are_served_while_redis_is_down_and_replayed_again_once_it_is_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Redis (REDIS_URL, redis-server; .ci/run starts them)"]
 async fn the_store_gets_puts_and_leases() {
-    use tower_coalesce::idempotency::lease::Lease;
-    use tower_coalesce::idempotency::store::{
-        Fingerprint, IdempotencyStore, StoreKey, StoredResponse,
-    };
+    use tower_coalesce::store::Lease;
+    use tower_coalesce::store::{Fingerprint, Store, StoreKey, StoredResponse};
 
     let Some(url) = redis_url() else { return };
     let prefix = prefix();

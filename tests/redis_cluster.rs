@@ -3,7 +3,7 @@
 //! tokens increase across a takeover, and a master killed mid-flight hangs nothing and
 //! recovers. The first three use the cluster `.ci/redis-cluster.sh` starts
 //! (`REDIS_CLUSTER_URLS`); the one that kills a master starts a cluster of its own.
-#![cfg(feature = "redis")]
+#![cfg(all(feature = "redis", feature = "idempotency"))]
 
 mod support;
 
@@ -21,9 +21,9 @@ use support::instances::{
 use support::redis::{Cluster, cluster_urls, connect_cluster, prefix};
 use support::{Counter, Gate, eventually};
 use tower_coalesce::http::Metrics;
-use tower_coalesce::http::lease::FencingToken;
 use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
 use tower_coalesce::redis::RedisStore;
+use tower_coalesce::store::FencingToken;
 
 const TIMEOUT: Duration = Duration::from_secs(1);
 

@@ -3,7 +3,7 @@
 //! hands over at once, and Redis going away never hangs a request. Each test starts a
 //! `redis-server` of its own (`.ci/run` installs it), so that it can count the commands
 //! sent, or stop the server. Under `CI=true` a missing `redis-server` fails the tests.
-#![cfg(feature = "redis")]
+#![cfg(all(feature = "redis", feature = "idempotency"))]
 
 mod support;
 

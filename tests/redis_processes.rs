@@ -5,7 +5,7 @@
 //! The instances are this test binary run again: `instance_process` serves the app when
 //! `TOWER_COALESCE_INSTANCE_REDIS` is set, and does nothing otherwise. The handler counts
 //! its runs in Redis (`INCR`), the one counter every process sees.
-#![cfg(feature = "redis")]
+#![cfg(all(feature = "redis", feature = "idempotency"))]
 
 mod support;
 

@@ -4,7 +4,7 @@
 //! response to an authorized request from other callers of its flight (RFC 9111 §3.5);
 //! a retry during abandoned idempotent work joins it; safe methods pass through the
 //! idempotency layer.
-#![cfg(feature = "http-cache")]
+#![cfg(all(feature = "http-cache", feature = "idempotency"))]
 
 mod support;
 

@@ -438,7 +438,7 @@ impl MakeKey<Parts> for FormKey {
 }
 
 /// A key's bytes, the same in every process and on every platform: what
-/// [`StoreKey`](super::store::StoreKey) digests, so that instances sharing a store agree on
+/// [`StoreKey`](crate::store::StoreKey) digests, so that instances sharing a store agree on
 /// a key whatever toolchain built them.
 ///
 /// Implementations write a self-delimiting encoding, so that two different keys never give

@@ -6,7 +6,7 @@ use tower::Layer;
 use super::HttpCoalesce;
 use super::engine::{Config, Engine};
 use super::scope::{DefaultScope, Unscoped};
-use super::store::NoStore;
+use crate::store::NoStore;
 
 /// Applies [`HttpCoalesce`] to an HTTP service: concurrent identical requests (equal keys,
 /// equal scopes, equal method, path, query and body) share one call and one buffered
@@ -109,7 +109,7 @@ impl<K, I, St> HttpCoalesceLayer<K, I, St> {
     /// wait for its response (which it stores for the [handover](Self::handover) window
     /// only, unless `replay` keeps it longer). A store of one process
     /// (`MemoryStore`, feature `idempotency`) only keeps responses for replay. See
-    /// [`IdempotencyStore`](super::store::IdempotencyStore).
+    /// [`Store`](crate::store::Store).
     pub fn store<NewStore>(self, store: NewStore) -> HttpCoalesceLayer<K, I, NewStore> {
         HttpCoalesceLayer {
             engine: self.engine.with_store(store),

@@ -57,7 +57,7 @@ struct Counters {
     callers_joined: AtomicU64,
     callers_cancelled: AtomicU64,
     bodies_over_limit: AtomicU64,
-    keys_missing: AtomicU64,
+    requests_refused_without_key: AtomicU64,
     replayed: AtomicU64,
     followers_timed_out: AtomicU64,
     followers_shed: AtomicU64,
@@ -107,8 +107,10 @@ impl Metrics {
     }
 
     /// Requests refused with `400` because they had no key and the layer requires one.
-    pub fn keys_missing(&self) -> u64 {
-        self.counters.keys_missing.load(Ordering::Relaxed)
+    pub fn requests_refused_without_key(&self) -> u64 {
+        self.counters
+            .requests_refused_without_key
+            .load(Ordering::Relaxed)
     }
 
     /// Requests whose key maker found no key, whether they passed through or were refused.
@@ -346,7 +348,9 @@ impl Metrics {
     }
 
     pub(crate) fn key_missing(&self) {
-        self.counters.keys_missing.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .requests_refused_without_key
+            .fetch_add(1, Ordering::Relaxed);
         self.export(REQUESTS, Some(("role", "rejected")));
     }
 }
@@ -465,7 +469,10 @@ impl fmt::Debug for Metrics {
             .field("callers_joined", &self.callers_joined())
             .field("callers_cancelled", &self.callers_cancelled())
             .field("bodies_over_limit", &self.bodies_over_limit())
-            .field("keys_missing", &self.keys_missing())
+            .field(
+                "requests_refused_without_key",
+                &self.requests_refused_without_key(),
+            )
             .field("responses_replayed", &self.responses_replayed())
             .field("followers_timed_out", &self.followers_timed_out())
             .field("followers_shed", &self.followers_shed())

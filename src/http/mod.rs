@@ -94,7 +94,7 @@
 //! let res = svc.ready().await?.call(no_key).await?;
 //! assert_eq!(res.status(), 400);
 //! assert_eq!(metrics.flights_started(), 1);
-//! assert_eq!(metrics.keys_missing(), 1);
+//! assert_eq!(metrics.requests_refused_without_key(), 1);
 //! # Ok(())
 //! # }
 //! ```
@@ -184,7 +184,6 @@ pub(crate) mod flown;
 pub mod future;
 pub mod key;
 mod layer;
-pub mod lease;
 mod metrics;
 pub mod policy;
 pub(crate) mod problem;
@@ -192,7 +191,6 @@ mod role;
 pub mod scope;
 mod service;
 pub(crate) mod stage;
-pub mod store;
 
 /// The request head that keys and scopes read, re-exported so that an app need not depend
 /// on `http` to name it.

@@ -17,9 +17,9 @@ use super::error::ShareError;
 use super::future::ResponseFuture;
 use super::key::EncodeKey;
 use super::scope::DefaultScope;
-use super::store::{IdempotencyStore, NoStore};
 use crate::BoxError;
 use crate::coalesce::MakeKey;
+use crate::store::{NoStore, Store};
 
 /// Middleware that runs an HTTP service once for concurrent identical requests, buffers
 /// the response once, and gives every caller its own copy.
@@ -117,7 +117,7 @@ where
     K::Key: EncodeKey,
     I: MakeKey<Parts> + Send + Sync + 'static,
     I::Key: EncodeKey,
-    St: IdempotencyStore,
+    St: Store,
     ReqB: Body<Data = Bytes> + Send + 'static,
     ReqB::Error: Into<BoxError>,
     ResB: Body<Data = Bytes> + Send + 'static,

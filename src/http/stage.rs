@@ -30,10 +30,10 @@ use http::{HeaderMap, Response, StatusCode};
 
 use super::Role;
 use super::flown::Buffered;
-use super::lease::Lease;
 use super::metrics::Metrics;
-use super::store::{Fingerprint, IdempotencyStore, StoreKey, StoredResponse};
 use crate::BoxError;
+use crate::store::Lease;
+use crate::store::{Fingerprint, Store, StoreKey, StoredResponse};
 
 /// What a preset adds to the engine's steps; see the [module docs](self).
 pub(crate) trait Stage: Send + Sync + 'static {
@@ -133,15 +133,15 @@ pub(crate) trait Lookup: Send + Sync {
     fn refresh_lease<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<Lease, BoxError>>;
 }
 
-impl<St: IdempotencyStore> Lookup for St {
+impl<St: Store> Lookup for St {
     fn get<'a>(
         &'a self,
         key: &'a StoreKey,
     ) -> BoxFuture<'a, Result<Option<Arc<StoredResponse>>, BoxError>> {
-        Box::pin(IdempotencyStore::get(self, key))
+        Box::pin(Store::get(self, key))
     }
 
     fn refresh_lease<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<Lease, BoxError>> {
-        Box::pin(IdempotencyStore::refresh_lease(self, key))
+        Box::pin(Store::refresh_lease(self, key))
     }
 }

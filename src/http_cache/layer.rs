@@ -15,7 +15,7 @@ use crate::http::key::{self, MethodPathAndQuery};
 use crate::http::policy::{SharePredicate, not_private};
 use crate::http::scope::{DefaultScope, Unscoped};
 use crate::http::{DoNotShare, HttpCoalesce, Metrics};
-use crate::idempotency::store::{IdempotencyStore, MemoryStore};
+use crate::store::{MemoryStore, Store};
 
 /// The HTTP cache middleware: [`HttpCoalesce`] with the cache's stage, keyed by method,
 /// path and query, for `GET` and `HEAD`.
@@ -52,7 +52,7 @@ impl MakeKey<Parts> for SafeMethods {
 /// - [`max_ttl`](Self::max_ttl): 1 day;
 /// - [`hit_for_pass`](Self::hit_for_pass): 2 minutes;
 /// - [`store`](Self::store): a [`MemoryStore`] of this process, bounded by
-///   [`budget`](Self::budget): 64 MiB of responses;
+///   [`memory_limit`](Self::memory_limit): 64 MiB of responses;
 /// - [`body_limit`](Self::body_limit): 1 MiB, larger responses are neither shared nor kept.
 #[derive(Clone)]
 pub struct HttpCacheLayer<I = DefaultScope, St = MemoryStore> {
@@ -200,7 +200,7 @@ impl<I, St> HttpCacheLayer<I, St> {
     /// a response one instance fetched answers them all, a miss runs on one instance while
     /// the others wait for it, and a stale entry is refreshed by one instance while every
     /// instance serves it stale. See [Across instances](crate::http_cache#across-instances).
-    pub fn store<St2: IdempotencyStore>(self, store: St2) -> HttpCacheLayer<I, St2> {
+    pub fn store<St2: Store>(self, store: St2) -> HttpCacheLayer<I, St2> {
         HttpCacheLayer {
             engine: self.engine.with_store(store),
             rules: self.rules,
@@ -211,8 +211,8 @@ impl<I, St> HttpCacheLayer<I, St> {
 impl<I> HttpCacheLayer<I, MemoryStore> {
     /// The bytes of responses kept at most (least recently used out first). 64 MiB by
     /// default.
-    pub fn budget(mut self, bytes: u64) -> Self {
-        self.engine.store = MemoryStore::with_budget(bytes);
+    pub fn memory_limit(mut self, bytes: usize) -> Self {
+        self.engine.store = MemoryStore::with_limit(bytes);
         self
     }
 }

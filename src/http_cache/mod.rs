@@ -30,8 +30,8 @@
 //!   [`hit_for_pass`](HttpCacheLayer::hit_for_pass) the requests of its key go straight to
 //!   the service instead of queueing behind each other's flights.
 //!
-//! Responses are kept in a [`MemoryStore`](crate::idempotency::store::MemoryStore) (moka, bounded
-//! by [`budget`](HttpCacheLayer::budget)), or in the [`store`](HttpCacheLayer::store) you
+//! Responses are kept in a [`MemoryStore`](crate::store::MemoryStore) (moka, bounded
+//! by [`memory_limit`](HttpCacheLayer::memory_limit)), or in the [`store`](HttpCacheLayer::store) you
 //! give, one entry per key: a response that varies keeps the variant last fetched. Other
 //! methods pass through untouched.
 //!
@@ -64,7 +64,7 @@
 //!   flights wait for its release (a pub/sub message) and answer with what it kept;
 //! - a stale entry within `stale-while-revalidate` is answered stale at once on every
 //!   instance, and each instance starts its refresh flight; the flight takes the key's lease
-//!   whatever is kept ([`refresh_lease`](crate::idempotency::store::IdempotencyStore::refresh_lease)),
+//!   whatever is kept ([`refresh_lease`](crate::store::Store::refresh_lease)),
 //!   and once it holds it, looks again: an entry another instance refreshed meanwhile
 //!   answers, and the lease goes back. So one refresh runs across all the instances.
 //!

@@ -17,10 +17,10 @@ use crate::BoxError;
 use crate::http::Metrics;
 use crate::http::Role;
 use crate::http::engine;
-use crate::http::lease::Lease;
 use crate::http::stage::{Admit, After, Answered, Lookup, Ran, Stage, Ticket};
-use crate::http::store::{Fingerprint, StoreKey, StoredResponse};
 use crate::single_flight::{Freshness, Lifetimes};
+use crate::store::Lease;
+use crate::store::{Fingerprint, StoreKey, StoredResponse};
 
 /// The cache's stage: its rules, the keys on hit-for-pass, and the keys being refreshed in
 /// the background.

@@ -5,12 +5,12 @@ use http::HeaderName;
 use tower::Layer;
 
 use super::Idempotency;
-use super::store::MemoryStore;
 use crate::http::HttpCoalesce;
 use crate::http::OnMismatch;
 use crate::http::engine::{Config, Engine};
 use crate::http::key::{self, HeaderKey};
 use crate::http::scope::DefaultScope;
+use crate::store::MemoryStore;
 
 /// Applies [`Idempotency`] to an HTTP service: requests with an `Idempotency-Key` header
 /// are coalesced while the first one runs, and replayed from the store once it completed.
@@ -26,7 +26,7 @@ use crate::http::scope::DefaultScope;
 ///   method, path, query or body, or with other values of a header the key's response
 ///   `Vary`s on, gets `422`;
 /// - [`store`](Self::store): a [`MemoryStore`] of 64 MiB;
-/// - [`ttl`](Self::ttl) (the same as [`replay`](Self::replay)): completed responses are
+/// - [`replay`](Self::replay): completed responses are
 ///   replayed for 24 hours;
 /// - [`finish_abandoned`](Self::finish_abandoned): on, a request whose clients all left
 ///   still completes, and its response is kept for the retry;
@@ -43,8 +43,8 @@ pub struct IdempotencyLayer<I = DefaultScope, St = MemoryStore> {
     pub(crate) engine: Engine<HeaderKey, I, St>,
 }
 
-/// The default of [`IdempotencyLayer::ttl`]: 24 hours.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// The default of [`IdempotencyLayer::replay`]: 24 hours.
+pub const DEFAULT_REPLAY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl IdempotencyLayer {
     /// A layer with the defaults listed above.
@@ -54,7 +54,7 @@ impl IdempotencyLayer {
             require_key: true,
             on_mismatch: OnMismatch::Reject,
             has_store: true,
-            replay: Some(DEFAULT_TTL),
+            replay: Some(DEFAULT_REPLAY_TTL),
             finish_abandoned: true,
             key_header: Some(header.clone()),
             skip_safe_methods: true,
@@ -109,12 +109,6 @@ impl<I, St> IdempotencyLayer<I, St> {
     pub fn skip_safe_methods(mut self, skip: bool) -> Self {
         self.engine.config.skip_safe_methods = skip;
         self
-    }
-
-    /// How long a completed response is replayed: [`replay`](Self::replay) under the name
-    /// the IETF draft uses.
-    pub fn ttl(self, ttl: Duration) -> Self {
-        self.replay(ttl)
     }
 
     /// Scopes keys by another identity; see [`http::scope`](crate::http::scope).

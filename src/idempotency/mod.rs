@@ -51,28 +51,26 @@
 //!
 //! let app: Router = Router::new()
 //!     .route("/payments", post(create_payment))
-//!     .layer(IdempotencyLayer::new().require_key(true).ttl(Duration::from_secs(3600)));
+//!     .layer(IdempotencyLayer::new().require_key(true).replay(Duration::from_secs(3600)));
 //! ```
 //!
 //! # Storage
 //!
-//! Responses are kept by an [`IdempotencyStore`](store::IdempotencyStore): by default a
-//! [`MemoryStore`](store::MemoryStore) (moka, bounded by bytes, least recently used out
+//! Responses are kept by a [`Store`](crate::store::Store): by default a
+//! [`MemoryStore`](crate::store::MemoryStore) (moka, bounded by bytes, least recently used out
 //! first), or [`RedisStore`](crate::redis) (feature `redis`), which several instances
-//! share. A shared store also hands out a [`lease`](lease::Lease) per key, so that one
+//! share. A shared store also hands out a [`lease`](crate::store::Lease) per key, so that one
 //! instance runs it and the others wait for its stored response.
 //!
 //! A store that fails or times out is logged, and then the request runs anyway (the
 //! default) or gets `503`: see [`OnStoreError`].
 
 mod layer;
-pub mod lease;
-pub mod store;
 
-pub use self::layer::{DEFAULT_TTL, IdempotencyLayer};
+pub use self::layer::{DEFAULT_REPLAY_TTL, IdempotencyLayer};
 pub use crate::http::OnStoreError;
 
 /// The service [`IdempotencyLayer`] builds: [`HttpCoalesce`](crate::http::HttpCoalesce)
 /// keyed by the idempotency key header.
-pub type Idempotency<S, I = crate::http::scope::DefaultScope, St = store::MemoryStore> =
+pub type Idempotency<S, I = crate::http::scope::DefaultScope, St = crate::store::MemoryStore> =
     crate::http::HttpCoalesce<S, crate::http::key::HeaderKey, I, St>;

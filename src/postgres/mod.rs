@@ -1,7 +1,7 @@
 //! PostgreSQL as the shared store: the database the app already has runs each key once
 //! across all its instances, and keeps completed responses through restarts.
 //!
-//! [`PostgresStore`] implements [`IdempotencyStore`] on one table, through sqlx, for
+//! [`PostgresStore`] implements [`Store`] on one table, through sqlx, for
 //! [`IdempotencyLayer::store`], [`HttpCoalesceLayer::store`] and `HttpCacheLayer::store`.
 //! It works as [`RedisStore`](crate::redis::RedisStore) does:
 //!
@@ -83,9 +83,9 @@
 //! the row was swept, or the database restored from a backup, as long as its clock did not
 //! go back by more than the time since.
 //!
-//! [`IdempotencyStore`]: crate::idempotency::store::IdempotencyStore
-//! [`StoreKey`]: crate::idempotency::store::StoreKey
-//! [`FencingToken`]: crate::http::lease::FencingToken
+//! [`Store`]: crate::store::Store
+//! [`StoreKey`]: crate::store::StoreKey
+//! [`FencingToken`]: crate::store::FencingToken
 //! [`IdempotencyLayer::store`]: crate::idempotency::IdempotencyLayer::store
 //! [`HttpCoalesceLayer::store`]: crate::http::HttpCoalesceLayer::store
 
@@ -102,10 +102,10 @@ use tokio::task::JoinHandle;
 
 use self::sql::Statements;
 use crate::BoxError;
-use crate::idempotency::lease::{Lease, LeaseGuard};
-use crate::idempotency::store::{IdempotencyStore, StoreKey, StoredResponse};
 use crate::shared_store::codec;
 use crate::shared_store::release::{Waiters, renew_every_third, token};
+use crate::store::{Lease, LeaseGuard};
+use crate::store::{Store, StoreKey, StoredResponse};
 
 /// The default timeout of every statement, and of connecting.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -127,7 +127,7 @@ pub const DEFAULT_TABLE: &str = "tower_coalesce_store";
 /// Rows deleted per sweep statement.
 const SWEEP_BATCH: i64 = 1000;
 
-/// An [`IdempotencyStore`] on PostgreSQL, with leases that run each key on one instance;
+/// An [`Store`] on PostgreSQL, with leases that run each key on one instance;
 /// see the [module docs](self).
 ///
 /// Clones share the pool, the `LISTEN` connection and the sweeper, which stop with the
@@ -418,7 +418,7 @@ impl PostgresStore {
     }
 }
 
-impl IdempotencyStore for PostgresStore {
+impl Store for PostgresStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Arc<StoredResponse>>, BoxError> {
         let found: Option<Vec<u8>> = self
             .timed(

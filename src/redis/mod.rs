@@ -1,7 +1,7 @@
 //! Redis as the idempotency store: a response completed on one instance is replayed by
 //! every instance, and a request running on one instance is not run again by another.
 //!
-//! [`RedisStore`] implements [`IdempotencyStore`] on a single Redis
+//! [`RedisStore`] implements [`Store`] on a single Redis
 //! ([`connect`](RedisStore::connect)) or on a Redis Cluster
 //! ([`connect_cluster`](RedisStore::connect_cluster)); both connections reconnect on their
 //! own after Redis restarts. With it, an [`IdempotencyLayer`] runs each key once across all
@@ -68,8 +68,8 @@
 //! back by more than the time since. Without it, a handler that refuses tokens at or
 //! under the highest it has seen would refuse every writer of that key after such a loss.
 //!
-//! [`IdempotencyStore`]: crate::idempotency::store::IdempotencyStore
-//! [`FencingToken`]: crate::http::lease::FencingToken
+//! [`Store`]: crate::store::Store
+//! [`FencingToken`]: crate::store::FencingToken
 //! [`IdempotencyLayer`]: crate::idempotency::IdempotencyLayer
 
 mod connection;
@@ -87,10 +87,10 @@ use redis::{ConnectionInfo, IntoConnectionInfo, ProtocolVersion, RedisError, Val
 use self::connection::Connection;
 use self::lease::{LEASE, RENEW, STORE_AND_RELEASE, Waiters, push_sender};
 use crate::BoxError;
-use crate::idempotency::lease::{Lease, LeaseGuard};
-use crate::idempotency::store::{IdempotencyStore, StoreKey, StoredResponse};
 use crate::shared_store::codec;
 use crate::shared_store::release::renew_every_third;
+use crate::store::{Lease, LeaseGuard};
+use crate::store::{Store, StoreKey, StoredResponse};
 
 /// The default timeout of every Redis command, and of connecting.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -107,7 +107,7 @@ const FENCE_KEPT: Duration = Duration::from_secs(24 * 60 * 60);
 /// before it looks again on its own.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// An [`IdempotencyStore`] on Redis, with leases that run each key on one instance; see the
+/// An [`Store`] on Redis, with leases that run each key on one instance; see the
 /// [module docs](self).
 ///
 /// Keys, under a prefix (`tower-coalesce:idempotency:` by default) and the hex store key
@@ -421,7 +421,7 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-impl IdempotencyStore for RedisStore {
+impl Store for RedisStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Arc<StoredResponse>>, BoxError> {
         let mut conn = self.conn.clone();
         let mut get = redis::cmd("GET");

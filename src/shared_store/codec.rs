@@ -4,7 +4,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 
 use crate::BoxError;
-use crate::idempotency::store::{Fingerprint, StoredResponse};
+use crate::store::{Fingerprint, StoredResponse};
 
 const MAGIC: &[u8; 4] = b"TCR1";
 

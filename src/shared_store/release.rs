@@ -98,7 +98,7 @@ impl Waiters {
         }
     }
 
-    #[cfg(test)]
+    #[cfg(all(test, feature = "redis"))]
     pub(crate) fn is_empty(&self) -> bool {
         self.channels.lock().unwrap().is_empty()
     }

@@ -9,9 +9,9 @@ use axum::http::StatusCode;
 use axum::routing;
 use axum::{Extension, Router};
 use tower_coalesce::http::Metrics;
-use tower_coalesce::http::lease::FencingToken;
-use tower_coalesce::idempotency::store::IdempotencyStore;
 use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
+use tower_coalesce::store::FencingToken;
+use tower_coalesce::store::Store;
 
 use super::{Counter, Gate};
 
@@ -38,7 +38,7 @@ pub struct Instance {
     pub metrics: Metrics,
 }
 
-pub async fn instance<St: IdempotencyStore>(
+pub async fn instance<St: Store>(
     store: St,
     policy: OnStoreError,
     runs: &Counter,
@@ -145,7 +145,7 @@ pub async fn one_run_for_fifty_callers_each(
 /// Both stores share one Redis (or PostgreSQL), with leases and poll intervals (30 s)
 /// longer than the test: the other instance takes over at once, woken by the release
 /// message.
-pub async fn assert_fencing_across_a_takeover<St: IdempotencyStore>(stalled: St, other: St) {
+pub async fn assert_fencing_across_a_takeover<St: Store>(stalled: St, other: St) {
     // The handler records its token, then passes `gate`.
     let fences = Arc::new(std::sync::Mutex::new(Vec::<Option<u64>>::new()));
     let route = |gate: Gate| {

@@ -124,11 +124,11 @@ pub fn header(res: &reqwest::Response, name: &str) -> Option<String> {
         .map(|value| value.to_str().unwrap().to_owned())
 }
 
-#[cfg(any(feature = "redis", feature = "postgres"))]
+#[cfg(all(any(feature = "redis", feature = "postgres"), feature = "idempotency"))]
 pub mod instances;
 #[cfg(feature = "postgres")]
 pub mod postgres;
-#[cfg(any(feature = "redis", feature = "postgres"))]
+#[cfg(all(any(feature = "redis", feature = "postgres"), feature = "idempotency"))]
 pub mod processes;
 #[cfg(feature = "redis")]
 pub mod redis;

@@ -17,8 +17,8 @@ use crate::coalesce::MakeKey;
 use crate::http::body::ResponseBody;
 use crate::http::key::BufferedBody;
 use crate::http::stage::{Admit, After, Answered, Stage, Ticket};
-use crate::http::store::{Fingerprint, IdempotencyStore, StoreKey};
 use crate::http::{Role, problem};
+use crate::store::{Fingerprint, Store, StoreKey};
 
 /// Serves a request that has a key, or whose key is in its body.
 pub(crate) async fn serve<S, K, I, St, ReqB, ResB>(
@@ -32,7 +32,7 @@ where
     S: InnerService<ReqB, ResB>,
     K: HeadKey<Key: crate::http::key::EncodeKey>,
     I: HeadKey<Key: crate::http::key::EncodeKey>,
-    St: IdempotencyStore,
+    St: Store,
     ReqB: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static,
     ResB: SharedBody,
 {
@@ -97,7 +97,7 @@ where
     S: InnerService<ReqB, ResB>,
     K: HeadKey,
     I: HeadKey,
-    St: IdempotencyStore,
+    St: Store,
     ReqB: Send + 'static,
     ResB: SharedBody,
 {

@@ -15,9 +15,9 @@ use crate::http::error::ShareError;
 use crate::http::flown::Flown;
 use crate::http::metrics::Metrics;
 use crate::http::policy::OnMismatch;
-use crate::http::store::{Fingerprint, StoredResponse};
 use crate::http::{Role, problem};
 use crate::single_flight::Outcome;
+use crate::store::{Fingerprint, StoredResponse};
 
 /// What a caller of a flight gets from its outcome; `None` when the response varies on a
 /// header this caller sent otherwise and it is to wait for a run of its own variant.

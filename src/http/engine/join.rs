@@ -14,9 +14,9 @@ use super::*;
 use crate::http::body::ResponseBody;
 use crate::http::metrics::Metrics;
 use crate::http::policy::{Fallback, OnDuplicate, OnMismatch};
-use crate::http::store::{Fingerprint, IdempotencyStore, StoreKey};
 use crate::http::{Role, problem};
 use crate::single_flight::Outcome;
+use crate::store::{Fingerprint, Store, StoreKey};
 
 /// Why a caller was not admitted to the running flight of its key.
 #[derive(Debug, Clone, Copy)]
@@ -61,7 +61,7 @@ where
     S: InnerService<ReqB, ResB>,
     K: HeadKey,
     I: HeadKey,
-    St: IdempotencyStore,
+    St: Store,
     ReqB: Send + 'static,
     ResB: SharedBody,
 {
@@ -163,7 +163,7 @@ impl<S, K, I, St, ReqB> Caller<'_, S, K, I, St, ReqB>
 where
     K: HeadKey,
     I: HeadKey,
-    St: IdempotencyStore,
+    St: Store,
     ReqB: Send + 'static,
 {
     /// Leads the key's flight, joins the running one, or is refused by the policies;
@@ -311,7 +311,7 @@ pub(super) async fn refused<S, K, I, St, ReqB, ResB>(
 ) -> Answer<ResB, S::Error>
 where
     S: Service<InnerRequest<ReqB>, Response = Response<ResB>>,
-    St: IdempotencyStore,
+    St: Store,
 {
     let (config, metrics) = (&engine.config, &engine.metrics);
     match refusal {

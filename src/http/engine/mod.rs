@@ -31,11 +31,11 @@ use super::flown::Flown;
 use super::metrics::Metrics;
 use super::policy::{Fallback, OnDuplicate, OnMismatch, OnStoreError, SharePredicate, Unshared};
 use super::stage::Stage;
-use super::store::{Fingerprint, StoredResponse};
 use super::{DEFAULT_BODY_LIMIT, DEFAULT_HANDOVER, problem};
 use crate::BoxError;
 use crate::coalesce::MakeKey;
 use crate::single_flight::LazyGroup;
+use crate::store::{Fingerprint, StoredResponse};
 
 /// The request the inner service receives: the buffered body of a keyed request, or the
 /// untouched body of a request passed through.

@@ -14,10 +14,10 @@ use tracing::Instrument;
 use super::*;
 use crate::BoxError;
 use crate::http::flown::{self, Buffered, Flown};
-use crate::http::lease::{Lease, LeaseGuard};
 use crate::http::policy::{OnDuplicate, OnMismatch, OnStoreError, Unshared};
 use crate::http::stage::Ran;
-use crate::http::store::{Fingerprint, IdempotencyStore, StoreKey, StoredResponse};
+use crate::store::{Fingerprint, Store, StoreKey, StoredResponse};
+use crate::store::{Lease, LeaseGuard};
 
 /// The work of a flight, once per key and process: the stored response if there is one;
 /// else a run of the inner service (under the key's lease, with a shared store), whose
@@ -35,7 +35,7 @@ where
     S: InnerService<ReqB, ResB>,
     K: Send + Sync + 'static,
     I: Send + Sync + 'static,
-    St: IdempotencyStore,
+    St: Store,
     ReqB: Send + 'static,
     ResB: SharedBody,
 {
@@ -72,7 +72,7 @@ pub(super) async fn run_and_keep<S, K, I, St, ReqB, ResB>(
 ) -> FlightResult<ResB, S::Error>
 where
     S: Service<InnerRequest<ReqB>, Response = Response<ResB>>,
-    St: IdempotencyStore,
+    St: Store,
     ResB: Body<Data = Bytes>,
     ResB::Error: Into<BoxError>,
 {
@@ -124,7 +124,7 @@ where
 
 /// Keeps a flight's response (`None`: its service failed) by the rules of the layer's
 /// stage, or the engine's own, and releases the lease, if the flight holds one.
-pub(super) async fn keep_ran<K, I, St: IdempotencyStore, B>(
+pub(super) async fn keep_ran<K, I, St: Store, B>(
     engine: &Engine<K, I, St>,
     key: StoreKey,
     lease: Option<LeaseGuard>,
@@ -148,7 +148,7 @@ pub(super) async fn keep_ran<K, I, St: IdempotencyStore, B>(
 
 /// Takes the key's lease (or finds its response), waiting while another instance holds it.
 /// `Ok` to run (holding the lease if the store has leases), `Err` to answer without running.
-pub(super) async fn take_lease<K, I, St: IdempotencyStore, B>(
+pub(super) async fn take_lease<K, I, St: Store, B>(
     engine: &Engine<K, I, St>,
     key: &StoreKey,
     fingerprint: Fingerprint,
@@ -238,7 +238,7 @@ pub(super) fn store_failed<K, I, St, B>(
 
 /// Keeps a completed response: for `replay`, or for the handover to instances that wait
 /// on the lease; then releases the lease.
-pub(super) async fn keep<K, I, St: IdempotencyStore, B>(
+pub(super) async fn keep<K, I, St: Store, B>(
     engine: &Engine<K, I, St>,
     key: StoreKey,
     lease: Option<LeaseGuard>,
@@ -264,7 +264,7 @@ pub(super) async fn keep<K, I, St: IdempotencyStore, B>(
 
 /// Stores `stored` under `key` for its TTL, if there is one, and releases the lease, if one
 /// is held: one step for a store with leases.
-pub(crate) async fn store_and_release<K, I, St: IdempotencyStore>(
+pub(crate) async fn store_and_release<K, I, St: Store>(
     engine: &Engine<K, I, St>,
     key: StoreKey,
     lease: Option<LeaseGuard>,

@@ -10,21 +10,27 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode, Version};
 use sha2::{Digest, Sha256};
 
-use super::key::EncodeKey;
-use super::lease::Lease;
-#[cfg(doc)]
-use super::lease::LeaseGuard;
 use crate::BoxError;
+use crate::http::key::EncodeKey;
+
+mod lease;
+#[cfg(any(feature = "idempotency", feature = "http-cache"))]
+mod memory;
+
+pub use self::lease::{FencingToken, Lease, LeaseGuard};
+#[cfg(any(feature = "idempotency", feature = "http-cache"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "idempotency", feature = "http-cache"))))]
+pub use self::memory::{DEFAULT_MEMORY_LIMIT, MemoryStore};
 
 /// Storage of completed responses by key and, for a store shared by several instances, the
 /// lease that decides which instance runs a key. Both layers use it:
-/// [`HttpCoalesceLayer::store`](super::HttpCoalesceLayer::store) and the idempotency preset.
+/// [`HttpCoalesceLayer::store`](crate::http::HttpCoalesceLayer::store) and the idempotency preset.
 ///
 /// Inside a key's flight (one per key and process), the layer:
 /// 1. takes the key's [`lease`](Self::lease). A store that has leases looks the response up
 ///    in the same step and answers [`Lease::Stored`]; one that has none answers
 ///    [`Lease::NotShared`], and the layer looks the response up with [`get`](Self::get)
-///    when it [replays](super::HttpCoalesceLayer::replay). A stored response of the same
+///    when it [replays](crate::http::HttpCoalesceLayer::replay). A stored response of the same
 ///    request is replayed. If another instance holds the lease, the layer waits for
 ///    [`released`](Self::released) and starts over;
 /// 2. calls the inner service, and keeps the response before the flight completes (and,
@@ -33,13 +39,13 @@ use crate::BoxError;
 ///
 /// A store error is logged, and then the layer either runs the request as if nothing were
 /// stored (it fails open, the default) or answers `503`; see
-/// [`on_store_error`](super::HttpCoalesceLayer::on_store_error). A failed store of the
+/// [`on_store_error`](crate::http::HttpCoalesceLayer::on_store_error). A failed store of the
 /// response means that a later retry runs again.
 ///
 /// [`NoStore`] and `MemoryStore` (feature `idempotency`) are stores of one process, and keep
 /// the defaults of `lease`, `refresh_lease` and `released`; [`RedisStore`](crate::redis)
 /// overrides them.
-pub trait IdempotencyStore: Clone + Send + Sync + 'static {
+pub trait Store: Clone + Send + Sync + 'static {
     /// Returns the response stored under `key`, if any and not expired.
     fn get(
         &self,
@@ -323,11 +329,11 @@ impl StoredResponse {
 }
 
 /// No store: flights are shared within this process only, and nothing is kept. The
-/// default of [`HttpCoalesceLayer`](super::HttpCoalesceLayer).
+/// default of [`HttpCoalesceLayer`](crate::http::HttpCoalesceLayer).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoStore;
 
-impl IdempotencyStore for NoStore {
+impl Store for NoStore {
     async fn get(&self, _: &StoreKey) -> Result<Option<Arc<StoredResponse>>, BoxError> {
         Ok(None)
     }

@@ -3,7 +3,7 @@
 //! Within one process the layer's flights already run each key once. A store shared by
 //! several processes (Redis) also hands out a lease per key, so that one instance runs the
 //! request and the others wait for its stored response. See
-//! [`IdempotencyStore::lease`](super::store::IdempotencyStore::lease).
+//! [`Store::lease`](super::Store::lease).
 
 use std::fmt;
 use std::future::Future;
@@ -13,15 +13,15 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use super::store::StoredResponse;
+use super::StoredResponse;
 use crate::BoxError;
 
-/// The answer of [`IdempotencyStore::lease`](super::store::IdempotencyStore::lease).
+/// The answer of [`Store::lease`](super::Store::lease).
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Lease {
     /// The store is not shared with other processes: run the request, there is nothing to
-    /// hold. The default, and the answer of `MemoryStore` and [`NoStore`](super::store::NoStore).
+    /// hold. The default, and the answer of `MemoryStore` and [`NoStore`](super::NoStore).
     NotShared,
     /// This instance holds the lease: run the request, store its response, then release.
     Held(LeaseGuard),
@@ -150,7 +150,7 @@ impl fmt::Debug for LeaseGuard {
 ///
 /// ```
 /// use axum::Extension;
-/// use tower_coalesce::http::lease::FencingToken;
+/// use tower_coalesce::store::FencingToken;
 ///
 /// async fn create_client(fence: Option<Extension<FencingToken>>) -> String {
 ///     // None without a shared store: one process's flights need no fence.

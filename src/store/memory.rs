@@ -1,12 +1,11 @@
-//! Where completed responses are kept: the store trait (shared with the HTTP layer) and
-//! the in-memory default.
+//! The in-process store, the default of the idempotency and cache presets.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{Store, StoreKey, StoredResponse};
 use crate::BoxError;
-pub use crate::http::store::{Fingerprint, IdempotencyStore, NoStore, StoreKey, StoredResponse};
 
 /// The in-process store: a [moka] cache whose entries expire after the TTL they were put
 /// with, bounded by the bytes it holds (the least recently used go first when it is full).
@@ -19,15 +18,15 @@ pub struct MemoryStore {
     cache: moka::future::Cache<StoreKey, (Arc<StoredResponse>, Duration)>,
 }
 
-/// The default byte budget of a [`MemoryStore`]: 64 MiB.
-pub const DEFAULT_MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
+/// The default byte limit of a [`MemoryStore`]: 64 MiB.
+pub const DEFAULT_MEMORY_LIMIT: usize = 64 * 1024 * 1024;
 
 impl MemoryStore {
     /// A store that holds at most about `bytes` of responses (by
     /// [`StoredResponse::weight`]).
-    pub fn with_budget(bytes: u64) -> Self {
+    pub fn with_limit(bytes: usize) -> Self {
         let cache = moka::future::Cache::builder()
-            .max_capacity(bytes)
+            .max_capacity(u64::try_from(bytes).unwrap_or(u64::MAX))
             .weigher(|_key, (response, _ttl): &(Arc<StoredResponse>, Duration)| {
                 u32::try_from(response.weight()).unwrap_or(u32::MAX)
             })
@@ -58,7 +57,7 @@ impl MemoryStore {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self::with_budget(DEFAULT_MEMORY_BUDGET)
+        Self::with_limit(DEFAULT_MEMORY_LIMIT)
     }
 }
 
@@ -85,7 +84,7 @@ impl moka::Expiry<StoreKey, (Arc<StoredResponse>, Duration)> for PerEntryTtl {
     }
 }
 
-impl IdempotencyStore for MemoryStore {
+impl Store for MemoryStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Arc<StoredResponse>>, BoxError> {
         Ok(self.cache.get(key).await.map(|(response, _)| response))
     }
