@@ -241,3 +241,53 @@ async fn a_varied_response_is_logged_at_warn_once_with_the_header() {
         "{warning}"
     );
 }
+
+/// Trap 1 of the README: a `path_param` pattern that misses the prefix of `Router::nest`
+/// (the layer on the outer router sees the full path), or that has it while the layer sits
+/// inside the nested router. The first keyless request's `WARN` names the pattern to write.
+#[tokio::test(flavor = "current_thread")]
+async fn a_path_pattern_that_misses_the_nest_prefix_is_logged_with_the_pattern_to_write() {
+    use axum::{Router, routing::put};
+    use tower::ServiceExt;
+
+    async fn upsert() -> &'static str {
+        "ok"
+    }
+    let put_client = |uri: &str| http::Request::put(uri).body(Body::from("{}")).unwrap();
+
+    // The layer on the outer router, the pattern written as the nested router sees it.
+    let (captured, guard) = capture();
+    let layer = HttpCoalesceLayer::new(key::path_param("/clients/{id}", "id")).require_key(true);
+    let app = Router::new()
+        .nest("/api", Router::new().route("/clients/{id}", put(upsert)))
+        .layer(layer);
+    let response = app.oneshot(put_client("/api/clients/c-1")).await.unwrap();
+    assert_eq!(response.status(), 400);
+    let warning = captured.the_warning();
+    assert!(
+        warning.contains("`/api/clients/c-1`")
+            && warning.contains("write the pattern as `/api/clients/{id}`"),
+        "{warning}"
+    );
+    drop(guard);
+
+    // The layer inside the nested router, the pattern written with the prefix.
+    let (captured, _guard) = capture();
+    let layer = HttpCoalesceLayer::new(key::path_param("/api/v1/clients/{id}", "id"));
+    let nested = Router::new()
+        .route("/clients/{id}", put(upsert))
+        .layer(layer);
+    let app = Router::new().nest("/api/v1", nested);
+    let response = app
+        .oneshot(put_client("/api/v1/clients/c-1"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let warning = captured.the_warning();
+    assert!(
+        warning.contains("`/clients/c-1`")
+            && warning.contains("nest(\"/api/v1\", ..)")
+            && warning.contains("write the pattern as `/clients/{id}`"),
+        "{warning}"
+    );
+}

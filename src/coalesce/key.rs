@@ -35,6 +35,15 @@ pub trait MakeKey<Req> {
     fn reads_body(&self) -> bool {
         false
     }
+
+    /// Why `req` has no key, when this key maker can tell more than "none": the HTTP
+    /// layer puts it in the warning it logs for the first request without a key, so that
+    /// a misconfigured key names its fix (as `http::key::path_param` does for a pattern
+    /// that misses a `Router::nest` prefix). `None` by default.
+    fn why_no_key(&self, req: &Req) -> Option<String> {
+        let _ = req;
+        None
+    }
 }
 
 impl<F, Req, K> MakeKey<Req> for F
@@ -69,6 +78,17 @@ macro_rules! impl_make_key_for_tuple {
             fn reads_body(&self) -> bool {
                 let ($($name,)+) = self;
                 false $(|| $name.reads_body())+
+            }
+
+            #[allow(non_snake_case)]
+            fn why_no_key(&self, req: &Req) -> Option<String> {
+                let ($($name,)+) = self;
+                $(
+                    if $name.make_key(req).is_none() {
+                        return $name.why_no_key(req);
+                    }
+                )+
+                None
             }
         }
     };

@@ -50,7 +50,9 @@ pub mod future;
 mod key;
 mod layer;
 mod service;
+mod shareable;
 
 pub use self::key::MakeKey;
 pub use self::layer::CoalesceLayer;
 pub use self::service::Coalesce;
+pub use self::shareable::Shareable;

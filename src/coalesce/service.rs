@@ -6,7 +6,7 @@ use tower::Service;
 use tower::util::Oneshot;
 
 use super::future::ResponseFuture;
-use super::{CoalesceLayer, MakeKey};
+use super::{CoalesceLayer, MakeKey, Shareable};
 use crate::single_flight::LazyGroup;
 
 /// Middleware that runs the inner service once for concurrent requests with equal keys and
@@ -80,8 +80,8 @@ impl<S, F, Req> Service<Req> for Coalesce<S, F>
 where
     S: Service<Req> + Clone + Send + 'static,
     S::Future: Send + 'static,
-    S::Response: Clone + Send + 'static,
-    S::Error: Clone + Send + 'static,
+    S::Response: Shareable,
+    S::Error: Shareable,
     F: MakeKey<Req>,
     Req: Send + 'static,
 {

@@ -200,7 +200,9 @@ pub fn method_path_and_query() -> MethodPathAndQuery {
 /// `Router::nest`, a layer on the outer router sees the full path, so the pattern includes
 /// the nest's prefix (`/api/clients/{id}` under `nest("/api", ..)`); a layer on the nested
 /// router sees the path without it. Requests whose path does not match have no key (see
-/// [`Metrics::requests_without_key`](super::Metrics::requests_without_key)).
+/// [`Metrics::requests_without_key`](super::Metrics::requests_without_key)); the warning
+/// the layer logs for the first one names the pattern to write when the path matches it
+/// with a prefix more or less.
 ///
 /// ```
 /// use tower_coalesce::coalesce::MakeKey;
@@ -231,7 +233,10 @@ pub fn path_param(pattern: &str, name: &str) -> PathParam {
         segments.iter().any(|s| matches!(s, Segment::Capture)),
         "path pattern {pattern:?} has no segment {{{name}}}"
     );
-    PathParam { segments }
+    PathParam {
+        pattern: pattern.into(),
+        segments,
+    }
 }
 
 /// Key maker made by [`header`] and [`idempotency_key`].
@@ -303,6 +308,7 @@ impl MakeKey<Parts> for MethodPathAndQuery {
 /// Key maker made by [`path_param`].
 #[derive(Debug, Clone)]
 pub struct PathParam {
+    pattern: Arc<str>,
     segments: Vec<Segment>,
 }
 
@@ -317,22 +323,65 @@ impl MakeKey<Parts> for PathParam {
     type Key = String;
 
     fn make_key(&self, parts: &Parts) -> Option<String> {
-        let mut path = parts.uri.path().split('/').skip(1);
-        let mut captured = None;
-        for segment in &self.segments {
-            let actual = path.next()?;
-            match segment {
-                Segment::Literal(literal) if literal != actual => return None,
-                Segment::Capture if actual.is_empty() => return None,
-                Segment::Capture => captured = Some(actual),
-                Segment::Literal(_) | Segment::Any => {}
-            }
-        }
-        if path.next().is_some() {
-            return None;
-        }
-        captured.map(str::to_owned)
+        let path: Vec<&str> = parts.uri.path().split('/').skip(1).collect();
+        capture(&self.segments, &path).map(str::to_owned)
     }
+
+    /// Names the `Router::nest` prefix when the pattern lacks it or has one too many.
+    fn why_no_key(&self, parts: &Parts) -> Option<String> {
+        let (pattern, path) = (&*self.pattern, parts.uri.path());
+        let actual: Vec<&str> = path.split('/').skip(1).collect();
+        let n = self.segments.len();
+        if actual.len() > n && capture(&self.segments, &actual[actual.len() - n..]).is_some() {
+            let prefix = format!("/{}", actual[..actual.len() - n].join("/"));
+            return Some(format!(
+                "the layer sees the path `{path}`, which the pattern `{pattern}` matches only \
+                 after `{prefix}`: a layer on the router that nests (`nest(\"{prefix}\", ..)`) \
+                 sees the full path, so write the pattern as `{prefix}{pattern}`"
+            ));
+        }
+        let extra = n.saturating_sub(actual.len());
+        let (head, tail) = self.segments.split_at(extra);
+        if extra > 0
+            && head.iter().all(|s| matches!(s, Segment::Literal(_)))
+            && capture(tail, &actual).is_some()
+        {
+            let prefix: String = pattern
+                .split('/')
+                .skip(1)
+                .take(extra)
+                .map(|s| format!("/{s}"))
+                .collect();
+            let rest = &pattern[prefix.len()..];
+            return Some(format!(
+                "the layer sees the path `{path}`, which is the pattern `{pattern}` without \
+                 its `{prefix}`: a layer inside a nested router sees the path without the \
+                 prefix of `nest(\"{prefix}\", ..)`, so write the pattern as `{rest}` (or \
+                 put the layer on the outer router)"
+            ));
+        }
+        Some(format!(
+            "the path `{path}` does not match the pattern `{pattern}` of `key::path_param`"
+        ))
+    }
+}
+
+/// The captured segment of `path` (split on `/`, without the leading empty one), if the
+/// whole path matches `segments`.
+fn capture<'a>(segments: &[Segment], path: &[&'a str]) -> Option<&'a str> {
+    if segments.len() != path.len() {
+        return None;
+    }
+    let mut captured = None;
+    for (segment, &actual) in segments.iter().zip(path) {
+        match segment {
+            Segment::Literal(literal) if literal != actual => return None,
+            Segment::Capture if actual.is_empty() => return None,
+            Segment::Capture => captured = Some(actual),
+            Segment::Literal(_) | Segment::Any => {}
+        }
+    }
+    captured
 }
 
 /// Keys requests by the value at `pointer` (RFC 6901, such as `/client_id` or

@@ -149,7 +149,10 @@ where
             match self.engine.make_key.make_key(&parts) {
                 Some(key) => Some(key),
                 None => {
-                    return match self.engine.without_key(false) {
+                    return match self
+                        .engine
+                        .without_key(false, || self.engine.make_key.why_no_key(&parts))
+                    {
                         Some(refusal) => ResponseFuture::answered(refusal),
                         None => ResponseFuture::direct(
                             inner,

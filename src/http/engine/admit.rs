@@ -41,7 +41,7 @@ where
         Err(refusal) => return Ok(refusal),
     };
     let Some(key) = key.or_else(|| key_in_body(&engine.make_key, &mut parts, &bytes)) else {
-        if let Some(refusal) = engine.without_key(true) {
+        if let Some(refusal) = engine.without_key(true, || engine.make_key.why_no_key(&parts)) {
             return Ok(refusal);
         }
         let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));

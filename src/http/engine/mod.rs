@@ -200,8 +200,13 @@ impl<K, I, St> Engine<K, I, St> {
     /// A request whose key maker found no key: counted, logged (loudly the first time: on a
     /// route where every request has a key, it means the key is read from the wrong
     /// place, or clients send bodies without it), and refused under `require_key`, else
-    /// passed through. `in_body`: the key is read from the body.
-    pub(crate) fn without_key<B>(&self, in_body: bool) -> Option<Response<ResponseBody<B>>> {
+    /// passed through. `in_body`: the key is read from the body; `why`: what the key maker
+    /// could tell of the cause, asked for the first one only.
+    pub(crate) fn without_key<B>(
+        &self,
+        in_body: bool,
+        why: impl FnOnce() -> Option<String>,
+    ) -> Option<Response<ResponseBody<B>>> {
         let refused = self.config.require_key;
         let what = if refused {
             "refused with 400"
@@ -210,6 +215,10 @@ impl<K, I, St> Engine<K, I, St> {
         };
         if !self.metrics.request_without_key(!refused) {
             tracing::debug!("request without a coalescing key");
+        } else if let Some(why) = why() {
+            tracing::warn!(
+                "a request reached the coalescing layer without a key and was {what}: {why}"
+            );
         } else if in_body {
             tracing::warn!(
                 "a request reached the coalescing layer whose body held no key, and was \
