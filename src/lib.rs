@@ -1,28 +1,48 @@
-//! Request coalescing for Tower services:
-//! `async fn(Request) -> Result<Response, Error>`, run once for concurrent requests with
-//! equal keys.
-//!
-//! # Overview
+//! Request coalescing for Tower services: concurrent requests with equal keys share one
+//! run of the handler, and every caller gets the same response.
 //!
 //! Identical requests that arrive together (a double click, several tabs, a client retry)
 //! each run the same handler; a handler that checks whether a row exists and inserts it
 //! otherwise then fails on the unique index for all but one of them
-//! (`duplicate key value violates unique constraint`). [`CoalesceLayer`] puts such requests
-//! onto one shared call: the first request with a key calls the inner service, the requests
-//! with the same key that arrive while it runs wait for it, and every caller receives a clone
-//! of its response or error. The key is free again as soon as the call completes: this
-//! coalesces, it does not cache.
+//! (`duplicate key value violates unique constraint`). For an axum or hyper app the fix is
+//! one layer, [`HttpCoalesceLayer`]: the first request with a key runs the handler, the
+//! requests with the same key (and the same caller, method, path and body) that arrive
+//! while it runs wait for it, and each gets its own copy of the one response.
 //!
-//! - [`coalesce`]: the Tower middleware, [`Coalesce`] and [`CoalesceLayer`], for services
-//!   whose responses and errors are `Clone`.
-//! - `http` (feature `http`, on by default): the same for HTTP services such as axum
-//!   routers, with the response body buffered once and shared, keys from the request head
-//!   or body, flights scoped to the caller's identity, never shared between requests whose
-//!   method, path, query or body differ, and optionally across instances (a shared store)
-//!   and kept for replay.
-//! - [`single_flight`]: the core, usable without Tower: [`Group::run`].
+#![cfg_attr(feature = "http", doc = "```")]
+#![cfg_attr(not(feature = "http"), doc = "```ignore")]
+//! use axum::{Json, Router, http::StatusCode, routing::post};
+//! use tower_coalesce::http::{HttpCoalesceLayer, key};
 //!
-//! # Example
+//! async fn create_client(Json(client): Json<serde_json::Value>) -> StatusCode {
+//!     // SELECT 1 FROM clients WHERE id = $1; INSERT INTO clients .. if there is none
+//!     StatusCode::CREATED
+//! }
+//!
+//! let app: Router = Router::new()
+//!     .route("/api/clients", post(create_client))
+//!     // Concurrent creates of one client id (the body's "id") run once.
+//!     .layer(HttpCoalesceLayer::new(key::json("/id")));
+//! ```
+//!
+//! # Modules
+//!
+//! - `http` (feature `http`, on by default): [`HttpCoalesceLayer`], for HTTP services such
+//!   as axum routers: the response body read once and shared, keys from the request head
+//!   or body (`http::key`), flights scoped to the caller's identity (`http::scope`),
+//!   never shared between requests whose method, path, query or body differ.
+//! - `idempotency` (feature `idempotency`): `IdempotencyLayer`, the same engine with the
+//!   `Idempotency-Key` rules: completed responses replayed to later retries.
+//! - `http_cache` (feature `http-cache`): `HttpCacheLayer`, an HTTP cache on the same engine
+//!   (Cache-Control, Vary, 304s, stale-while-revalidate), misses coalesced.
+//! - `store`: where responses are kept and, for a store several instances share
+//!   (`redis::RedisStore`, `postgres::PostgresStore`), which instance runs a key.
+//! - [`coalesce`]: [`CoalesceLayer`], the Tower middleware for any service whose responses
+//!   and errors are `Clone`.
+//! - [`single_flight`]: the core, usable without Tower: [`Group::run`], and
+//!   `single_flight::Cache` (feature `cache`).
+//!
+//! # Without HTTP
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -67,7 +87,7 @@
 //! - `cache`: `single_flight::Cache`, single-flight caching: results kept for their
 //!   lifetimes, stale-while-revalidate, stale-if-error, negative caching (moka, tokio).
 //! - `idempotency`: the `idempotency` module, the `Idempotency-Key` preset of the HTTP
-//!   layer, and `MemoryStore` (moka) to replay completed responses.
+//!   layer, and `store::MemoryStore` (moka) to replay completed responses.
 //! - `http-cache`: the `http_cache` module, an HTTP cache on the same engine (Cache-Control,
 //!   Vary, Age, Cache-Status, 304s, stale-while-revalidate, stale-if-error).
 //! - `redis`: `RedisStore`, a store shared by several instances: one run per key across all
@@ -80,9 +100,15 @@
 //! Rust 1.85 (edition 2024). Raising it is not a breaking change.
 //!
 //! [`CoalesceLayer`]: crate::coalesce::CoalesceLayer
-//! [`Coalesce`]: crate::coalesce::Coalesce
 //! [`Group::run`]: crate::single_flight::Group::run
-
+#![cfg_attr(
+    feature = "http",
+    doc = "[`HttpCoalesceLayer`]: crate::http::HttpCoalesceLayer"
+)]
+#![cfg_attr(
+    not(feature = "http"),
+    doc = "[`HttpCoalesceLayer`]: https://docs.rs/tower-coalesce/latest/tower_coalesce/http/struct.HttpCoalesceLayer.html"
+)]
 #![forbid(unsafe_code)]
 #![warn(
     missing_debug_implementations,
@@ -122,6 +148,18 @@ pub mod single_flight;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod store;
 mod sync;
+
+// Every Rust snippet of the README is compiled as a doc test, so that none of them rots.
+#[cfg(all(
+    doctest,
+    feature = "http-cache",
+    feature = "idempotency",
+    feature = "metrics",
+    feature = "postgres",
+    feature = "redis"
+))]
+#[doc = include_str!("../README.md")]
+struct ReadmeSnippets;
 
 /// Alias for a type-erased error type.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -7,7 +7,7 @@
 /// `http::Response<Body>`, which is not `Clone` (the body is a stream that can be read
 /// once), and without this trait the error would only say that `Body: Clone` is missing,
 /// many lines below the layer, without naming the layer HTTP services need:
-/// [`HttpCoalesceLayer`](crate::http::HttpCoalesceLayer), which reads the body once and
+/// `tower_coalesce::http::HttpCoalesceLayer`, which reads the body once and
 /// shares the bytes.
 ///
 /// ```compile_fail
