@@ -19,6 +19,34 @@ macro_rules! define_inner_service_accessors {
     };
 }
 
+/// `with_lease` and `with_poll_interval` for a store shared by several instances, whose
+/// fields `lease` and `poll_interval` say how it coordinates them (Redis, PostgreSQL).
+#[cfg(any(feature = "redis", feature = "postgres"))]
+macro_rules! define_lease_setters {
+    () => {
+        /// How long a lease lasts without renewal: the longest an instance's death holds up
+        /// the key's other callers (plus one poll interval). It is renewed every third of this.
+        ///
+        /// # Panics
+        ///
+        /// If `lease` is under 3 ms, too short to renew.
+        pub fn with_lease(mut self, lease: std::time::Duration) -> Self {
+            assert!(
+                lease >= std::time::Duration::from_millis(3),
+                "a lease of {lease:?} can't be renewed"
+            );
+            self.lease = lease;
+            self
+        }
+
+        /// How long a waiting instance waits for a release message before it looks on its own.
+        pub fn with_poll_interval(mut self, interval: std::time::Duration) -> Self {
+            self.poll_interval = interval;
+            self
+        }
+    };
+}
+
 /// The settings that [`HttpCoalesceLayer`](crate::http::HttpCoalesceLayer) and
 /// [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer) share: both configure one
 /// engine, held in the field `engine`, and differ only in their defaults.

@@ -307,26 +307,7 @@ impl PostgresStore {
         sql::schema(&self.shared.table)
     }
 
-    /// How long a lease lasts without renewal: the longest an instance's death holds up
-    /// the key's other callers (plus one poll interval). It is renewed every third of this.
-    ///
-    /// # Panics
-    ///
-    /// If `lease` is under 3 ms, too short to renew.
-    pub fn with_lease(mut self, lease: Duration) -> Self {
-        assert!(
-            lease >= Duration::from_millis(3),
-            "a lease of {lease:?} can't be renewed"
-        );
-        self.lease = lease;
-        self
-    }
-
-    /// How long a waiting instance waits for a release message before it looks on its own.
-    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval;
-        self
-    }
+    define_lease_setters!();
 
     /// Runs one call against the timeout.
     async fn timed<T>(

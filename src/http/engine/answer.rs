@@ -33,7 +33,7 @@ where
     S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone,
     S::Error: ShareError,
 {
-    let (config, metrics) = (&engine.config, &engine.metrics);
+    let config = &engine.config;
     let leader = outcome.is_leader();
     let role = if leader { Role::Leader } else { Role::Follower };
     // What this caller asked: its own request's headers, or the leader's copy of them.
@@ -44,20 +44,8 @@ where
     };
     let mut response = match outcome.into_value() {
         Err(error) => return Some(Err(S::Error::share(&error))),
-        Ok(Done::Stored(stored)) if answers(&stored, fingerprint, asked) => {
-            if engine.replays() {
-                return Some(Ok(replay(&stored, metrics)));
-            }
-            // A cache entry another instance kept while this one waited for its lease: a
-            // copy of that instance's run, not a replay.
-            let mut response = stored_response(&stored);
-            tag(&mut response, Role::Follower, config.role_header);
-            return Some(Ok(response));
-        }
         Ok(Done::Stored(stored)) => {
-            metrics.mismatch_rejected();
-            let varied = vary_names(stored.headers());
-            return Some(Ok(problem::key_reused(varied.as_deref())));
+            return Some(Ok(from_store(engine, &stored, fingerprint, asked)));
         }
         Ok(Done::InProgress) => return Some(Ok(problem::in_progress())),
         Ok(Done::GaveUp) => return Some(Ok(problem::gave_up_waiting())),
@@ -99,6 +87,28 @@ where
     };
     tag(&mut response, role, config.role_header);
     Some(Ok(response))
+}
+
+/// A response kept in the store: replayed if it answers this request (the same fingerprint
+/// and varied headers), else a `422` naming the varied headers.
+fn from_store<K, I, St, B>(
+    engine: &Engine<K, I, St>,
+    stored: &StoredResponse,
+    fingerprint: Fingerprint,
+    asked: &HeaderMap,
+) -> Response<ResponseBody<B>> {
+    if !answers(stored, fingerprint, asked) {
+        engine.metrics.mismatch_rejected();
+        return problem::key_reused(vary_names(stored.headers()).as_deref());
+    }
+    if engine.replays() {
+        return replay(stored, &engine.metrics);
+    }
+    // A cache entry another instance kept while this one waited for its lease: a copy of
+    // that instance's run, not a replay.
+    let mut response = stored_response(stored);
+    tag(&mut response, Role::Follower, engine.config.role_header);
+    response
 }
 
 /// A follower whose flight's response is not its answer: it varies on a header this

@@ -98,20 +98,13 @@ where
             key_hash,
             done: false,
         });
-        let outcome = match deadline.filter(|_| !leader) {
-            None if leader => lead(run, config.finish_abandoned).await,
-            None => run.await,
-            Some(deadline) => match tokio::time::timeout_at(deadline, run).await {
-                Ok(outcome) => outcome,
-                Err(_) => {
-                    // Dropping the wait left the flight, which goes on for the others.
-                    watch.done = true;
-                    metrics.follower_waited(arrived);
-                    metrics.follower_timed_out();
-                    tracing::debug!(key = key_hash.map(|h| h.0), "follower stopped waiting");
-                    return fall_back(config, caller.inner, caller.request).await;
-                }
-            },
+        let Some(outcome) = wait(run, leader, deadline, config.finish_abandoned).await else {
+            // Dropping the wait left the flight, which goes on for the others.
+            watch.done = true;
+            metrics.follower_waited(arrived);
+            metrics.follower_timed_out();
+            tracing::debug!(key = key_hash.map(|h| h.0), "follower stopped waiting");
+            return fall_back(config, caller.inner, caller.request).await;
         };
         if mismatched {
             // That request's turn is over; this one's may have come.
@@ -279,6 +272,20 @@ type RunOf<K, I, ResB, E> = crate::single_flight::Run<
     FlightKey<<I as MakeKey<Parts>>::Key, <K as MakeKey<Parts>>::Key>,
     FlightResult<ResB, E>,
 >;
+
+/// A caller's wait for its flight's outcome: the leader's run (detached under
+/// `finish_abandoned`), or a follower's wait, which ends with `None` at the deadline.
+async fn wait<F>(run: F, leader: bool, deadline: Option<Instant>, detach: bool) -> Option<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match deadline {
+        _ if leader => Some(lead(run, detach).await),
+        None => Some(run.await),
+        Some(deadline) => tokio::time::timeout_at(deadline, run).await.ok(),
+    }
+}
 
 /// Waits for the leader's flight; under `finish_abandoned`, on a task of its own, so that
 /// the key stays claimed (its flight registered, for retries to join) until the work has

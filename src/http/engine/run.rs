@@ -161,12 +161,7 @@ pub(super) async fn take_lease<K, I, St: Store, B>(
         // A stage may take its own lease (the cache refreshes entries that are stale but
         // still kept).
         let lease = match &engine.stage {
-            Some(stage) => {
-                let metrics = &engine.metrics;
-                stage
-                    .lease(store, key, fingerprint, asked, waited, metrics)
-                    .await
-            }
+            Some(stage) => (stage.lease(store, key, fingerprint, asked, waited, metrics)).await,
             None => store.lease(key).await,
         };
         let found = match lease {
@@ -193,17 +188,7 @@ pub(super) async fn take_lease<K, I, St: Store, B>(
                     waited = true;
                     metrics.flight_waiting_elsewhere();
                 }
-                let released = store.released(key);
-                match config.follower_timeout {
-                    None => released.await,
-                    Some(timeout) => {
-                        let left = timeout.saturating_sub(started.elapsed());
-                        if left.is_zero() || tokio::time::timeout(left, released).await.is_err() {
-                            metrics.follower_timed_out();
-                            return Err(Done::GaveUp);
-                        }
-                    }
-                }
+                wait_for_release(engine, key, started).await?;
                 continue;
             }
             Err(error) => return store_failed(&error, "lease", engine),
@@ -216,6 +201,26 @@ pub(super) async fn take_lease<K, I, St: Store, B>(
         }
         return Err(Done::Stored(found));
     }
+}
+
+/// Waits for the instance that holds `key`'s lease to release it, within what is left of
+/// the follower timeout since `started`.
+async fn wait_for_release<K, I, St: Store, B>(
+    engine: &Engine<K, I, St>,
+    key: &StoreKey,
+    started: std::time::Instant,
+) -> Result<(), Done<B>> {
+    let released = engine.store.released(key);
+    let Some(timeout) = engine.config.follower_timeout else {
+        released.await;
+        return Ok(());
+    };
+    let left = timeout.saturating_sub(started.elapsed());
+    if left.is_zero() || tokio::time::timeout(left, released).await.is_err() {
+        engine.metrics.follower_timed_out();
+        return Err(Done::GaveUp);
+    }
+    Ok(())
 }
 
 pub(super) fn store_failed<K, I, St, B>(
