@@ -26,8 +26,8 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_coalesce::http::ResponseBody;
 use tower_coalesce::http_cache::HttpCacheLayer;
-use tower_coalesce::store::{Store, MemoryStore};
 use tower_coalesce::redis::RedisStore;
+use tower_coalesce::store::{MemoryStore, Store};
 
 type Svc = BoxCloneSyncService<Request<Full<Bytes>>, Bytes, Infallible>;
 

@@ -31,7 +31,7 @@ use tokio::runtime::Runtime;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_coalesce::idempotency::IdempotencyLayer;
-use tower_coalesce::store::{Store, MemoryStore};
+use tower_coalesce::store::{MemoryStore, Store};
 
 type Svc = BoxCloneSyncService<Request<Full<Bytes>>, Response<()>, Infallible>;
 
