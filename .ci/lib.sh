@@ -2,9 +2,27 @@
 # the commands registered before it (a second `trap ... EXIT` would replace the first).
 if ! declare -F on_exit >/dev/null; then
   _on_exit_cmds=()
-  _run_on_exit() { local c; for c in "${_on_exit_cmds[@]}"; do "$c"; done; }
+  # A clean-up that fails is reported but does not fail the run it ends.
+  _run_on_exit() { local c; for c in "${_on_exit_cmds[@]}"; do "$c" || echo "clean-up $c failed" >&2; done; }
   on_exit() { _on_exit_cmds+=("$1"); trap _run_on_exit EXIT; }
 fi
+
+# Stops the processes whose pid files are given and waits (up to 10 s) until they are gone,
+# so that removing their directories does not race with their last writes (a Redis Cluster
+# node rewrites nodes.conf as it shuts down).
+stop_pids() {
+  local pid_file pids=() i
+  for pid_file in "$@"; do
+    [ -f "$pid_file" ] && pids+=("$(cat "$pid_file")")
+  done
+  [ ${#pids[@]} -eq 0 ] && return 0
+  kill "${pids[@]}" 2>/dev/null || true
+  for i in $(seq 100); do
+    kill -0 "${pids[@]}" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -9 "${pids[@]}" 2>/dev/null || true
+}
 
 # A free TCP port on 127.0.0.1.
 free_port() {

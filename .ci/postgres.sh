@@ -31,7 +31,7 @@ PG_PORT="$(free_port)"
 
 stop_postgres() {
   as_postgres "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$PG_DIR"
+  rm -rf "$PG_DIR" || true
 }
 on_exit stop_postgres
 

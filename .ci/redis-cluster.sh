@@ -6,11 +6,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 CLUSTER_DIR="$(mktemp -d /tmp/tower-coalesce-cluster.XXXXXX)"
 stop_redis_cluster() {
-  local pid
-  for pid in "$CLUSTER_DIR"/*/redis.pid; do
-    [ -f "$pid" ] && kill "$(cat "$pid")" 2>/dev/null || true
-  done
-  rm -rf "$CLUSTER_DIR"
+  stop_pids "$CLUSTER_DIR"/*/redis.pid
+  rm -rf "$CLUSTER_DIR" || true
 }
 on_exit stop_redis_cluster
 

@@ -14,8 +14,8 @@ fi
 REDIS_DIR="$(mktemp -d /tmp/tower-coalesce-redis.XXXXXX)"
 REDIS_PORT="$(free_port)"
 stop_redis() {
-  [ -f "$REDIS_DIR/redis.pid" ] && kill "$(cat "$REDIS_DIR/redis.pid")" 2>/dev/null || true
-  rm -rf "$REDIS_DIR"
+  stop_pids "$REDIS_DIR/redis.pid"
+  rm -rf "$REDIS_DIR" || true
 }
 on_exit stop_redis
 
