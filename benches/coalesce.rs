@@ -9,8 +9,11 @@
 //!   work: `released`, which sleeps until the round's release wakes it once, and `yielding`,
 //!   which yields to the scheduler until every caller has registered, so that it is polled
 //!   many times before it completes (as a database call over a socket is woken many times).
-//!   `no_coalescer_floor` is the runtime's own cost of a round: the callers wait for the
-//!   release without any coalescer, and the work never runs (0 executions).
+//!   A third shape, `entered`, is an independent harness's: each task counts itself as
+//!   entered before it calls, and the work yields until every caller has entered, then 8
+//!   more times. `no_coalescer_floor` is the runtime's own cost of a round: the callers wait
+//!   for the release without any coalescer, and the work never runs (0 executions; under
+//!   `entered`, the first caller yields as the work would, then releases the others).
 //!
 //! Run with `cargo bench --manifest-path benches/Cargo.toml --bench coalesce`; compare within one run.
 
@@ -216,28 +219,46 @@ fn distinct_keys(c: &mut Criterion) {
 
 /// One fan-in round: `FAN_IN` tasks, each polls its call once (so it is registered with the
 /// coalescer) and checks in; the last to check in releases the work.
-type Caller =
-    Arc<dyn Fn(Arc<Semaphore>, Arc<AtomicUsize>) -> BoxFuture<'static, u64> + Send + Sync>;
+type Caller = Arc<dyn Fn(Arc<Round>, Arc<AtomicUsize>) -> BoxFuture<'static, u64> + Send + Sync>;
 
 /// Resets a contender between rounds (moka caches what it computed).
 type AfterRound = Box<dyn Fn() + Send>;
 
+/// One fan-in round's signals: the release (closed once every caller has polled its call
+/// once), the callers entered so far (under `entered`), and whether the floor's first
+/// caller is taken.
+struct Round {
+    release: Semaphore,
+    entered: AtomicUsize,
+    floor_first: std::sync::atomic::AtomicBool,
+}
+
 async fn fan_in_round(caller: Caller, executions: Arc<AtomicUsize>) {
-    let release = Arc::new(Semaphore::new(0));
+    let round = Arc::new(Round {
+        release: Semaphore::new(0),
+        entered: AtomicUsize::new(0),
+        floor_first: std::sync::atomic::AtomicBool::new(false),
+    });
     let checked_in = Arc::new(AtomicUsize::new(0));
+    let entered_shape = shape() == Shape::Entered;
     let tasks: Vec<_> = (0..FAN_IN)
         .map(|_| {
-            let (caller, release, checked_in, executions) = (
+            let (caller, round, checked_in, executions) = (
                 caller.clone(),
-                release.clone(),
+                round.clone(),
                 checked_in.clone(),
                 executions.clone(),
             );
             tokio::spawn(async move {
-                let mut call = caller(release.clone(), executions);
+                if entered_shape {
+                    // Entered before the call, as that harness counts.
+                    round.entered.fetch_add(1, Ordering::AcqRel);
+                    return caller(round, executions).await;
+                }
+                let mut call = caller(round.clone(), executions);
                 let first = futures::poll!(&mut call);
                 if checked_in.fetch_add(1, Ordering::AcqRel) + 1 == FAN_IN {
-                    release.close();
+                    round.release.close();
                 }
                 match first {
                     std::task::Poll::Ready(v) => v,
@@ -251,23 +272,55 @@ async fn fan_in_round(caller: Caller, executions: Arc<AtomicUsize>) {
     }
 }
 
-/// The shared work: counts itself, then waits for the round's release (a closed semaphore).
-async fn work(release: Arc<Semaphore>, executions: Arc<AtomicUsize>) -> u64 {
+/// The shared work: counts itself, then waits for the round's release (a closed semaphore),
+/// yielding or not, or yields until every caller has entered and 8 times more.
+async fn work(round: Arc<Round>, executions: Arc<AtomicUsize>) -> u64 {
     executions.fetch_add(1, Ordering::Relaxed);
-    if YIELDING.load(Ordering::Relaxed) {
+    match shape() {
+        Shape::Entered => yield_until_entered(&round).await,
         // Polled again and again until the release: the driver's cost per poll adds up.
-        while !release.is_closed() {
-            tokio::task::yield_now().await;
+        Shape::Yielding => {
+            while !round.release.is_closed() {
+                tokio::task::yield_now().await;
+            }
         }
-        return 42;
+        // Closing releases every waiter, also the work of a late duplicate execution.
+        Shape::Released => {
+            let _ = round.release.acquire().await;
+        }
     }
-    // Closing releases every waiter, also the work of a late duplicate execution.
-    let _ = release.acquire().await;
     42
 }
 
-/// Which shape of work the fan-in rounds run now.
-static YIELDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+async fn yield_until_entered(round: &Round) {
+    while round.entered.load(Ordering::Acquire) < FAN_IN {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The shapes of work of the fan-in rounds (see the module docs).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Released,
+    Yielding,
+    Entered,
+}
+
+const SHAPES: [(Shape, &str); 3] = [
+    (Shape::Released, "released"),
+    (Shape::Yielding, "yielding"),
+    (Shape::Entered, "entered"),
+];
+
+/// Which shape of work the fan-in rounds run now (an index into `SHAPES`).
+static SHAPE: AtomicUsize = AtomicUsize::new(0);
+
+fn shape() -> Shape {
+    SHAPES[SHAPE.load(Ordering::Relaxed)].0
+}
 
 fn fan_in(c: &mut Criterion) {
     let rt = multi_thread();
@@ -284,10 +337,9 @@ fn fan_in(c: &mut Criterion) {
         None,
     ));
 
-    let layer_svc =
-        CoalesceLayer::new(|_: &(Arc<Semaphore>, Arc<AtomicUsize>)| Some(1u64)).layer(service_fn(
-            |(r, e): (Arc<Semaphore>, Arc<AtomicUsize>)| work(r, e).map(Ok::<_, Infallible>),
-        ));
+    let layer_svc = CoalesceLayer::new(|_: &(Arc<Round>, Arc<AtomicUsize>)| Some(1u64)).layer(
+        service_fn(|(r, e): (Arc<Round>, Arc<AtomicUsize>)| work(r, e).map(Ok::<_, Infallible>)),
+    );
     contenders.push((
         "coalesce_layer",
         Arc::new(move |r, e| {
@@ -312,9 +364,14 @@ fn fan_in(c: &mut Criterion) {
     // the least any coalescer can take.
     contenders.push((
         "no_coalescer_floor",
-        Arc::new(|r: Arc<Semaphore>, _| {
+        Arc::new(|r: Arc<Round>, _| {
             async move {
-                let _ = r.acquire().await;
+                if shape() == Shape::Entered && !r.floor_first.swap(true, Ordering::AcqRel) {
+                    yield_until_entered(&r).await;
+                    r.release.close();
+                } else {
+                    let _ = r.release.acquire().await;
+                }
                 42
             }
             .boxed()
@@ -354,11 +411,13 @@ fn fan_in(c: &mut Criterion) {
         Some(Box::new(move || moka_reset.invalidate_all())),
     ));
 
-    for ((name, caller, after_round), shape) in contenders
-        .iter()
-        .flat_map(|c| ["released", "yielding"].map(|shape| (c, shape)))
-    {
-        YIELDING.store(shape == "yielding", Ordering::Relaxed);
+    for ((name, caller, after_round), (index, shape)) in contenders.iter().flat_map(|c| {
+        SHAPES
+            .iter()
+            .enumerate()
+            .map(move |(i, (_, shape))| (c, (i, shape)))
+    }) {
+        SHAPE.store(index, Ordering::Relaxed);
         let executions = Arc::new(AtomicUsize::new(0));
         let rounds = Arc::new(AtomicUsize::new(0));
         let name = format!("{name}/{shape}");
@@ -386,12 +445,13 @@ fn fan_in(c: &mut Criterion) {
     // contender, in a rotating order, and their medians give ratios that hold from run to
     // run.
     let rounds = 41;
-    let mut times: Vec<Vec<std::time::Duration>> = vec![Vec::new(); contenders.len() * 2];
+    let shapes = SHAPES.len();
+    let mut times: Vec<Vec<std::time::Duration>> = vec![Vec::new(); contenders.len() * shapes];
     for round in 0..rounds {
         for turn in 0..times.len() {
             let which = (round + turn) % times.len();
-            let (_, caller, after_round) = &contenders[which / 2];
-            YIELDING.store(which % 2 == 1, Ordering::Relaxed);
+            let (_, caller, after_round) = &contenders[which / shapes];
+            SHAPE.store(which % shapes, Ordering::Relaxed);
             let start = std::time::Instant::now();
             rt.block_on(fan_in_round(caller.clone(), Arc::new(AtomicUsize::new(0))));
             times[which].push(start.elapsed());
@@ -413,8 +473,9 @@ fn fan_in(c: &mut Criterion) {
         "\nfan_in_1000 interleaved, median of {rounds} rounds (ratio to singleflight_async):"
     );
     for (i, (name, ..)) in contenders.iter().enumerate() {
-        for (shape, j) in [("released", 2 * i), ("yielding", 2 * i + 1)] {
-            let ratio = medians[j].as_secs_f64() / medians[2 * peer + j % 2].as_secs_f64();
+        for (k, (_, shape)) in SHAPES.iter().enumerate() {
+            let j = shapes * i + k;
+            let ratio = medians[j].as_secs_f64() / medians[shapes * peer + k].as_secs_f64();
             eprintln!(
                 "{:>40}: {:>9.1?} ({ratio:.2}x)",
                 format!("{name}/{shape}"),

@@ -6,6 +6,9 @@
 //!   body (`key::json`), and the layer with requests that carry no key. The ratio of the
 //!   layer's time to the bare app's is its overhead on ordinary traffic; keyed requests pay
 //!   for reading the body and its SHA-256 fingerprint.
+//! - `json_key`: the key of that body, `key::json("/id")` (one pass to the value, the rest
+//!   skipped) beside what it did before, a `serde_json::Value` of the whole body and
+//!   `Value::pointer`; and `key::form` on the same fields as a form.
 //! - `http_fan_in_100`: 100 concurrent same-key POSTs to a handler that takes 2 ms (a
 //!   database round trip), bare and with the layer. Handler executions per batch are
 //!   counted and printed at the end.
@@ -186,6 +189,33 @@ fn not_coalesced(c: &mut Criterion) {
     );
 }
 
+/// The key of a create's body: `key::json` beside parsing the body into a `Value`.
+fn json_key(c: &mut Criterion) {
+    let json = body("c-1734");
+    let form = "id=c-1734&name=Ada+Lovelace&email=ada%40example.com&plan=team";
+    let (by_json, by_form) = (key::json("/id"), key::form("id"));
+    assert_eq!(by_json.key_of(json.as_bytes()).as_deref(), Some("c-1734"));
+    let mut group = c.benchmark_group("json_key");
+    group.bench_function("key_json", |b| {
+        b.iter(|| by_json.key_of(std::hint::black_box(json.as_bytes())))
+    });
+    group.bench_function("value_then_pointer", |b| {
+        b.iter(|| {
+            let body = std::hint::black_box(json.as_bytes());
+            let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+            match value.pointer("/id")? {
+                serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }
+        })
+    });
+    group.bench_function("key_form", |b| {
+        b.iter(|| by_form.key_of(std::hint::black_box(form.as_bytes())))
+    });
+    group.finish();
+}
+
 /// The same apps called in process, without sockets: the layer's own CPU cost per request,
 /// which the loopback figures blur with the network stack's.
 fn in_process(c: &mut Criterion) {
@@ -277,5 +307,5 @@ fn fan_in(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, in_process, not_coalesced, fan_in);
+criterion_group!(benches, json_key, in_process, not_coalesced, fan_in);
 criterion_main!(benches);

@@ -48,7 +48,10 @@ use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method};
 
+use self::json_pointer::Pointer;
 use crate::coalesce::MakeKey;
+
+mod json_pointer;
 
 /// Keys requests by what `f` returns for their head: a closure whose argument type needs
 /// no annotation (a bare closure given to the layer needs `|parts: &Parts|`, because the
@@ -414,7 +417,7 @@ pub fn json(pointer: &str) -> JsonKey {
         "a JSON pointer is empty or starts with '/': {pointer:?}"
     );
     JsonKey {
-        pointer: pointer.into(),
+        pointer: Arc::new(Pointer::new(pointer)),
     }
 }
 
@@ -443,19 +446,35 @@ fn buffered_body(parts: &Parts) -> Option<&[u8]> {
 /// Key maker made by [`json`].
 #[derive(Debug, Clone)]
 pub struct JsonKey {
-    pointer: Arc<str>,
+    pointer: Arc<Pointer>,
+}
+
+impl JsonKey {
+    /// The key of a request with this body, as the layer makes it: to check a key
+    /// configuration against the bodies clients send.
+    ///
+    /// ```
+    /// use tower_coalesce::http::key;
+    ///
+    /// let by_id = key::json("/client/id");
+    /// assert_eq!(by_id.key_of(br#"{"client":{"id":"c-1"}}"#).as_deref(), Some("c-1"));
+    /// assert_eq!(by_id.key_of(br#"{"client":{"id":17}}"#).as_deref(), Some("17"));
+    /// assert_eq!(by_id.key_of(br#"{"client":{}}"#), None);
+    /// ```
+    pub fn key_of(&self, body: &[u8]) -> Option<String> {
+        match self.pointer.find(body)? {
+            serde_json::Value::String(s) if !s.is_empty() => Some(s),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
 }
 
 impl MakeKey<Parts> for JsonKey {
     type Key = String;
 
     fn make_key(&self, parts: &Parts) -> Option<String> {
-        let value: serde_json::Value = serde_json::from_slice(buffered_body(parts)?).ok()?;
-        match value.pointer(&self.pointer)? {
-            serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
-            serde_json::Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        }
+        self.key_of(buffered_body(parts)?)
     }
 
     fn reads_body(&self) -> bool {
@@ -469,16 +488,32 @@ pub struct FormKey {
     name: Arc<str>,
 }
 
-impl MakeKey<Parts> for FormKey {
-    type Key = String;
-
-    fn make_key(&self, parts: &Parts) -> Option<String> {
-        let mut values = form_urlencoded::parse(buffered_body(parts)?)
+impl FormKey {
+    /// The key of a request with this body, as the layer makes it: to check a key
+    /// configuration against the bodies clients send.
+    ///
+    /// ```
+    /// use tower_coalesce::http::key;
+    ///
+    /// let by_email = key::form("email");
+    /// assert_eq!(by_email.key_of(b"email=ada%40example.com&list=news").as_deref(), Some("ada@example.com"));
+    /// assert_eq!(by_email.key_of(b"email=a&email=b"), None);
+    /// ```
+    pub fn key_of(&self, body: &[u8]) -> Option<String> {
+        let mut values = form_urlencoded::parse(body)
             .filter(|(name, _)| **name == *self.name)
             .map(|(_, value)| value);
         let value = values.next()?;
         // Two values make the key ambiguous; refuse rather than pick one.
         (values.next().is_none() && !value.is_empty()).then(|| value.into_owned())
+    }
+}
+
+impl MakeKey<Parts> for FormKey {
+    type Key = String;
+
+    fn make_key(&self, parts: &Parts) -> Option<String> {
+        self.key_of(buffered_body(parts)?)
     }
 
     fn reads_body(&self) -> bool {
