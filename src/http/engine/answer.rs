@@ -82,7 +82,8 @@ where
                 Some(turn) => turn.acquire_owned().await.ok(),
                 None => None,
             };
-            return Some(run_own(inner, request.take(), config.role_header).await);
+            let own = Box::pin(run_own(inner, request.take(), config.role_header));
+            return Some(own.await);
         }
     };
     tag(&mut response, role, config.role_header);

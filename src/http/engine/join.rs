@@ -89,7 +89,8 @@ where
     loop {
         let (run, mismatched) = match caller.attempt(&group) {
             Ok(attempt) => attempt,
-            Err(refusal) => return caller.refused(refusal).await,
+            // Boxed: off the common path (see `serve`).
+            Err(refusal) => return Box::pin(caller.refused(refusal)).await,
         };
         let leader = run.is_leader();
         caller.entered(leader, mismatched);
@@ -104,7 +105,7 @@ where
             metrics.follower_waited(arrived);
             metrics.follower_timed_out();
             tracing::debug!(key = key_hash.map(|h| h.0), "follower stopped waiting");
-            return fall_back(config, caller.inner, caller.request).await;
+            return Box::pin(fall_back(config, caller.inner, caller.request)).await;
         };
         if mismatched {
             // That request's turn is over; this one's may have come.
