@@ -444,7 +444,7 @@ fn fan_in(c: &mut Criterion) {
     // runtime warming up) lands on whoever runs when. Rounds interleaved contender by
     // contender, in a rotating order, and their medians give ratios that hold from run to
     // run.
-    let rounds = 41;
+    let rounds = 61;
     let shapes = SHAPES.len();
     let mut times: Vec<Vec<std::time::Duration>> = vec![Vec::new(); contenders.len() * shapes];
     for round in 0..rounds {
@@ -460,26 +460,27 @@ fn fan_in(c: &mut Criterion) {
             }
         }
     }
-    let median = |t: &mut Vec<std::time::Duration>| {
-        t.sort();
-        t[t.len() / 2]
-    };
-    let medians: Vec<_> = times.iter_mut().map(median).collect();
+    // The median, and the 90th percentile: rounds on this machine fall into a fast and a
+    // slow mode (tokio waking its other worker once per woken task, see the README), and the
+    // share of slow rounds moves the mean, so both are shown.
+    let quantile = |t: &[std::time::Duration], q: f64| t[((t.len() - 1) as f64 * q) as usize];
+    times.iter_mut().for_each(|t| t.sort());
     let peer = contenders
         .iter()
         .position(|(name, ..)| *name == "singleflight_async")
         .expect("the peer runs");
     eprintln!(
-        "\nfan_in_1000 interleaved, median of {rounds} rounds (ratio to singleflight_async):"
+        "\nfan_in_1000 interleaved, {rounds} rounds, median and p90 (ratios to singleflight_async):"
     );
     for (i, (name, ..)) in contenders.iter().enumerate() {
         for (k, (_, shape)) in SHAPES.iter().enumerate() {
-            let j = shapes * i + k;
-            let ratio = medians[j].as_secs_f64() / medians[shapes * peer + k].as_secs_f64();
+            let (j, theirs) = (shapes * i + k, &times[shapes * peer + k]);
+            let [median, p90] = [0.5, 0.9].map(|q| quantile(&times[j], q));
+            let [r50, r90] = [0.5, 0.9]
+                .map(|q| quantile(&times[j], q).as_secs_f64() / quantile(theirs, q).as_secs_f64());
             eprintln!(
-                "{:>40}: {:>9.1?} ({ratio:.2}x)",
+                "{:>40}: {median:>9.1?} ({r50:.2}x)  p90 {p90:>9.1?} ({r90:.2}x)",
                 format!("{name}/{shape}"),
-                medians[j]
             );
         }
     }

@@ -221,11 +221,15 @@ fn json_key(c: &mut Criterion) {
 fn in_process(c: &mut Criterion) {
     let rt = runtime();
     let executions = Arc::new(AtomicUsize::new(0));
-    let bare = app(executions.clone(), Duration::ZERO);
+    // `with_state(())` turns the routes into services once, as `axum::serve` does; a
+    // `Router` called without it applies its layers again on every request.
+    let bare = app(executions.clone(), Duration::ZERO).with_state(());
     let layered = app(executions.clone(), Duration::ZERO)
-        .layer(HttpCoalesceLayer::new(key::idempotency_key()));
-    let json =
-        app(executions.clone(), Duration::ZERO).layer(HttpCoalesceLayer::new(key::json("/id")));
+        .layer(HttpCoalesceLayer::new(key::idempotency_key()))
+        .with_state(());
+    let json = app(executions.clone(), Duration::ZERO)
+        .layer(HttpCoalesceLayer::new(key::json("/id")))
+        .with_state(());
     let next_key = AtomicU64::new(0);
     let request = |key: Option<u64>| {
         let id = format!("key-{}", key.unwrap_or(0));
