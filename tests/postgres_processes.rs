@@ -10,13 +10,13 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing;
 use axum::{Extension, Router};
 use support::postgres::{database_url, pool, store, table};
-use support::processes::{Instance, fire, first_to_say};
+use support::processes::{Instance, fire, kill_the_leader_mid_run};
 use tower_coalesce::idempotency::IdempotencyLayer;
 use tower_coalesce::store::FencingToken;
 
@@ -141,29 +141,9 @@ async fn when_the_running_process_is_killed_another_takes_over_after_the_lease()
     };
     let (pool, table) = tables(&url).await;
     let lease = Duration::from_secs(1);
-    let mut instances: Vec<Instance> = (0..4).map(|_| spawn(&url, &table, lease, true)).collect();
+    let instances: Vec<Instance> = (0..4).map(|_| spawn(&url, &table, lease, true)).collect();
 
-    let requests: Vec<_> = instances
-        .iter()
-        .map(|i| fire(std::iter::once(i.addr), 50, "k"))
-        .collect();
-    let leader = first_to_say(&instances, "running 1");
-    // Long enough for the others' callers to arrive and wait, and for a renewal or two.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-
-    let killed = Instant::now();
-    drop(instances.remove(leader));
-    let mut survivors = Vec::new();
-    for (i, requests) in requests.into_iter().enumerate() {
-        let answers = futures::future::join_all(requests).await;
-        if i == leader {
-            assert!(answers.iter().all(|a| a.as_ref().unwrap().is_err()));
-        } else {
-            survivors.extend(answers.into_iter().map(|a| a.unwrap().unwrap()));
-        }
-    }
-    let takeover = killed.elapsed();
-    eprintln!("all 150 survivors answered {takeover:?} after the kill");
+    let (survivors, takeover, _instances) = kill_the_leader_mid_run(instances).await;
 
     let fences = fences(&pool, &table).await;
     assert_eq!(fences.len(), 2, "the killed run and one takeover");

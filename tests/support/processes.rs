@@ -112,3 +112,36 @@ pub fn fire(addrs: impl Iterator<Item = SocketAddr>, n: usize, key: &str) -> Vec
         })
         .collect()
 }
+
+/// Sends 50 POSTs of key `k` to each instance, kills (`SIGKILL`) the instance that starts
+/// running it after 700 ms (long enough for the others' callers to wait, and for a lease
+/// renewal or two), and returns the survivors' answers and how long after the kill the last
+/// of them came. Every answer of the killed instance's callers must be a transport error.
+pub async fn kill_the_leader_mid_run(
+    mut instances: Vec<Instance>,
+) -> (Vec<(StatusCode, String)>, Duration, Vec<Instance>) {
+    let requests: Vec<_> = instances
+        .iter()
+        .map(|i| fire(std::iter::once(i.addr), 50, "k"))
+        .collect();
+    let leader = first_to_say(&instances, "running 1");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let killed = Instant::now();
+    drop(instances.remove(leader));
+    let mut survivors = Vec::new();
+    for (i, requests) in requests.into_iter().enumerate() {
+        let answers = futures::future::join_all(requests).await;
+        if i == leader {
+            assert!(answers.iter().all(|a| a.as_ref().unwrap().is_err()));
+        } else {
+            survivors.extend(answers.into_iter().map(|a| a.unwrap().unwrap()));
+        }
+    }
+    let takeover = killed.elapsed();
+    eprintln!(
+        "all {} survivors answered {takeover:?} after the kill",
+        survivors.len()
+    );
+    (survivors, takeover, instances)
+}
