@@ -10,7 +10,7 @@
 /// `tower_coalesce::http::HttpCoalesceLayer`, which reads the body once and
 /// shares the bytes.
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// use axum::{Router, routing::post};
 /// use tower_coalesce::coalesce::CoalesceLayer;
 ///
