@@ -138,6 +138,12 @@ where
         // `self.inner` was never polled ready, so a clone of it is as good as the original.
         let inner = self.inner.clone();
         let (parts, body) = req.into_parts();
+        if self.engine.stage.is_some() && !parts.method.is_safe() {
+            // Not kept by the stage (a cache keys `GET` and `HEAD` only), but it may change
+            // what is kept.
+            let engine = self.engine.clone();
+            return ResponseFuture::keyed(Box::pin(engine::passed(inner, engine, parts, body)));
+        }
         if self.engine.config.skip_safe_methods && parts.method.is_safe() {
             return ResponseFuture::direct(inner, Request::from_parts(parts, Either::Right(body)));
         }

@@ -26,7 +26,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use http::{HeaderMap, Response, StatusCode};
+use http::request::Parts;
+use http::{HeaderMap, Response, StatusCode, Uri};
 
 use super::Role;
 use super::flown::Buffered;
@@ -67,6 +68,28 @@ pub(crate) trait Stage: Send + Sync + 'static {
         ran: Option<Ran<'_>>,
         asked: &HeaderMap,
     ) -> Option<(Arc<StoredResponse>, Duration)>;
+
+    /// Once what [`keep`](Self::keep) returned is in the store: what else the stage does
+    /// with it (`target`: the request's URI).
+    fn kept<'a>(
+        &'a self,
+        store: &'a dyn Lookup,
+        key: &'a StoreKey,
+        kept: &'a (Arc<StoredResponse>, Duration),
+        target: &'a Uri,
+        metrics: &'a Metrics,
+    ) -> BoxFuture<'a, ()>;
+
+    /// A request the layer has no key for, of a method that is not safe (`POST`, `PUT`,
+    /// `DELETE`, ...), got this answer: what the stage does about it, before the caller
+    /// has it (a cache drops what the request changed).
+    fn passed<'a>(
+        &'a self,
+        store: &'a dyn Lookup,
+        request: &'a Parts,
+        answer: Answered<'a>,
+        metrics: &'a Metrics,
+    ) -> Option<BoxFuture<'a, ()>>;
 
     /// Once the request has its answer (`None`: the inner service failed): what to do
     /// with it.
@@ -122,15 +145,38 @@ pub(crate) enum After {
     Replace(Response<Bytes>),
 }
 
-/// The store, as a stage reads it: the two calls a stage makes, boxed, so that a stage
-/// is one type whatever the store.
+/// The store, as a stage reads it: the calls a stage makes, boxed, so that a stage is one
+/// type whatever the store.
 pub(crate) trait Lookup: Send + Sync {
     fn get<'a>(
         &'a self,
         key: &'a StoreKey,
     ) -> BoxFuture<'a, Result<Option<Arc<StoredResponse>>, BoxError>>;
 
+    fn put<'a>(
+        &'a self,
+        key: StoreKey,
+        response: Arc<StoredResponse>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BoxError>>;
+
     fn refresh_lease<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<Lease, BoxError>>;
+
+    fn remove<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<(), BoxError>>;
+
+    fn add_to_group<'a>(
+        &'a self,
+        group: StoreKey,
+        key: StoreKey,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BoxError>>;
+
+    fn take_group<'a>(
+        &'a self,
+        group: &'a StoreKey,
+    ) -> BoxFuture<'a, Result<Vec<StoreKey>, BoxError>>;
+
+    fn announce<'a>(&'a self, keys: &'a [StoreKey]) -> BoxFuture<'a, Result<(), BoxError>>;
 }
 
 impl<St: Store> Lookup for St {
@@ -141,7 +187,40 @@ impl<St: Store> Lookup for St {
         Box::pin(Store::get(self, key))
     }
 
+    fn put<'a>(
+        &'a self,
+        key: StoreKey,
+        response: Arc<StoredResponse>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BoxError>> {
+        Box::pin(Store::put(self, key, response, ttl))
+    }
+
     fn refresh_lease<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<Lease, BoxError>> {
         Box::pin(Store::refresh_lease(self, key))
+    }
+
+    fn remove<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<(), BoxError>> {
+        Box::pin(Store::remove(self, key))
+    }
+
+    fn add_to_group<'a>(
+        &'a self,
+        group: StoreKey,
+        key: StoreKey,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BoxError>> {
+        Box::pin(async move { Store::add_to_group(self, &group, &key, ttl).await })
+    }
+
+    fn take_group<'a>(
+        &'a self,
+        group: &'a StoreKey,
+    ) -> BoxFuture<'a, Result<Vec<StoreKey>, BoxError>> {
+        Box::pin(Store::take_group(self, group))
+    }
+
+    fn announce<'a>(&'a self, keys: &'a [StoreKey]) -> BoxFuture<'a, Result<(), BoxError>> {
+        Box::pin(Store::announce(self, keys))
     }
 }

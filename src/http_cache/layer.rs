@@ -7,6 +7,8 @@ use http::header::SET_COOKIE;
 use http::request::Parts;
 use tower::Layer;
 
+use super::near::{DEFAULT_NEAR_TTL, Near};
+use super::purge::Purger;
 use super::rules::{self, Rules};
 use super::stage::CacheStage;
 use crate::coalesce::MakeKey;
@@ -58,6 +60,11 @@ impl MakeKey<Parts> for SafeMethods {
 pub struct HttpCacheLayer<I = DefaultScope, St = MemoryStore> {
     engine: Engine<SafeMethods, I, St>,
     rules: Rules,
+    /// The engine's stage, as itself: purgers hold it.
+    stage: Arc<CacheStage>,
+    /// The near cache's byte limit and longest TTL, if there is one.
+    near: Option<(usize, Duration)>,
+    near_cache: Option<Arc<Near>>,
 }
 
 /// The default of [`HttpCacheLayer::max_ttl`]: 1 day.
@@ -90,7 +97,15 @@ impl HttpCacheLayer {
             MemoryStore::default(),
             config,
         );
-        HttpCacheLayer { engine, rules }.with_rules()
+        let stage = Arc::new(CacheStage::new(rules.clone(), None));
+        HttpCacheLayer {
+            engine,
+            rules,
+            stage,
+            near: None,
+            near_cache: None,
+        }
+        .with_rules()
     }
 }
 
@@ -118,7 +133,8 @@ impl<I, St> HttpCacheLayer<I, St> {
         // same `Authorization`; the others wait for a run of their own.
         self.engine.config.authorized_shared_if =
             (!private).then_some(rules::shared_when_authorized);
-        self.engine.stage = Some(Arc::new(CacheStage::new(self.rules.clone())));
+        self.stage = Arc::new(CacheStage::new(self.rules.clone(), self.near_cache.clone()));
+        self.engine.stage = Some(self.stage.clone());
         self
     }
 
@@ -184,6 +200,9 @@ impl<I, St> HttpCacheLayer<I, St> {
         HttpCacheLayer {
             engine: self.engine.with_scope(scope),
             rules: self.rules,
+            stage: self.stage,
+            near: self.near,
+            near_cache: self.near_cache,
         }
     }
 
@@ -204,7 +223,58 @@ impl<I, St> HttpCacheLayer<I, St> {
         HttpCacheLayer {
             engine: self.engine.with_store(store),
             rules: self.rules,
+            stage: self.stage,
+            near: self.near,
+            near_cache: self.near_cache,
         }
+        .with_near()
+    }
+}
+
+impl<I, St: Store> HttpCacheLayer<I, St> {
+    /// Keeps copies of the shared store's fresh entries in this process's memory, up to
+    /// `bytes` (least recently used out first), so that a hit costs no round trip to the
+    /// store: a near cache in front of [`store`](Self::store). See
+    /// [Near cache](crate::http_cache#near-cache) for how the copies stay in sync.
+    ///
+    /// A copy is kept for as long as its entry stays fresh, and at most
+    /// [`near_cache_ttl`](Self::near_cache_ttl) (60 s by default); stale entries are
+    /// always read from the store.
+    ///
+    /// Off by default. Call it within the Tokio runtime that serves the requests.
+    pub fn near_cache(mut self, bytes: usize) -> Self {
+        let ttl = self.near.map_or(DEFAULT_NEAR_TTL, |(_, ttl)| ttl);
+        self.near = Some((bytes, ttl));
+        self.with_near()
+    }
+
+    /// The longest a copy stays in the [near cache](Self::near_cache), however long its
+    /// entry is fresh: the bound on how stale a copy can be served if the messages from
+    /// the other instances stop without the connection noticing. 60 s by default.
+    pub fn near_cache_ttl(mut self, ttl: Duration) -> Self {
+        if let Some((_, near_ttl)) = &mut self.near {
+            *near_ttl = ttl;
+        } else {
+            self.near = Some((super::near::DEFAULT_NEAR_BYTES, ttl));
+        }
+        self.with_near()
+    }
+
+    /// Purges this cache's entries by URI or tag; see [`Purger`]. Take it once the layer is
+    /// configured: it acts on the store and near cache of the layer as it is now.
+    pub fn purger(&self) -> Purger {
+        Purger {
+            stage: self.stage.clone(),
+            store: Arc::new(self.engine.store.clone()),
+        }
+    }
+
+    /// Makes the near cache anew (for the current store) if there is one.
+    fn with_near(mut self) -> Self {
+        self.near_cache = self
+            .near
+            .map(|(bytes, ttl)| Near::new(bytes, ttl, self.engine.store.changes()));
+        self.with_rules()
     }
 }
 
@@ -213,7 +283,7 @@ impl<I> HttpCacheLayer<I, MemoryStore> {
     /// default.
     pub fn memory_limit(mut self, bytes: usize) -> Self {
         self.engine.store = MemoryStore::with_limit(bytes);
-        self
+        self.with_near()
     }
 }
 
@@ -230,6 +300,7 @@ impl<I, St> fmt::Debug for HttpCacheLayer<I, St> {
         f.debug_struct("HttpCacheLayer")
             .field("engine", &self.engine)
             .field("rules", &self.rules)
+            .field("near_cache", &self.near_cache)
             .finish()
     }
 }

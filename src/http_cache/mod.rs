@@ -96,9 +96,13 @@ let cache = HttpCacheLayer::new().unscoped().store(store);
 )]
 
 mod layer;
+mod near;
+mod purge;
 pub(crate) mod rules;
 mod stage;
 
 pub use self::layer::{
     DEFAULT_HIT_FOR_PASS, DEFAULT_MAX_TTL, HttpCache, HttpCacheLayer, SafeMethods,
 };
+pub use self::near::DEFAULT_NEAR_TTL;
+pub use self::purge::Purger;

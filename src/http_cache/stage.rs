@@ -3,15 +3,17 @@
 //! the flight as any other, the flight keeps its response by the rules, and the answer gets
 //! its `Cache-Status` (or becomes a `304`, or a stale response in place of an error).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures::future::BoxFuture;
 use http::header::{HeaderName, HeaderValue};
-use http::{HeaderMap, Response, StatusCode};
+use http::request::Parts;
+use http::{HeaderMap, Response, StatusCode, Uri};
 
+use super::near::Near;
 use super::rules::{self, Asked, Conditional, Rules, Verdict};
 use crate::BoxError;
 use crate::http::Metrics;
@@ -22,23 +24,36 @@ use crate::single_flight::{Freshness, Lifetimes};
 use crate::store::Lease;
 use crate::store::{Fingerprint, StoreKey, StoredResponse};
 
-/// The cache's stage: its rules, the keys on hit-for-pass, and the keys being refreshed in
-/// the background.
+/// The cache's stage: its rules, the keys on hit-for-pass, the keys being refreshed in
+/// the background, the variants kept per key, and the near cache, if any.
 pub(crate) struct CacheStage {
     pub(crate) rules: Rules,
     passes: moka::sync::Cache<StoreKey, ()>,
     refreshing: Arc<DashMap<StoreKey, ()>>,
+    /// The fingerprints of the variants this instance kept per key (a response that
+    /// varies is kept once per variant, up to [`MAX_VARIANTS`]).
+    variants: moka::sync::Cache<StoreKey, Arc<Mutex<Vec<Fingerprint>>>>,
+    pub(crate) near: Option<Arc<Near>>,
 }
 
+/// The most variants of one key's response kept at once (by this instance); a response
+/// of another variant past it is served but not kept, until one of them expires.
+pub(crate) const MAX_VARIANTS: usize = 8;
+
 impl CacheStage {
-    pub(crate) fn new(rules: Rules) -> Self {
+    pub(crate) fn new(rules: Rules, near: Option<Arc<Near>>) -> Self {
         CacheStage {
             passes: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(rules.hit_for_pass.max(std::time::Duration::from_millis(1)))
                 .build(),
             refreshing: Arc::default(),
+            variants: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(rules.max_ttl.max(std::time::Duration::from_millis(1)))
+                .build(),
             rules,
+            near,
         }
     }
 }
@@ -133,6 +148,35 @@ impl Stage for CacheStage {
         keepable(self, key, ran?, asked)
     }
 
+    fn kept<'a>(
+        &'a self,
+        store: &'a dyn Lookup,
+        key: &'a StoreKey,
+        kept: &'a (Arc<StoredResponse>, Duration),
+        target: &'a Uri,
+        metrics: &'a Metrics,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(self.kept(store, key, kept, target, metrics))
+    }
+
+    fn passed<'a>(
+        &'a self,
+        store: &'a dyn Lookup,
+        request: &'a Parts,
+        answer: Answered<'a>,
+        metrics: &'a Metrics,
+    ) -> Option<BoxFuture<'a, ()>> {
+        let targets = super::purge::invalidated(request, answer.status, answer.headers)?;
+        Some(Box::pin(async move {
+            for target in targets {
+                if let Err(error) = super::purge::purge_uri(self, store, &target).await {
+                    metrics.store_error();
+                    tracing::warn!(%error, "invalidating a cached URI failed");
+                }
+            }
+        }))
+    }
+
     fn answered(&self, ticket: Ticket, answer: Option<Answered<'_>>, metrics: &Metrics) -> After {
         let ticket = ticket
             .downcast::<CacheTicket>()
@@ -172,13 +216,18 @@ impl CacheStage {
         if asked.revalidate {
             return Admit::Flight(ticket("request", false, conditional, None));
         }
-        match store.get(key).await {
-            Ok(Some(kept)) if engine::answers(&kept, fingerprint, headers) => {
+        match self.find(store, key, fingerprint, headers).await {
+            Ok(Found::Answers { kept, at, epoch }) => {
                 let (age, lifetimes) = judge(self, &kept, headers, SystemTime::now());
                 let served =
                     |status| from_store(&kept, age, lifetimes.fresh, status, &conditional, metrics);
                 match lifetimes.state(age) {
-                    Freshness::Fresh => return Admit::Answer(served(Status::Hit)),
+                    Freshness::Fresh => {
+                        if let (Some(near), Some(epoch)) = (&self.near, epoch) {
+                            near.fill(&at, kept.clone(), lifetimes.fresh - age, epoch);
+                        }
+                        return Admit::Answer(served(Status::Hit));
+                    }
                     Freshness::Revalidate => {
                         let answer = served(Status::Stale("stale-while-revalidate"));
                         // One refresh at a time per key: the others are answered stale.
@@ -199,8 +248,8 @@ impl CacheStage {
                     Freshness::Expired => reason = "stale",
                 }
             }
-            Ok(Some(_)) => reason = "vary-miss",
-            Ok(None) => {}
+            Ok(Found::OtherVariant) => reason = "vary-miss",
+            Ok(Found::Nothing) => {}
             Err(error) => {
                 metrics.store_error();
                 tracing::warn!(%error, "cache lookup failed; running the request");
@@ -339,11 +388,143 @@ impl CacheStage {
         fingerprint: Fingerprint,
         asked: &HeaderMap,
     ) -> Result<Option<Arc<StoredResponse>>, BoxError> {
-        Ok(store.get(key).await?.filter(|kept| {
-            let (age, lifetimes) = judge(self, kept, asked, SystemTime::now());
-            engine::answers(kept, fingerprint, asked) && lifetimes.state(age) == Freshness::Fresh
-        }))
+        let Found::Answers { kept, .. } = self.find(store, key, fingerprint, asked).await? else {
+            return Ok(None);
+        };
+        let (age, lifetimes) = judge(self, &kept, asked, SystemTime::now());
+        Ok((lifetimes.state(age) == Freshness::Fresh).then_some(kept))
     }
+
+    /// Finds the entry that answers a request: near first, then in the store; under the
+    /// key, or, if the entry kept there is another variant, under the key of the request's
+    /// own variant.
+    async fn find(
+        &self,
+        store: &dyn Lookup,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        asked: &HeaderMap,
+    ) -> Result<Found, BoxError> {
+        let Some((kept, epoch)) = self.get(store, key).await? else {
+            return Ok(Found::Nothing);
+        };
+        if engine::answers(&kept, fingerprint, asked) {
+            let at = key.clone();
+            return Ok(Found::Answers { kept, at, epoch });
+        }
+        // Another variant (or another request's response): the request's own variant is
+        // kept under a key of its own, if it is kept.
+        let Some(variant) = fingerprint
+            .answered_by(kept.headers(), asked)
+            .filter(|_| kept.headers().contains_key(http::header::VARY))
+        else {
+            return Ok(Found::OtherVariant);
+        };
+        let at = key.variant(variant);
+        match self.get(store, &at).await? {
+            Some((kept, epoch)) if engine::answers(&kept, fingerprint, asked) => {
+                Ok(Found::Answers { kept, at, epoch })
+            }
+            _ => Ok(Found::OtherVariant),
+        }
+    }
+
+    /// The entry under `key`: the near copy, or the store's, with the near cache's drop
+    /// count read before the store lookup (`None`: from the near cache, or none).
+    async fn get(
+        &self,
+        store: &dyn Lookup,
+        key: &StoreKey,
+    ) -> Result<Option<(Arc<StoredResponse>, Option<u64>)>, BoxError> {
+        let epoch = match &self.near {
+            Some(near) => match near.get(key) {
+                Some(kept) => return Ok(Some((kept, None))),
+                None => Some(near.epoch()),
+            },
+            None => None,
+        };
+        Ok(store.get(key).await?.map(|kept| (kept, epoch)))
+    }
+
+    /// Once a response is kept under `key`: kept under its variant's key too, if it varies;
+    /// filed under its URI and tags, for purges; copied near, and announced to the other
+    /// instances, so that they drop their copies.
+    async fn kept(
+        &self,
+        store: &dyn Lookup,
+        key: &StoreKey,
+        (response, ttl): &(Arc<StoredResponse>, Duration),
+        target: &Uri,
+        metrics: &Metrics,
+    ) {
+        let mut keys = vec![key.clone()];
+        if response.headers().contains_key(http::header::VARY)
+            && self.another_variant_fits(key, response.fingerprint())
+        {
+            let variant = key.variant(response.fingerprint());
+            match store.put(variant.clone(), response.clone(), *ttl).await {
+                Ok(()) => keys.push(variant),
+                Err(error) => {
+                    metrics.store_error();
+                    tracing::warn!(%error, "keeping a variant failed");
+                }
+            }
+        }
+        let groups = super::purge::groups(target, response.headers());
+        let filed = groups.iter().flat_map(|group| {
+            keys.iter()
+                .map(|key| store.add_to_group(group.clone(), key.clone(), *ttl))
+        });
+        let announced = async {
+            if self.near.is_some() {
+                store.announce(&keys).await
+            } else {
+                Ok(())
+            }
+        };
+        let (filed, announced) = futures::future::join(futures::future::join_all(filed), announced).await;
+        for error in filed.into_iter().chain([announced]).filter_map(Result::err) {
+            metrics.store_error();
+            tracing::warn!(%error, "filing a kept response for purges failed");
+        }
+        if let Some(near) = &self.near {
+            let (age, lifetimes) = judge(self, response, &HeaderMap::new(), SystemTime::now());
+            let fresh = lifetimes.fresh.saturating_sub(age);
+            let epoch = near.epoch();
+            for key in &keys {
+                near.fill(key, response.clone(), fresh, epoch);
+            }
+        }
+    }
+
+    /// Whether a variant of fingerprint `variant` may be kept for `key`: it is one of the
+    /// kept ones, or fewer than [`MAX_VARIANTS`] are.
+    fn another_variant_fits(&self, key: &StoreKey, variant: Fingerprint) -> bool {
+        let kept = self.variants.get_with_by_ref(key, Arc::default);
+        let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.contains(&variant) {
+            return true;
+        }
+        if kept.len() >= MAX_VARIANTS {
+            return false;
+        }
+        kept.push(variant);
+        true
+    }
+}
+
+/// What [`CacheStage::find`] found for a request.
+enum Found {
+    /// An entry that answers it, kept under `at`; `epoch`: read from the store when the
+    /// near cache's drop count was this.
+    Answers {
+        kept: Arc<StoredResponse>,
+        at: StoreKey,
+        epoch: Option<u64>,
+    },
+    /// An entry of another variant only.
+    OtherVariant,
+    Nothing,
 }
 
 /// Frees a key's refresh slot when the refresh ends, however it ends.

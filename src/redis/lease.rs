@@ -10,6 +10,7 @@ use redis::{
     ToRedisArgs, Value,
 };
 
+use crate::shared_store::backplane::Backplane;
 pub(super) use crate::shared_store::release::{Waiters, token};
 
 /// Extends the lease to `ARGV[2]` ms if `ARGV[1]` still owns it. A lease that expired and
@@ -69,6 +70,24 @@ pub(super) static STORE_AND_RELEASE: LazyScript = LazyScript::new(
         redis.call('PUBLISH', ARGV[1], '1')
     end
     return owned",
+);
+
+/// Adds the member `ARGV[1]` to the set `KEYS[1]` (a group of the HTTP cache's entries),
+/// and keeps the set at least `ARGV[2]` ms.
+pub(super) static GROUP_ADD: LazyScript = LazyScript::new(
+    r"redis.call('SADD', KEYS[1], ARGV[1])
+    if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+        redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    end
+    return 1",
+);
+
+/// Empties the set `KEYS[1]` and returns its members, in one step: a key added after it
+/// is in the group for the next purge.
+pub(super) static GROUP_TAKE: LazyScript = LazyScript::new(
+    r"local members = redis.call('SMEMBERS', KEYS[1])
+    redis.call('DEL', KEYS[1])
+    return members",
 );
 
 /// A `Script` (which hashes its source) made on first use.
@@ -152,20 +171,46 @@ impl<'a> ScriptCall<'a> {
 /// The push sender of a connection: wakes the flights waiting on the channel of a message.
 /// It must not block, and it doesn't (a short lock). Weak, so that the connection doesn't
 /// keep the registry alive, nor the other way round.
+///
+/// It also feeds the backplane: its messages, the confirmations of its subscription, and
+/// the connection's drops, after which messages may have been lost.
 pub(super) fn push_sender(
     waiters: Weak<Waiters>,
+    backplane: Weak<Backplane>,
 ) -> impl Fn(PushInfo) -> Result<(), std::convert::Infallible> + Send + Sync + 'static {
     move |push: PushInfo| {
-        // `smessage`: a sharded channel's message, on a cluster.
-        if !matches!(push.kind, PushKind::Message | PushKind::SMessage) {
-            return Ok(());
-        }
-        if let (Some(waiters), Some(Value::BulkString(channel))) =
-            (waiters.upgrade(), push.data.first())
-        {
-            if let Ok(channel) = std::str::from_utf8(channel) {
-                waiters.wake(channel);
+        let channel = match push.data.first() {
+            Some(Value::BulkString(channel)) => Some(channel.as_slice()),
+            _ => None,
+        };
+        match (push.kind, channel) {
+            // `smessage`: a sharded channel's message, on a cluster.
+            (PushKind::Message | PushKind::SMessage, Some(channel)) => {
+                if let Some(waiters) = waiters.upgrade() {
+                    if let Ok(channel) = std::str::from_utf8(channel) {
+                        waiters.wake(channel);
+                    }
+                }
+                if let (Some(backplane), Some(Value::BulkString(message))) =
+                    (backplane.upgrade(), push.data.get(1))
+                {
+                    backplane.received(channel, message);
+                }
             }
+            (PushKind::Subscribe | PushKind::SSubscribe, Some(channel)) => {
+                if let Some(backplane) = backplane.upgrade() {
+                    backplane.subscribed(channel);
+                }
+            }
+            (PushKind::Disconnection, _) => {
+                if let Some(backplane) = backplane.upgrade() {
+                    backplane.lost();
+                }
+                if let Some(waiters) = waiters.upgrade() {
+                    waiters.wake_all();
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -180,7 +225,7 @@ mod tests {
     #[tokio::test]
     async fn a_message_wakes_the_flights_registered_on_its_channel_only() {
         let waiters = Arc::new(Waiters::default());
-        let send = push_sender(Arc::downgrade(&waiters));
+        let send = push_sender(Arc::downgrade(&waiters), Weak::new());
         let mine = waiters.register("chan-a");
         let other = waiters.register("chan-b");
         {

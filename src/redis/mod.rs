@@ -85,12 +85,15 @@ use redis::cluster::ClusterClientBuilder;
 use redis::{ConnectionInfo, IntoConnectionInfo, ProtocolVersion, RedisError, Value};
 
 use self::connection::Connection;
-use self::lease::{LEASE, RENEW, STORE_AND_RELEASE, Waiters, push_sender};
+use self::lease::{
+    GROUP_ADD, GROUP_TAKE, LEASE, RENEW, STORE_AND_RELEASE, Waiters, push_sender,
+};
 use crate::BoxError;
+use crate::shared_store::backplane::Backplane;
 use crate::shared_store::codec;
 use crate::shared_store::release::renew_every_third;
 use crate::store::{Lease, LeaseGuard};
-use crate::store::{Store, StoreKey, StoredResponse};
+use crate::store::{Change, Store, StoreKey, StoredResponse};
 
 /// The default timeout of every Redis command, and of connecting.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -120,6 +123,7 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 pub struct RedisStore {
     conn: Connection,
     waiters: Arc<Waiters>,
+    backplane: Arc<Backplane>,
     prefix: Arc<str>,
     timeout: Duration,
     lease: Duration,
@@ -139,12 +143,15 @@ impl RedisStore {
     /// [`connect_cluster`](Self::connect_cluster).
     pub async fn connect_with_timeout(url: &str, timeout: Duration) -> Result<Self, BoxError> {
         let client = redis::Client::open(resp3(url.into_connection_info()?))?;
-        let waiters = Arc::new(Waiters::default());
+        let (waiters, backplane) = (Arc::new(Waiters::default()), Arc::default());
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
-            .set_push_sender(push_sender(Arc::downgrade(&waiters)))
+            .set_push_sender(push_sender(
+                Arc::downgrade(&waiters),
+                Arc::downgrade(&backplane),
+            ))
             .set_automatic_resubscription();
         let conn =
             tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
@@ -163,7 +170,7 @@ impl RedisStore {
             )
             .into());
         }
-        Self::ready(Connection::Node(conn), waiters, timeout).await
+        Self::ready(Connection::Node(conn), waiters, backplane, timeout).await
     }
 
     /// Connects to the Redis Cluster that `nodes` belong to (`redis://host:port` each; one
@@ -206,10 +213,13 @@ impl RedisStore {
             .iter()
             .map(|url| Ok(resp3(url.into_connection_info()?)))
             .collect::<Result<Vec<_>, RedisError>>()?;
-        let waiters = Arc::new(Waiters::default());
+        let (waiters, backplane) = (Arc::new(Waiters::default()), Arc::default());
         let client = ClusterClientBuilder::new(nodes)
             .use_protocol(ProtocolVersion::RESP3)
-            .push_sender(push_sender(Arc::downgrade(&waiters)))
+            .push_sender(push_sender(
+                Arc::downgrade(&waiters),
+                Arc::downgrade(&backplane),
+            ))
             .connection_timeout(timeout)
             .response_timeout(timeout)
             // The client's own waits between retries start at 1.28 s, over any command
@@ -223,19 +233,20 @@ impl RedisStore {
         let conn = tokio::time::timeout(timeout, client.get_async_connection())
             .await
             .map_err(|_| "timed out connecting to the redis cluster")??;
-        Self::ready(Connection::Cluster(conn), waiters, timeout).await
+        Self::ready(Connection::Cluster(conn), waiters, backplane, timeout).await
     }
 
     /// Loads the scripts (into every master of a cluster) and makes the store.
     async fn ready(
         conn: Connection,
         waiters: Arc<Waiters>,
+        backplane: Arc<Backplane>,
         timeout: Duration,
     ) -> Result<Self, BoxError> {
         // Loaded up front so that the first requests don't pay a NOSCRIPT round trip. After
         // a Redis restart (or on a promoted replica), each script is sent whole on its
         // first `NOSCRIPT` (`ScriptCall`).
-        for script in [&LEASE, &STORE_AND_RELEASE, &RENEW] {
+        for script in [&LEASE, &STORE_AND_RELEASE, &RENEW, &GROUP_ADD, &GROUP_TAKE] {
             let mut conn = conn.clone();
             tokio::time::timeout(timeout, script.get().load_async(&mut conn))
                 .await
@@ -244,6 +255,7 @@ impl RedisStore {
         Ok(RedisStore {
             conn,
             waiters,
+            backplane,
             prefix: "tower-coalesce:idempotency:".into(),
             timeout,
             lease: DEFAULT_LEASE,
@@ -281,6 +293,11 @@ impl RedisStore {
         }
         name.push('}');
         name
+    }
+
+    /// The channel of the backplane: the changes instances announce to each other.
+    fn changes_channel(&self) -> String {
+        format!("{}changes", self.prefix)
     }
 
     /// Runs one command against the timeout.
@@ -435,6 +452,79 @@ impl Store for RedisStore {
 
     async fn refresh_lease(&self, key: &StoreKey) -> Result<Lease, BoxError> {
         self.take(key, false).await
+    }
+
+    async fn remove(&self, key: &StoreKey) -> Result<(), BoxError> {
+        let mut del = redis::cmd("DEL");
+        del.arg(self.name("", key));
+        self.timed("DEL", del.exec_async(&mut self.conn.clone()))
+            .await
+    }
+
+    async fn add_to_group(
+        &self,
+        group: &StoreKey,
+        key: &StoreKey,
+        ttl: Duration,
+    ) -> Result<(), BoxError> {
+        let group = self.name("group:", group);
+        let mut script = GROUP_ADD.call();
+        script
+            .key(&group)
+            .arg(key.as_bytes().as_slice())
+            .arg(Self::millis(ttl));
+        let mut conn = self.conn.clone();
+        let added = script.invoke::<i64>(&mut conn);
+        self.timed("group add", added).await.map(drop)
+    }
+
+    async fn take_group(&self, group: &StoreKey) -> Result<Vec<StoreKey>, BoxError> {
+        let group = self.name("group:", group);
+        let mut script = GROUP_TAKE.call();
+        script.key(&group);
+        let mut conn = self.conn.clone();
+        let taken = script.invoke::<Vec<Vec<u8>>>(&mut conn);
+        let members = self.timed("group take", taken).await?;
+        Ok(members
+            .into_iter()
+            .filter_map(|member| Some(StoreKey::from_bytes(member.try_into().ok()?)))
+            .collect())
+    }
+
+    async fn announce(&self, keys: &[StoreKey]) -> Result<(), BoxError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut publish = redis::cmd(self.conn.publish());
+        publish
+            .arg(self.changes_channel())
+            .arg(self.backplane.message(keys));
+        self.timed("announce", publish.exec_async(&mut self.conn.clone()))
+            .await
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        let channel = self.changes_channel();
+        let (changes, first) = self.backplane.listen(channel.clone());
+        if first {
+            // Subscribed once per connection, by a task of its own (this isn't async), and
+            // again after every reconnection by the connection itself; each confirmation
+            // tells the listeners that messages may have been lost meanwhile.
+            let store = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut conn = store.conn.clone();
+                    match store.timed("SUBSCRIBE", conn.subscribe(&channel)).await {
+                        Ok(()) => return,
+                        Err(error) => {
+                            tracing::warn!(%error, "subscribing to the cache's changes failed; retrying");
+                            tokio::time::sleep(store.poll_interval).await;
+                        }
+                    }
+                }
+            });
+        }
+        Some(changes)
     }
 
     async fn released(&self, key: &StoreKey) {

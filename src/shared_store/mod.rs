@@ -2,5 +2,6 @@
 //! [`PostgresStore`](crate::postgres::PostgresStore)) have in common: the bytes a response
 //! is kept as, lease tokens, and the flights waiting for a release.
 
+pub(crate) mod backplane;
 pub(crate) mod codec;
 pub(crate) mod release;

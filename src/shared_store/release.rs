@@ -90,7 +90,6 @@ impl Waiters {
 
     /// Wakes every waiting flight: their messages may have been lost (a connection that
     /// dropped), so each looks again on its own.
-    #[cfg(feature = "postgres")]
     pub(crate) fn wake_all(&self) {
         let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         for waiting in channels.values() {

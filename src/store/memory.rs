@@ -1,7 +1,8 @@
 //! The in-process store, the default of the idempotency and cache presets.
 
+use std::collections::HashSet;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{Store, StoreKey, StoredResponse};
@@ -16,7 +17,20 @@ use crate::BoxError;
 #[derive(Clone)]
 pub struct MemoryStore {
     cache: moka::future::Cache<StoreKey, (Arc<StoredResponse>, Duration)>,
+    /// The HTTP cache's groups (a URI's entries, a tag's), for purges.
+    groups: moka::sync::Cache<StoreKey, Arc<Mutex<Group>>>,
 }
+
+/// The keys of a group, and how long the group is kept: as long as its longest-kept entry.
+#[derive(Default)]
+struct Group {
+    keys: HashSet<StoreKey>,
+    ttl: Duration,
+}
+
+/// The most keys the groups of one store hold together; past it, the groups least recently
+/// added to go first (their entries then outlive a purge, until they expire).
+const GROUP_KEYS_LIMIT: u64 = 1 << 20;
 
 /// The default byte limit of a [`MemoryStore`]: 64 MiB.
 pub const DEFAULT_MEMORY_LIMIT: usize = 64 * 1024 * 1024;
@@ -35,7 +49,16 @@ impl MemoryStore {
             // instead, and a refused entry is a retry that runs twice.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
-        MemoryStore { cache }
+        let groups = moka::sync::Cache::builder()
+            .max_capacity(GROUP_KEYS_LIMIT)
+            .weigher(|_key, group: &Arc<Mutex<Group>>| {
+                let keys = lock(group).keys.len();
+                u32::try_from(keys).unwrap_or(u32::MAX).max(1)
+            })
+            .expire_after(GroupTtl)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
+        MemoryStore { cache, groups }
     }
 
     /// The number of responses held (moka counts lazily; call after
@@ -82,6 +105,47 @@ impl moka::Expiry<StoreKey, (Arc<StoredResponse>, Duration)> for PerEntryTtl {
     ) -> Option<Duration> {
         Some(*ttl)
     }
+
+    // A key kept anew expires by its new TTL (moka's default keeps the old expiry: a
+    // refreshed entry would go when the one it replaced was due).
+    fn expire_after_update(
+        &self,
+        _key: &StoreKey,
+        (_, ttl): &(Arc<StoredResponse>, Duration),
+        _now: std::time::Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(*ttl)
+    }
+}
+
+/// Expires a group after the longest TTL of its keys, as it was when the group was made
+/// (a group added to later is made again by `add_to_group`, with the longer TTL).
+struct GroupTtl;
+
+impl moka::Expiry<StoreKey, Arc<Mutex<Group>>> for GroupTtl {
+    fn expire_after_create(
+        &self,
+        _key: &StoreKey,
+        group: &Arc<Mutex<Group>>,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(lock(group).ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &StoreKey,
+        group: &Arc<Mutex<Group>>,
+        _now: std::time::Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(lock(group).ttl)
+    }
+}
+
+fn lock(group: &Mutex<Group>) -> std::sync::MutexGuard<'_, Group> {
+    group.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Store for MemoryStore {
@@ -97,5 +161,36 @@ impl Store for MemoryStore {
     ) -> Result<(), BoxError> {
         self.cache.insert(key, (response, ttl)).await;
         Ok(())
+    }
+
+    async fn remove(&self, key: &StoreKey) -> Result<(), BoxError> {
+        self.cache.invalidate(key).await;
+        Ok(())
+    }
+
+    async fn add_to_group(
+        &self,
+        group: &StoreKey,
+        key: &StoreKey,
+        ttl: Duration,
+    ) -> Result<(), BoxError> {
+        let entry = self.groups.get_with_by_ref(group, Arc::default);
+        {
+            let mut members = lock(&entry);
+            members.keys.insert(key.clone());
+            members.ttl = members.ttl.max(ttl);
+        }
+        // Inserted again: to restart its expiry with the longest TTL, to weigh it anew, and
+        // to put it back if a purge took the group between the lookup and the lock.
+        self.groups.insert(group.clone(), entry);
+        Ok(())
+    }
+
+    async fn take_group(&self, group: &StoreKey) -> Result<Vec<StoreKey>, BoxError> {
+        Ok(self
+            .groups
+            .remove(group)
+            .map(|entry| lock(&entry).keys.drain().collect())
+            .unwrap_or_default())
     }
 }

@@ -96,6 +96,76 @@ pub trait Store: Clone + Send + Sync + 'static {
         let _ = key;
         std::future::ready(())
     }
+
+    /// Removes the response stored under `key`, if any: the HTTP cache's purges and
+    /// invalidations.
+    ///
+    /// The default is an error that says the store can't: a purge then fails loudly rather
+    /// than leave the entries in place.
+    fn remove(&self, key: &StoreKey) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let _ = key;
+        std::future::ready(Err(cannot_purge()))
+    }
+
+    /// Adds `key` to the group `group` (the HTTP cache's groups are a URI's entries and a
+    /// tag's), kept at least `ttl`, so that [`take_group`](Self::take_group) finds it.
+    ///
+    /// The default keeps nothing.
+    fn add_to_group(
+        &self,
+        group: &StoreKey,
+        key: &StoreKey,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let _ = (group, key, ttl);
+        std::future::ready(Ok(()))
+    }
+
+    /// Empties the group `group` and returns the keys it held (some may have expired).
+    ///
+    /// The default is an error that says the store can't purge.
+    fn take_group(
+        &self,
+        group: &StoreKey,
+    ) -> impl Future<Output = Result<Vec<StoreKey>, BoxError>> + Send {
+        let _ = group;
+        std::future::ready(Err(cannot_purge()))
+    }
+
+    /// Tells every other instance that shares this store that the responses under `keys`
+    /// changed (kept anew, or removed), so that they drop their near copies; see
+    /// [`changes`](Self::changes).
+    ///
+    /// The default tells nobody: a store of one process has no other instance.
+    fn announce(&self, keys: &[StoreKey]) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let _ = keys;
+        std::future::ready(Ok(()))
+    }
+
+    /// The changes other instances [`announce`](Self::announce), as they arrive, for a near
+    /// cache in front of the store to drop its copies; `None` for a store that no other
+    /// instance shares (the default). A store that may lose messages (a connection that
+    /// dropped) sends [`Change::Lost`] once they may have been lost.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        None
+    }
+}
+
+/// A change to a shared store that another instance made, as [`Store::changes`] reports it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Change {
+    /// The responses under these keys were kept anew or removed.
+    Keys(Arc<[StoreKey]>),
+    /// Changes may have been missed (the connection dropped, or was subscribed again):
+    /// whatever was copied from the store may be out of date.
+    Lost,
+}
+
+fn cannot_purge() -> BoxError {
+    "this store can't remove entries or keep groups: purging needs a store that can \
+     (MemoryStore, RedisStore)"
+        .into()
 }
 
 /// The key a response is stored under: a SHA-256 of the caller's scope and the request's
@@ -131,6 +201,27 @@ impl StoreKey {
         scope.encode_key(&mut bytes);
         key.encode_key(&mut bytes);
         StoreKey(Sha256::digest(&bytes).into())
+    }
+
+    /// The key of a group of entries, `kind` (`uri`, `tag`) named `name`: the same in every
+    /// process, and apart from every request's key.
+    pub(crate) fn group(kind: &str, name: &[u8]) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"tower-coalesce group v1\0");
+        hasher.update((kind.len() as u64).to_be_bytes());
+        hasher.update(kind.as_bytes());
+        hasher.update(name);
+        StoreKey(hasher.finalize().into())
+    }
+
+    /// The key of one variant of this key's response: the one that answers requests of
+    /// `fingerprint` (the fingerprint a response that varies is kept under).
+    pub(crate) fn variant(&self, fingerprint: Fingerprint) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"tower-coalesce variant v1\0");
+        hasher.update(self.0);
+        hasher.update(fingerprint.0);
+        StoreKey(hasher.finalize().into())
     }
 
     /// A key from its 32 bytes, as a store that keeps them gives them back (and for tests

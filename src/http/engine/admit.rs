@@ -180,6 +180,36 @@ fn after<B, E>(
     }
 }
 
+/// Serves a request without a key, of a method that is not safe, through a layer with a
+/// stage: the stage sees its answer before the caller does (a cache drops the entries it
+/// changed).
+pub(crate) async fn passed<S, K, I, St, ReqB, ResB>(
+    inner: S,
+    engine: Arc<Engine<K, I, St>>,
+    parts: Parts,
+    body: ReqB,
+) -> Answer<ResB, S::Error>
+where
+    S: InnerService<ReqB, ResB>,
+    St: Store,
+    ReqB: Send + 'static,
+    ResB: SharedBody,
+{
+    let request = Request::from_parts(parts.clone(), Either::Right(body));
+    let response = inner.oneshot(request).await?;
+    if let Some(stage) = &engine.stage {
+        let answer = Answered {
+            status: response.status(),
+            headers: response.headers(),
+            role: None,
+        };
+        if let Some(work) = stage.passed(&engine.store, &parts, answer, &engine.metrics) {
+            work.await;
+        }
+    }
+    Ok(response.map(ResponseBody::inner))
+}
+
 /// A response a stage made, with its body in one piece.
 pub(super) fn from_stage<B>(response: Response<Bytes>) -> Response<ResponseBody<B>> {
     response.map(|body| ResponseBody::buffered(body, None))

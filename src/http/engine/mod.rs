@@ -380,7 +380,7 @@ use self::answer::*;
 use self::join::*;
 use self::run::*;
 
-pub(crate) use self::admit::serve;
+pub(crate) use self::admit::{passed, serve};
 pub(crate) use self::answer::answers;
 #[cfg(feature = "http-cache")]
 pub(crate) use self::run::storable;

@@ -78,6 +78,9 @@ where
 {
     let (config, metrics) = (&engine.config, &engine.metrics);
     let _in_flight = metrics.in_flight();
+    // What a stage keeps is filed under the request's URI (a cache's purges find it so).
+    let target = engine.stage.as_ref().map(|_| req.uri().clone());
+    let target = target.as_ref();
     let flown = match inner.oneshot(req).await {
         Ok(response) => {
             let (parts, body) = response.into_parts();
@@ -94,7 +97,7 @@ where
         }
         Err(error) => {
             if let Some(key) = store_key {
-                keep_ran::<_, _, _, ResB>(&engine, key, lease, None, &asked).await;
+                keep_ran::<_, _, _, ResB>(&engine, key, lease, None, &asked, target).await;
             }
             return Err(Arc::new(error));
         }
@@ -113,7 +116,7 @@ where
     // duplicate, here or on another instance, either waits for this flight or finds the
     // response kept.
     if let Some(key) = store_key {
-        keep_ran(&engine, key, lease, Some((&flown, answers)), &asked).await;
+        keep_ran(&engine, key, lease, Some((&flown, answers)), &asked, target).await;
     }
     Ok(Done::Fresh {
         flown,
@@ -130,8 +133,9 @@ pub(super) async fn keep_ran<K, I, St: Store, B>(
     lease: Option<LeaseGuard>,
     flown: Option<(&Flown<B>, Option<Fingerprint>)>,
     asked: &HeaderMap,
+    target: Option<&http::Uri>,
 ) {
-    let Some(stage) = &engine.stage else {
+    let (Some(stage), Some(target)) = (&engine.stage, target) else {
         return keep(engine, key, lease, flown).await;
     };
     let ran = flown.map(|(flown, answers)| match flown {
@@ -140,9 +144,17 @@ pub(super) async fn keep_ran<K, I, St: Store, B>(
         Flown::TooLarge(_) => Ran::TooLarge,
     });
     let kept = stage.keep(&key, ran, asked);
-    if let Err(error) = store_and_release(engine, key, lease, kept).await {
-        engine.metrics.store_error();
-        tracing::warn!(%error, "keeping a response failed; a retry will run again");
+    match store_and_release(engine, key.clone(), lease, kept.clone()).await {
+        Ok(()) => {
+            if let Some(kept) = &kept {
+                let store = &engine.store;
+                Box::pin(stage.kept(store, &key, kept, target, &engine.metrics)).await;
+            }
+        }
+        Err(error) => {
+            engine.metrics.store_error();
+            tracing::warn!(%error, "keeping a response failed; a retry will run again");
+        }
     }
 }
 

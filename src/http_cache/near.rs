@@ -1,0 +1,178 @@
+//! The near cache: copies of a shared store's fresh entries in this process's memory, so
+//! that a hit costs no round trip, dropped as soon as another instance announces a change
+//! to them (the store's backplane), and never kept past their freshness.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use crate::store::{Change, StoreKey, StoredResponse};
+
+/// The default of [`HttpCacheLayer::near_cache_ttl`](super::HttpCacheLayer::near_cache_ttl):
+/// the longest a copy stays near, however long it is fresh.
+pub const DEFAULT_NEAR_TTL: Duration = Duration::from_secs(60);
+
+/// The near cache's byte limit when only its TTL was set: 16 MiB.
+pub(crate) const DEFAULT_NEAR_BYTES: usize = 16 * 1024 * 1024;
+
+type Entry = (Arc<StoredResponse>, Duration);
+
+pub(crate) struct Near {
+    entries: moka::sync::Cache<StoreKey, Entry>,
+    /// Counts the drops: a copy read from the store before a drop is not kept after it
+    /// (see [`fill`](Self::fill)).
+    epoch: AtomicU64,
+    max_ttl: Duration,
+    /// The store's changes, until the first lookup starts listening to them (on the
+    /// runtime that serves requests).
+    changes: Mutex<Option<broadcast::Receiver<Change>>>,
+}
+
+impl Near {
+    pub(crate) fn new(
+        bytes: usize,
+        max_ttl: Duration,
+        changes: Option<broadcast::Receiver<Change>>,
+    ) -> Arc<Self> {
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(u64::try_from(bytes).unwrap_or(u64::MAX))
+            .weigher(|_key, (response, _): &Entry| {
+                u32::try_from(response.weight()).unwrap_or(u32::MAX)
+            })
+            .expire_after(EntryTtl)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
+        Arc::new(Near {
+            entries,
+            epoch: AtomicU64::new(0),
+            max_ttl,
+            changes: Mutex::new(changes),
+        })
+    }
+
+    /// The copy of `key`'s entry, if there is one.
+    pub(crate) fn get(self: &Arc<Self>, key: &StoreKey) -> Option<Arc<StoredResponse>> {
+        self.listen();
+        self.entries.get(key).map(|(response, _)| response)
+    }
+
+    /// The drop count, to read before a store lookup whose answer may [`fill`](Self::fill).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Keeps a copy of `response`, read from the store when the drop count was `epoch`,
+    /// for `fresh` (its freshness left) at most.
+    ///
+    /// A drop between the read and now means the copy may be older than the change that
+    /// dropped it: it is not kept. Checked after the insert too, so that a drop that
+    /// counts between the check and the insert still removes it (it counts before it
+    /// removes).
+    pub(crate) fn fill(
+        &self,
+        key: &StoreKey,
+        response: Arc<StoredResponse>,
+        fresh: Duration,
+        epoch: u64,
+    ) {
+        let ttl = fresh.min(self.max_ttl);
+        if ttl.is_zero() || self.epoch() != epoch {
+            return;
+        }
+        self.entries.insert(key.clone(), (response, ttl));
+        if self.epoch() != epoch {
+            self.entries.invalidate(key);
+        }
+    }
+
+    /// Drops the copies of `keys`.
+    pub(crate) fn drop_keys(&self, keys: &[StoreKey]) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        for key in keys {
+            self.entries.invalidate(key);
+        }
+    }
+
+    /// Drops every copy.
+    pub(crate) fn clear(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.entries.invalidate_all();
+    }
+
+    /// Starts listening to the store's changes, once: a task that drops the copies other
+    /// instances changed, and every copy when messages may have been lost. It ends with the
+    /// near cache (at the next message) or with the store.
+    fn listen(self: &Arc<Self>) {
+        let Some(mut changes) = self
+            .changes
+            .try_lock()
+            .ok()
+            .and_then(|mut changes| changes.take())
+        else {
+            return;
+        };
+        let near: Weak<Near> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let change = changes.recv().await;
+                let Some(near) = near.upgrade() else { return };
+                match change {
+                    Ok(Change::Keys(keys)) => near.drop_keys(&keys),
+                    Ok(Change::Lost) | Err(RecvError::Lagged(_)) => {
+                        tracing::debug!("cache changes may have been lost; near cache cleared");
+                        near.clear();
+                    }
+                    Err(RecvError::Closed) => {
+                        // The store is gone: nothing will tell of changes any more.
+                        near.clear();
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.entry_count()
+    }
+}
+
+impl std::fmt::Debug for Near {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Near")
+            .field("entries", &self.entries.entry_count())
+            .field("bytes", &self.entries.weighted_size())
+            .field("max_ttl", &self.max_ttl)
+            .finish()
+    }
+}
+
+/// Expires each copy after the TTL it was kept with.
+struct EntryTtl;
+
+impl moka::Expiry<StoreKey, Entry> for EntryTtl {
+    fn expire_after_create(
+        &self,
+        _key: &StoreKey,
+        (_, ttl): &Entry,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(*ttl)
+    }
+
+    // A key kept anew expires by its new TTL (moka's default keeps the old expiry: a
+    // refreshed entry would go when the one it replaced was due).
+    fn expire_after_update(
+        &self,
+        _key: &StoreKey,
+        (_, ttl): &Entry,
+        _now: std::time::Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(*ttl)
+    }
+}
