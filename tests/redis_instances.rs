@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -16,30 +15,12 @@ use futures::future::join_all;
 use support::instances::{
     Answer, Instance, fire, instance, one_run_for_fifty_callers_each, post, routes, sum,
 };
-use support::redis::{Server, free_port, prefix};
+use support::redis::{Server, command_calls, free_port, prefix};
 use support::{Counter, Gate, eventually};
 use tower_coalesce::http::Metrics;
 use tower_coalesce::http::{HttpCoalesceLayer, key};
 use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
 use tower_coalesce::redis::RedisStore;
-
-/// Calls per command since the server started, from `INFO commandstats`.
-async fn command_calls(server: &Server) -> HashMap<String, u64> {
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    info.lines()
-        .filter_map(|line| {
-            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = stats.split(',').find_map(|s| s.strip_prefix("calls="))?;
-            Some((name.to_owned(), calls.parse().ok()?))
-        })
-        .collect()
-}
 
 /// 4 instances x 50 concurrent requests with one key: one run, 200 identical answers (the
 /// 150 of the three instances that waited are replays of the stored response), and Redis

@@ -162,7 +162,7 @@ pub(crate) trait Lookup: Send + Sync {
 
     fn refresh_lease<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<Lease, BoxError>>;
 
-    fn remove<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<(), BoxError>>;
+    fn remove<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<bool, BoxError>>;
 
     fn add_to_group<'a>(
         &'a self,
@@ -200,7 +200,7 @@ impl<St: Store> Lookup for St {
         Box::pin(Store::refresh_lease(self, key))
     }
 
-    fn remove<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<(), BoxError>> {
+    fn remove<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<bool, BoxError>> {
         Box::pin(Store::remove(self, key))
     }
 

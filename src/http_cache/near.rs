@@ -113,6 +113,9 @@ impl Near {
         else {
             return;
         };
+        // What came before the first lookup (the subscription's confirmation) concerns
+        // copies made before it: none.
+        while changes.try_recv().is_ok() {}
         let near: Weak<Near> = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {

@@ -59,8 +59,7 @@ pub struct Purger {
 impl Purger {
     /// Drops the entries kept for `uri` (its path and query, exactly: `/a?x=1` is not `/a`;
     /// a scheme and host, if given, are ignored), for every caller's scope and every
-    /// variant, on every instance. Answers how many entries were dropped (some may have
-    /// expired already).
+    /// variant, on every instance. Answers how many entries the store dropped.
     ///
     /// # Errors
     ///
@@ -115,9 +114,9 @@ async fn purge_group(
     }
     // Announced even if some removals failed: the others' copies of those are as stale.
     let announced = store.announce(&keys).await;
-    removed.into_iter().collect::<Result<(), _>>()?;
+    let removed = removed.into_iter().collect::<Result<Vec<bool>, _>>()?;
     announced?;
-    Ok(keys.len())
+    Ok(removed.into_iter().filter(|&was| was).count())
 }
 
 /// The groups a response kept for the request target `target` is filed under: its path

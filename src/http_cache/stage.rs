@@ -345,7 +345,8 @@ impl CacheStage {
     /// The key is looked at again after waiting for another instance (`waited`), before
     /// the lease, so that the instances that waited don't take the lease one after
     /// another; and once the lease is held, in case the refresh completed between this
-    /// caller's lookup and the lease.
+    /// caller's lookup and the lease (unless the request asked for the origin with
+    /// `no-cache`: then it runs).
     async fn lease(
         &self,
         store: &dyn Lookup,
@@ -364,6 +365,11 @@ impl CacheStage {
             Lease::Held(guard) => guard,
             other => return Ok(other),
         };
+        if Asked::of(asked).revalidate {
+            // The request asked for the origin (`no-cache`): a fresh entry it did not wait
+            // for is no answer to it.
+            return Ok(Lease::Held(guard));
+        }
         match self.fresh_entry(store, key, fingerprint, asked).await {
             Ok(Some(kept)) => {
                 // Released by a task of its own, off this caller's path.

@@ -454,11 +454,11 @@ impl Store for RedisStore {
         self.take(key, false).await
     }
 
-    async fn remove(&self, key: &StoreKey) -> Result<(), BoxError> {
+    async fn remove(&self, key: &StoreKey) -> Result<bool, BoxError> {
         let mut del = redis::cmd("DEL");
         del.arg(self.name("", key));
-        self.timed("DEL", del.exec_async(&mut self.conn.clone()))
-            .await
+        let mut conn = self.conn.clone();
+        Ok(self.timed("DEL", del.query_async::<i64>(&mut conn)).await? == 1)
     }
 
     async fn add_to_group(

@@ -163,9 +163,8 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn remove(&self, key: &StoreKey) -> Result<(), BoxError> {
-        self.cache.invalidate(key).await;
-        Ok(())
+    async fn remove(&self, key: &StoreKey) -> Result<bool, BoxError> {
+        Ok(self.cache.remove(key).await.is_some())
     }
 
     async fn add_to_group(

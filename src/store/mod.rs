@@ -97,12 +97,12 @@ pub trait Store: Clone + Send + Sync + 'static {
         std::future::ready(())
     }
 
-    /// Removes the response stored under `key`, if any: the HTTP cache's purges and
-    /// invalidations.
+    /// Removes the response stored under `key`, and answers whether there was one: the
+    /// HTTP cache's purges and invalidations.
     ///
     /// The default is an error that says the store can't: a purge then fails loudly rather
     /// than leave the entries in place.
-    fn remove(&self, key: &StoreKey) -> impl Future<Output = Result<(), BoxError>> + Send {
+    fn remove(&self, key: &StoreKey) -> impl Future<Output = Result<bool, BoxError>> + Send {
         let _ = key;
         std::future::ready(Err(cannot_purge()))
     }

@@ -1,6 +1,7 @@
 //! Redis for the tests: the shared server from `REDIS_URL` (`.ci/run` starts one), servers of
 //! a test's own (to stop and restart them), and a fresh key prefix per test.
 
+use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -260,4 +261,22 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Calls per command since the server started, from `INFO commandstats`.
+pub async fn command_calls(server: &Server) -> HashMap<String, u64> {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|s| s.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .collect()
 }

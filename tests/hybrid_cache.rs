@@ -1,0 +1,256 @@
+//! The cache across instances with a near cache in front of Redis (a real `redis-server`
+//! of each test's own): after each instance's first read a hit costs Redis nothing; a
+//! refresh, a purge, a tag purge or a `POST` on one instance reaches the other within
+//! 50 ms; a dropped connection clears the near copies, so that nothing missed meanwhile is
+//! served.
+#![cfg(all(feature = "redis", feature = "http-cache"))]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::Path;
+use axum::http::StatusCode;
+use axum::routing::get;
+use support::redis::{Server, command_calls, free_port, prefix};
+use support::{Counter, serve};
+use tower_coalesce::http_cache::{HttpCacheLayer, Purger};
+use tower_coalesce::redis::RedisStore;
+
+/// `GET /r/{id}`: `{id} v{version}`, fresh for 300 s, tagged `reports`; `POST /r/{id}`
+/// changes the data. Runs are counted.
+fn app(version: &Counter, runs: &Counter) -> Router {
+    let (v, r) = (version.clone(), runs.clone());
+    let read = move |Path(id): Path<String>| {
+        let (version, runs) = (v.clone(), r.clone());
+        async move {
+            runs.incr();
+            (
+                [
+                    ("cache-control", "max-age=300"),
+                    ("surrogate-key", "reports"),
+                ],
+                format!("{id} v{}", version.get()),
+            )
+        }
+    };
+    let v = version.clone();
+    let write = move || {
+        let version = v.clone();
+        async move {
+            version.incr();
+            StatusCode::NO_CONTENT
+        }
+    };
+    Router::new().route("/r/{id}", get(read).post(write))
+}
+
+struct Instance {
+    base: String,
+    purger: Purger,
+}
+
+async fn instance(store: RedisStore, app: Router) -> Instance {
+    let cache = HttpCacheLayer::new()
+        .unscoped()
+        .store(store)
+        .near_cache(1 << 20);
+    let purger = cache.purger();
+    let addr: SocketAddr = serve(app.layer(cache)).await;
+    Instance {
+        base: format!("http://{addr}"),
+        purger,
+    }
+}
+
+impl Instance {
+    async fn get(&self, path: &str) -> String {
+        self.send(reqwest::Client::new().get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// A `GET` that skips the kept entry and keeps the new response: a refresh.
+    async fn refresh(&self, path: &str) -> String {
+        let request = reqwest::Client::new()
+            .get(format!("{}{path}", self.base))
+            .header("cache-control", "no-cache");
+        self.send(request).await
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> String {
+        let res = request.send().await.unwrap();
+        assert!(res.status().is_success(), "{}", res.status());
+        res.text().await.unwrap()
+    }
+}
+
+/// Two instances on a Redis of the test's own (to count its commands, to kill its
+/// connections), each with its own connection and near cache.
+async fn two_instances(version: &Counter, runs: &Counter) -> Option<(Server, Instance, Instance)> {
+    let server = Server::start(free_port())?;
+    let prefix = prefix();
+    let a = instance(
+        server.connect().await.with_prefix(prefix.as_str()),
+        app(version, runs),
+    )
+    .await;
+    let b = instance(
+        server.connect().await.with_prefix(prefix.as_str()),
+        app(version, runs),
+    )
+    .await;
+    // Each connection confirms its subscription to the changes before the test starts.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Some((server, a, b))
+}
+
+/// The commands Redis ran, but the `INFO` that counts them.
+async fn commands(server: &Server) -> u64 {
+    command_calls(server)
+        .await
+        .into_iter()
+        .filter(|(name, _)| name != "info")
+        .map(|(_, calls)| calls)
+        .sum()
+}
+
+/// Asks `instance` for `path` until it answers `expected`, for at most `within`; answers
+/// how long that took.
+async fn answers_within(
+    instance: &Instance,
+    path: &str,
+    expected: &str,
+    within: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let body = instance.get(path).await;
+        if body == expected {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "still {body:?} instead of {expected:?} after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
+async fn after_the_first_read_a_hit_on_either_instance_costs_redis_nothing() {
+    let (version, runs) = (Counter::default(), Counter::default());
+    let Some((server, a, b)) = two_instances(&version, &runs).await else {
+        return;
+    };
+    assert_eq!(a.get("/r/1").await, "1 v0");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let before_b = commands(&server).await;
+    assert_eq!(b.get("/r/1").await, "1 v0");
+    let b_first = commands(&server).await - before_b;
+    let before = commands(&server).await;
+    for _ in 0..50 {
+        assert_eq!(a.get("/r/1").await, "1 v0");
+        assert_eq!(b.get("/r/1").await, "1 v0");
+    }
+    assert_eq!(commands(&server).await - before, 0, "100 hits, 0 commands");
+    assert_eq!(b_first, 1, "B's first hit: one GET");
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
+async fn a_refresh_a_purge_a_tag_purge_and_a_post_reach_the_other_instance_within_50_ms() {
+    let (version, runs) = (Counter::default(), Counter::default());
+    let Some((_server, a, b)) = two_instances(&version, &runs).await else {
+        return;
+    };
+    let within = Duration::from_millis(50);
+    for path in ["/r/1", "/r/2", "/r/3"] {
+        a.get(path).await;
+        b.get(path).await;
+    }
+    assert_eq!(runs.get(), 3);
+
+    // A refreshes: B's near copy goes, and B reads A's new entry (no run of its own).
+    version.incr();
+    assert_eq!(a.refresh("/r/1").await, "1 v1");
+    let took = answers_within(&b, "/r/1", "1 v1", within).await;
+    assert_eq!(runs.get(), 4, "B read the refreshed entry: it ran nothing");
+    eprintln!("refresh reached the other instance in {took:?}");
+
+    // A purges a URI: B's next request is a miss.
+    version.incr();
+    assert_eq!(a.purger.purge("/r/1").await.unwrap(), 1);
+    answers_within(&b, "/r/1", "1 v2", within).await;
+    assert_eq!(a.get("/r/1").await, "1 v2", "A reads what B kept");
+
+    // A purges a tag: every tagged entry, on both.
+    version.incr();
+    assert_eq!(a.purger.purge_tag("reports").await.unwrap(), 3);
+    for path in ["/r/2", "/r/3", "/r/1"] {
+        let id = &path[3..];
+        answers_within(&b, path, &format!("{id} v3"), within).await;
+        assert_eq!(a.get(path).await, format!("{id} v3"));
+    }
+
+    // A `POST` through B drops the URI on A too.
+    let res = reqwest::Client::new()
+        .post(format!("{}/r/2", b.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    answers_within(&a, "/r/2", "2 v4", within).await;
+    assert_eq!(b.get("/r/3").await, "3 v3", "another URI stays");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
+async fn a_dropped_connection_clears_the_near_cache_so_nothing_missed_is_served() {
+    let (version, runs) = (Counter::default(), Counter::default());
+    let Some((server, a, b)) = two_instances(&version, &runs).await else {
+        return;
+    };
+    a.get("/r/1").await;
+    assert_eq!(b.get("/r/1").await, "1 v0");
+    let before = commands(&server).await;
+    assert_eq!(b.get("/r/1").await, "1 v0");
+    assert_eq!(commands(&server).await, before, "a near hit");
+
+    // Every connection of both instances drops; A refreshes while B may still be away.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for kind in ["pubsub", "normal"] {
+        let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg(kind)
+            .query_async(&mut conn)
+            .await;
+    }
+    version.incr();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.refresh("/r/1").await != "1 v1" {
+        assert!(Instant::now() < deadline, "A never refreshed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Whether or not B got A's message, its copy is gone: it reads Redis again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = commands(&server).await;
+        let body = b.get("/r/1").await;
+        if commands(&server).await > before {
+            assert_eq!(body, "1 v1");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B kept serving its near copy ({body})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(b.get("/r/1").await, "1 v1");
+}
