@@ -221,16 +221,7 @@ async fn a_dropped_connection_clears_the_near_cache_so_nothing_missed_is_served(
     assert_eq!(commands(&server).await, before, "a near hit");
 
     // Every connection of both instances drops; A refreshes while B may still be away.
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    for kind in ["pubsub", "normal"] {
-        let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg(kind)
-            .query_async(&mut conn)
-            .await;
-    }
+    kill_connections(&server).await;
     version.incr();
     let deadline = Instant::now() + Duration::from_secs(5);
     while a.refresh("/r/1").await != "1 v1" {
@@ -253,4 +244,35 @@ async fn a_dropped_connection_clears_the_near_cache_so_nothing_missed_is_served(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(b.get("/r/1").await, "1 v1");
+}
+
+/// The store reports a dropped connection as changes lost, and again once it is
+/// subscribed anew: the near cache then drops every copy (its own tests show it does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
+async fn a_dropped_connection_is_reported_as_changes_lost() {
+    use tower_coalesce::store::{Change, Store};
+    let Some(server) = Server::start(free_port()) else {
+        return;
+    };
+    let store = server.connect().await.with_prefix(prefix().as_str());
+    let mut changes = store.changes().expect("a shared store has changes");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while changes.try_recv().is_ok() {}
+    kill_connections(&server).await;
+    let next = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
+    assert!(matches!(next, Ok(Ok(Change::Lost))), "{next:?}");
+}
+
+async fn kill_connections(server: &Server) {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for kind in ["pubsub", "normal"] {
+        let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg(kind)
+            .query_async(&mut conn)
+            .await;
+    }
 }

@@ -179,3 +179,65 @@ impl moka::Expiry<StoreKey, Entry> for EntryTtl {
         Some(*ttl)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode, Version};
+
+    use super::*;
+    use crate::store::Fingerprint;
+
+    fn response() -> Arc<StoredResponse> {
+        Arc::new(StoredResponse::new(
+            StatusCode::OK,
+            Version::HTTP_11,
+            HeaderMap::new(),
+            Bytes::from_static(b"kept"),
+            Fingerprint::from_bytes([0; 32]),
+        ))
+    }
+
+    async fn settles(near: &Near, len: u64) {
+        for _ in 0..1000 {
+            if near.len() == len {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("the near cache holds {} copies, not {len}", near.len());
+    }
+
+    #[tokio::test]
+    async fn changes_drop_their_copies_and_a_loss_drops_every_copy() {
+        let (sender, changes) = broadcast::channel(16);
+        let near = Near::new(1 << 20, Duration::from_secs(60), Some(changes));
+        let keys: Vec<StoreKey> = (0..3).map(|n| StoreKey::from_bytes([n; 32])).collect();
+        assert!(near.get(&keys[0]).is_none(), "starts listening");
+        for key in &keys {
+            near.fill(key, response(), Duration::from_secs(30), near.epoch());
+        }
+        assert_eq!(near.len(), 3);
+        sender.send(Change::Keys(keys[..1].into())).unwrap();
+        settles(&near, 2).await;
+        assert!(near.get(&keys[1]).is_some());
+        sender.send(Change::Lost).unwrap();
+        settles(&near, 0).await;
+    }
+
+    #[test]
+    fn a_copy_read_before_a_drop_is_not_kept_and_none_outlives_its_freshness() {
+        let near = Near::new(1 << 20, Duration::from_millis(50), None);
+        let key = StoreKey::from_bytes([1; 32]);
+        let read_at = near.epoch();
+        near.drop_keys(std::slice::from_ref(&key));
+        near.fill(&key, response(), Duration::from_secs(30), read_at);
+        assert!(near.get(&key).is_none(), "read before the drop");
+        near.fill(&key, response(), Duration::ZERO, near.epoch());
+        assert!(near.get(&key).is_none(), "no freshness left");
+        near.fill(&key, response(), Duration::from_secs(30), near.epoch());
+        assert!(near.get(&key).is_some());
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(near.get(&key).is_none(), "past the near cache's own TTL");
+    }
+}

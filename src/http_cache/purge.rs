@@ -66,7 +66,9 @@ impl Purger {
     /// If `uri` is not a URI, or the store failed (or can't purge); entries whose removal
     /// failed stay until they expire.
     pub async fn purge(&self, uri: &str) -> Result<usize, BoxError> {
-        let uri: Uri = uri.parse().map_err(|e| format!("can't purge {uri:?}: {e}"))?;
+        let uri: Uri = uri
+            .parse()
+            .map_err(|e| format!("can't purge {uri:?}: {e}"))?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         purge_uri(&self.stage, &*self.store, path).await
     }

@@ -488,7 +488,8 @@ impl CacheStage {
                 Ok(())
             }
         };
-        let (filed, announced) = futures::future::join(futures::future::join_all(filed), announced).await;
+        let (filed, announced) =
+            futures::future::join(futures::future::join_all(filed), announced).await;
         for error in filed.into_iter().chain([announced]).filter_map(Result::err) {
             metrics.store_error();
             tracing::warn!(%error, "filing a kept response for purges failed");

@@ -85,15 +85,13 @@ use redis::cluster::ClusterClientBuilder;
 use redis::{ConnectionInfo, IntoConnectionInfo, ProtocolVersion, RedisError, Value};
 
 use self::connection::Connection;
-use self::lease::{
-    GROUP_ADD, GROUP_TAKE, LEASE, RENEW, STORE_AND_RELEASE, Waiters, push_sender,
-};
+use self::lease::{GROUP_ADD, GROUP_TAKE, LEASE, RENEW, STORE_AND_RELEASE, Waiters, push_sender};
 use crate::BoxError;
 use crate::shared_store::backplane::Backplane;
 use crate::shared_store::codec;
 use crate::shared_store::release::renew_every_third;
-use crate::store::{Lease, LeaseGuard};
 use crate::store::{Change, Store, StoreKey, StoredResponse};
+use crate::store::{Lease, LeaseGuard};
 
 /// The default timeout of every Redis command, and of connecting.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);

@@ -60,7 +60,11 @@ impl Backplane {
     /// A message arrived on `channel`: if it is the backplane's, and another instance's,
     /// the keys it names changed. A message that is not whole is taken for a loss.
     pub(crate) fn received(&self, channel: &[u8], message: &[u8]) {
-        if self.channel.get().is_none_or(|own| own.as_bytes() != channel) {
+        if self
+            .channel
+            .get()
+            .is_none_or(|own| own.as_bytes() != channel)
+        {
             return;
         }
         let Some((id, keys)) = message.split_first_chunk::<8>() else {
@@ -83,7 +87,11 @@ impl Backplane {
     /// The subscription on `channel` was (re)confirmed: messages sent before may have been
     /// missed.
     pub(crate) fn subscribed(&self, channel: &[u8]) {
-        if self.channel.get().is_some_and(|own| own.as_bytes() == channel) {
+        if self
+            .channel
+            .get()
+            .is_some_and(|own| own.as_bytes() == channel)
+        {
             self.lost();
         }
     }
