@@ -205,6 +205,7 @@ impl StoreKey {
 
     /// The key of a group of entries, `kind` (`uri`, `tag`) named `name`: the same in every
     /// process, and apart from every request's key.
+    #[cfg(feature = "http-cache")]
     pub(crate) fn group(kind: &str, name: &[u8]) -> Self {
         let mut hasher = Sha256::new();
         hasher.update(b"tower-coalesce group v1\0");
@@ -216,6 +217,7 @@ impl StoreKey {
 
     /// The key of one variant of this key's response: the one that answers requests of
     /// `fingerprint` (the fingerprint a response that varies is kept under).
+    #[cfg(feature = "http-cache")]
     pub(crate) fn variant(&self, fingerprint: Fingerprint) -> Self {
         let mut hasher = Sha256::new();
         hasher.update(b"tower-coalesce variant v1\0");
