@@ -276,3 +276,43 @@ async fn kill_connections(server: &Server) {
             .await;
     }
 }
+
+/// On a Redis Cluster the backplane is a sharded channel (`SSUBSCRIBE`/`SPUBLISH`), and a
+/// tag's entries are on several masters: a refresh and a tag purge still reach the other
+/// instance within 50 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Redis Cluster (.ci/run starts one)"]
+async fn on_a_cluster_a_refresh_and_a_tag_purge_reach_the_other_instance_within_50_ms() {
+    let Some(urls) = support::redis::cluster_urls() else {
+        return;
+    };
+    let (version, runs) = (Counter::default(), Counter::default());
+    let prefix = prefix();
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let store = support::redis::connect_cluster(&urls, Duration::from_secs(1))
+            .await
+            .with_prefix(prefix.as_str());
+        instances.push(instance(store, app(&version, &runs)).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (a, b) = (&instances[0], &instances[1]);
+    let within = Duration::from_millis(50);
+    let paths: Vec<String> = (0..12).map(|n| format!("/r/{n}")).collect();
+    for path in &paths {
+        a.get(path).await;
+        b.get(path).await;
+    }
+    assert_eq!(runs.get(), 12);
+
+    version.incr();
+    assert_eq!(a.refresh("/r/0").await, "0 v1");
+    answers_within(b, "/r/0", "0 v1", within).await;
+
+    version.incr();
+    assert_eq!(a.purger.purge_tag("reports").await.unwrap(), 12);
+    for (n, path) in paths.iter().enumerate() {
+        answers_within(b, path, &format!("{n} v2"), within).await;
+        assert_eq!(a.get(path).await, format!("{n} v2"));
+    }
+}
