@@ -2,8 +2,11 @@
 //! `REDIS_URL` (skipped without it). In process, without sockets, so that the difference is
 //! the store's alone.
 //!
-//! - `hit`: one GET of a kept entry: a moka lookup, or one Redis `GET` and the decoding of
-//!   the stored response.
+//! - `hit`: one GET of a kept entry: a moka lookup (`memory`), one Redis `GET` and the
+//!   decoding of the stored response (`redis`), or the near cache's copy in front of Redis
+//!   (`hybrid`); beside `tower-http-cache` 0.6 on Redis and on its multi-tier backend
+//!   (moka in front of Redis, promoted after 3 hits, with no invalidation across
+//!   instances), on the same response.
 //! - `four_instances_miss`: 4 instances (a layer and a connection each) x 25 concurrent
 //!   GETs of a new path per round, a handler of 1 ms: in memory each instance runs the
 //!   miss once (4 runs), on Redis one instance runs it for all (1 run); the runs per round
@@ -32,6 +35,23 @@ use tower_coalesce::store::{MemoryStore, Store};
 type Svc = BoxCloneSyncService<Request<Full<Bytes>>, Bytes, Infallible>;
 
 fn instance<St: Store>(store: St, runs: Arc<AtomicU64>, delay: Duration) -> Svc {
+    layered(HttpCacheLayer::new().unscoped().store(store), runs, delay)
+}
+
+/// An instance with a near cache of 16 MiB in front of `store`.
+fn hybrid<St: Store>(store: St, runs: Arc<AtomicU64>) -> Svc {
+    let cache = HttpCacheLayer::new()
+        .unscoped()
+        .store(store)
+        .near_cache(16 << 20);
+    layered(cache, runs, Duration::ZERO)
+}
+
+fn layered<St: Store>(
+    cache: HttpCacheLayer<tower_coalesce::http::scope::Unscoped, St>,
+    runs: Arc<AtomicU64>,
+    delay: Duration,
+) -> Svc {
     let handler = service_fn(move |_: Request<Either<Full<Bytes>, Full<Bytes>>>| {
         runs.fetch_add(1, Ordering::Relaxed);
         async move {
@@ -46,14 +66,13 @@ fn instance<St: Store>(store: St, runs: Arc<AtomicU64>, delay: Duration) -> Svc 
             Ok::<_, Infallible>(response)
         }
     });
-    let svc = HttpCacheLayer::new()
-        .unscoped()
-        .store(store)
-        .layer(handler)
-        .and_then(|response: Response<ResponseBody<Full<Bytes>>>| async move {
-            assert!(response.status().is_success(), "{}", response.status());
-            Ok(response.into_body().collect().await.unwrap().to_bytes())
-        });
+    let svc =
+        cache
+            .layer(handler)
+            .and_then(|response: Response<ResponseBody<Full<Bytes>>>| async move {
+                assert!(response.status().is_success(), "{}", response.status());
+                Ok(response.into_body().collect().await.unwrap().to_bytes())
+            });
     BoxCloneSyncService::new(svc)
 }
 
@@ -67,6 +86,53 @@ async fn redis(url: &str, prefix: &str) -> RedisStore {
         .unwrap()
         .with_prefix(prefix)
         .with_poll_interval(Duration::from_millis(100))
+}
+
+/// `tower-http-cache` on the same Redis: its Redis backend, and its multi-tier backend
+/// (moka, then Redis).
+async fn peers(url: &str) -> (Svc, Svc) {
+    use tower_http_cache::backend::multi_tier::MultiTierBackend;
+    use tower_http_cache::backend::redis::RedisBackend;
+    use tower_http_cache::prelude::{CacheLayer, InMemoryBackend};
+
+    let client = redis::Client::open(url).unwrap();
+    let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let namespace = format!("tower-http-cache-bench:{}", std::process::id());
+    let backend = || RedisBackend::new(conn.clone()).with_namespace(namespace.clone());
+    let handler = || {
+        service_fn(|_: Request<Full<Bytes>>| async {
+            let body = Full::new(Bytes::from_static(b"{\"report\":7,\"total\":997000}"));
+            let response = Response::builder()
+                .header("cache-control", "max-age=3600")
+                .body(body)
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        })
+    };
+    let redis_only = CacheLayer::builder(backend())
+        .ttl(Duration::from_secs(3600))
+        .respect_cache_control(true)
+        .build()
+        .layer(handler());
+    let tiers = MultiTierBackend::new(InMemoryBackend::new(100_000), backend());
+    let multi_tier = CacheLayer::builder(tiers)
+        .ttl(Duration::from_secs(3600))
+        .respect_cache_control(true)
+        .build()
+        .layer(handler());
+    (
+        BoxCloneSyncService::new(redis_only.map_err(|e| panic!("{e}")).and_then(collect)),
+        BoxCloneSyncService::new(multi_tier.map_err(|e| panic!("{e}")).and_then(collect)),
+    )
+}
+
+async fn collect<B>(response: Response<B>) -> Result<Bytes, Infallible>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    assert!(response.status().is_success(), "{}", response.status());
+    Ok(response.into_body().collect().await.unwrap().to_bytes())
 }
 
 fn benches(c: &mut Criterion) {
@@ -85,8 +151,19 @@ fn benches(c: &mut Criterion) {
         runs.clone(),
         Duration::ZERO,
     );
-    for (name, svc) in [("memory", &memory), ("redis", &shared)] {
-        rt.block_on(svc.clone().oneshot(get("/r/hit"))).unwrap();
+    let near = hybrid(rt.block_on(redis(&url, &prefix)), runs.clone());
+    let (peer_redis, peer_tiers) = rt.block_on(peers(&url));
+    for (name, svc) in [
+        ("memory", &memory),
+        ("redis", &shared),
+        ("hybrid", &near),
+        ("tower_http_cache_redis", &peer_redis),
+        ("tower_http_cache_multi_tier", &peer_tiers),
+    ] {
+        // The miss, then enough hits for the multi-tier backend to promote the entry.
+        for _ in 0..4 {
+            rt.block_on(svc.clone().oneshot(get("/r/hit"))).unwrap();
+        }
         group.bench_function(name, |b| {
             b.to_async(&rt)
                 .iter(|| async { svc.clone().oneshot(get("/r/hit")).await.unwrap() })

@@ -59,10 +59,16 @@ async fn instance(store: RedisStore, app: Router) -> Instance {
         .near_cache(1 << 20);
     let purger = cache.purger();
     let addr: SocketAddr = serve(app.layer(cache)).await;
-    Instance {
+    let instance = Instance {
         base: format!("http://{addr}"),
         purger,
-    }
+    };
+    // The first lookup subscribes the near cache to the changes (a 404, kept nowhere).
+    let res = reqwest::get(format!("{}/warm-up", instance.base))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    instance
 }
 
 impl Instance {
@@ -101,7 +107,7 @@ async fn two_instances(version: &Counter, runs: &Counter) -> Option<(Server, Ins
         app(version, runs),
     )
     .await;
-    // Each connection confirms its subscription to the changes before the test starts.
+    // Each confirms its subscription to the changes before the test starts.
     tokio::time::sleep(Duration::from_millis(100)).await;
     Some((server, a, b))
 }

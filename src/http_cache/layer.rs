@@ -241,7 +241,8 @@ impl<I, St: Store> HttpCacheLayer<I, St> {
     /// [`near_cache_ttl`](Self::near_cache_ttl) (60 s by default); stale entries are
     /// always read from the store.
     ///
-    /// Off by default. Call it within the Tokio runtime that serves the requests.
+    /// Off by default. The near cache subscribes to the store's changes on its first
+    /// lookup, and drops whatever it copied before the store confirms the subscription.
     pub fn near_cache(mut self, bytes: usize) -> Self {
         let ttl = self.near.map_or(DEFAULT_NEAR_TTL, |(_, ttl)| ttl);
         self.near = Some((bytes, ttl));
@@ -271,9 +272,10 @@ impl<I, St: Store> HttpCacheLayer<I, St> {
 
     /// Makes the near cache anew (for the current store) if there is one.
     fn with_near(mut self) -> Self {
-        self.near_cache = self
-            .near
-            .map(|(bytes, ttl)| Near::new(bytes, ttl, self.engine.store.changes()));
+        self.near_cache = self.near.map(|(bytes, ttl)| {
+            let store = self.engine.store.clone();
+            Near::new(bytes, ttl, Some(Box::new(move || store.changes())))
+        });
         self.with_rules()
     }
 }

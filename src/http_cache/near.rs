@@ -25,17 +25,16 @@ pub(crate) struct Near {
     /// (see [`fill`](Self::fill)).
     epoch: AtomicU64,
     max_ttl: Duration,
-    /// The store's changes, until the first lookup starts listening to them (on the
-    /// runtime that serves requests).
-    changes: Mutex<Option<broadcast::Receiver<Change>>>,
+    /// Subscribes to the store's changes: called by the first lookup, on the runtime that
+    /// serves requests (a layer may be built outside of one).
+    changes: Mutex<Option<Subscribe>>,
 }
 
+/// Subscribes to a store's changes ([`Store::changes`](crate::store::Store::changes)).
+pub(crate) type Subscribe = Box<dyn FnOnce() -> Option<broadcast::Receiver<Change>> + Send>;
+
 impl Near {
-    pub(crate) fn new(
-        bytes: usize,
-        max_ttl: Duration,
-        changes: Option<broadcast::Receiver<Change>>,
-    ) -> Arc<Self> {
+    pub(crate) fn new(bytes: usize, max_ttl: Duration, changes: Option<Subscribe>) -> Arc<Self> {
         let entries = moka::sync::Cache::builder()
             .max_capacity(u64::try_from(bytes).unwrap_or(u64::MAX))
             .weigher(|_key, (response, _): &Entry| {
@@ -104,8 +103,11 @@ impl Near {
     /// Starts listening to the store's changes, once: a task that drops the copies other
     /// instances changed, and every copy when messages may have been lost. It ends with the
     /// near cache (at the next message) or with the store.
+    ///
+    /// Copies made before the subscription is confirmed may miss changes: the store's
+    /// confirmation comes as a [`Change::Lost`], which drops them.
     fn listen(self: &Arc<Self>) {
-        let Some(mut changes) = self
+        let Some(subscribe) = self
             .changes
             .try_lock()
             .ok()
@@ -113,9 +115,9 @@ impl Near {
         else {
             return;
         };
-        // What came before the first lookup (the subscription's confirmation) concerns
-        // copies made before it: none.
-        while changes.try_recv().is_ok() {}
+        let Some(mut changes) = subscribe() else {
+            return;
+        };
         let near: Weak<Near> = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -211,7 +213,11 @@ mod tests {
     #[tokio::test]
     async fn changes_drop_their_copies_and_a_loss_drops_every_copy() {
         let (sender, changes) = broadcast::channel(16);
-        let near = Near::new(1 << 20, Duration::from_secs(60), Some(changes));
+        let near = Near::new(
+            1 << 20,
+            Duration::from_secs(60),
+            Some(Box::new(|| Some(changes))),
+        );
         let keys: Vec<StoreKey> = (0..3).map(|n| StoreKey::from_bytes([n; 32])).collect();
         assert!(near.get(&keys[0]).is_none(), "starts listening");
         for key in &keys {

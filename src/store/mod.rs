@@ -145,7 +145,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// The changes other instances [`announce`](Self::announce), as they arrive, for a near
     /// cache in front of the store to drop its copies; `None` for a store that no other
     /// instance shares (the default). A store that may lose messages (a connection that
-    /// dropped) sends [`Change::Lost`] once they may have been lost.
+    /// dropped) sends [`Change::Lost`] once they may have been lost, and once it confirms
+    /// the subscription (messages sent before it were missed).
+    ///
+    /// Called within a Tokio runtime: a store may spawn its subscription.
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
         None
     }
