@@ -114,7 +114,9 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Keys, under a prefix (`tower-coalesce:idempotency:` by default) and the hex store key
 /// `k` in braces (a cluster's hash tag): the response at `prefix + "{k}"`, the lease at
 /// `prefix + "lease:{k}"`, the fencing-token counter at `prefix + "fence:{k}"`, and the
-/// release channel `prefix + "released:{k}"`.
+/// release channel `prefix + "released:{k}"`. For the HTTP cache's purges, the keys of a
+/// URI's or a tag's entries are a set at `prefix + "group:{g}"`, and the changes that keep
+/// the instances' near caches in sync go on the channel `prefix + "changes"`.
 ///
 /// Clones share the connection.
 #[derive(Clone)]

@@ -45,6 +45,12 @@ pub use self::memory::{DEFAULT_MEMORY_LIMIT, MemoryStore};
 /// [`NoStore`] and `MemoryStore` (feature `idempotency`) are stores of one process, and keep
 /// the defaults of `lease`, `refresh_lease` and `released`; [`RedisStore`](crate::redis)
 /// overrides them.
+///
+/// The HTTP cache also removes entries and files them in groups, for its purges
+/// ([`remove`](Self::remove), [`add_to_group`](Self::add_to_group),
+/// [`take_group`](Self::take_group): `MemoryStore` and `RedisStore` have them; by default a
+/// purge is an error), and its near cache listens to the changes other instances
+/// [`announce`](Self::announce) ([`changes`](Self::changes): `RedisStore`'s pub/sub).
 pub trait Store: Clone + Send + Sync + 'static {
     /// Returns the response stored under `key`, if any and not expired.
     fn get(
