@@ -1,8 +1,8 @@
 //! The cache across instances with a near cache in front of Redis (a real `redis-server`
-//! of each test's own): after each instance's first read a hit costs Redis nothing; a
-//! refresh, a purge, a tag purge or a `POST` on one instance reaches the other within
-//! 50 ms; a dropped connection clears the near copies, so that nothing missed meanwhile is
-//! served.
+//! of each test's own), a Redis Cluster, and PostgreSQL: after each instance's first read
+//! a hit costs Redis nothing; a refresh, a purge, a tag purge or a `POST` on one instance
+//! reaches the other within 50 ms; a dropped connection clears the near copies, so that
+//! nothing missed meanwhile is served.
 #![cfg(all(feature = "redis", feature = "http-cache"))]
 
 mod support;
@@ -17,7 +17,7 @@ use axum::routing::get;
 use support::redis::{Server, command_calls, free_port, prefix};
 use support::{Counter, serve};
 use tower_coalesce::http_cache::{HttpCacheLayer, Purger};
-use tower_coalesce::redis::RedisStore;
+use tower_coalesce::store::Store;
 
 /// `GET /r/{id}`: `{id} v{version}`, fresh for 300 s, tagged `reports`; `POST /r/{id}`
 /// changes the data. Runs are counted.
@@ -52,7 +52,7 @@ struct Instance {
     purger: Purger,
 }
 
-async fn instance(store: RedisStore, app: Router) -> Instance {
+async fn instance<St: Store>(store: St, app: Router) -> Instance {
     let cache = HttpCacheLayer::new()
         .unscoped()
         .store(store)
@@ -321,4 +321,66 @@ async fn on_a_cluster_a_refresh_and_a_tag_purge_reach_the_other_instance_within_
         answers_within(b, path, &format!("{n} v2"), within).await;
         assert_eq!(a.get(path).await, format!("{n} v2"));
     }
+}
+
+/// On PostgreSQL the backplane is `LISTEN`/`NOTIFY` and the groups a table beside the
+/// store's: a refresh, a tag purge and a `POST` reach the other instance within 50 ms, and
+/// a dropped listening connection is reported as changes lost.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (.ci/run starts one)"]
+async fn on_postgres_a_refresh_a_tag_purge_and_a_post_reach_the_other_instance_within_50_ms() {
+    use tower_coalesce::store::Change;
+    let Some(url) = support::postgres::database_url() else {
+        return;
+    };
+    let (pool, table) = (
+        support::postgres::pool(&url).await,
+        support::postgres::table(),
+    );
+    let (version, runs) = (Counter::default(), Counter::default());
+    let mut stores = Vec::new();
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let poll = Duration::from_millis(200);
+        let store = support::postgres::store(&pool, &table, Duration::from_secs(5), poll).await;
+        stores.push(store.clone());
+        instances.push(instance(store, app(&version, &runs)).await);
+    }
+    let (a, b) = (&instances[0], &instances[1]);
+    let within = Duration::from_millis(50);
+    for path in ["/r/1", "/r/2"] {
+        a.get(path).await;
+        b.get(path).await;
+    }
+    assert_eq!(runs.get(), 2);
+
+    version.incr();
+    assert_eq!(a.refresh("/r/1").await, "1 v1");
+    answers_within(b, "/r/1", "1 v1", within).await;
+
+    version.incr();
+    assert_eq!(a.purger.purge_tag("reports").await.unwrap(), 2);
+    answers_within(b, "/r/2", "2 v2", within).await;
+    assert_eq!(a.get("/r/2").await, "2 v2");
+
+    let res = reqwest::Client::new()
+        .post(format!("{}/r/1", b.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    answers_within(a, "/r/1", "1 v3", within).await;
+
+    // The listening connections go: each store listens anew and reports the loss.
+    let mut changes = stores[1].changes().unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), changes.recv()).await;
+    assert!(matches!(next, Ok(Ok(Change::Lost))), "{next:?}");
 }

@@ -102,8 +102,8 @@
 //!   entries (`stale-while-revalidate`, `stale-if-error`) are always read from the store;
 //! - an instance that keeps, refreshes or purges an entry announces its key on the
 //!   store's backplane (Redis pub/sub on one channel, `prefix + "changes"`; sharded pub/sub
-//!   on a cluster), and every other instance drops its copy when the message arrives (a
-//!   few milliseconds; 3 ms on loopback in the tests);
+//!   on a cluster; PostgreSQL `NOTIFY`), and every other instance drops its copy when the
+//!   message arrives (a few milliseconds; 3 ms on loopback in the tests);
 //! - a copy read from the store while a drop was on its way is not kept;
 //! - when the connection drops (and once it is subscribed again), messages may have been
 //!   lost: every copy is dropped.

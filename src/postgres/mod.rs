@@ -59,7 +59,19 @@
 //! );
 //! CREATE INDEX IF NOT EXISTS tower_coalesce_store_dead_after
 //!     ON tower_coalesce_store (dead_after);
+//! -- The HTTP cache's groups (a URI's entries, a tag's), for its purges.
+//! CREATE TABLE IF NOT EXISTS tower_coalesce_store_groups (
+//!     grp         bytea       NOT NULL,  -- the 32-byte key of an HTTP cache group (a URI, a tag)
+//!     key         bytea       NOT NULL,  -- the 32-byte store key of an entry in it
+//!     expires_at  timestamptz NOT NULL,  -- kept until then
+//!     PRIMARY KEY (grp, key)
+//! );
+//! CREATE INDEX IF NOT EXISTS tower_coalesce_store_groups_expires_at
+//!     ON tower_coalesce_store_groups (expires_at);
 //! ```
+//!
+//! (An installation made by an earlier version has no groups table: `migrate` adds it, or
+//! run its two statements.)
 //!
 //! Keys are [`StoreKey`]s (a SHA-256 of scope and key: no credentials, no raw keys). Expiry
 //! is checked on every read, and each store sweeps dead rows (past their response and
@@ -71,7 +83,10 @@
 //!
 //! One of the pool's connections is held for `LISTEN`, for as long as the store lives (it
 //! reconnects after the connection drops, and wakes every waiting flight then, since
-//! messages may have been lost). Every other call borrows a pool connection for one
+//! messages may have been lost). It also receives the changes that keep the HTTP cache's
+//! near caches in sync (channel `<table>_changes`; see
+//! [Near cache](crate::http_cache#near-cache)), and reports a reconnection to them as
+//! changes lost. Every other call borrows a pool connection for one
 //! statement: a lease and a completion per flight (per key and instance, not per request),
 //! a renewal every third of the lease while a flight runs, a lookup per waiting flight and
 //! poll, and the sweeps. [`connect`](PostgresStore::connect) makes a pool of 8.
@@ -102,9 +117,10 @@ use tokio::task::JoinHandle;
 
 use self::sql::Statements;
 use crate::BoxError;
+use crate::shared_store::backplane::Backplane;
 use crate::shared_store::codec;
 use crate::shared_store::release::{Waiters, renew_every_third, token};
-use crate::store::{Lease, LeaseGuard};
+use crate::store::{Change, Lease, LeaseGuard};
 use crate::store::{Store, StoreKey, StoredResponse};
 
 /// The default timeout of every statement, and of connecting.
@@ -148,6 +164,9 @@ struct Shared {
     /// The release channel of this table.
     channel: String,
     waiters: Arc<Waiters>,
+    /// The channel of the changes the instances announce (the HTTP cache's near caches).
+    changes: String,
+    backplane: Arc<Backplane>,
     /// The `LISTEN` task and the sweeper, stopped with the last clone.
     tasks: [JoinHandle<()>; 2],
 }
@@ -216,25 +235,30 @@ impl PostgresStoreBuilder {
             .into());
         }
         let channel = format!("{}_released", self.table.replace('.', "_"));
-        let waiters = Arc::new(Waiters::default());
+        let changes = format!("{}_changes", self.table.replace('.', "_"));
+        let channels = [channel.clone(), changes.clone()];
+        let (waiters, backplane) = (Arc::new(Waiters::default()), Arc::default());
         let listener = within(self.timeout, "connecting to listen", async {
             let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(&channel).await?;
+            listener
+                .listen_all(channels.iter().map(String::as_str))
+                .await?;
             Ok::<_, sqlx::Error>(listener)
         })
         .await?;
         let statements = Statements::new(&self.table);
         let sweeper = sweep(
             pool.clone(),
-            statements.sweep.clone(),
+            [statements.sweep.clone(), statements.sweep_groups.clone()],
             self.sweep_interval,
             self.timeout,
         );
         let listening = listen(
             listener,
             pool.clone(),
-            channel.clone(),
+            channels,
             Arc::downgrade(&waiters),
+            Arc::downgrade(&backplane),
         );
         Ok(PostgresStore {
             shared: Arc::new(Shared {
@@ -243,6 +267,8 @@ impl PostgresStoreBuilder {
                 statements,
                 channel,
                 waiters,
+                changes,
+                backplane,
                 tasks: [tokio::spawn(listening), tokio::spawn(sweeper)],
             }),
             timeout: self.timeout,
@@ -437,6 +463,57 @@ impl Store for PostgresStore {
         self.take(key, false).await
     }
 
+    async fn remove(&self, key: &StoreKey) -> Result<bool, BoxError> {
+        let statement = sqlx::query(&self.shared.statements.remove)
+            .bind(&key.as_bytes()[..])
+            .execute(&self.shared.pool);
+        Ok(self.timed("remove", statement).await?.rows_affected() == 1)
+    }
+
+    async fn add_to_group(
+        &self,
+        group: &StoreKey,
+        key: &StoreKey,
+        ttl: Duration,
+    ) -> Result<(), BoxError> {
+        let statement = sqlx::query(&self.shared.statements.add_to_group)
+            .bind(&group.as_bytes()[..])
+            .bind(&key.as_bytes()[..])
+            .bind(millis(ttl))
+            .execute(&self.shared.pool);
+        self.timed("group add", statement).await.map(drop)
+    }
+
+    async fn take_group(&self, group: &StoreKey) -> Result<Vec<StoreKey>, BoxError> {
+        let statement = sqlx::query_scalar::<_, Vec<u8>>(&self.shared.statements.take_group)
+            .bind(&group.as_bytes()[..])
+            .fetch_all(&self.shared.pool);
+        let keys = self.timed("group take", statement).await?;
+        Ok(keys
+            .into_iter()
+            .filter_map(|key| Some(StoreKey::from_bytes(key.try_into().ok()?)))
+            .collect())
+    }
+
+    async fn announce(&self, keys: &[StoreKey]) -> Result<(), BoxError> {
+        // A notification's payload is text of under 8000 bytes: in hex, 120 keys at most.
+        for keys in keys.chunks(120) {
+            let payload = hex_bytes(&self.shared.backplane.message(keys));
+            let statement = sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(&self.shared.changes)
+                .bind(payload)
+                .execute(&self.shared.pool);
+            self.timed("announce", statement).await?;
+        }
+        Ok(())
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        // Listened to since the store was made; lost messages come as `Change::Lost` when
+        // the listening connection is made anew.
+        Some(self.shared.backplane.listen(self.shared.changes.clone()).0)
+    }
+
     async fn released(&self, key: &StoreKey) {
         let payload = hex(key);
         let registration = self.shared.waiters.register(&payload);
@@ -468,21 +545,34 @@ impl fmt::Debug for PostgresStore {
     }
 }
 
-/// Receives the release messages of `channel` and wakes the flights waiting on their key.
-/// After an error, or a connection lost (messages may have been lost with it), it listens
-/// again on a new connection and wakes every waiting flight, so that each looks on its own.
+/// Receives the release messages (the first of `channels`) and wakes the flights waiting
+/// on their key, and the changes (the second) for the backplane. After an error, or a
+/// connection lost (messages may have been lost with it), it listens again on a new
+/// connection, wakes every waiting flight, so that each looks on its own, and tells the
+/// backplane that changes were lost.
 async fn listen(
     mut listener: PgListener,
     pool: PgPool,
-    channel: String,
+    channels: [String; 2],
     waiters: std::sync::Weak<Waiters>,
+    backplane: std::sync::Weak<Backplane>,
 ) {
+    let [released, _changes] = &channels;
     loop {
         match listener.try_recv().await {
-            Ok(Some(message)) => match waiters.upgrade() {
+            Ok(Some(message)) if message.channel() == released => match waiters.upgrade() {
                 Some(waiters) => waiters.wake(message.payload()),
                 None => return,
             },
+            Ok(Some(message)) => {
+                let Some(backplane) = backplane.upgrade() else {
+                    return;
+                };
+                match unhex(message.payload()) {
+                    Some(bytes) => backplane.received(message.channel().as_bytes(), &bytes),
+                    None => backplane.lost(),
+                }
+            }
             result => {
                 match result {
                     Err(error) => {
@@ -490,24 +580,28 @@ async fn listen(
                     }
                     _ => tracing::debug!("the listening connection dropped; reconnecting"),
                 }
-                listener = relisten(&pool, &channel).await;
-                let Some(waiters) = waiters.upgrade() else {
+                listener = relisten(&pool, &channels).await;
+                let (Some(waiters), Some(backplane)) = (waiters.upgrade(), backplane.upgrade())
+                else {
                     return;
                 };
                 waiters.wake_all();
+                backplane.lost();
             }
         }
     }
 }
 
-/// A new listener on `channel`, retrying (every 100 ms, up to every 2 s) until PostgreSQL
+/// A new listener on `channels`, retrying (every 100 ms, up to every 2 s) until PostgreSQL
 /// answers.
-async fn relisten(pool: &PgPool, channel: &str) -> PgListener {
+async fn relisten(pool: &PgPool, channels: &[String]) -> PgListener {
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = async {
             let mut listener = PgListener::connect_with(pool).await?;
-            listener.listen(channel).await?;
+            listener
+                .listen_all(channels.iter().map(String::as_str))
+                .await?;
             Ok::<_, sqlx::Error>(listener)
         };
         match tokio::time::timeout(Duration::from_secs(5), attempt).await {
@@ -520,23 +614,29 @@ async fn relisten(pool: &PgPool, channel: &str) -> PgListener {
     }
 }
 
-/// Deletes dead rows every `interval`, a batch at a time, until a batch finds fewer than a
-/// full one.
-async fn sweep(pool: PgPool, statement: String, interval: Duration, timeout: Duration) {
+/// Deletes dead rows (of the store, of the groups) every `interval`, a batch at a time,
+/// until a batch finds fewer than a full one.
+async fn sweep(pool: PgPool, statements: [String; 2], interval: Duration, timeout: Duration) {
     let mut every = tokio::time::interval(interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await;
     loop {
         every.tick().await;
-        loop {
-            let batch = sqlx::query(&statement).bind(SWEEP_BATCH).execute(&pool);
-            match within(timeout, "sweep", batch).await {
-                Ok(done) if done.rows_affected() < SWEEP_BATCH as u64 => break,
-                Ok(_) => tokio::task::yield_now().await,
-                Err(error) => {
-                    tracing::debug!(%error, "sweeping dead rows failed; next time");
-                    break;
-                }
+        for statement in &statements {
+            sweep_one(&pool, statement, timeout).await;
+        }
+    }
+}
+
+async fn sweep_one(pool: &PgPool, statement: &str, timeout: Duration) {
+    loop {
+        let batch = sqlx::query(statement).bind(SWEEP_BATCH).execute(pool);
+        match within(timeout, "sweep", batch).await {
+            Ok(done) if done.rows_affected() < SWEEP_BATCH as u64 => break,
+            Ok(_) => tokio::task::yield_now().await,
+            Err(error) => {
+                tracing::debug!(%error, "sweeping dead rows failed; next time");
+                break;
             }
         }
     }
@@ -589,9 +689,24 @@ fn millis(duration: Duration) -> i64 {
 
 /// The store key in hex: the payload of its release message.
 fn hex(key: &StoreKey) -> String {
-    let mut hex = String::with_capacity(64);
-    for b in key.as_bytes() {
+    hex_bytes(key.as_bytes())
+}
+
+fn hex_bytes(bytes: &[u8]) -> String {
+    let mut hex = String::with_capacity(2 * bytes.len());
+    for b in bytes {
         let _ = write!(hex, "{b:02x}"); // Writing to a String can't fail.
     }
     hex
+}
+
+/// The bytes of lowercase hex, or `None` if it is not.
+fn unhex(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
 }

@@ -3,6 +3,7 @@
 
 /// The table and its index, as [`migrate`](super::PostgresStore::migrate) creates them.
 pub(super) fn schema(table: &str) -> String {
+    let groups_index = format!("{}_groups_expires_at", unqualified(table));
     format!(
         "CREATE TABLE IF NOT EXISTS {table} (
     key         bytea       PRIMARY KEY,  -- the 32-byte store key
@@ -14,13 +15,30 @@ pub(super) fn schema(table: &str) -> String {
     -- when the row may go: past both its response and its lease
     dead_after  timestamptz GENERATED ALWAYS AS (GREATEST(expires_at, lease_until)) STORED
 );
-CREATE INDEX IF NOT EXISTS {index} ON {table} (dead_after);",
+CREATE INDEX IF NOT EXISTS {index} ON {table} (dead_after);
+CREATE TABLE IF NOT EXISTS {groups} (
+    grp         bytea       NOT NULL,  -- the 32-byte key of an HTTP cache group (a URI, a tag)
+    key         bytea       NOT NULL,  -- the 32-byte store key of an entry in it
+    expires_at  timestamptz NOT NULL,  -- kept until then
+    PRIMARY KEY (grp, key)
+);
+CREATE INDEX IF NOT EXISTS {groups_index} ON {groups} (expires_at);",
         index = index_name(table),
+        groups = groups_table(table),
     )
 }
 
+/// The table of the HTTP cache's groups, beside the store's.
+fn groups_table(table: &str) -> String {
+    format!("{table}_groups")
+}
+
+fn unqualified(table: &str) -> &str {
+    table.rsplit('.').next().unwrap_or(table)
+}
+
 fn index_name(table: &str) -> String {
-    format!("{}_dead_after", table.rsplit('.').next().unwrap_or(table))
+    format!("{}_dead_after", unqualified(table))
 }
 
 /// The statements, with the table's name in them.
@@ -33,10 +51,15 @@ pub(super) struct Statements {
     pub(super) put: String,
     pub(super) held: String,
     pub(super) sweep: String,
+    pub(super) remove: String,
+    pub(super) add_to_group: String,
+    pub(super) take_group: String,
+    pub(super) sweep_groups: String,
 }
 
 impl Statements {
     pub(super) fn new(table: &str) -> Self {
+        let groups = groups_table(table);
         // `$n * interval '1 millisecond'`: durations go as milliseconds (bigint).
         Statements {
             // Takes the lease of `$1` for the token `$2` and `$3` ms, unless it is held, or
@@ -103,13 +126,31 @@ impl Statements {
                     SELECT key FROM {table} WHERE dead_after < now()
                      ORDER BY dead_after LIMIT $1 FOR UPDATE SKIP LOCKED)"
             ),
+            // Drops the live response of `$1`, if any: expired now, so that the row goes
+            // with the next sweep (its lease and fencing token stay until then).
+            remove: format!(
+                "UPDATE {table} SET response = NULL, expires_at = now()
+                  WHERE key = $1 AND response IS NOT NULL AND expires_at > now()"
+            ),
+            add_to_group: format!(
+                "INSERT INTO {groups} AS g (grp, key, expires_at)
+                 VALUES ($1, $2, now() + $3 * interval '1 millisecond')
+                 ON CONFLICT (grp, key) DO UPDATE SET
+                     expires_at = GREATEST(g.expires_at, EXCLUDED.expires_at)"
+            ),
+            take_group: format!("DELETE FROM {groups} WHERE grp = $1 RETURNING key"),
+            sweep_groups: format!(
+                "DELETE FROM {groups} WHERE (grp, key) IN (
+                    SELECT grp, key FROM {groups} WHERE expires_at < now()
+                     LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            ),
         }
     }
 }
 
 /// Whether `table` is a plain SQL identifier, optionally schema-qualified
 /// (`[a-z_][a-z0-9_]*`, each part at most 40 bytes so that the index and channel names
-/// derived from it stay within PostgreSQL's 63).
+/// derived from it, `_groups_expires_at` the longest, stay within PostgreSQL's 63).
 pub(super) fn valid_table(table: &str) -> bool {
     table.split('.').count() <= 2
         && table.split('.').all(|part| {
@@ -145,6 +186,10 @@ mod tests {
 
     #[test]
     fn the_index_is_named_after_the_table_without_its_schema() {
-        assert!(schema("app.store").contains("INDEX IF NOT EXISTS store_dead_after ON app.store"));
+        let schema = schema("app.store");
+        assert!(schema.contains("INDEX IF NOT EXISTS store_dead_after ON app.store "));
+        assert!(schema.contains(
+            "INDEX IF NOT EXISTS store_groups_expires_at ON app.store_groups (expires_at)"
+        ));
     }
 }

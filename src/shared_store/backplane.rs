@@ -85,7 +85,9 @@ impl Backplane {
     }
 
     /// The subscription on `channel` was (re)confirmed: messages sent before may have been
-    /// missed.
+    /// missed. (PostgreSQL listens before anyone asks for the changes, and reports its
+    /// reconnections itself.)
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn subscribed(&self, channel: &[u8]) {
         if self
             .channel

@@ -2,7 +2,7 @@
 //! [`PostgresStore`](crate::postgres::PostgresStore)) have in common: the bytes a response
 //! is kept as, lease tokens, and the flights waiting for a release.
 
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) mod backplane;
 pub(crate) mod codec;
 pub(crate) mod release;

@@ -48,9 +48,10 @@ pub use self::memory::{DEFAULT_MEMORY_LIMIT, MemoryStore};
 ///
 /// The HTTP cache also removes entries and files them in groups, for its purges
 /// ([`remove`](Self::remove), [`add_to_group`](Self::add_to_group),
-/// [`take_group`](Self::take_group): `MemoryStore` and `RedisStore` have them; by default a
-/// purge is an error), and its near cache listens to the changes other instances
-/// [`announce`](Self::announce) ([`changes`](Self::changes): `RedisStore`'s pub/sub).
+/// [`take_group`](Self::take_group): `MemoryStore`, `RedisStore` and `PostgresStore` have
+/// them; by default a purge is an error), and its near cache listens to the changes other
+/// instances [`announce`](Self::announce) ([`changes`](Self::changes): Redis pub/sub,
+/// PostgreSQL `NOTIFY`).
 pub trait Store: Clone + Send + Sync + 'static {
     /// Returns the response stored under `key`, if any and not expired.
     fn get(
@@ -173,7 +174,7 @@ pub enum Change {
 
 fn cannot_purge() -> BoxError {
     "this store can't remove entries or keep groups: purging needs a store that can \
-     (MemoryStore, RedisStore)"
+     (MemoryStore, RedisStore, PostgresStore)"
         .into()
 }
 
