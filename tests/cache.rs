@@ -369,3 +369,129 @@ async fn a_panicking_miss_reaches_every_waiter_and_the_key_works_after() {
     }
     assert_eq!(cache.get_with(1, || async { 7 }).await, 7);
 }
+
+/// Work that counts its runs and answers `v{run}` after `delay` (on the paused clock).
+fn slow(runs: &Counter, delay: Duration) -> impl Future<Output = Result<String, Failed>> + use<> {
+    let runs = runs.clone();
+    async move {
+        let n = runs.incr();
+        tokio::time::sleep(delay).await;
+        Ok(format!("v{n}"))
+    }
+}
+
+/// An error type that a hard timeout can become.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Failed {
+    TimedOut(Duration),
+}
+
+impl From<tower_coalesce::single_flight::TimedOut> for Failed {
+    fn from(timed_out: tower_coalesce::single_flight::TimedOut) -> Self {
+        Failed::TimedOut(timed_out.after())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_eager_refresh_replaces_a_value_in_demand_before_it_goes_stale() {
+    let cache: Cache<u32, String, Failed> = Cache::builder()
+        .lifetimes(lifetimes(10, 0, 0))
+        .eager_refresh(0.8)
+        .build();
+    let runs = Counter::default();
+    let fetch = || cache.fetch(1, || slow(&runs, Duration::ZERO));
+    assert_eq!(fetch().await.status(), CacheStatus::Miss);
+    tokio::time::advance(Duration::from_secs(7)).await;
+    let early = fetch().await;
+    assert_eq!(
+        (early.status(), early.result()),
+        (CacheStatus::Hit, &Ok("v0".into()))
+    );
+    assert_eq!(runs.get(), 1, "before 80% of its freshness: no refresh");
+
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let due = fetch().await;
+    assert_eq!(due.status(), CacheStatus::Hit, "answered at once");
+    assert_eq!(due.into_result(), Ok("v0".into()));
+    for _ in 0..50 {
+        assert_eq!(fetch().await.status(), CacheStatus::Hit);
+    }
+    eventually("the refresh ran", || runs.get() == 2).await;
+    tokio::task::yield_now().await;
+    let refreshed = fetch().await;
+    assert_eq!(refreshed.into_result(), Ok("v1".into()));
+    assert_eq!(runs.get(), 2, "one refresh for the 51 hits past the mark");
+    // 2 s later the refreshed value is nowhere near its own mark, nor stale.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(fetch().await.status(), CacheStatus::Hit);
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_soft_timeout_the_stale_value_answers_and_the_work_completes_behind() {
+    let cache: Cache<u32, String, Failed> = Cache::builder()
+        .lifetimes(lifetimes(1, 0, 60))
+        .soft_timeout(Duration::from_millis(100))
+        .build();
+    let runs = Counter::default();
+    cache.fetch(1, || slow(&runs, Duration::ZERO)).await;
+    tokio::time::advance(Duration::from_secs(2)).await;
+
+    let started = tokio::time::Instant::now();
+    let stale = cache.fetch(1, || slow(&runs, Duration::from_secs(1))).await;
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
+    assert_eq!(
+        (stale.status(), stale.into_result()),
+        (CacheStatus::Stale, Ok("v0".into()))
+    );
+    // Nobody waits for it any more, and it still completes and is kept.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let kept = cache.fetch(1, || slow(&runs, Duration::ZERO)).await;
+    assert_eq!(
+        (kept.status(), kept.into_result()),
+        (CacheStatus::Hit, Ok("v1".into()))
+    );
+    assert_eq!(runs.get(), 2);
+
+    // Without a stale value the soft timeout does not apply: the caller waits.
+    let started = tokio::time::Instant::now();
+    let fetched = cache.fetch(2, || slow(&runs, Duration::from_secs(1))).await;
+    assert_eq!(fetched.into_result(), Ok("v2".into()));
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_hard_timeout_a_caller_without_a_stale_value_gets_an_error_and_the_work_is_kept() {
+    let cache: Cache<u32, String, Failed> = Cache::builder()
+        .lifetimes(lifetimes(1, 0, 60))
+        .soft_timeout(Duration::from_secs(5))
+        .hard_timeout(Duration::from_millis(300))
+        .build();
+    let runs = Counter::default();
+    let started = tokio::time::Instant::now();
+    let (first, second) = tokio::join!(
+        cache.fetch(1, || slow(&runs, Duration::from_secs(1))),
+        cache.fetch(1, || slow(&runs, Duration::from_secs(1))),
+    );
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+    let timed_out = Err(Failed::TimedOut(Duration::from_millis(300)));
+    assert_eq!(first.into_result(), timed_out);
+    assert_eq!(second.into_result(), timed_out);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let kept = cache.fetch(1, || slow(&runs, Duration::ZERO)).await;
+    assert_eq!(
+        (kept.status(), kept.into_result()),
+        (CacheStatus::Hit, Ok("v0".into()))
+    );
+    assert_eq!(runs.get(), 1, "one run, completed in the background");
+
+    // With a stale value, the hard timeout (under the soft one here) answers it instead.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let stale = cache
+        .fetch(1, || slow(&runs, Duration::from_secs(10)))
+        .await;
+    assert_eq!(
+        (stale.status(), stale.into_result()),
+        (CacheStatus::Stale, Ok("v0".into()))
+    );
+}

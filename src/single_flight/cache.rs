@@ -163,6 +163,12 @@ type LifetimesOf<V> = Arc<dyn Fn(&V) -> Lifetimes + Send + Sync>;
 /// - Past that, callers wait for a new flight; if its work fails while the old value is
 ///   within `stale_if_error`, they get the old value instead of the error.
 /// - Errors are not cached unless [`CacheBuilder::negative_ttl`] says for how long.
+/// - With [`eager_refresh`](CacheBuilder::eager_refresh), a hit late in its freshness starts
+///   one refresh in the background, so that a value in demand never goes stale; with
+///   [`soft_timeout`](CacheBuilder::soft_timeout) and
+///   [`hard_timeout`](CacheBuilder::hard_timeout), a caller waits for slow work only so
+///   long before it gets the stale value or an error, while the work completes in the
+///   background (FusionCache's eager refresh and factory timeouts).
 /// - [`invalidate`](Cache::invalidate) removes a key: the next call runs fresh even while
 ///   a flight for it is running, and that flight's result is not stored.
 ///
@@ -205,7 +211,56 @@ struct Inner<K, V, E> {
     tickets: DashMap<K, Arc<Ticket>, DefaultHashBuilder>,
     lifetimes: LifetimesOf<V>,
     negative_ttl: Option<Duration>,
+    timing: Timing<E>,
 }
+
+/// When the cache runs the work early, and how long callers wait for it.
+struct Timing<E> {
+    /// A hit at least this far into its freshness (a fraction of it) starts a refresh.
+    eager_refresh: Option<f64>,
+    soft_timeout: Option<Duration>,
+    /// The hard timeout, and the error it answers.
+    hard_timeout: Option<(Duration, TimedOutError<E>)>,
+}
+
+type TimedOutError<E> = Arc<dyn Fn(TimedOut) -> E + Send + Sync>;
+
+impl<E> Default for Timing<E> {
+    fn default() -> Self {
+        Timing {
+            eager_refresh: None,
+            soft_timeout: None,
+            hard_timeout: None,
+        }
+    }
+}
+
+/// The error of a caller that waited for the work past the
+/// [hard timeout](CacheBuilder::hard_timeout), with no stale value to stand in. The work
+/// goes on in the background, and its result is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimedOut {
+    after: Duration,
+}
+
+impl TimedOut {
+    /// How long the caller waited.
+    pub fn after(&self) -> Duration {
+        self.after
+    }
+}
+
+impl fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the cached work did not complete within its hard timeout of {:?}",
+            self.after
+        )
+    }
+}
+
+impl std::error::Error for TimedOut {}
 
 /// Configures a [`Cache`]: [`Cache::builder`].
 #[must_use]
@@ -215,6 +270,7 @@ pub struct CacheBuilder<K, V, E> {
     /// The lifetimes, when every value has the same.
     constant: Option<Lifetimes>,
     negative_ttl: Option<Duration>,
+    timing: Timing<E>,
 }
 
 impl<K, V, E> Cache<K, V, E>
@@ -231,6 +287,7 @@ where
             lifetimes: constant(DEFAULT_LIFETIMES),
             constant: Some(DEFAULT_LIFETIMES),
             negative_ttl: None,
+            timing: Timing::default(),
         }
     }
 
@@ -258,7 +315,12 @@ where
         let mut fallback = None;
         if let Some(slot) = self.inner.entries.get(&key) {
             match slot.state(now) {
-                Freshness::Fresh => return served(slot, CacheStatus::Hit, now),
+                Freshness::Fresh => {
+                    if self.inner.due_early(&slot, now) {
+                        self.refresh(key, make);
+                    }
+                    return served(slot, CacheStatus::Hit, now);
+                }
                 Freshness::Revalidate => {
                     self.refresh(key, make);
                     return served(slot, CacheStatus::Stale, now);
@@ -273,7 +335,24 @@ where
             .flights
             .run(key.clone(), || self.flight(key, make()));
         let leader = run.is_leader();
-        let result = run.await.into_value();
+        let result = match self.inner.wait_limit(fallback.is_some()) {
+            None => run.await.into_value(),
+            Some(limit) => {
+                let mut run = Box::pin(run);
+                match tokio::time::timeout(limit, run.as_mut()).await {
+                    Ok(outcome) => outcome.into_value(),
+                    Err(_) => {
+                        // The work goes on, for the callers still waiting and to keep its
+                        // result; this caller has the stale value, or the timeout's error.
+                        tokio::spawn(run);
+                        match fallback {
+                            Some(slot) => return served(slot, CacheStatus::Stale, Instant::now()),
+                            None => Err(self.inner.timed_out(limit)),
+                        }
+                    }
+                }
+            }
+        };
         match (result, fallback) {
             (Err(_), Some(slot)) => served(slot, CacheStatus::Stale, Instant::now()),
             (result, _) => Fetched {
@@ -371,6 +450,36 @@ where
     V: Clone + Send + Sync + 'static,
     E: Clone + Send + Sync + 'static,
 {
+    /// Whether a fresh hit on `slot` starts a refresh: it is past the eager-refresh
+    /// fraction of its freshness (a cached error never is).
+    fn due_early(&self, slot: &Slot<V, E>, now: Instant) -> bool {
+        let Some(fraction) = self.timing.eager_refresh else {
+            return false;
+        };
+        let age = now.saturating_duration_since(slot.stored);
+        slot.result.is_ok() && age >= slot.lifetimes.fresh.mul_f64(fraction)
+    }
+
+    /// How long a caller waits for a flight before it takes the stale value (`fallback`:
+    /// it has one; the soft timeout) or fails (the hard one); `None`: until it ends.
+    fn wait_limit(&self, fallback: bool) -> Option<Duration> {
+        let soft = self.timing.soft_timeout.filter(|_| fallback);
+        let hard = self.timing.hard_timeout.as_ref().map(|(hard, _)| *hard);
+        match (soft, hard) {
+            (Some(soft), Some(hard)) => Some(soft.min(hard)),
+            (soft, hard) => soft.or(hard),
+        }
+    }
+
+    fn timed_out(&self, after: Duration) -> E {
+        let (_, error) = self
+            .timing
+            .hard_timeout
+            .as_ref()
+            .expect("only the hard timeout fails a caller without a stale value");
+        error(TimedOut { after })
+    }
+
     fn store(&self, key: &K, result: &Result<V, E>, ticket: &Ticket) {
         let lifetimes = match result {
             Ok(value) => (self.lifetimes)(value),
@@ -472,6 +581,45 @@ where
         self
     }
 
+    /// Refreshes a value early: a hit at least `fraction` of the way into its freshness
+    /// (0.8: in its last fifth) starts one refresh in the background, as a stale hit does,
+    /// so that a value in steady demand is replaced before it goes stale and no caller ever
+    /// waits for it. The hit itself is answered at once. A refresh that fails leaves the
+    /// value as it was, and the next hit past the mark tries again (one flight at a time).
+    /// Off by default.
+    ///
+    /// # Panics
+    ///
+    /// If `fraction` is not between 0 and 1 (both excluded).
+    pub fn eager_refresh(mut self, fraction: f64) -> Self {
+        assert!(
+            fraction > 0.0 && fraction < 1.0,
+            "eager_refresh takes a fraction of the freshness, between 0 and 1: {fraction}"
+        );
+        self.timing.eager_refresh = Some(fraction);
+        self
+    }
+
+    /// How long a caller waits for the work when a stale value could stand in for it
+    /// (within `stale_if_error`): past `timeout` it gets the stale value
+    /// ([`CacheStatus::Stale`]), and the work goes on in the background; its result is
+    /// kept when it completes. Off by default: callers wait for the work.
+    pub fn soft_timeout(mut self, timeout: Duration) -> Self {
+        self.timing.soft_timeout = Some(timeout);
+        self
+    }
+
+    /// The longest a caller waits for the work: past `timeout` it gets the stale value if
+    /// there is one, and else the error `E::from(`[`TimedOut`]`)`; the work goes on in the
+    /// background and its result is kept when it completes. Off by default.
+    pub fn hard_timeout(mut self, timeout: Duration) -> Self
+    where
+        E: From<TimedOut>,
+    {
+        self.timing.hard_timeout = Some((timeout, Arc::new(E::from)));
+        self
+    }
+
     /// Builds the cache.
     pub fn build(self) -> Cache<K, V, E> {
         // Moka drops an entry once it can be of no more use; freshness itself is judged on
@@ -495,6 +643,7 @@ where
                 tickets: DashMap::with_hasher(DefaultHashBuilder::new()),
                 lifetimes: self.lifetimes,
                 negative_ttl: self.negative_ttl,
+                timing: self.timing,
             }),
         }
     }

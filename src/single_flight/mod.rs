@@ -95,7 +95,7 @@ mod registry;
 #[cfg(feature = "http-cache")]
 pub(crate) use self::cache::Freshness;
 #[cfg(feature = "cache")]
-pub use self::cache::{Cache, CacheBuilder, CacheStatus, Fetched, Lifetimes};
+pub use self::cache::{Cache, CacheBuilder, CacheStatus, Fetched, Lifetimes, TimedOut};
 pub use self::future::Run;
 pub use self::group::{DefaultHashBuilder, Group, Outcome};
 pub(crate) use self::registry::LazyGroup;
