@@ -8,9 +8,15 @@
 //! stale-while-revalidate). It prints the database queries run (counted by the handler)
 //! and the latencies the clients saw.
 //!
+//! With `--instances 4` the requests spread over 4 instances of the app (a server and a
+//! layer each, as 4 processes behind a load balancer would be); built with the feature
+//! `redis` and given `REDIS_URL`, a fourth run shares one cache between the instances:
+//! Redis, with a near cache in front on each instance.
+//!
 //!     cargo run --release --example stampede --features http-cache                  # SQLite file
 //!     DATABASE_URL=postgres://... cargo run --release --example stampede --features http-cache
 //!     cargo run --release --example stampede --features http-cache -- --requests 300 --rows 50000
+//!     REDIS_URL=redis://... cargo run --release --example stampede --features http-cache,redis -- --instances 4
 
 #[path = "demo/app.rs"]
 mod app;
@@ -46,6 +52,9 @@ struct Args {
     /// Orders in the table the report scans (no index: the scan is the cost).
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     rows: u64,
+    /// Instances of the app the requests spread over.
+    #[arg(long, default_value_t = 1, value_parser = at_least_one())]
+    instances: usize,
 }
 
 #[derive(Clone)]
@@ -97,14 +106,18 @@ async fn report(State(state): State<AppState>, Path(id): Path<i64>) -> Response 
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, PartialEq)]
 enum Mode {
     Bare,
     Coalescing,
     Cache,
+    /// One cache for every instance: Redis (at this URL, under this prefix), with a near
+    /// cache on each.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Shared(String, String),
 }
 
-async fn serve(state: AppState, mode: Mode) -> std::net::SocketAddr {
+async fn serve(state: AppState, mode: &Mode) -> std::net::SocketAddr {
     let routes = Router::new()
         .route("/api/report/{id}", get(report))
         .with_state(state);
@@ -115,6 +128,20 @@ async fn serve(state: AppState, mode: Mode) -> std::net::SocketAddr {
             routes.layer(HttpCoalesceLayer::new(key::method_path_and_query()).unscoped())
         }
         Mode::Cache => routes.layer(HttpCacheLayer::new().unscoped()),
+        #[cfg(feature = "redis")]
+        Mode::Shared(url, prefix) => {
+            let store = tower_coalesce::redis::RedisStore::connect(url)
+                .await
+                .expect("Redis at REDIS_URL")
+                .with_prefix(prefix.as_str());
+            let cache = HttpCacheLayer::new()
+                .unscoped()
+                .store(store)
+                .near_cache(16 << 20);
+            routes.layer(cache)
+        }
+        #[cfg(not(feature = "redis"))]
+        Mode::Shared(..) => unreachable!("a shared cache needs the feature redis"),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -131,13 +158,16 @@ struct Burst {
     failure: Option<String>,
 }
 
-async fn burst(mode: Mode, args: &Args) -> Burst {
+async fn burst(mode: &Mode, args: &Args) -> Burst {
     let state = AppState {
         pool: POOL.get().unwrap().clone(),
         queries: Arc::default(),
     };
-    let addr = serve(state.clone(), mode).await;
-    let report = format!("http://{addr}/api/report/7");
+    let mut reports = Vec::new();
+    for _ in 0..args.instances {
+        let addr = serve(state.clone(), mode).await;
+        reports.push(format!("http://{addr}/api/report/7"));
+    }
     let clients: Vec<_> = (0..CONNECTIONS)
         .map(|_| {
             reqwest::Client::builder()
@@ -150,14 +180,16 @@ async fn burst(mode: Mode, args: &Args) -> Burst {
     // Fill the entry (and open the connections), then let it expire: max-age=1, and ages
     // count in whole seconds from `Date`.
     for client in &clients {
-        client
-            .get(&report)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        for report in &reports {
+            client
+                .get(report)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+        }
     }
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let before = state.queries.load(Ordering::SeqCst);
@@ -167,7 +199,7 @@ async fn burst(mode: Mode, args: &Args) -> Burst {
         .map(|i| {
             let (client, url, barrier) = (
                 clients[i % CONNECTIONS].clone(),
-                report.clone(),
+                reports[i % reports.len()].clone(),
                 barrier.clone(),
             );
             tokio::spawn(async move {
@@ -231,8 +263,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     POOL.set(pool).ok();
 
     println!(
-        "GET /api/report/7: {} requests at once, the moment its cached entry has expired",
-        args.requests
+        "GET /api/report/7: {} requests at once over {} instance(s), the moment its cached \
+         entry has expired",
+        args.requests, args.instances
     );
     println!(
         "database: {database}, {} orders, one report query {:.1} ms (a scan, no index)",
@@ -246,11 +279,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "", "requests", "2xx", "db queries", "stale", "p50", "p99"
     );
     let mut failures = Vec::new();
-    for (label, mode) in [
+    let mut modes = vec![
         ("no layer", Mode::Bare),
         ("coalescing only", Mode::Coalescing),
         ("cache (SWR)", Mode::Cache),
-    ] {
+    ];
+    let redis = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty());
+    match redis {
+        Some(url) if cfg!(feature = "redis") => {
+            let prefix = format!("stampede:{}:", std::process::id());
+            modes.push(("shared cache (Redis)", Mode::Shared(url, prefix)));
+        }
+        _ if args.instances > 1 => println!(
+            "(a cache shared by the instances needs REDIS_URL and the feature redis; \
+             without, each instance caches and refreshes on its own)\n"
+        ),
+        _ => {}
+    }
+    for (label, mode) in &modes {
         let mut b = burst(mode, &args).await;
         let (p50, p99) = (
             app::percentile(&mut b.latencies, 0.50),
