@@ -346,7 +346,9 @@ impl CacheStage {
     /// the lease, so that the instances that waited don't take the lease one after
     /// another; and once the lease is held, in case the refresh completed between this
     /// caller's lookup and the lease (unless the request asked for the origin with
-    /// `no-cache`: then it runs).
+    /// `no-cache`: then it runs). A store of this process has no lease, and is looked at
+    /// all the same: a request whose lookup missed just before the previous flight kept
+    /// the entry, and that reached the flights after it ended, would otherwise run again.
     async fn lease(
         &self,
         store: &dyn Lookup,
@@ -361,15 +363,22 @@ impl CacheStage {
                 return Ok(Lease::Stored(kept));
             }
         }
+        // The request asked for the origin (`no-cache`): a fresh entry it did not wait for
+        // is no answer to it.
+        let revalidate = Asked::of(asked).revalidate;
         let guard = match store.refresh_lease(key).await? {
+            Lease::Held(guard) if revalidate => return Ok(Lease::Held(guard)),
             Lease::Held(guard) => guard,
+            // A store of this process only: the flight before this one may have kept the
+            // entry between this request's lookup and its flight.
+            Lease::NotShared if !revalidate => {
+                return match self.fresh_entry(store, key, fingerprint, asked).await? {
+                    Some(kept) => Ok(Lease::Stored(kept)),
+                    None => Ok(Lease::NotShared),
+                };
+            }
             other => return Ok(other),
         };
-        if Asked::of(asked).revalidate {
-            // The request asked for the origin (`no-cache`): a fresh entry it did not wait
-            // for is no answer to it.
-            return Ok(Lease::Held(guard));
-        }
         match self.fresh_entry(store, key, fingerprint, asked).await {
             Ok(Some(kept)) => {
                 // Released by a task of its own, off this caller's path.
