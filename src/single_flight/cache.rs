@@ -212,6 +212,19 @@ struct Inner<K, V, E> {
     lifetimes: LifetimesOf<V>,
     negative_ttl: Option<Duration>,
     timing: Timing<E>,
+    #[cfg(feature = "http-cache")]
+    shared: Option<Shared<K, V>>,
+}
+
+/// The second level, and what keeps the first in sync with it.
+#[cfg(feature = "http-cache")]
+struct Shared<K, V> {
+    tier: Arc<dyn super::shared::Tier<K, V>>,
+    /// The keys of the first level's entries by their store keys, which changes name.
+    keys: Arc<DashMap<crate::store::StoreKey, K, DefaultHashBuilder>>,
+    /// Whether the first fetch started listening to the changes (on the runtime that runs
+    /// it: a cache may be built outside of one).
+    listening: std::sync::Once,
 }
 
 /// When the cache runs the work early, and how long callers wait for it.
@@ -271,6 +284,8 @@ pub struct CacheBuilder<K, V, E> {
     constant: Option<Lifetimes>,
     negative_ttl: Option<Duration>,
     timing: Timing<E>,
+    #[cfg(feature = "http-cache")]
+    shared: Option<Arc<dyn super::shared::Tier<K, V>>>,
 }
 
 impl<K, V, E> Cache<K, V, E>
@@ -288,6 +303,8 @@ where
             constant: Some(DEFAULT_LIFETIMES),
             negative_ttl: None,
             timing: Timing::default(),
+            #[cfg(feature = "http-cache")]
+            shared: None,
         }
     }
 
@@ -311,18 +328,20 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>> + Send + 'static,
     {
+        #[cfg(feature = "http-cache")]
+        self.inner.listen();
         let now = Instant::now();
         let mut fallback = None;
         if let Some(slot) = self.inner.entries.get(&key) {
             match slot.state(now) {
                 Freshness::Fresh => {
                     if self.inner.due_early(&slot, now) {
-                        self.refresh(key, make);
+                        self.refresh(key, make, now.saturating_duration_since(slot.stored));
                     }
                     return served(slot, CacheStatus::Hit, now);
                 }
                 Freshness::Revalidate => {
-                    self.refresh(key, make);
+                    self.refresh(key, make, now.saturating_duration_since(slot.stored));
                     return served(slot, CacheStatus::Stale, now);
                 }
                 Freshness::IfError => fallback = Some(slot),
@@ -333,7 +352,7 @@ where
         let run = self
             .inner
             .flights
-            .run(key.clone(), || self.flight(key, make()));
+            .run(key.clone(), || self.flight(key, make(), None));
         let leader = run.is_leader();
         let result = match self.inner.wait_limit(fallback.is_some()) {
             None => run.await.into_value(),
@@ -370,12 +389,18 @@ where
     /// Removes the value of `key`; the next call runs the work, even while a flight for
     /// `key` is running. Callers already waiting on that flight get its result, which is
     /// not stored.
+    ///
+    /// With a [shared store](CacheBuilder::shared), the value is removed from the store too,
+    /// and the other instances drop theirs, by a task of its own (when called within a
+    /// Tokio runtime).
     pub fn invalidate(&self, key: &K) {
-        if let Some((_, ticket)) = self.inner.tickets.remove(key) {
-            *lock(&ticket.revoked) = true;
+        self.inner.invalidate(key);
+        #[cfg(feature = "http-cache")]
+        if let (Some(shared), Ok(runtime)) =
+            (&self.inner.shared, tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(shared.tier.forget(key));
         }
-        self.inner.flights.forget(key);
-        self.inner.entries.invalidate(key);
     }
 
     /// The number of cached entries (moka's estimate: evictions are applied lazily).
@@ -388,6 +413,9 @@ where
         &self,
         key: K,
         work: Fut,
+        #[cfg_attr(not(feature = "http-cache"), allow(unused_variables))] refreshing: Option<
+            Duration,
+        >,
     ) -> impl Future<Output = Result<V, E>> + Send + use<K, V, E, Fut>
     where
         Fut: Future<Output = Result<V, E>> + Send + 'static,
@@ -396,8 +424,24 @@ where
         self.inner.tickets.insert(key.clone(), ticket.clone());
         let inner = self.inner.clone();
         async move {
-            let result = work.await;
-            inner.store(&key, &result, &ticket);
+            #[cfg(feature = "http-cache")]
+            let result = match &inner.shared {
+                Some(shared) => {
+                    let flight = inner.shared_flight(shared, &key, work, &ticket, refreshing);
+                    flight.await
+                }
+                None => {
+                    let result = work.await;
+                    inner.store(&key, &result, &ticket, Duration::ZERO);
+                    result
+                }
+            };
+            #[cfg(not(feature = "http-cache"))]
+            let result = {
+                let result = work.await;
+                inner.store(&key, &result, &ticket, Duration::ZERO);
+                result
+            };
             inner
                 .tickets
                 .remove_if(&key, |_, registered| Arc::ptr_eq(registered, &ticket));
@@ -408,7 +452,10 @@ where
     /// Starts a refresh of `key` on a tokio task, unless a flight for `key` runs already: the
     /// flight is the refresh, so that exactly one runs, and the first stale call after a
     /// failed one starts the next.
-    fn refresh<F, Fut>(&self, key: K, make: F)
+    ///
+    /// `age`: the age of the value it refreshes; with a shared store, only a younger value
+    /// kept there (another instance's refresh) stands for this refresh.
+    fn refresh<F, Fut>(&self, key: K, make: F, age: Duration)
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>> + Send + 'static,
@@ -416,7 +463,7 @@ where
         let run = self
             .inner
             .flights
-            .run(key.clone(), || self.flight(key, make()));
+            .run(key.clone(), || self.flight(key, make(), Some(age)));
         if run.is_leader() {
             tokio::spawn(run);
         }
@@ -480,7 +527,8 @@ where
         error(TimedOut { after })
     }
 
-    fn store(&self, key: &K, result: &Result<V, E>, ticket: &Ticket) {
+    /// Keeps the result of a flight, completed `age` ago (a value another instance kept).
+    fn store(&self, key: &K, result: &Result<V, E>, ticket: &Ticket, age: Duration) {
         let lifetimes = match result {
             Ok(value) => (self.lifetimes)(value),
             Err(_) => match self.negative_ttl {
@@ -498,15 +546,117 @@ where
         {
             return;
         }
+        let now = Instant::now();
         let slot = Slot {
             result: result.clone(),
-            stored: Instant::now(),
+            stored: now.checked_sub(age).unwrap_or(now),
             lifetimes,
         };
         let revoked = lock(&ticket.revoked);
         if !*revoked {
+            #[cfg(feature = "http-cache")]
+            if let Some(shared) = &self.shared {
+                shared.keys.insert(shared.tier.store_key(key), key.clone());
+            }
             self.entries.insert(key.clone(), slot);
         }
+    }
+
+    /// Drops `key` here: its value, and the licence of its running flight to keep its
+    /// result.
+    fn invalidate(&self, key: &K) {
+        if let Some((_, ticket)) = self.tickets.remove(key) {
+            *lock(&ticket.revoked) = true;
+        }
+        self.flights.forget(key);
+        self.entries.invalidate(key);
+    }
+
+    /// Drops every value here, as [`invalidate`](Self::invalidate) does each.
+    #[cfg(feature = "http-cache")]
+    fn invalidate_all(&self) {
+        for ticket in self.tickets.iter() {
+            *lock(&ticket.revoked) = true;
+        }
+        self.entries.invalidate_all();
+    }
+
+    /// A flight of a cache with a shared store: the store's fresh value if there is one
+    /// (another instance's), else the work, under the key's lease when the store has
+    /// leases; its value is then kept in the store too.
+    #[cfg(feature = "http-cache")]
+    async fn shared_flight<Fut>(
+        &self,
+        shared: &Shared<K, V>,
+        key: &K,
+        work: Fut,
+        ticket: &Ticket,
+        refreshing: Option<Duration>,
+    ) -> Result<V, E>
+    where
+        Fut: Future<Output = Result<V, E>>,
+    {
+        use super::shared::Found;
+        // A refresh takes only a value kept after the one it refreshes (by another
+        // instance's refresh); 5 ms for the milliseconds the keeping time is written in.
+        let newer =
+            |age: Duration| refreshing.is_none_or(|old| age + Duration::from_millis(5) < old);
+        let fresh =
+            |value: &V, age| (self.lifetimes)(value).state(age) == Freshness::Fresh && newer(age);
+        match shared.tier.find(key, &fresh).await {
+            Found::Value(value, age) => {
+                let result = Ok(value);
+                self.store(key, &result, ticket, age);
+                result
+            }
+            Found::Run(lease) => {
+                let result = work.await;
+                self.store(key, &result, ticket, Duration::ZERO);
+                let kept = result.as_ref().ok().and_then(|value| {
+                    let usable = (self.lifetimes)(value).usable();
+                    (!usable.is_zero()).then_some((value, usable))
+                });
+                shared.tier.keep(key, lease, kept).await;
+                result
+            }
+        }
+    }
+
+    /// Starts listening to the shared store's changes, once: a task that drops the values
+    /// other instances changed, and every value when changes may have been lost.
+    #[cfg(feature = "http-cache")]
+    fn listen(self: &Arc<Self>) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        shared.listening.call_once(|| {
+            let Some(mut changes) = shared.tier.changes() else {
+                return;
+            };
+            let inner = Arc::downgrade(self);
+            tokio::spawn(async move {
+                use tokio::sync::broadcast::error::RecvError;
+                loop {
+                    let change = changes.recv().await;
+                    let Some(inner) = inner.upgrade() else { return };
+                    let Some(shared) = &inner.shared else { return };
+                    match change {
+                        Ok(crate::store::Change::Keys(keys)) => {
+                            for key in keys.iter() {
+                                if let Some((_, key)) = shared.keys.remove(key) {
+                                    inner.invalidate(&key);
+                                }
+                            }
+                        }
+                        Ok(_) | Err(RecvError::Lagged(_)) => inner.invalidate_all(),
+                        Err(RecvError::Closed) => {
+                            inner.invalidate_all();
+                            return;
+                        }
+                    }
+                }
+            });
+        });
     }
 }
 
@@ -620,6 +770,42 @@ where
         self
     }
 
+    /// A second level under the cache's own entries: `store`, which several instances
+    /// share ([`RedisStore`](crate::redis::RedisStore),
+    /// [`PostgresStore`](crate::postgres::PostgresStore)), the values written by `codec`
+    /// under keys named `name` and the key (so that two caches share a store apart).
+    ///
+    /// - A miss here looks the store up: a fresh value kept by another instance answers
+    ///   (with its age), and the work does not run.
+    /// - Otherwise one instance runs the work, under the key's lease, while the others wait
+    ///   for its release and read its value; the value is kept in the store for as long as
+    ///   it is usable.
+    /// - An instance that keeps a value announces it, and the others drop theirs (the
+    ///   store's backplane: Redis pub/sub, PostgreSQL `NOTIFY`); when changes may have been
+    ///   lost (a dropped connection), every value here is dropped. A value here never
+    ///   outlives its own lifetimes.
+    /// - Errors stay with the instance (and its `negative_ttl`); a store that fails is
+    ///   logged, and the work runs here.
+    ///
+    /// Ages across instances are read from the keeping instance's clock: the clocks must
+    /// agree to well under the values' freshness. Feature `http-cache` (the stores are
+    /// those of the HTTP layers).
+    #[cfg(feature = "http-cache")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "http-cache")))]
+    pub fn shared<St, C>(mut self, name: &str, store: St, codec: C) -> Self
+    where
+        K: crate::http::key::EncodeKey,
+        St: crate::store::Store,
+        C: super::shared::Codec<V>,
+    {
+        self.shared = Some(Arc::new(super::shared::StoreTier {
+            name: name.into(),
+            store,
+            codec,
+        }));
+        self
+    }
+
     /// Builds the cache.
     pub fn build(self) -> Cache<K, V, E> {
         // Moka drops an entry once it can be of no more use; freshness itself is judged on
@@ -635,6 +821,25 @@ where
             }
             None => self.entries.expire_after(Expire),
         };
+        #[cfg(feature = "http-cache")]
+        let shared = self.shared.map(|tier| Shared {
+            tier,
+            keys: Arc::new(DashMap::with_hasher(DefaultHashBuilder::new())),
+            listening: std::sync::Once::new(),
+        });
+        // The keys of the values a change may name are forgotten with the values.
+        #[cfg(feature = "http-cache")]
+        let entries = match &shared {
+            Some(shared) => {
+                let (tier, keys) = (shared.tier.clone(), shared.keys.clone());
+                entries.eviction_listener(move |key, _, cause| {
+                    if cause != moka::notification::RemovalCause::Replaced {
+                        keys.remove(&tier.store_key(&key));
+                    }
+                })
+            }
+            None => entries,
+        };
         let entries = entries.build_with_hasher(DefaultHashBuilder::new());
         Cache {
             inner: Arc::new(Inner {
@@ -644,6 +849,8 @@ where
                 lifetimes: self.lifetimes,
                 negative_ttl: self.negative_ttl,
                 timing: self.timing,
+                #[cfg(feature = "http-cache")]
+                shared,
             }),
         }
     }

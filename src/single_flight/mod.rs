@@ -91,6 +91,8 @@ mod flight;
 pub mod future;
 mod group;
 mod registry;
+#[cfg(feature = "http-cache")]
+mod shared;
 
 #[cfg(feature = "http-cache")]
 pub(crate) use self::cache::Freshness;
@@ -99,3 +101,6 @@ pub use self::cache::{Cache, CacheBuilder, CacheStatus, Fetched, Lifetimes, Time
 pub use self::future::Run;
 pub use self::group::{DefaultHashBuilder, Group, Outcome};
 pub(crate) use self::registry::LazyGroup;
+#[cfg(feature = "http-cache")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-cache")))]
+pub use self::shared::Codec;
