@@ -4,7 +4,8 @@
 //! once.
 //!
 //! - `one_caller`: a fresh key, one caller: what the store adds to a request that coalesces
-//!   with nothing (a lookup-or-lease, then a store-and-release: two round trips).
+//!   with nothing (a lookup-or-lease, then a store-and-release: two round trips). On Redis
+//!   and the cluster it is also measured turn about, and the ratio printed.
 //! - `fan_in_50`: a fresh key, 50 concurrent callers on one instance: the store is paid
 //!   once per key per instance, so per caller it nearly vanishes.
 //! - `four_instances_one_key`: 4 instances (a layer and a connection each) x 50 callers of
@@ -108,6 +109,18 @@ fn benches(c: &mut Criterion) {
         });
     }
     group.finish();
+    // The same on one Redis and on the cluster, turn about: on a shared machine loopback
+    // latency drifts from one criterion measurement to the next by more than the
+    // difference between the two.
+    #[cfg(feature = "redis")]
+    {
+        let by_name = |wanted| setups.iter().find(|(name, _)| *name == wanted);
+        if let (Some((_, single)), Some((_, cluster))) =
+            (by_name("redis"), by_name("redis_cluster"))
+        {
+            rt.block_on(interleaved(&single[0], &cluster[0]));
+        }
+    }
 
     let mut group = c.benchmark_group("fan_in_50");
     group.throughput(Throughput::Elements(50));
@@ -131,6 +144,28 @@ fn benches(c: &mut Criterion) {
         group.bench_function(*name, |b| b.to_async(&rt).iter(|| distinct(instances, 100)));
     }
     group.finish();
+}
+
+/// One caller's flights on `single` and on `cluster`, one after the other, 2,000 each,
+/// three times: prints the mean of each and the ratio.
+#[cfg(feature = "redis")]
+async fn interleaved(single: &Svc, cluster: &Svc) {
+    for _ in 0..3 {
+        let mut took = [std::time::Duration::ZERO; 2];
+        for i in 0..4000 {
+            let svc = if i % 2 == 0 { single } else { cluster };
+            let started = std::time::Instant::now();
+            svc.clone().oneshot(request(&fresh_key())).await.unwrap();
+            took[i % 2] += started.elapsed();
+        }
+        let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / 2000.0;
+        println!(
+            "one_caller interleaved: redis {:.1} us, redis_cluster {:.1} us: {:.2}x",
+            us(took[0]),
+            us(took[1]),
+            took[1].as_secs_f64() / took[0].as_secs_f64()
+        );
+    }
 }
 
 /// 4 instances on the Redis at `REDIS_URL`, and 4 on the cluster at `REDIS_CLUSTER_URLS`,
