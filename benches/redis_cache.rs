@@ -58,12 +58,7 @@ fn layered<St: Store>(
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            let body = Full::new(Bytes::from_static(b"{\"report\":7,\"total\":997000}"));
-            let response = Response::builder()
-                .header("cache-control", "max-age=3600")
-                .body(body)
-                .unwrap();
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(report())
         }
     });
     let svc =
@@ -74,6 +69,15 @@ fn layered<St: Store>(
                 Ok(response.into_body().collect().await.unwrap().to_bytes())
             });
     BoxCloneSyncService::new(svc)
+}
+
+/// The response every handler here answers: kept an hour.
+fn report() -> Response<Full<Bytes>> {
+    let body = Full::new(Bytes::from_static(b"{\"report\":7,\"total\":997000}"));
+    Response::builder()
+        .header("cache-control", "max-age=3600")
+        .body(body)
+        .unwrap()
 }
 
 fn get(path: &str) -> Request<Full<Bytes>> {
@@ -99,16 +103,7 @@ async fn peers(url: &str) -> (Svc, Svc) {
     let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
     let namespace = format!("tower-http-cache-bench:{}", std::process::id());
     let backend = || RedisBackend::new(conn.clone()).with_namespace(namespace.clone());
-    let handler = || {
-        service_fn(|_: Request<Full<Bytes>>| async {
-            let body = Full::new(Bytes::from_static(b"{\"report\":7,\"total\":997000}"));
-            let response = Response::builder()
-                .header("cache-control", "max-age=3600")
-                .body(body)
-                .unwrap();
-            Ok::<_, Infallible>(response)
-        })
-    };
+    let handler = || service_fn(|_: Request<Full<Bytes>>| async { Ok::<_, Infallible>(report()) });
     let redis_only = CacheLayer::builder(backend())
         .ttl(Duration::from_secs(3600))
         .respect_cache_control(true)

@@ -40,7 +40,7 @@ impl Near {
             .weigher(|_key, (response, _): &Entry| {
                 u32::try_from(response.weight()).unwrap_or(u32::MAX)
             })
-            .expire_after(EntryTtl)
+            .expire_after(crate::store::PerEntryTtl)
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
         Arc::new(Near {
@@ -153,32 +153,6 @@ impl std::fmt::Debug for Near {
             .field("bytes", &self.entries.weighted_size())
             .field("max_ttl", &self.max_ttl)
             .finish()
-    }
-}
-
-/// Expires each copy after the TTL it was kept with.
-struct EntryTtl;
-
-impl moka::Expiry<StoreKey, Entry> for EntryTtl {
-    fn expire_after_create(
-        &self,
-        _key: &StoreKey,
-        (_, ttl): &Entry,
-        _now: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(*ttl)
-    }
-
-    // A key kept anew expires by its new TTL (moka's default keeps the old expiry: a
-    // refreshed entry would go when the one it replaced was due).
-    fn expire_after_update(
-        &self,
-        _key: &StoreKey,
-        (_, ttl): &Entry,
-        _now: std::time::Instant,
-        _left: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(*ttl)
     }
 }
 

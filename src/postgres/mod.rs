@@ -488,11 +488,9 @@ impl Store for PostgresStore {
         let statement = sqlx::query_scalar::<_, Vec<u8>>(&self.shared.statements.take_group)
             .bind(&group.as_bytes()[..])
             .fetch_all(&self.shared.pool);
-        let keys = self.timed("group take", statement).await?;
-        Ok(keys
-            .into_iter()
-            .filter_map(|key| Some(StoreKey::from_bytes(key.try_into().ok()?)))
-            .collect())
+        Ok(StoreKey::all_from(
+            self.timed("group take", statement).await?,
+        ))
     }
 
     async fn announce(&self, keys: &[StoreKey]) -> Result<(), BoxError> {

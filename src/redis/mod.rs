@@ -484,11 +484,7 @@ impl Store for RedisStore {
         script.key(&group);
         let mut conn = self.conn.clone();
         let taken = script.invoke::<Vec<Vec<u8>>>(&mut conn);
-        let members = self.timed("group take", taken).await?;
-        Ok(members
-            .into_iter()
-            .filter_map(|member| Some(StoreKey::from_bytes(member.try_into().ok()?)))
-            .collect())
+        Ok(StoreKey::all_from(self.timed("group take", taken).await?))
     }
 
     async fn announce(&self, keys: &[StoreKey]) -> Result<(), BoxError> {

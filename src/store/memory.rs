@@ -93,8 +93,8 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
-/// Expires each entry after the TTL it was put with.
-struct PerEntryTtl;
+/// Expires each entry after the TTL it was put with (the HTTP cache's near copies too).
+pub(crate) struct PerEntryTtl;
 
 impl moka::Expiry<StoreKey, (Arc<StoredResponse>, Duration)> for PerEntryTtl {
     fn expire_after_create(

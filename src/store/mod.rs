@@ -18,6 +18,8 @@ mod lease;
 mod memory;
 
 pub use self::lease::{FencingToken, Lease, LeaseGuard};
+#[cfg(feature = "http-cache")]
+pub(crate) use self::memory::PerEntryTtl;
 #[cfg(any(feature = "idempotency", feature = "http-cache"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "idempotency", feature = "http-cache"))))]
 pub use self::memory::{DEFAULT_MEMORY_LIMIT, MemoryStore};
@@ -245,6 +247,13 @@ impl StoreKey {
     /// The key's 32 bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    /// The keys a shared store gives back as bytes, those of 32 bytes.
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    pub(crate) fn all_from(keys: Vec<Vec<u8>>) -> Vec<StoreKey> {
+        let key = |bytes: Vec<u8>| Some(StoreKey(bytes.try_into().ok()?));
+        keys.into_iter().filter_map(key).collect()
     }
 }
 
