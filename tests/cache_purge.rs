@@ -267,3 +267,16 @@ async fn alternating_encodings_keep_both_variants_and_the_variants_are_bounded()
         }
     }
 }
+
+#[tokio::test]
+async fn a_store_that_cannot_purge_says_so() {
+    let purger = HttpCacheLayer::new()
+        .store(tower_coalesce::store::NoStore)
+        .purger();
+    let error = purger.purge("/r/1").await.unwrap_err().to_string();
+    assert!(
+        error.contains("can't remove entries or keep groups"),
+        "{error}"
+    );
+    assert!(purger.purge_tag("reports").await.is_err());
+}
