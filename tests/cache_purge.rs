@@ -92,17 +92,19 @@ fn app(data: &Data) -> Router {
 struct Cached {
     base: String,
     purger: Purger,
+    metrics: tower_coalesce::http::Metrics,
     client: reqwest::Client,
 }
 
 async fn cached(data: &Data) -> Cached {
     // Per user, as a cache of anything personal would be.
     let cache = HttpCacheLayer::new().scope(scope::headers(["x-user"]));
-    let purger = cache.purger();
+    let (purger, metrics) = (cache.purger(), cache.metrics());
     let addr = serve(app(data).layer(cache)).await;
     Cached {
         base: format!("http://{addr}"),
         purger,
+        metrics,
         client: reqwest::Client::new(),
     }
 }
@@ -187,6 +189,7 @@ async fn a_purge_drops_the_uri_for_every_scope_and_a_tag_purge_the_tagged_only()
     );
     assert_eq!(cache.purger.purge_tag("nothing").await.unwrap(), 0);
     assert_eq!(data.ran("/r/1/detail"), 2, "details were never purged");
+    assert_eq!(cache.metrics.cache_purged(), 2 + 2 + 3 + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,6 +219,11 @@ async fn a_successful_post_invalidates_its_uri_and_location_and_a_failed_one_not
         "another URI"
     );
     assert_eq!(data.ran("/r/conflict"), 2);
+    assert_eq!(
+        cache.metrics.cache_purged(),
+        4,
+        "/r/1 and its detail, for two users"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,7 @@ fn app(version: &Counter, runs: &Counter) -> Router {
 struct Instance {
     base: String,
     purger: Purger,
+    metrics: tower_coalesce::http::Metrics,
 }
 
 async fn instance<St: Store>(store: St, app: Router) -> Instance {
@@ -57,11 +58,12 @@ async fn instance<St: Store>(store: St, app: Router) -> Instance {
         .unscoped()
         .store(store)
         .near_cache(1 << 20);
-    let purger = cache.purger();
+    let (purger, metrics) = (cache.purger(), cache.metrics());
     let addr: SocketAddr = serve(app.layer(cache)).await;
     let instance = Instance {
         base: format!("http://{addr}"),
         purger,
+        metrics,
     };
     // The first lookup subscribes the near cache to the changes (a 404, kept nowhere).
     let res = reqwest::get(format!("{}/warm-up", instance.base))
@@ -164,6 +166,11 @@ async fn after_the_first_read_a_hit_on_either_instance_costs_redis_nothing() {
     assert_eq!(commands(&server).await - before, 0, "100 hits, 0 commands");
     assert_eq!(b_first, 1, "B's first hit: one GET");
     assert_eq!(runs.get(), 1);
+    assert_eq!(
+        (a.metrics.cache_near_hits(), b.metrics.cache_near_hits()),
+        (50, 50)
+    );
+    assert_eq!(b.metrics.cache_hits(), 51);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

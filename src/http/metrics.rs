@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// | `coalesce_idempotency_conflicts_total` | `reason="in_flight"` / `"fingerprint"` | `409`s and `422`s |
 /// | `coalesce_lease_takeovers_total` | | leases taken after waiting for another instance (Redis) |
 /// | `coalesce_store_errors_total` | | store calls that failed or timed out |
-/// | `coalesce_flights_waiting_elsewhere_total`, `coalesce_callers_cancelled_total`, `coalesce_mismatches_queued_total`, `coalesce_responses_not_shared_total`, `coalesce_bodies_over_limit_total`, `coalesce_cache_refreshes_total` | | as the methods of the same names |
+/// | `coalesce_flights_waiting_elsewhere_total`, `coalesce_callers_cancelled_total`, `coalesce_mismatches_queued_total`, `coalesce_responses_not_shared_total`, `coalesce_bodies_over_limit_total`, `coalesce_cache_refreshes_total`, `coalesce_cache_near_hits_total`, `coalesce_cache_purged_total` | | as the methods of the same names |
 ///
 /// The roles are events, not a partition: a follower that times out counts as `follower`
 /// and as `timed_out`. Recorders are looked up on each event, so one installed after the
@@ -73,6 +73,8 @@ struct Counters {
     cache_hits: AtomicU64,
     cache_stale: AtomicU64,
     cache_refreshes: AtomicU64,
+    cache_near_hits: AtomicU64,
+    cache_purged: AtomicU64,
     lease_takeovers: AtomicU64,
     flights_in_flight: AtomicU64,
     // Whether the first request without a key has been logged at WARN.
@@ -225,6 +227,36 @@ impl Metrics {
             REQUESTS,
             Some(("role", if fresh { "hit" } else { "stale" })),
         );
+    }
+
+    /// Of [`cache_hits`](Self::cache_hits), those answered from the near cache's copy,
+    /// without a store lookup.
+    pub fn cache_near_hits(&self) -> u64 {
+        self.counters.cache_near_hits.load(Ordering::Relaxed)
+    }
+
+    /// Entries the HTTP cache dropped from its store by purges and by the invalidations of
+    /// unsafe requests.
+    pub fn cache_purged(&self) -> u64 {
+        self.counters.cache_purged.load(Ordering::Relaxed)
+    }
+
+    #[cfg_attr(not(feature = "http-cache"), allow(dead_code))]
+    pub(crate) fn cache_near_hit(&self) {
+        self.counters
+            .cache_near_hits
+            .fetch_add(1, Ordering::Relaxed);
+        self.export("coalesce_cache_near_hits_total", None);
+    }
+
+    #[cfg_attr(not(feature = "http-cache"), allow(dead_code))]
+    pub(crate) fn cache_purged_entries(&self, entries: usize) {
+        self.counters
+            .cache_purged
+            .fetch_add(entries as u64, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!("coalesce_cache_purged_total", self.labels(None))
+            .increment(entries as u64);
     }
 
     #[cfg_attr(not(feature = "http-cache"), allow(dead_code))]
@@ -496,6 +528,8 @@ impl fmt::Debug for Metrics {
             .field("mismatches_rejected", &self.mismatches_rejected())
             .field("cache_hits", &self.cache_hits())
             .field("cache_stale", &self.cache_stale())
+            .field("cache_near_hits", &self.cache_near_hits())
+            .field("cache_purged", &self.cache_purged())
             .field("cache_refreshes", &self.cache_refreshes())
             .field("lease_takeovers", &self.lease_takeovers())
             .field("flights_in_flight", &self.flights_in_flight())

@@ -180,8 +180,9 @@ impl<I, St> HttpCacheLayer<I, St> {
         self
     }
 
-    /// The counters of this cache: [`Metrics::cache_hits`], [`Metrics::cache_stale`],
-    /// [`Metrics::cache_refreshes`] and the flights' own.
+    /// The counters of this cache: [`Metrics::cache_hits`] (of which
+    /// [`Metrics::cache_near_hits`]), [`Metrics::cache_stale`], [`Metrics::cache_refreshes`],
+    /// [`Metrics::cache_purged`] and the flights' own.
     pub fn metrics(&self) -> Metrics {
         self.engine.metrics.clone()
     }
@@ -267,6 +268,7 @@ impl<I, St: Store> HttpCacheLayer<I, St> {
         Purger {
             stage: self.stage.clone(),
             store: Arc::new(self.engine.store.clone()),
+            metrics: self.engine.metrics.clone(),
         }
     }
 

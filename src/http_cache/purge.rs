@@ -18,6 +18,7 @@ use http::{HeaderMap, HeaderName, StatusCode, Uri};
 
 use super::stage::CacheStage;
 use crate::BoxError;
+use crate::http::Metrics;
 use crate::http::stage::Lookup;
 use crate::store::StoreKey;
 
@@ -54,6 +55,7 @@ const CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
 pub struct Purger {
     pub(super) stage: Arc<CacheStage>,
     pub(super) store: Arc<dyn Lookup>,
+    pub(super) metrics: Metrics,
 }
 
 impl Purger {
@@ -70,7 +72,7 @@ impl Purger {
             .parse()
             .map_err(|e| format!("can't purge {uri:?}: {e}"))?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        purge_uri(&self.stage, &*self.store, path).await
+        purge_uri(&self.stage, &*self.store, path, &self.metrics).await
     }
 
     /// Drops the entries whose response named `tag` in `Surrogate-Key` or `Cache-Tag`, on
@@ -81,7 +83,7 @@ impl Purger {
     /// If the store failed (or can't purge).
     pub async fn purge_tag(&self, tag: &str) -> Result<usize, BoxError> {
         let group = StoreKey::group("tag", tag.as_bytes());
-        purge_group(&self.stage, &*self.store, &group).await
+        purge_group(&self.stage, &*self.store, &group, &self.metrics).await
     }
 }
 
@@ -96,8 +98,15 @@ pub(super) async fn purge_uri(
     stage: &CacheStage,
     store: &dyn Lookup,
     path: &str,
+    metrics: &Metrics,
 ) -> Result<usize, BoxError> {
-    purge_group(stage, store, &StoreKey::group("uri", path.as_bytes())).await
+    purge_group(
+        stage,
+        store,
+        &StoreKey::group("uri", path.as_bytes()),
+        metrics,
+    )
+    .await
 }
 
 /// Takes the group, removes its entries, drops the near copies and tells the others.
@@ -105,6 +114,7 @@ async fn purge_group(
     stage: &CacheStage,
     store: &dyn Lookup,
     group: &StoreKey,
+    metrics: &Metrics,
 ) -> Result<usize, BoxError> {
     let keys = store.take_group(group).await?;
     if keys.is_empty() {
@@ -118,7 +128,9 @@ async fn purge_group(
     let announced = store.announce(&keys).await;
     let removed = removed.into_iter().collect::<Result<Vec<bool>, _>>()?;
     announced?;
-    Ok(removed.into_iter().filter(|&was| was).count())
+    let dropped = removed.into_iter().filter(|&was| was).count();
+    metrics.cache_purged_entries(dropped);
+    Ok(dropped)
 }
 
 /// The groups a response kept for the request target `target` is filed under: its path

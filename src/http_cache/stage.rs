@@ -169,7 +169,7 @@ impl Stage for CacheStage {
         let targets = super::purge::invalidated(request, answer.status, answer.headers)?;
         Some(Box::pin(async move {
             for target in targets {
-                if let Err(error) = super::purge::purge_uri(self, store, &target).await {
+                if let Err(error) = super::purge::purge_uri(self, store, &target, metrics).await {
                     metrics.store_error();
                     tracing::warn!(%error, "invalidating a cached URI failed");
                 }
@@ -223,8 +223,12 @@ impl CacheStage {
                     |status| from_store(&kept, age, lifetimes.fresh, status, &conditional, metrics);
                 match lifetimes.state(age) {
                     Freshness::Fresh => {
-                        if let (Some(near), Some(epoch)) = (&self.near, epoch) {
-                            near.fill(&at, kept.clone(), lifetimes.fresh - age, epoch);
+                        match (&self.near, epoch) {
+                            (Some(near), Some(epoch)) => {
+                                near.fill(&at, kept.clone(), lifetimes.fresh - age, epoch);
+                            }
+                            (Some(_), None) => metrics.cache_near_hit(),
+                            (None, _) => {}
                         }
                         return Admit::Answer(served(Status::Hit));
                     }
