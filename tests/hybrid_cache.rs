@@ -393,3 +393,78 @@ async fn on_postgres_a_refresh_a_tag_purge_and_a_post_reach_the_other_instance_w
     let next = tokio::time::timeout(Duration::from_secs(10), changes.recv()).await;
     assert!(matches!(next, Ok(Ok(Change::Lost))), "{next:?}");
 }
+
+/// Variants through the near caches: two instances, clients alternating three
+/// `Accept-Encoding`s: one run per variant for both instances, each answer its own
+/// variant, and after each instance's first read of a variant, hits from the near copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
+async fn variants_run_once_across_instances_and_hit_near_after() {
+    let Some(server) = Server::start(free_port()) else {
+        return;
+    };
+    let runs = Counter::default();
+    let r = runs.clone();
+    let app = Router::new().route(
+        "/report",
+        get(move |headers: axum::http::HeaderMap| {
+            r.incr();
+            let encoding = headers
+                .get("accept-encoding")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            async move {
+                (
+                    [
+                        ("cache-control", "max-age=300"),
+                        ("vary", "accept-encoding"),
+                    ],
+                    format!("as [{encoding}]"),
+                )
+            }
+        }),
+    );
+    let prefix = prefix();
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let store = server.connect().await.with_prefix(prefix.as_str());
+        instances.push(instance(store, app.clone()).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let client = reqwest::Client::new();
+    for round in 0..5 {
+        for instance in &instances {
+            for encoding in ["gzip", "br", "identity"] {
+                let res = client
+                    .get(format!("{}/report", instance.base))
+                    .header("accept-encoding", encoding)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    res.text().await.unwrap(),
+                    format!("as [{encoding}]"),
+                    "round {round}"
+                );
+            }
+        }
+    }
+    assert_eq!(runs.get(), 3, "one run per variant for both instances");
+    let before = commands(&server).await;
+    for instance in &instances {
+        for encoding in ["gzip", "br", "identity"] {
+            let res = client
+                .get(format!("{}/report", instance.base))
+                .header("accept-encoding", encoding)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.text().await.unwrap(), format!("as [{encoding}]"));
+        }
+    }
+    assert_eq!(
+        commands(&server).await - before,
+        0,
+        "every variant from the near copies"
+    );
+}
