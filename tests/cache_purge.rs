@@ -8,14 +8,17 @@ mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Path;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use support::{Counter, serve};
+use tower::ServiceExt;
 use tower_coalesce::http::scope;
 use tower_coalesce::http_cache::{HttpCacheLayer, Purger};
+use tower_coalesce::store::{StoreKey, StoredResponse};
 
 /// Runs per path, and the data's version: what a handler reads from its "database".
 #[derive(Clone, Default)]
@@ -287,4 +290,91 @@ async fn a_store_that_cannot_purge_says_so() {
         "{error}"
     );
     assert!(purger.purge_tag("reports").await.is_err());
+}
+
+/// A store whose group takes are slow, as a store far away would be.
+#[derive(Clone, Default)]
+struct SlowGroups(tower_coalesce::store::MemoryStore);
+
+impl tower_coalesce::store::Store for SlowGroups {
+    async fn get(
+        &self,
+        key: &StoreKey,
+    ) -> Result<Option<Arc<StoredResponse>>, tower_coalesce::BoxError> {
+        self.0.get(key).await
+    }
+
+    async fn put(
+        &self,
+        key: StoreKey,
+        response: Arc<StoredResponse>,
+        ttl: Duration,
+    ) -> Result<(), tower_coalesce::BoxError> {
+        self.0.put(key, response, ttl).await
+    }
+
+    async fn remove(&self, key: &StoreKey) -> Result<bool, tower_coalesce::BoxError> {
+        self.0.remove(key).await
+    }
+
+    async fn add_to_group(
+        &self,
+        group: &StoreKey,
+        key: &StoreKey,
+        ttl: Duration,
+    ) -> Result<(), tower_coalesce::BoxError> {
+        self.0.add_to_group(group, key, ttl).await
+    }
+
+    async fn take_group(
+        &self,
+        group: &StoreKey,
+    ) -> Result<Vec<StoreKey>, tower_coalesce::BoxError> {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.0.take_group(group).await
+    }
+}
+
+/// A client that times out while its `POST` invalidates (after the handler ran) leaves the
+/// invalidation done all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_goes_away_mid_invalidation_leaves_it_done() {
+    let data = Data::default();
+    let cache = HttpCacheLayer::new()
+        .scope(scope::headers(["x-user"]))
+        .store(SlowGroups::default());
+    let metrics = cache.metrics();
+    let app = app(&data).layer(cache);
+    let get = || {
+        axum::http::Request::get("/r/1")
+            .header("x-user", "alice")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let body = |res: axum::response::Response| async {
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    };
+    assert_eq!(
+        body(app.clone().oneshot(get()).await.unwrap()).await,
+        "/r/1 v0 for alice"
+    );
+    let post = axum::http::Request::post("/r/1")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let timed_out =
+        tokio::time::timeout(Duration::from_millis(50), app.clone().oneshot(post)).await;
+    assert!(
+        timed_out.is_err(),
+        "the caller gave up during the invalidation"
+    );
+    assert_eq!(data.version.get(), 1, "the handler ran");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(metrics.cache_purged(), 1);
+    assert_eq!(
+        body(app.oneshot(get()).await.unwrap()).await,
+        "/r/1 v1 for alice"
+    );
 }

@@ -182,7 +182,8 @@ fn after<B, E>(
 
 /// Serves a request without a key, of a method that is not safe, through a layer with a
 /// stage: the stage sees its answer before the caller does (a cache drops the entries it
-/// changed).
+/// changed), on a task of its own, so that a caller that goes away meanwhile (a client
+/// timeout) doesn't leave the stage's work half done.
 pub(crate) async fn passed<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
@@ -191,22 +192,28 @@ pub(crate) async fn passed<S, K, I, St, ReqB, ResB>(
 ) -> Answer<ResB, S::Error>
 where
     S: InnerService<ReqB, ResB>,
+    K: Send + Sync + 'static,
+    I: Send + Sync + 'static,
     St: Store,
     ReqB: Send + 'static,
     ResB: SharedBody,
 {
     let request = Request::from_parts(parts.clone(), Either::Right(body));
     let response = inner.oneshot(request).await?;
-    if let Some(stage) = &engine.stage {
+    let (status, headers) = (response.status(), response.headers().clone());
+    let work = tokio::spawn(async move {
+        let Some(stage) = &engine.stage else { return };
         let answer = Answered {
-            status: response.status(),
-            headers: response.headers(),
+            status,
+            headers: &headers,
             role: None,
         };
         if let Some(work) = stage.passed(&engine.store, &parts, answer, &engine.metrics) {
             work.await;
         }
-    }
+    });
+    // A panic in the stage is the stage's: the caller has its answer all the same.
+    let _ = work.await;
     Ok(response.map(ResponseBody::inner))
 }
 
