@@ -3,7 +3,7 @@
 //! to them (the store's backplane), and never kept past their freshness.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, Once, Weak};
 use std::time::Duration;
 
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -28,6 +28,9 @@ pub(crate) struct Near {
     /// Subscribes to the store's changes: called by the first lookup, on the runtime that
     /// serves requests (a layer may be built outside of one).
     changes: Mutex<Option<Subscribe>>,
+    /// Whether the first lookup did; every later one reads only this (an atomic load, not
+    /// the lock: this is on every hit).
+    listening: Once,
 }
 
 /// Subscribes to a store's changes ([`Store::changes`](crate::store::Store::changes)).
@@ -48,12 +51,13 @@ impl Near {
             epoch: AtomicU64::new(0),
             max_ttl,
             changes: Mutex::new(changes),
+            listening: Once::new(),
         })
     }
 
     /// The copy of `key`'s entry, if there is one.
     pub(crate) fn get(self: &Arc<Self>, key: &StoreKey) -> Option<Arc<StoredResponse>> {
-        self.listen();
+        self.listening.call_once(|| self.listen());
         self.entries.get(key).map(|(response, _)| response)
     }
 
@@ -107,12 +111,8 @@ impl Near {
     /// Copies made before the subscription is confirmed may miss changes: the store's
     /// confirmation comes as a [`Change::Lost`], which drops them.
     fn listen(self: &Arc<Self>) {
-        let Some(subscribe) = self
-            .changes
-            .try_lock()
-            .ok()
-            .and_then(|mut changes| changes.take())
-        else {
+        let subscribe = self.changes.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(subscribe) = subscribe else {
             return;
         };
         let Some(mut changes) = subscribe() else {
