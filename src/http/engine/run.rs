@@ -147,8 +147,8 @@ pub(super) async fn keep_ran<K, I, St: Store, B>(
     match store_and_release(engine, key.clone(), lease, kept.clone()).await {
         Ok(()) => {
             if let Some(kept) = &kept {
-                let store = &engine.store;
-                Box::pin(stage.kept(store, &key, kept, target, &engine.metrics)).await;
+                // Boxed already: a stage is a trait object.
+                stage.kept(&engine.store, &key, kept, target, &engine.metrics).await;
             }
         }
         Err(error) => {
