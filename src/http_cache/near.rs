@@ -111,7 +111,11 @@ impl Near {
     /// Copies made before the subscription is confirmed may miss changes: the store's
     /// confirmation comes as a [`Change::Lost`], which drops them.
     fn listen(self: &Arc<Self>) {
-        let subscribe = self.changes.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let subscribe = self
+            .changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let Some(subscribe) = subscribe else {
             return;
         };

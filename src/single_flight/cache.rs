@@ -413,9 +413,7 @@ where
         &self,
         key: K,
         work: Fut,
-        #[cfg_attr(not(feature = "http-cache"), allow(unused_variables))] refreshing: Option<
-            Duration,
-        >,
+        refreshing: Option<Duration>,
     ) -> impl Future<Output = Result<V, E>> + Send + use<K, V, E, Fut>
     where
         Fut: Future<Output = Result<V, E>> + Send + 'static,
@@ -424,24 +422,7 @@ where
         self.inner.tickets.insert(key.clone(), ticket.clone());
         let inner = self.inner.clone();
         async move {
-            #[cfg(feature = "http-cache")]
-            let result = match &inner.shared {
-                Some(shared) => {
-                    let flight = inner.shared_flight(shared, &key, work, &ticket, refreshing);
-                    flight.await
-                }
-                None => {
-                    let result = work.await;
-                    inner.store(&key, &result, &ticket, Duration::ZERO);
-                    result
-                }
-            };
-            #[cfg(not(feature = "http-cache"))]
-            let result = {
-                let result = work.await;
-                inner.store(&key, &result, &ticket, Duration::ZERO);
-                result
-            };
+            let result = inner.run(&key, work, &ticket, refreshing).await;
             inner
                 .tickets
                 .remove_if(&key, |_, registered| Arc::ptr_eq(registered, &ticket));
@@ -560,6 +541,31 @@ where
             }
             self.entries.insert(key.clone(), slot);
         }
+    }
+
+    /// Runs a flight's work and keeps its result; with a shared store, the store's value
+    /// may stand for the work (`refreshing`: the age of the value a refresh replaces).
+    async fn run<Fut>(
+        &self,
+        key: &K,
+        work: Fut,
+        ticket: &Ticket,
+        refreshing: Option<Duration>,
+    ) -> Result<V, E>
+    where
+        Fut: Future<Output = Result<V, E>>,
+    {
+        #[cfg(feature = "http-cache")]
+        if let Some(shared) = &self.shared {
+            return self
+                .shared_flight(shared, key, work, ticket, refreshing)
+                .await;
+        }
+        #[cfg(not(feature = "http-cache"))]
+        let _ = refreshing;
+        let result = work.await;
+        self.store(key, &result, ticket, Duration::ZERO);
+        result
     }
 
     /// Drops `key` here: its value, and the licence of its running flight to keep its

@@ -148,7 +148,9 @@ pub(super) async fn keep_ran<K, I, St: Store, B>(
         Ok(()) => {
             if let Some(kept) = &kept {
                 // Boxed already: a stage is a trait object.
-                stage.kept(&engine.store, &key, kept, target, &engine.metrics).await;
+                stage
+                    .kept(&engine.store, &key, kept, target, &engine.metrics)
+                    .await;
             }
         }
         Err(error) => {
