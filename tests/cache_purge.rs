@@ -231,29 +231,8 @@ async fn a_successful_post_invalidates_its_uri_and_location_and_a_failed_one_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alternating_encodings_keep_both_variants_and_the_variants_are_bounded() {
-    let runs = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
-    let r = runs.clone();
-    let app = Router::new()
-        .route(
-            "/report",
-            get(move |headers: HeaderMap| {
-                let encoding = headers
-                    .get("accept-encoding")
-                    .map(|v| v.to_str().unwrap().to_owned())
-                    .unwrap_or_default();
-                *r.lock().unwrap().entry(encoding.clone()).or_default() += 1;
-                async move {
-                    (
-                        [
-                            ("cache-control", "max-age=300"),
-                            ("vary", "accept-encoding"),
-                        ],
-                        format!("as [{encoding}]"),
-                    )
-                }
-            }),
-        )
-        .layer(HttpCacheLayer::new().unscoped());
+    let runs = support::RunsByEncoding::default();
+    let app = support::varied_report(&runs).layer(HttpCacheLayer::new().unscoped());
     let url = format!("http://{}/report", serve(app).await);
     let client = reqwest::Client::new();
     let get = |encoding: String| {

@@ -403,27 +403,8 @@ async fn variants_run_once_across_instances_and_hit_near_after() {
     let Some(server) = Server::start(free_port()) else {
         return;
     };
-    let runs = Counter::default();
-    let r = runs.clone();
-    let app = Router::new().route(
-        "/report",
-        get(move |headers: axum::http::HeaderMap| {
-            r.incr();
-            let encoding = headers
-                .get("accept-encoding")
-                .map(|v| v.to_str().unwrap().to_owned())
-                .unwrap_or_default();
-            async move {
-                (
-                    [
-                        ("cache-control", "max-age=300"),
-                        ("vary", "accept-encoding"),
-                    ],
-                    format!("as [{encoding}]"),
-                )
-            }
-        }),
-    );
+    let runs = support::RunsByEncoding::default();
+    let app = support::varied_report(&runs);
     let prefix = prefix();
     let mut instances = Vec::new();
     for _ in 0..2 {
@@ -431,27 +412,24 @@ async fn variants_run_once_across_instances_and_hit_near_after() {
         instances.push(instance(store, app.clone()).await);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let client = reqwest::Client::new();
-    for round in 0..5 {
-        for instance in &instances {
-            for encoding in ["gzip", "br", "identity"] {
-                let res = client
-                    .get(format!("{}/report", instance.base))
-                    .header("accept-encoding", encoding)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(
-                    res.text().await.unwrap(),
-                    format!("as [{encoding}]"),
-                    "round {round}"
-                );
-            }
-        }
+    for _ in 0..5 {
+        each_variant_on_each(&instances).await;
     }
-    assert_eq!(runs.get(), 3, "one run per variant for both instances");
+    let all: usize = runs.lock().unwrap().values().sum();
+    assert_eq!(all, 3, "one run per variant for both instances");
     let before = commands(&server).await;
-    for instance in &instances {
+    each_variant_on_each(&instances).await;
+    assert_eq!(
+        commands(&server).await - before,
+        0,
+        "every variant from the near copies"
+    );
+}
+
+/// Every instance asked for the report in each of three encodings: each answer its own.
+async fn each_variant_on_each(instances: &[Instance]) {
+    let client = reqwest::Client::new();
+    for instance in instances {
         for encoding in ["gzip", "br", "identity"] {
             let res = client
                 .get(format!("{}/report", instance.base))
@@ -462,9 +440,4 @@ async fn variants_run_once_across_instances_and_hit_near_after() {
             assert_eq!(res.text().await.unwrap(), format!("as [{encoding}]"));
         }
     }
-    assert_eq!(
-        commands(&server).await - before,
-        0,
-        "every variant from the near copies"
-    );
 }

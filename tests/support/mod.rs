@@ -132,3 +132,31 @@ pub mod postgres;
 pub mod processes;
 #[cfg(feature = "redis")]
 pub mod redis;
+
+/// Runs per `Accept-Encoding` value, of [`varied_report`].
+pub type RunsByEncoding = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
+/// `GET /report`: `as [{accept-encoding}]`, kept 300 s, `Vary: accept-encoding`; counts its
+/// runs per encoding in `runs`.
+pub fn varied_report(runs: &RunsByEncoding) -> axum::Router {
+    let runs = runs.clone();
+    axum::Router::new().route(
+        "/report",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let encoding = headers
+                .get("accept-encoding")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            *runs.lock().unwrap().entry(encoding.clone()).or_default() += 1;
+            async move {
+                (
+                    [
+                        ("cache-control", "max-age=300"),
+                        ("vary", "accept-encoding"),
+                    ],
+                    format!("as [{encoding}]"),
+                )
+            }
+        }),
+    )
+}
