@@ -16,7 +16,7 @@ use crate::BoxError;
 use crate::coalesce::MakeKey;
 use crate::http::body::ResponseBody;
 use crate::http::flown::Chunks;
-use crate::http::key::BufferedBody;
+use crate::http::key;
 use crate::http::stage::{Admit, After, Answered, Stage, Ticket};
 use crate::http::{Role, problem};
 use crate::store::{Fingerprint, Store, StoreKey};
@@ -25,7 +25,7 @@ use crate::store::{Fingerprint, Store, StoreKey};
 pub(crate) async fn serve<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
-    mut parts: Parts,
+    parts: Parts,
     body: ReqB,
     key: Option<K::Key>,
 ) -> Answer<ResB, S::Error>
@@ -41,7 +41,7 @@ where
         Ok(bytes) => bytes,
         Err(refusal) => return Ok(refusal),
     };
-    let Some(key) = key.or_else(|| key_in_body(&engine.make_key, &mut parts, &bytes)) else {
+    let Some(key) = key.or_else(|| key_in_body(&engine.make_key, &parts, &bytes)) else {
         if let Some(refusal) = engine.without_key(true, || engine.make_key.why_no_key(&parts)) {
             return Ok(refusal);
         }
@@ -222,13 +222,9 @@ pub(super) fn from_stage<B>(response: Response<Bytes>) -> Response<ResponseBody<
     response.map(|body| ResponseBody::buffered(body, None))
 }
 
-/// The key of a request whose key maker reads the body: it finds the body in the head's
-/// extensions while it makes the key.
-fn key_in_body<K: MakeKey<Parts>>(make_key: &K, parts: &mut Parts, body: &Bytes) -> Option<K::Key> {
-    parts.extensions.insert(BufferedBody(body.clone()));
-    let key = make_key.make_key(parts);
-    parts.extensions.remove::<BufferedBody>();
-    key
+/// The key of a request whose key maker reads the body.
+fn key_in_body<K: MakeKey<Parts>>(make_key: &K, parts: &Parts, body: &Bytes) -> Option<K::Key> {
+    key::with_body(body, || make_key.make_key(parts))
 }
 
 /// Reads a keyed request's body, refusing one over `limit` before reading it when its size

@@ -39,6 +39,7 @@
 //! integers, header values, methods, `Option`s, `Vec`s and tuples of these; a closure that
 //! returns a type of your own needs an implementation (or returns a `String`).
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 
@@ -435,12 +436,35 @@ pub fn form(name: &str) -> FormKey {
     FormKey { name: name.into() }
 }
 
-/// The request body, buffered by the layer, where body keys read it.
-#[derive(Clone)]
-pub(crate) struct BufferedBody(pub(crate) Bytes);
+thread_local! {
+    /// The body of the request whose key is being made, where body keys read it: set by
+    /// the layer around its `make_key` call, on that thread, for that call only. Not an
+    /// extension of the head: the first insert into a request's extensions allocates the
+    /// map (three allocations per keyed request, for a value that lives one call).
+    static BODY: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
 
-fn buffered_body(parts: &Parts) -> Option<&[u8]> {
-    parts.extensions.get::<BufferedBody>().map(|b| &b.0[..])
+/// Runs `make` (a key maker's `make_key`) with `body` as the request's buffered body.
+pub(crate) fn with_body<T>(body: &Bytes, make: impl FnOnce() -> T) -> T {
+    /// Puts back what was there before, also if `make` panics.
+    struct Restore(Option<Bytes>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BODY.with(|body| *body.borrow_mut() = self.0.take());
+        }
+    }
+    let _restore = Restore(BODY.with(|current| current.replace(Some(body.clone()))));
+    make()
+}
+
+/// `read` of the buffered body of the request whose key is being made; `None` outside the
+/// layer's `make_key` call (no body was read).
+fn buffered_body<T>(read: impl FnOnce(&[u8]) -> Option<T>) -> Option<T> {
+    // Taken out while it is read, so that a key maker may make another key meanwhile.
+    let body = BODY.with(|body| body.borrow_mut().take())?;
+    let value = read(&body);
+    BODY.with(|current| *current.borrow_mut() = Some(body));
+    value
 }
 
 /// Key maker made by [`json`].
@@ -473,8 +497,8 @@ impl JsonKey {
 impl MakeKey<Parts> for JsonKey {
     type Key = String;
 
-    fn make_key(&self, parts: &Parts) -> Option<String> {
-        self.key_of(buffered_body(parts)?)
+    fn make_key(&self, _: &Parts) -> Option<String> {
+        buffered_body(|body| self.key_of(body))
     }
 
     fn reads_body(&self) -> bool {
@@ -512,8 +536,8 @@ impl FormKey {
 impl MakeKey<Parts> for FormKey {
     type Key = String;
 
-    fn make_key(&self, parts: &Parts) -> Option<String> {
-        self.key_of(buffered_body(parts)?)
+    fn make_key(&self, _: &Parts) -> Option<String> {
+        buffered_body(|body| self.key_of(body))
     }
 
     fn reads_body(&self) -> bool {
@@ -703,19 +727,17 @@ mod tests {
         assert!(key.make_key(&keyed).is_some());
     }
 
-    fn with_body(body: &[u8]) -> Parts {
-        let mut parts = parts(http::Request::post("/"));
-        parts
-            .extensions
-            .insert(BufferedBody(Bytes::copy_from_slice(body)));
-        parts
+    /// The key `key` makes of a request with `body`, as the layer makes it.
+    fn body_key<K: MakeKey<Parts>>(key: &K, body: &[u8]) -> Option<K::Key> {
+        let head = parts(http::Request::post("/"));
+        super::with_body(&Bytes::copy_from_slice(body), || key.make_key(&head))
     }
 
     #[test]
     fn json_keys_read_strings_and_numbers_at_the_pointer() {
         let id = json("/id");
         let nested = json("/client/id");
-        let key = |k: &JsonKey, body: &str| k.make_key(&with_body(body.as_bytes()));
+        let key = |k: &JsonKey, body: &str| body_key(k, body.as_bytes());
         assert_eq!(
             key(&id, r#"{"id":"c-1","name":"Ada"}"#).as_deref(),
             Some("c-1")
@@ -743,7 +765,7 @@ mod tests {
     #[test]
     fn form_keys_refuse_missing_empty_and_repeated_fields() {
         let email = form("email");
-        let key = |body: &str| email.make_key(&with_body(body.as_bytes()));
+        let key = |body: &str| body_key(&email, body.as_bytes());
         assert_eq!(
             key("email=ada%40example.com&list=news").as_deref(),
             Some("ada@example.com")
@@ -786,10 +808,10 @@ mod tests {
                 body in proptest::collection::vec(any::<u8>(), 0..512),
             ) {
                 let (json_key, form_key) = (json("/id"), form("id"));
-                let json_first = json_key.make_key(&with_body(&body));
-                prop_assert_eq!(json_first, json_key.make_key(&with_body(&body)));
-                let form_first = form_key.make_key(&with_body(&body));
-                prop_assert_eq!(form_first, form_key.make_key(&with_body(&body)));
+                let json_first = body_key(&json_key, &body);
+                prop_assert_eq!(json_first, body_key(&json_key, &body));
+                let form_first = body_key(&form_key, &body);
+                prop_assert_eq!(form_first, body_key(&form_key, &body));
             }
 
             /// Whatever string a client puts in the field, written as JSON or as a form,
@@ -797,12 +819,12 @@ mod tests {
             #[test]
             fn body_keys_are_the_field_as_sent(id in any::<String>(), other in any::<String>()) {
                 let body = serde_json::json!({ "name": other, "id": id }).to_string();
-                let json_key = json("/id").make_key(&with_body(body.as_bytes()));
+                let json_key = body_key(&json("/id"), body.as_bytes());
                 let form_body = form_urlencoded::Serializer::new(String::new())
                     .append_pair("name", &other)
                     .append_pair("id", &id)
                     .finish();
-                let form_key = form("id").make_key(&with_body(form_body.as_bytes()));
+                let form_key = body_key(&form("id"), form_body.as_bytes());
                 let expected = (!id.is_empty()).then(|| id.clone());
                 prop_assert_eq!(json_key, expected.clone());
                 prop_assert_eq!(form_key, expected);
