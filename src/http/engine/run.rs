@@ -41,9 +41,12 @@ where
 {
     let span = tracing::debug_span!("coalesce_flight", key = key_hash.map(|h| h.0));
     async move {
+        // The store's steps are boxed where they are awaited: without a store they are not
+        // taken, and a future holds the largest of the futures it awaits (fly's was 2.6 KB,
+        // moved whole into the flight's box).
         let lease = match &store_key {
             None => None,
-            Some(key) => match take_lease(&engine, key, fingerprint, &asked).await {
+            Some(key) => match Box::pin(take_lease(&engine, key, fingerprint, &asked)).await {
                 Ok(lease) => lease,
                 Err(done) => return Ok(done),
             },
@@ -97,7 +100,10 @@ where
         }
         Err(error) => {
             if let Some(key) = store_key {
-                keep_ran::<_, _, _, ResB>(&engine, key, lease, None, &asked, target).await;
+                Box::pin(keep_ran::<_, _, _, ResB>(
+                    &engine, key, lease, None, &asked, target,
+                ))
+                .await;
             }
             return Err(Arc::new(error));
         }
@@ -116,7 +122,15 @@ where
     // duplicate, here or on another instance, either waits for this flight or finds the
     // response kept.
     if let Some(key) = store_key {
-        keep_ran(&engine, key, lease, Some((&flown, answers)), &asked, target).await;
+        Box::pin(keep_ran(
+            &engine,
+            key,
+            lease,
+            Some((&flown, answers)),
+            &asked,
+            target,
+        ))
+        .await;
     }
     Ok(Done::Fresh {
         flown,
