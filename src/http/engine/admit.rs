@@ -1,6 +1,7 @@
 //! Step 1, admit: read a keyed request's body, make its key, scope and fingerprint, and
 //! send it through the layer's stage, if any, or straight to its flight.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -22,13 +23,18 @@ use crate::http::{Role, problem};
 use crate::store::{Fingerprint, Store, StoreKey};
 
 /// Serves a request that has a key, or whose key is in its body.
-pub(crate) async fn serve<S, K, I, St, ReqB, ResB>(
+///
+/// Not an `async fn`, nor are the steps it awaits on the common path: every keyed
+/// request's future is moved whole into its box, and an `async fn` holds its arguments
+/// twice (as given and as its body's locals), the request head included (2.5 KB before).
+#[allow(clippy::manual_async_fn, reason = "an async fn holds its arguments twice")]
+pub(crate) fn serve<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
     parts: Parts,
     body: ReqB,
     key: Option<K::Key>,
-) -> Answer<ResB, S::Error>
+) -> impl Future<Output = Answer<ResB, S::Error>> + Send + 'static
 where
     S: InnerService<ReqB, ResB>,
     K: HeadKey<Key: crate::http::key::EncodeKey>,
@@ -37,25 +43,58 @@ where
     ReqB: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static,
     ResB: SharedBody,
 {
-    let bytes = match read_body(&parts, body, engine.config.request_body_limit).await {
-        Ok(bytes) => bytes,
-        Err(refusal) => return Ok(refusal),
-    };
+    async move {
+        let limit = engine.config.request_body_limit;
+        match read_body(&parts, body, limit).await {
+            Ok(bytes) => admitted(inner, engine, parts, bytes, key).await,
+            Err(refusal) => Ok(refusal),
+        }
+    }
+}
+
+/// A step that is off the common path, boxed where it is awaited (see [`serve`]).
+type Boxed<B, E> = Pin<Box<dyn Future<Output = Answer<B, E>> + Send>>;
+
+/// A keyed request once its body is read: through its flight, or (boxed) through the
+/// layer's stage, on its own, or refused.
+fn admitted<S, K, I, St, ReqB, ResB>(
+    inner: S,
+    engine: Arc<Engine<K, I, St>>,
+    parts: Parts,
+    bytes: Bytes,
+    key: Option<K::Key>,
+) -> futures::future::Either<impl Future<Output = Answer<ResB, S::Error>>, Boxed<ResB, S::Error>>
+where
+    S: InnerService<ReqB, ResB>,
+    K: HeadKey<Key: crate::http::key::EncodeKey>,
+    I: HeadKey<Key: crate::http::key::EncodeKey>,
+    St: Store,
+    ReqB: Send + 'static,
+    ResB: SharedBody,
+{
+    use futures::future::Either::{Left as Flight, Right as Apart};
+    let ready = |answer| Apart(Box::pin(std::future::ready(answer)) as Boxed<_, _>);
     let Some(key) = key.or_else(|| key_in_body(&engine.make_key, &parts, &bytes)) else {
         if let Some(refusal) = engine.without_key(true, || engine.make_key.why_no_key(&parts)) {
-            return Ok(refusal);
+            return ready(Ok(refusal));
         }
         let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
-        return Ok(inner.oneshot(req).await?.map(ResponseBody::inner));
+        return Apart(Box::pin(async move {
+            Ok(inner.oneshot(req).await?.map(ResponseBody::inner))
+        }));
     };
     let Some(scope) = engine.scope.make_key(&parts) else {
         // Not knowing who asks, the layer can't tell whose answer is whose: nobody shares
         // this request, nor a replay of it.
         if let Some(refusal) = engine.without_identity(&parts) {
-            return Ok(refusal);
+            return ready(Ok(refusal));
         }
         let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
-        return run_own(inner, Some(req), engine.config.role_header).await;
+        return Apart(Box::pin(run_own(
+            inner,
+            Some(req),
+            engine.config.role_header,
+        )));
     };
     let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &bytes);
     let store_key = engine
@@ -71,18 +110,14 @@ where
     let key_hash = tracing::enabled!(tracing::Level::DEBUG).then(|| KeyHash::of(&flight_key));
     let request = Request::from_parts(parts, Either::Left(Full::new(bytes)));
     match (engine.stage.clone(), store_key) {
-        // Boxed, like every step off the common path: an async fn's future holds the largest
-        // of the futures it awaits, and the boxed future of every keyed request is moved
-        // into place whole (5.4 KB before, mostly paths it did not take).
-        (Some(stage), Some(store_key)) => {
-            Box::pin(staged(
-                stage, inner, engine, flight_key, store_key, key_hash, request,
-            ))
-            .await
-        }
-        (_, store_key) => {
-            join_or_lead(inner, engine, flight_key, store_key, key_hash, request).await
-        }
+        // Boxed, like every step off the common path: a future holds the largest of the
+        // futures it awaits.
+        (Some(stage), Some(store_key)) => Apart(Box::pin(staged(
+            stage, inner, engine, flight_key, store_key, key_hash, request,
+        ))),
+        (_, store_key) => Flight(join_or_lead(
+            inner, engine, flight_key, store_key, key_hash, request,
+        )),
     }
 }
 

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use http::HeaderMap;
 use http::Response;
 use http::header::{AUTHORIZATION, HeaderName, HeaderValue, VARY};
-use tower::Service;
 
 use super::*;
 use crate::http::body::ResponseBody;
@@ -19,37 +18,38 @@ use crate::http::{Role, problem};
 use crate::single_flight::Outcome;
 use crate::store::{Fingerprint, StoredResponse};
 
+/// A follower that runs on its own, after its turn (the semaphore), if followers take
+/// turns.
+pub(super) type OwnTurn = Option<Arc<tokio::sync::Semaphore>>;
+
 /// What a caller of a flight gets from its outcome; `None` when the response varies on a
-/// header this caller sent otherwise and it is to wait for a run of its own variant.
-pub(super) async fn answer<S, K, I, St, ReqB, ResB>(
-    outcome: Outcome<FlightResult<ResB, S::Error>>,
-    inner: S,
+/// header this caller sent otherwise and it is to wait for a run of its own variant; `Err`
+/// when the response is not to be shared and it is to run on its own. Not `async`: the
+/// call of its own is awaited apart, boxed, off the common path.
+pub(super) fn answer<K, I, St, ReqB, ResB, E: ShareError>(
+    outcome: Outcome<FlightResult<ResB, E>>,
     engine: &Engine<K, I, St>,
-    request: &mut Option<InnerRequest<ReqB>>,
-    leader_asked: Option<Arc<HeaderMap>>,
+    request: Option<&InnerRequest<ReqB>>,
+    leader_asked: Option<&HeaderMap>,
     fingerprint: Fingerprint,
-) -> Option<Answer<ResB, S::Error>>
-where
-    S: Service<InnerRequest<ReqB>, Response = Response<ResB>> + Clone,
-    S::Error: ShareError,
-{
+) -> Result<Option<Answer<ResB, E>>, OwnTurn> {
     let config = &engine.config;
     let leader = outcome.is_leader();
     let role = if leader { Role::Leader } else { Role::Follower };
     // What this caller asked: its own request's headers, or the leader's copy of them.
-    let asked = match (request.as_ref(), &leader_asked) {
+    let asked = match (request, leader_asked) {
         (Some(request), _) => request.headers(),
         (None, Some(asked)) => asked,
         (None, None) => unreachable!("a caller keeps its request unless it leads"),
     };
     let mut response = match outcome.into_value() {
-        Err(error) => return Some(Err(S::Error::share(&error))),
+        Err(error) => return Ok(Some(Err(E::share(&error)))),
         Ok(Done::Stored(stored)) => {
-            return Some(Ok(from_store(engine, &stored, fingerprint, asked)));
+            return Ok(Some(Ok(from_store(engine, &stored, fingerprint, asked))));
         }
-        Ok(Done::InProgress) => return Some(Ok(problem::in_progress())),
-        Ok(Done::GaveUp) => return Some(Ok(problem::gave_up_waiting())),
-        Ok(Done::Unavailable) => return Some(Ok(problem::store_unavailable())),
+        Ok(Done::InProgress) => return Ok(Some(Ok(problem::in_progress()))),
+        Ok(Done::GaveUp) => return Ok(Some(Ok(problem::gave_up_waiting()))),
+        Ok(Done::Unavailable) => return Ok(Some(Ok(problem::store_unavailable()))),
         Ok(Done::Fresh {
             flown: Flown::Buffered(buffered),
             answers,
@@ -60,7 +60,7 @@ where
                 || answers.is_some()
                     && answers == answered_by(fingerprint, headers, asked, by_authorization);
             if !own {
-                return varied(engine, headers);
+                return Ok(varied(engine, headers));
             }
             buffered.into_response()
         }
@@ -76,18 +76,10 @@ where
         Ok(Done::Fresh {
             flown: Flown::Unshared { turn, .. },
             ..
-        }) => {
-            // Holds the turn, if followers take turns, until its own response is there.
-            let _turn = match turn {
-                Some(turn) => turn.acquire_owned().await.ok(),
-                None => None,
-            };
-            let own = Box::pin(run_own(inner, request.take(), config.role_header));
-            return Some(own.await);
-        }
+        }) => return Err(turn),
     };
     tag(&mut response, role, config.role_header);
-    Some(Ok(response))
+    Ok(Some(Ok(response)))
 }
 
 /// A response kept in the store: replayed if it answers this request (the same fingerprint

@@ -49,14 +49,19 @@ pub(super) fn admission(config: &Config, mismatched: bool, followers: usize) -> 
     }
 }
 
-pub(crate) async fn join_or_lead<S, K, I, St, ReqB, ResB>(
+/// Leads the flight of the request's key, or joins it, and answers.
+///
+/// Not an `async fn`: one copies its arguments into its body's locals, and the future kept
+/// both, so the request was held twice in every keyed request's future (which is moved
+/// into its box whole). Here the caller is made first and the future owns it once.
+pub(crate) fn join_or_lead<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
     flight_key: FlightKey<I::Key, K::Key>,
     store_key: Option<StoreKey>,
     key_hash: Option<KeyHash>,
     request: InnerRequest<ReqB>,
-) -> Answer<ResB, S::Error>
+) -> impl Future<Output = Answer<ResB, S::Error>> + Send + 'static
 where
     S: InnerService<ReqB, ResB>,
     K: HeadKey,
@@ -65,63 +70,72 @@ where
     ReqB: Send + 'static,
     ResB: SharedBody,
 {
-    let (config, metrics) = (&engine.config, &engine.metrics);
-    let group = engine
-        .flights
-        .get::<FlightKey<I::Key, K::Key>, FlightResult<ResB, S::Error>>();
-    // One deadline for the whole wait, turns of other requests included.
-    let deadline = config
-        .follower_timeout
-        .map(|timeout| Instant::now() + timeout);
-    // A follower's wait, turns of other requests included, for the wait histogram.
-    let arrived = metrics.wait_started();
-    let mut watch = None;
     let mut caller = Caller {
         fingerprint: flight_key.fingerprint,
         flight_key: Some(flight_key),
         request: Some(request),
         leader_asked: None,
         inner,
-        engine: &engine,
+        engine,
         store_key,
         key_hash,
     };
-    loop {
-        let (run, mismatched) = match caller.attempt(&group) {
-            Ok(attempt) => attempt,
-            // Boxed: off the common path (see `serve`).
-            Err(refusal) => return Box::pin(caller.refused(refusal)).await,
-        };
-        let leader = run.is_leader();
-        caller.entered(leader, mismatched);
-        let watch = watch.get_or_insert_with(|| Watch {
-            metrics: metrics.clone(),
-            key_hash,
-            done: false,
-        });
-        let Some(outcome) = wait(run, leader, deadline, config.finish_abandoned).await else {
-            // Dropping the wait left the flight, which goes on for the others.
-            watch.done = true;
-            metrics.follower_waited(arrived);
-            metrics.follower_timed_out();
-            tracing::debug!(key = key_hash.map(|h| h.0), "follower stopped waiting");
-            return Box::pin(fall_back(config, caller.inner, caller.request)).await;
-        };
-        if mismatched {
-            // That request's turn is over; this one's may have come.
-            continue;
-        }
-        watch.done = true;
-        match caller.answer(outcome).await {
-            Some(answer) => {
-                if !leader {
-                    metrics.follower_waited(arrived);
-                }
-                return answer;
+    async move {
+        let engine = caller.engine.clone();
+        let (config, metrics) = (&engine.config, &engine.metrics);
+        let group = engine
+            .flights
+            .get::<FlightKey<I::Key, K::Key>, FlightResult<ResB, S::Error>>();
+        // One deadline for the whole wait, turns of other requests included.
+        let deadline = config
+            .follower_timeout
+            .map(|timeout| Instant::now() + timeout);
+        // A follower's wait, turns of other requests included, for the wait histogram.
+        let arrived = metrics.wait_started();
+        let mut watch = None;
+        loop {
+            let (run, mismatched) = match caller.attempt(&group) {
+                Ok(attempt) => attempt,
+                // Boxed: off the common path (see `serve`).
+                Err(refusal) => return Box::pin(caller.refused(refusal)).await,
+            };
+            let leader = run.is_leader();
+            caller.entered(leader, mismatched);
+            let watch = watch.get_or_insert_with(|| Watch {
+                metrics: metrics.clone(),
+                key_hash,
+                done: false,
+            });
+            let Some(outcome) = wait(run, leader, deadline, config.finish_abandoned).await else {
+                // Dropping the wait left the flight, which goes on for the others.
+                watch.done = true;
+                metrics.follower_waited(arrived);
+                metrics.follower_timed_out();
+                tracing::debug!(key = key_hash.map(|h| h.0), "follower stopped waiting");
+                let (inner, request) = (caller.inner.clone(), caller.request.take());
+                return Box::pin(fall_back(config, inner, request)).await;
+            };
+            if mismatched {
+                // That request's turn is over; this one's may have come.
+                continue;
             }
-            // The response varies on a header this caller sent otherwise: it waits for a
-            // run of its own variant, which it leads or joins.
-            None => watch.done = false,
+            watch.done = true;
+            let answer = match caller.answer(outcome) {
+                Ok(answer) => answer,
+                // Boxed: off the common path (see `serve`).
+                Err(turn) => Some(Box::pin(caller.run_own(turn)).await),
+            };
+            match answer {
+                Some(answer) => {
+                    if !leader {
+                        metrics.follower_waited(arrived);
+                    }
+                    return answer;
+                }
+                // The response varies on a header this caller sent otherwise: it waits for a
+                // run of its own variant, which it leads or joins.
+                None => watch.done = false,
+            }
         }
     }
 }
@@ -129,9 +143,9 @@ where
 /// One caller's way through the flights of its key: its attempts (another after another
 /// request's turn, or after a response that varies on a header it sent otherwise), and
 /// what it keeps between them.
-struct Caller<'a, S, K: HeadKey, I: HeadKey, St, ReqB> {
+struct Caller<S, K: HeadKey, I: HeadKey, St, ReqB> {
     inner: S,
-    engine: &'a Arc<Engine<K, I, St>>,
+    engine: Arc<Engine<K, I, St>>,
     store_key: Option<StoreKey>,
     key_hash: Option<KeyHash>,
     fingerprint: Fingerprint,
@@ -153,7 +167,7 @@ type Flights<'g, K, I, ResB, E> = std::borrow::Cow<
     >,
 >;
 
-impl<S, K, I, St, ReqB> Caller<'_, S, K, I, St, ReqB>
+impl<S, K, I, St, ReqB> Caller<S, K, I, St, ReqB>
 where
     K: HeadKey,
     I: HeadKey,
@@ -225,16 +239,17 @@ where
         }
     }
 
-    async fn refused<ResB>(self, refusal: Refusal) -> Answer<ResB, S::Error>
+    async fn refused<ResB>(&mut self, refusal: Refusal) -> Answer<ResB, S::Error>
     where
         S: InnerService<ReqB, ResB>,
     {
         let (fingerprint, key_hash) = (self.fingerprint, self.key_hash);
-        let (engine, request, store_key) = (self.engine, self.request, self.store_key);
+        let (request, store_key) = (self.request.take(), self.store_key.take());
+        let inner = self.inner.clone();
         refused(
             refusal,
-            self.inner,
-            engine,
+            inner,
+            &self.engine,
             request,
             store_key,
             fingerprint,
@@ -243,25 +258,38 @@ where
         .await
     }
 
-    /// This caller's answer from its flight's outcome; `None` to try again (see
-    /// [`answer`]).
-    async fn answer<ResB>(
+    /// This caller's answer from its flight's outcome; `None` to try again, `Err` to run
+    /// on its own (see [`answer`]).
+    fn answer<ResB>(
         &mut self,
         outcome: Outcome<FlightResult<ResB, S::Error>>,
-    ) -> Option<Answer<ResB, S::Error>>
+    ) -> Result<Option<Answer<ResB, S::Error>>, OwnTurn>
     where
         S: InnerService<ReqB, ResB>,
     {
-        let (inner, asked) = (self.inner.clone(), self.leader_asked.clone());
+        let asked = self.leader_asked.as_deref();
         answer(
             outcome,
-            inner,
-            self.engine,
-            &mut self.request,
+            &self.engine,
+            self.request.as_ref(),
             asked,
             self.fingerprint,
         )
-        .await
+    }
+
+    /// A call of the inner service for this caller alone, once it has its turn, if
+    /// followers of its flight take turns.
+    async fn run_own<ResB>(&mut self, turn: OwnTurn) -> Answer<ResB, S::Error>
+    where
+        S: InnerService<ReqB, ResB>,
+    {
+        // Holds the turn until its own response is there.
+        let _turn = match turn {
+            Some(turn) => turn.acquire_owned().await.ok(),
+            None => None,
+        };
+        let role_header = self.engine.config.role_header;
+        run_own(self.inner.clone(), self.request.take(), role_header).await
     }
 }
 
@@ -276,15 +304,23 @@ type RunOf<K, I, ResB, E> = crate::single_flight::Run<
 
 /// A caller's wait for its flight's outcome: the leader's run (detached under
 /// `finish_abandoned`), or a follower's wait, which ends with `None` at the deadline.
-async fn wait<F>(run: F, leader: bool, deadline: Option<Instant>, detach: bool) -> Option<F::Output>
+/// Combinators rather than an `async fn`, which would hold `run` twice.
+fn wait<F>(
+    run: F,
+    leader: bool,
+    deadline: Option<Instant>,
+    detach: bool,
+) -> impl Future<Output = Option<F::Output>>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    use futures::future::{Either, FutureExt};
     match deadline {
-        _ if leader => Some(lead(run, detach).await),
-        None => Some(run.await),
-        Some(deadline) => tokio::time::timeout_at(deadline, run).await.ok(),
+        _ if leader && detach => Either::Left(Either::Left(lead(run, true).map(Some))),
+        None => Either::Left(Either::Right(run.map(Some))),
+        _ if leader => Either::Left(Either::Right(run.map(Some))),
+        Some(deadline) => Either::Right(tokio::time::timeout_at(deadline, run).map(Result::ok)),
     }
 }
 

@@ -4,11 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::HeaderMap;
 use http::Response;
-use http_body::Body;
-use tower::{Service, ServiceExt};
+use tower::ServiceExt;
 use tracing::Instrument;
 
 use super::*;
@@ -39,104 +37,127 @@ where
     ReqB: Send + 'static,
     ResB: SharedBody,
 {
+    use futures::future::Either;
     let span = tracing::debug_span!("coalesce_flight", key = key_hash.map(|h| h.0));
-    async move {
-        // The store's steps are boxed where they are awaited: without a store they are not
-        // taken, and a future holds the largest of the futures it awaits (fly's was 2.6 KB,
-        // moved whole into the flight's box).
-        let lease = match &store_key {
-            None => None,
-            Some(key) => match Box::pin(take_lease(&engine, key, fingerprint, &asked)).await {
+    // Without a store, the flight is the run itself. With one, the store's steps are in a
+    // box of their own: the flight's work is moved whole into the flight's box, and a
+    // future holds the largest of the futures it awaits (2.6 KB before, mostly the store's
+    // steps, for flights that have no store).
+    let work = match store_key {
+        None => Either::Left(run_and_keep(
+            inner,
+            engine,
+            req,
+            asked,
+            None,
+            None,
+            fingerprint,
+        )),
+        Some(key) => Either::Right(Box::pin(async move {
+            let lease = match take_lease(&engine, &key, fingerprint, &asked).await {
                 Ok(lease) => lease,
                 Err(done) => return Ok(done),
-            },
-        };
-        engine.metrics.flight_started();
-        tracing::debug!("flight started");
-        let mut req = req;
-        if let Some(fence) = lease.as_ref().and_then(LeaseGuard::fence) {
-            req.extensions_mut().insert(fence);
-        }
-        let outcome = run_and_keep(inner, engine, req, asked, store_key, lease, fingerprint).await;
-        tracing::debug!(ok = outcome.is_ok(), "flight completed");
-        outcome
-    }
-    .instrument(span)
+            };
+            let run = run_and_keep(inner, engine, req, asked, Some(key), lease, fingerprint);
+            run.await
+        })),
+    };
+    work.instrument(span)
 }
 
-pub(super) async fn run_and_keep<S, K, I, St, ReqB, ResB>(
+/// The run of a flight: calls the inner service (under the lease, if the flight holds
+/// one), buffers the response to share it, and keeps it (with a store) before the flight
+/// completes. Not an `async fn`, which would hold the request twice (see `serve`).
+#[allow(clippy::manual_async_fn, reason = "an async fn holds its arguments twice")]
+pub(super) fn run_and_keep<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
-    req: InnerRequest<ReqB>,
+    mut req: InnerRequest<ReqB>,
     asked: Arc<HeaderMap>,
     store_key: Option<StoreKey>,
     lease: Option<LeaseGuard>,
     fingerprint: Fingerprint,
-) -> FlightResult<ResB, S::Error>
+) -> impl Future<Output = FlightResult<ResB, S::Error>> + Send + 'static
 where
-    S: Service<InnerRequest<ReqB>, Response = Response<ResB>>,
+    S: InnerService<ReqB, ResB>,
+    K: Send + Sync + 'static,
+    I: Send + Sync + 'static,
     St: Store,
-    ResB: Body<Data = Bytes>,
-    ResB::Error: Into<BoxError>,
+    ReqB: Send + 'static,
+    ResB: SharedBody,
 {
-    let (config, metrics) = (&engine.config, &engine.metrics);
-    let _in_flight = metrics.in_flight();
-    // What a stage keeps is filed under the request's URI (a cache's purges find it so).
-    let target = engine.stage.as_ref().map(|_| req.uri().clone());
-    let target = target.as_ref();
-    let flown = match inner.oneshot(req).await {
-        Ok(response) => {
-            let (parts, body) = response.into_parts();
-            let shareable = config.share.allows(&parts);
-            let response = Response::from_parts(parts, body);
-            if shareable {
-                flown::collect(response, config.body_limit, metrics).await
-            } else {
-                metrics.response_not_shared();
-                tracing::debug!("response not to be shared; followers run on their own");
-                let one_at_a_time = config.unshared == Unshared::OneAfterAnother;
-                Flown::unshared(response, one_at_a_time)
+    async move {
+        let (config, metrics) = (&engine.config, &engine.metrics);
+        metrics.flight_started();
+        tracing::debug!("flight started");
+        let _in_flight = metrics.in_flight();
+        if let Some(fence) = lease.as_ref().and_then(LeaseGuard::fence) {
+            req.extensions_mut().insert(fence);
+        }
+        // What a stage keeps is filed under the request's URI (a cache's purges find it so).
+        let target = engine.stage.as_ref().map(|_| req.uri().clone());
+        let flown = match inner.oneshot(req).await {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                let shareable = config.share.allows(&parts);
+                let response = Response::from_parts(parts, body);
+                if shareable {
+                    flown::collect(response, config.body_limit, metrics).await
+                } else {
+                    metrics.response_not_shared();
+                    tracing::debug!("response not to be shared; followers run on their own");
+                    let one_at_a_time = config.unshared == Unshared::OneAfterAnother;
+                    Flown::unshared(response, one_at_a_time)
+                }
             }
-        }
-        Err(error) => {
-            if let Some(key) = store_key {
-                Box::pin(keep_ran::<_, _, _, ResB>(
-                    &engine, key, lease, None, &asked, target,
-                ))
-                .await;
+            Err(error) => {
+                if let Some(key) = store_key {
+                    let kept = keep_ran::<_, _, _, ResB>(
+                        &engine,
+                        key,
+                        lease,
+                        None,
+                        &asked,
+                        target.as_ref(),
+                    );
+                    Box::pin(kept).await;
+                }
+                tracing::debug!(ok = false, "flight completed");
+                return Err(Arc::new(error));
             }
-            return Err(Arc::new(error));
+        };
+        // Whom the response answers. Not shared with anyone: the leader's alone.
+        let (answers, by_authorization) = match &flown {
+            Flown::Buffered(buffered) => {
+                let headers = &buffered.parts.headers;
+                let by_authorization = engine.by_authorization(headers, &asked);
+                let answers = answered_by(fingerprint, headers, &asked, by_authorization);
+                (answers, by_authorization)
+            }
+            _ => (None, false),
+        };
+        // Kept before the lease is released and before the flight completes, so that a
+        // duplicate, here or on another instance, either waits for this flight or finds the
+        // response kept.
+        if let Some(key) = store_key {
+            let flown = Some((&flown, answers));
+            Box::pin(keep_ran(
+                &engine,
+                key,
+                lease,
+                flown,
+                &asked,
+                target.as_ref(),
+            ))
+            .await;
         }
-    };
-    // Whom the response answers. Not shared with anyone: the leader's alone.
-    let (answers, by_authorization) = match &flown {
-        Flown::Buffered(buffered) => {
-            let headers = &buffered.parts.headers;
-            let by_authorization = engine.by_authorization(headers, &asked);
-            let answers = answered_by(fingerprint, headers, &asked, by_authorization);
-            (answers, by_authorization)
-        }
-        _ => (None, false),
-    };
-    // Kept before the lease is released and before the flight completes, so that a
-    // duplicate, here or on another instance, either waits for this flight or finds the
-    // response kept.
-    if let Some(key) = store_key {
-        Box::pin(keep_ran(
-            &engine,
-            key,
-            lease,
-            Some((&flown, answers)),
-            &asked,
-            target,
-        ))
-        .await;
+        tracing::debug!(ok = true, "flight completed");
+        Ok(Done::Fresh {
+            flown,
+            answers,
+            by_authorization,
+        })
     }
-    Ok(Done::Fresh {
-        flown,
-        answers,
-        by_authorization,
-    })
 }
 
 /// Keeps a flight's response (`None`: its service failed) by the rules of the layer's
