@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
 
-use super::flight::{DriverPanicked, Flight, Join, Waiter};
+use super::flight::{BoxWork, DriverPanicked, Flight, Join, Waiter};
 use super::future::Run;
 use crate::sync::Arc;
 
@@ -252,6 +252,17 @@ where
         Fut: Future<Output = T> + Send + 'static,
         A: FnOnce(&K, usize) -> bool,
     {
+        self.run_boxed_if(key, || Box::pin(make()), admit)
+    }
+
+    /// [`run_if`](Self::run_if) with work that `make` boxes: made and boxed in one place,
+    /// a large future can be written into its box where it is made rather than moved
+    /// there (the HTTP engine's flights are over a kilobyte).
+    pub(crate) fn run_boxed_if<F, A>(&self, key: K, make: F, admit: A) -> Option<Run<K, T, S>>
+    where
+        F: FnOnce() -> BoxWork<T>,
+        A: FnOnce(&K, usize) -> bool,
+    {
         let (key, id) = match self.flights.slots.entry(key) {
             MapEntry::Occupied(mut occupied) => {
                 let registered = occupied.key();
@@ -282,7 +293,7 @@ where
         // to call into this group again.
         match panic::catch_unwind(AssertUnwindSafe(make)) {
             Ok(work) => {
-                let leader = Waiter::leader(Some(Box::pin(work)));
+                let leader = Waiter::leader(Some(work));
                 Some(Run::leader(self.flights.clone(), key, id, leader))
             }
             Err(payload) => {

@@ -27,7 +27,10 @@ use crate::store::{Fingerprint, Store, StoreKey};
 /// Not an `async fn`, nor are the steps it awaits on the common path: every keyed
 /// request's future is moved whole into its box, and an `async fn` holds its arguments
 /// twice (as given and as its body's locals), the request head included (2.5 KB before).
-#[allow(clippy::manual_async_fn, reason = "an async fn holds its arguments twice")]
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn holds its arguments twice"
+)]
 pub(crate) fn serve<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,

@@ -187,7 +187,7 @@ where
     {
         let (mut refusal, mut mismatched) = (None, false);
         let (config, fingerprint) = (&self.engine.config, self.fingerprint);
-        let run = group.run_if(
+        let run = group.run_boxed_if(
             self.flight_key.take().expect("a key for every attempt"),
             || {
                 let req = self
@@ -198,7 +198,7 @@ where
                 self.leader_asked = Some(asked.clone());
                 let (inner, engine) = (self.inner.clone(), self.engine.clone());
                 let store_key = self.store_key.clone();
-                fly(
+                Box::pin(fly(
                     inner,
                     engine,
                     req,
@@ -206,7 +206,7 @@ where
                     store_key,
                     fingerprint,
                     self.key_hash,
-                )
+                ))
             },
             |running, followers| {
                 mismatched = running.fingerprint != fingerprint;

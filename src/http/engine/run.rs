@@ -68,7 +68,10 @@ where
 /// The run of a flight: calls the inner service (under the lease, if the flight holds
 /// one), buffers the response to share it, and keeps it (with a store) before the flight
 /// completes. Not an `async fn`, which would hold the request twice (see `serve`).
-#[allow(clippy::manual_async_fn, reason = "an async fn holds its arguments twice")]
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn holds its arguments twice"
+)]
 pub(super) fn run_and_keep<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
