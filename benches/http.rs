@@ -1,11 +1,13 @@
 //! The HTTP layer over loopback, side by side with the bare axum app, in one run:
 //!
 //! - `http_not_coalesced`: batches of 64 concurrent POSTs with a small JSON body that never
-//!   share a flight, over pooled HTTP/1.1 connections, against the bare app, the layer keyed
-//!   by a distinct `Idempotency-Key` per request, the layer keyed by a distinct id in the JSON
-//!   body (`key::json`), and the layer with requests that carry no key. The ratio of the
-//!   layer's time to the bare app's is its overhead on ordinary traffic; keyed requests pay
-//!   for reading the body and its SHA-256 fingerprint.
+//!   share a flight, over pooled HTTP/1.1 connections to one server, where the same handler
+//!   is mounted bare, behind the layer keyed by the `Idempotency-Key` header, behind the
+//!   layer keyed by the id in the JSON body (`key::json`), and behind a layer whose key the
+//!   requests don't carry. Every variant gets the same requests (a distinct id in the body
+//!   and in the header), so the ratio of the layer's time to the bare handler's is its
+//!   overhead on ordinary traffic; keyed requests pay for reading the body and its SHA-256
+//!   fingerprint.
 //! - `json_key`: the key of that body, `key::json("/id")` (one pass to the value, the rest
 //!   skipped) beside what it did before, a `serde_json::Value` of the whole body and
 //!   `Value::pointer`; and `key::form` on the same fields as a form.
@@ -102,42 +104,50 @@ async fn batch(
     .await;
 }
 
+/// One server for every variant of the loopback comparison, so that they share its
+/// connections, accept loop and routing: the same create handler at `/bare`, and behind
+/// the layer keyed by the `Idempotency-Key` header (`/hkey`), by the JSON body's id
+/// (`/json`), and by a header the requests don't carry (`/none`: passed through unread).
+fn variants(executions: Arc<AtomicUsize>) -> Router {
+    let create = |executions: &Arc<AtomicUsize>| app(executions.clone(), Duration::ZERO);
+    Router::new()
+        .nest("/bare", create(&executions))
+        .nest(
+            "/hkey",
+            create(&executions).layer(HttpCoalesceLayer::new(key::idempotency_key())),
+        )
+        .nest(
+            "/json",
+            create(&executions).layer(HttpCoalesceLayer::new(key::json("/id"))),
+        )
+        .nest(
+            "/none",
+            create(&executions).layer(HttpCoalesceLayer::new(key::header("x-absent-key"))),
+        )
+}
+
 fn not_coalesced(c: &mut Criterion) {
     let rt = runtime();
     let executions = Arc::new(AtomicUsize::new(0));
-    let (bare, layered, json) = rt.block_on(async {
-        let bare = serve(app(executions.clone(), Duration::ZERO)).await;
-        let layered = app(executions.clone(), Duration::ZERO)
-            .layer(HttpCoalesceLayer::new(key::idempotency_key()));
-        let json =
-            app(executions.clone(), Duration::ZERO).layer(HttpCoalesceLayer::new(key::json("/id")));
-        (bare, serve(layered).await, serve(json).await)
-    });
+    let server = rt.block_on(serve(variants(executions.clone())));
     let client = client();
     let next_key = AtomicU64::new(0);
+    let names = ["bare", "hkey", "json", "none"];
+    let urls = names.map(|name| format!("http://{server}/{name}/api/clients"));
+    // Every variant gets the same requests: a distinct id in the body and the same one in
+    // an `Idempotency-Key` header, so that the only difference is the layer.
+    let keys = |next_key: &AtomicU64| {
+        let base = next_key.fetch_add(BATCH as u64, Ordering::Relaxed);
+        move |i: usize| Some(format!("key-{}", base + i as u64))
+    };
 
     let mut group = c.benchmark_group("http_not_coalesced");
     group.throughput(Throughput::Elements(BATCH as u64));
     group.measurement_time(Duration::from_secs(8));
-    // Alternate the three so that drift in the machine hits them alike.
-    for round in 0..2 {
-        let bare_url = format!("http://{bare}/api/clients");
-        let layered_url = format!("http://{layered}/api/clients");
-        group.bench_function(format!("bare_axum/{round}"), |b| {
+    for (name, url) in names.iter().zip(&urls) {
+        group.bench_function(*name, |b| {
             b.to_async(&rt)
-                .iter(|| batch(&client, &bare_url, BATCH, |_| None))
-        });
-        group.bench_function(format!("layer_distinct_keys/{round}"), |b| {
-            b.to_async(&rt).iter(|| {
-                let base = next_key.fetch_add(BATCH as u64, Ordering::Relaxed);
-                batch(&client, &layered_url, BATCH, move |i| {
-                    Some(format!("key-{}", base + i as u64))
-                })
-            })
-        });
-        group.bench_function(format!("layer_unkeyed/{round}"), |b| {
-            b.to_async(&rt)
-                .iter(|| batch(&client, &layered_url, BATCH, |_| None))
+                .iter(|| batch(&client, url, BATCH, keys(&next_key)))
         });
     }
     group.finish();
@@ -145,34 +155,20 @@ fn not_coalesced(c: &mut Criterion) {
     // Criterion's estimates above drift by more than the layer costs when client and server
     // share two cores. Interleaving the variants batch by batch, in a rotating order, lets
     // the drift hit them alike: the ratios of the sums are the figures to read.
-    let names = ["bare", "header key", "json body key", "unkeyed"];
-    let urls = [
-        format!("http://{bare}/api/clients"),
-        format!("http://{layered}/api/clients"),
-        format!("http://{json}/api/clients"),
-        format!("http://{layered}/api/clients"),
-    ];
     let rounds = 1200;
     let mut totals = [Duration::ZERO; 4];
     rt.block_on(async {
         for round in 0..rounds {
             for turn in 0..4 {
                 let which = (round + turn) % 4;
-                let base = next_key.fetch_add(BATCH as u64, Ordering::Relaxed);
-                // The unkeyed variant sends no header to a header-keyed layer; the JSON-keyed
-                // server reads its key from the body, which carries the distinct id too.
-                let keyed = which != 3;
                 let start = std::time::Instant::now();
-                batch(&client, &urls[which], BATCH, move |i| {
-                    keyed.then(|| format!("key-{}", base + i as u64))
-                })
-                .await;
+                batch(&client, &urls[which], BATCH, keys(&next_key)).await;
                 totals[which] += start.elapsed();
             }
         }
     });
     let per_request = |t: Duration| t.as_secs_f64() * 1e6 / (rounds * BATCH) as f64;
-    let figures: Vec<String> = names
+    let figures: Vec<String> = ["bare", "header key", "json body key", "unkeyed"]
         .iter()
         .zip(totals)
         .map(|(name, total)| {
