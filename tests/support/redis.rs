@@ -167,25 +167,48 @@ impl Cluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let cli = |port: u16, args: &[&str]| {
+            Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(args)
+                .output()
+                .expect("redis-cli is not on PATH")
+        };
+        // Every node answers before the cluster is made of them.
+        for node in &nodes {
+            while cli(node.port, &["ping"]).stdout != b"PONG\n" {
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} did not answer",
+                    node.port
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         loop {
             let created = Command::new("redis-cli")
                 .args(["--cluster", "create"])
                 .args(&addrs)
                 .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
+                .output()
                 .expect("redis-cli is not on PATH");
-            if created.success() {
+            if created.status.success() {
                 break;
             }
-            // The nodes may not listen yet.
+            // A create that failed half way (on a loaded machine) leaves nodes that know of
+            // each other or hold slots, which the next create refuses: start them afresh.
             assert!(
                 Instant::now() < deadline,
-                "redis-cli --cluster create failed"
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&created.stdout),
+                String::from_utf8_lossy(&created.stderr)
             );
-            std::thread::sleep(Duration::from_millis(50));
+            for node in &nodes {
+                cli(node.port, &["flushall"]);
+                cli(node.port, &["cluster", "reset", "hard"]);
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
         Some(Cluster {
             dir,
