@@ -76,12 +76,10 @@ where
         request: Some(request),
         leader_asked: None,
         inner,
-        engine,
         store_key,
         key_hash,
     };
     async move {
-        let engine = caller.engine.clone();
         let (config, metrics) = (&engine.config, &engine.metrics);
         let group = engine
             .flights
@@ -94,15 +92,15 @@ where
         let arrived = metrics.wait_started();
         let mut watch = None;
         loop {
-            let (run, mismatched) = match caller.attempt(&group) {
+            let (run, mismatched) = match caller.attempt(&engine, &group) {
                 Ok(attempt) => attempt,
                 // Boxed: off the common path (see `serve`).
-                Err(refusal) => return Box::pin(caller.refused(refusal)).await,
+                Err(refusal) => return Box::pin(caller.refused(&engine, refusal)).await,
             };
             let leader = run.is_leader();
-            caller.entered(leader, mismatched);
+            caller.entered(metrics, leader, mismatched);
             let watch = watch.get_or_insert_with(|| Watch {
-                metrics: metrics.clone(),
+                metrics,
                 key_hash,
                 done: false,
             });
@@ -120,10 +118,10 @@ where
                 continue;
             }
             watch.done = true;
-            let answer = match caller.answer(outcome) {
+            let answer = match caller.answer(&engine, outcome) {
                 Ok(answer) => answer,
                 // Boxed: off the common path (see `serve`).
-                Err(turn) => Some(Box::pin(caller.run_own(turn)).await),
+                Err(turn) => Some(Box::pin(caller.run_own(config, turn)).await),
             };
             match answer {
                 Some(answer) => {
@@ -142,10 +140,10 @@ where
 
 /// One caller's way through the flights of its key: its attempts (another after another
 /// request's turn, or after a response that varies on a header it sent otherwise), and
-/// what it keeps between them.
-struct Caller<S, K: HeadKey, I: HeadKey, St, ReqB> {
+/// what it keeps between them. The engine is lent to each step rather than kept here,
+/// so that the wait can borrow its metrics while the caller changes.
+struct Caller<S, K: HeadKey, I: HeadKey, ReqB> {
     inner: S,
-    engine: Arc<Engine<K, I, St>>,
     store_key: Option<StoreKey>,
     key_hash: Option<KeyHash>,
     fingerprint: Fingerprint,
@@ -167,18 +165,18 @@ type Flights<'g, K, I, ResB, E> = std::borrow::Cow<
     >,
 >;
 
-impl<S, K, I, St, ReqB> Caller<S, K, I, St, ReqB>
+impl<S, K, I, ReqB> Caller<S, K, I, ReqB>
 where
     K: HeadKey,
     I: HeadKey,
-    St: Store,
     ReqB: Send + 'static,
 {
     /// Leads the key's flight, joins the running one, or is refused by the policies;
     /// whether the running flight is another request's (this caller then waits for its
     /// turn).
-    fn attempt<ResB>(
+    fn attempt<St: Store, ResB>(
         &mut self,
+        engine: &Arc<Engine<K, I, St>>,
         group: &Flights<'_, K, I, ResB, S::Error>,
     ) -> Attempt<K, I, ResB, S::Error>
     where
@@ -186,7 +184,7 @@ where
         ResB: SharedBody,
     {
         let (mut refusal, mut mismatched) = (None, false);
-        let (config, fingerprint) = (&self.engine.config, self.fingerprint);
+        let (config, fingerprint) = (&engine.config, self.fingerprint);
         let run = group.run_boxed_if(
             self.flight_key.take().expect("a key for every attempt"),
             || {
@@ -196,7 +194,7 @@ where
                     .expect("a caller leads at most one flight");
                 let asked = Arc::new(req.headers().clone());
                 self.leader_asked = Some(asked.clone());
-                let (inner, engine) = (self.inner.clone(), self.engine.clone());
+                let (inner, engine) = (self.inner.clone(), engine.clone());
                 let store_key = self.store_key.clone();
                 Box::pin(fly(
                     inner,
@@ -228,8 +226,8 @@ where
     }
 
     /// Counts and logs how this caller entered a flight.
-    fn entered(&self, leader: bool, mismatched: bool) {
-        let (metrics, key) = (&self.engine.metrics, self.key_hash.map(|h| h.0));
+    fn entered(&self, metrics: &Metrics, leader: bool, mismatched: bool) {
+        let key = self.key_hash.map(|h| h.0);
         if mismatched {
             metrics.mismatch_queued();
             tracing::debug!(key, "waiting for another request's turn");
@@ -239,7 +237,11 @@ where
         }
     }
 
-    async fn refused<ResB>(&mut self, refusal: Refusal) -> Answer<ResB, S::Error>
+    async fn refused<St: Store, ResB>(
+        &mut self,
+        engine: &Engine<K, I, St>,
+        refusal: Refusal,
+    ) -> Answer<ResB, S::Error>
     where
         S: InnerService<ReqB, ResB>,
     {
@@ -249,7 +251,7 @@ where
         refused(
             refusal,
             inner,
-            &self.engine,
+            engine,
             request,
             store_key,
             fingerprint,
@@ -260,8 +262,9 @@ where
 
     /// This caller's answer from its flight's outcome; `None` to try again, `Err` to run
     /// on its own (see [`answer`]).
-    fn answer<ResB>(
+    fn answer<St, ResB>(
         &mut self,
+        engine: &Engine<K, I, St>,
         outcome: Outcome<FlightResult<ResB, S::Error>>,
     ) -> Result<Option<Answer<ResB, S::Error>>, OwnTurn>
     where
@@ -270,7 +273,7 @@ where
         let asked = self.leader_asked.as_deref();
         answer(
             outcome,
-            &self.engine,
+            engine,
             self.request.as_ref(),
             asked,
             self.fingerprint,
@@ -279,7 +282,7 @@ where
 
     /// A call of the inner service for this caller alone, once it has its turn, if
     /// followers of its flight take turns.
-    async fn run_own<ResB>(&mut self, turn: OwnTurn) -> Answer<ResB, S::Error>
+    async fn run_own<ResB>(&mut self, config: &Config, turn: OwnTurn) -> Answer<ResB, S::Error>
     where
         S: InnerService<ReqB, ResB>,
     {
@@ -288,8 +291,8 @@ where
             Some(turn) => turn.acquire_owned().await.ok(),
             None => None,
         };
-        let role_header = self.engine.config.role_header;
-        run_own(self.inner.clone(), self.request.take(), role_header).await
+        let request = self.request.take();
+        run_own(self.inner.clone(), request, config.role_header).await
     }
 }
 
@@ -421,13 +424,13 @@ where
 }
 
 /// Counts and logs a keyed caller that leaves before its flight completes.
-pub(super) struct Watch {
-    metrics: Metrics,
+pub(super) struct Watch<'a> {
+    metrics: &'a Metrics,
     key_hash: Option<KeyHash>,
     done: bool,
 }
 
-impl Drop for Watch {
+impl Drop for Watch<'_> {
     fn drop(&mut self) {
         if !self.done {
             self.metrics.caller_cancelled();
