@@ -14,7 +14,7 @@ use axum::Router;
 use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::get;
-use support::redis::{Server, command_calls, free_port, prefix};
+use support::redis::{Server, command_calls, free_port, kill_connections, prefix, subscribed};
 use support::{Counter, serve};
 use tower_coalesce::http_cache::{HttpCacheLayer, Purger};
 use tower_coalesce::store::Store;
@@ -109,8 +109,8 @@ async fn two_instances(version: &Counter, runs: &Counter) -> Option<(Server, Ins
         app(version, runs),
     )
     .await;
-    // Each confirms its subscription to the changes before the test starts.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Each is subscribed to the changes before the test starts.
+    subscribed(&[server.url()], &format!("{prefix}changes"), 2).await;
     Some((server, a, b))
 }
 
@@ -268,9 +268,13 @@ async fn a_dropped_connection_is_reported_as_changes_lost() {
     let Some(server) = Server::start(free_port()) else {
         return;
     };
-    let store = server.connect().await.with_prefix(prefix().as_str());
+    let prefix = prefix();
+    let store = server.connect().await.with_prefix(prefix.as_str());
     let mut changes = store.changes().expect("a shared store has changes");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    subscribed(&[server.url()], &format!("{prefix}changes"), 1).await;
+    // The subscription's confirmation, itself reported as a loss, may trail the server's
+    // count by a moment.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     while changes.try_recv().is_ok() {}
     kill_connections(&server).await;
     assert_lost_within(&mut changes, Duration::from_secs(5)).await;
@@ -296,19 +300,6 @@ async fn assert_lost_within(
     assert!(matches!(lost, Ok(Ok(Change::Lost))), "{lost:?}");
 }
 
-async fn kill_connections(server: &Server) {
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    for kind in ["pubsub", "normal"] {
-        let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg(kind)
-            .query_async(&mut conn)
-            .await;
-    }
-}
-
 /// On a Redis Cluster the backplane is a sharded channel (`SSUBSCRIBE`/`SPUBLISH`), and a
 /// tag's entries are on several masters: a refresh and a tag purge still reach the other
 /// instance within 50 ms.
@@ -327,7 +318,7 @@ async fn on_a_cluster_a_refresh_and_a_tag_purge_reach_the_other_instance_within_
             .with_prefix(prefix.as_str());
         instances.push(instance(store, app(&version, &runs)).await);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    subscribed(&urls, &format!("{prefix}changes"), 2).await;
     refresh_and_tag_purge(&instances, &version, &runs, 12).await;
 }
 
@@ -428,7 +419,7 @@ async fn variants_run_once_across_instances_and_hit_near_after() {
         let store = server.connect().await.with_prefix(prefix.as_str());
         instances.push(instance(store, app.clone()).await);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    subscribed(&[server.url()], &format!("{prefix}changes"), 2).await;
     for _ in 0..5 {
         each_variant_on_each(&instances).await;
     }

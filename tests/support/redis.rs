@@ -303,3 +303,52 @@ pub async fn command_calls(server: &Server) -> HashMap<String, u64> {
         })
         .collect()
 }
+
+/// Waits (for at most 10 s) until `n` connections have subscribed to `channel`, counted by
+/// the servers at `urls` (`PUBSUB NUMSUB` plus `SHARDNUMSUB`, summed over the nodes of a
+/// cluster): a store subscribes by a task of its own, and a message published before that
+/// is not delivered, so a sleep "long enough" fails on a loaded machine.
+pub async fn subscribed(urls: &[String], channel: &str, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut conns = Vec::new();
+    for url in urls {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        conns.push(client.get_multiplexed_async_connection().await.unwrap());
+    }
+    loop {
+        let mut count = 0;
+        for conn in &mut conns {
+            for sub in ["NUMSUB", "SHARDNUMSUB"] {
+                let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+                    .arg(sub)
+                    .arg(channel)
+                    .query_async(conn)
+                    .await
+                    .unwrap();
+                count += subscribers;
+            }
+        }
+        if count >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{count} of {n} subscribers to {channel} after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Kills every client connection of `server` (stores reconnect and report changes lost).
+pub async fn kill_connections(server: &Server) {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for kind in ["pubsub", "normal"] {
+        let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg(kind)
+            .query_async(&mut conn)
+            .await;
+    }
+}
