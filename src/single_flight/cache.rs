@@ -121,6 +121,10 @@ struct Slot<V, E> {
     result: Result<V, E>,
     stored: Instant,
     lifetimes: Lifetimes,
+    /// Which insertion this is, with a shared store: its store key's entry in
+    /// [`Shared::keys`] is dropped with this slot only, not with a newer one.
+    #[cfg(feature = "http-cache")]
+    seq: u64,
 }
 
 impl<V, E> Slot<V, E> {
@@ -220,8 +224,11 @@ struct Inner<K, V, E> {
 #[cfg(feature = "http-cache")]
 struct Shared<K, V> {
     tier: Arc<dyn super::shared::Tier<K, V>>,
-    /// The keys of the first level's entries by their store keys, which changes name.
-    keys: Arc<DashMap<crate::store::StoreKey, K, DefaultHashBuilder>>,
+    /// The keys of the first level's entries and running flights by their store keys,
+    /// which changes name, and the `seq` of the slot or flight each was filed for.
+    keys: Arc<DashMap<crate::store::StoreKey, (K, u64), DefaultHashBuilder>>,
+    /// The next slot's `seq`.
+    next_seq: std::sync::atomic::AtomicU64,
     /// Whether the first fetch started listening to the changes (on the runtime that runs
     /// it: a cache may be built outside of one).
     listening: std::sync::Once,
@@ -420,12 +427,18 @@ where
     {
         let ticket = Arc::new(Ticket::default());
         self.inner.tickets.insert(key.clone(), ticket.clone());
+        // A change another instance announces while the flight reads the store may be of
+        // what it reads: the flight hears of it (its ticket is revoked), as a kept value does.
+        #[cfg(feature = "http-cache")]
+        let watched = self.inner.watch(&key);
         let inner = self.inner.clone();
         async move {
             let result = inner.run(&key, work, &ticket, refreshing).await;
             inner
                 .tickets
                 .remove_if(&key, |_, registered| Arc::ptr_eq(registered, &ticket));
+            #[cfg(feature = "http-cache")]
+            inner.unwatch(watched);
             result
         }
     }
@@ -528,18 +541,45 @@ where
             return;
         }
         let now = Instant::now();
-        let slot = Slot {
+        #[cfg_attr(not(feature = "http-cache"), allow(unused_mut))]
+        let mut slot = Slot {
             result: result.clone(),
             stored: now.checked_sub(age).unwrap_or(now),
             lifetimes,
+            #[cfg(feature = "http-cache")]
+            seq: 0,
         };
         let revoked = lock(&ticket.revoked);
         if !*revoked {
             #[cfg(feature = "http-cache")]
-            if let Some(shared) = &self.shared {
-                shared.keys.insert(shared.tier.store_key(key), key.clone());
+            if let Some((_, seq)) = self.watch(key) {
+                slot.seq = seq;
             }
             self.entries.insert(key.clone(), slot);
+        }
+    }
+
+    /// Files `key` under its store key with a new `seq`, with a shared store: a change that
+    /// names the store key then drops the key's value, or revokes the ticket of the flight
+    /// that would keep it.
+    #[cfg(feature = "http-cache")]
+    fn watch(&self, key: &K) -> Option<(crate::store::StoreKey, u64)> {
+        let shared = self.shared.as_ref()?;
+        let seq = shared
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let store_key = shared.tier.store_key(key);
+        shared.keys.insert(store_key.clone(), (key.clone(), seq));
+        Some((store_key, seq))
+    }
+
+    /// Forgets what [`watch`](Self::watch) filed, unless a newer filing replaced it.
+    #[cfg(feature = "http-cache")]
+    fn unwatch(&self, watched: Option<(crate::store::StoreKey, u64)>) {
+        if let (Some(shared), Some((store_key, seq))) = (&self.shared, watched) {
+            shared
+                .keys
+                .remove_if(&store_key, |_, (_, filed)| *filed == seq);
         }
     }
 
@@ -649,7 +689,7 @@ where
                     match change {
                         Ok(crate::store::Change::Keys(keys)) => {
                             for key in keys.iter() {
-                                if let Some((_, key)) = shared.keys.remove(key) {
+                                if let Some((_, (key, _))) = shared.keys.remove(key) {
                                     inner.invalidate(&key);
                                 }
                             }
@@ -831,17 +871,19 @@ where
         let shared = self.shared.map(|tier| Shared {
             tier,
             keys: Arc::new(DashMap::with_hasher(DefaultHashBuilder::new())),
+            next_seq: std::sync::atomic::AtomicU64::new(0),
             listening: std::sync::Once::new(),
         });
-        // The keys of the values a change may name are forgotten with the values.
+        // The keys of the values a change may name are forgotten with the values: with
+        // their own slot only. moka tells of an invalidated slot later (`invalidate_all`
+        // evicts lazily), maybe after the key was kept again; forgetting the new slot's key
+        // then made the changes that name it miss it, served until it expired.
         #[cfg(feature = "http-cache")]
         let entries = match &shared {
             Some(shared) => {
                 let (tier, keys) = (shared.tier.clone(), shared.keys.clone());
-                entries.eviction_listener(move |key, _, cause| {
-                    if cause != moka::notification::RemovalCause::Replaced {
-                        keys.remove(&tier.store_key(&key));
-                    }
+                entries.eviction_listener(move |key, slot: Slot<V, E>, _| {
+                    keys.remove_if(&tier.store_key(&key), |_, (_, seq)| *seq == slot.seq);
                 })
             }
             None => entries,
