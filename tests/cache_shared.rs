@@ -219,3 +219,82 @@ async fn a_value_kept_again_after_a_loss_still_hears_of_its_changes() {
         }
     }
 }
+
+/// A value kept as a fallback for errors still hears of its changes after a flight for it
+/// failed: the flight's filing under the store key goes, the value's stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
+async fn a_stale_fallback_still_hears_of_its_changes_after_a_failed_refresh() {
+    let Some(server) = Server::start(free_port()) else {
+        return;
+    };
+    let prefix = prefix();
+    let mut caches: Vec<Cache<u32, String, String>> = Vec::new();
+    for _ in 0..2 {
+        let store = server.connect().await.with_prefix(prefix.as_str());
+        let lifetimes = Lifetimes {
+            fresh: Duration::from_millis(300),
+            stale_if_error: Duration::from_secs(60),
+            ..Lifetimes::default()
+        };
+        caches.push(
+            Cache::builder()
+                .lifetimes(lifetimes)
+                .shared("reports", store, Utf8)
+                .build(),
+        );
+    }
+    let (a, b) = (&caches[0], &caches[1]);
+    let ok = |value: &str| {
+        let value = value.to_owned();
+        || async move { Ok::<_, String>(value) }
+    };
+    let down = || async { Err::<String, _>("down".to_owned()) };
+    // Each subscribes on its first fetch; its subscription's confirmation drops what it
+    // holds (changes may have been missed): B's copy of key 0 is gone once it came.
+    for cache in [a, b] {
+        cache.try_get_with(0, ok("warm-up")).await.unwrap();
+    }
+    subscribed(&[server.url()], &format!("{prefix}changes"), 2).await;
+    eventually_async("B's subscription confirmed", || async {
+        b.fetch(0, ok("warm-up")).await.status() != CacheStatus::Hit
+    })
+    .await;
+
+    assert_eq!(a.try_get_with(1, ok("v0")).await.unwrap(), "v0");
+    // B reads A's value, and keeps it (unless A's announcement of it came during the read).
+    eventually_async("B holds A's value", || async {
+        let fetched = b.fetch(1, ok("not run")).await;
+        fetched.status() == CacheStatus::Hit && fetched.into_result().unwrap() == "v0"
+    })
+    .await;
+
+    // Stale now: B's refresh fails, and B answers its stale value instead.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let fetched = b.fetch(1, down).await;
+    assert_eq!(fetched.status(), CacheStatus::Stale);
+    assert_eq!(fetched.into_result().unwrap(), "v0");
+
+    // A drops the value: within 50 ms B's fallback goes too, so B's errors are errors
+    // again. (Nothing asks B meanwhile: a fetch's flight would file the key anew.)
+    a.invalidate(&1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let fetched = b.fetch(1, down).await;
+    assert_eq!(
+        fetched.into_result(),
+        Err("down".to_owned()),
+        "B kept its stale copy past the change"
+    );
+}
+
+/// Waits (for at most 10 s) until `condition` holds.
+async fn eventually_async<F: Future<Output = bool>>(what: &str, condition: impl Fn() -> F) {
+    let started = Instant::now();
+    while !condition().await {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "timed out: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}

@@ -225,13 +225,22 @@ struct Inner<K, V, E> {
 struct Shared<K, V> {
     tier: Arc<dyn super::shared::Tier<K, V>>,
     /// The keys of the first level's entries and running flights by their store keys,
-    /// which changes name, and the `seq` of the slot or flight each was filed for.
-    keys: Arc<DashMap<crate::store::StoreKey, (K, u64), DefaultHashBuilder>>,
+    /// which changes name.
+    keys: Arc<DashMap<crate::store::StoreKey, Filing<K>, DefaultHashBuilder>>,
     /// The next slot's `seq`.
     next_seq: std::sync::atomic::AtomicU64,
     /// Whether the first fetch started listening to the changes (on the runtime that runs
     /// it: a cache may be built outside of one).
     listening: std::sync::Once,
+}
+
+/// A key in [`Shared::keys`], and the `seq`s of the slots and flights filed under it: each
+/// takes its own out when it goes, so that none takes another's (moka tells of an
+/// invalidated slot lazily, maybe after the key was kept again).
+#[cfg(feature = "http-cache")]
+struct Filing<K> {
+    key: K,
+    seqs: Vec<u64>,
 }
 
 /// When the cache runs the work early, and how long callers wait for it.
@@ -569,17 +578,22 @@ where
             .next_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let store_key = shared.tier.store_key(key);
-        shared.keys.insert(store_key.clone(), (key.clone(), seq));
+        let mut filing = shared
+            .keys
+            .entry(store_key.clone())
+            .or_insert_with(|| Filing {
+                key: key.clone(),
+                seqs: Vec::new(),
+            });
+        filing.seqs.push(seq);
         Some((store_key, seq))
     }
 
-    /// Forgets what [`watch`](Self::watch) filed, unless a newer filing replaced it.
+    /// Takes out what [`watch`](Self::watch) filed.
     #[cfg(feature = "http-cache")]
     fn unwatch(&self, watched: Option<(crate::store::StoreKey, u64)>) {
         if let (Some(shared), Some((store_key, seq))) = (&self.shared, watched) {
-            shared
-                .keys
-                .remove_if(&store_key, |_, (_, filed)| *filed == seq);
+            unfile(&shared.keys, store_key, seq);
         }
     }
 
@@ -689,8 +703,8 @@ where
                     match change {
                         Ok(crate::store::Change::Keys(keys)) => {
                             for key in keys.iter() {
-                                if let Some((_, (key, _))) = shared.keys.remove(key) {
-                                    inner.invalidate(&key);
+                                if let Some((_, filing)) = shared.keys.remove(key) {
+                                    inner.invalidate(&filing.key);
                                 }
                             }
                         }
@@ -711,6 +725,21 @@ fn served<V, E>(slot: Slot<V, E>, status: CacheStatus, now: Instant) -> Fetched<
         result: slot.result,
         status,
         age: now.saturating_duration_since(slot.stored),
+    }
+}
+
+/// Takes `seq` out of the filing of `store_key`, and the filing with its last one.
+#[cfg(feature = "http-cache")]
+fn unfile<K>(
+    keys: &DashMap<crate::store::StoreKey, Filing<K>, DefaultHashBuilder>,
+    store_key: crate::store::StoreKey,
+    seq: u64,
+) {
+    if let dashmap::Entry::Occupied(mut filing) = keys.entry(store_key) {
+        filing.get_mut().seqs.retain(|filed| *filed != seq);
+        if filing.get().seqs.is_empty() {
+            filing.remove();
+        }
     }
 }
 
@@ -874,16 +903,14 @@ where
             next_seq: std::sync::atomic::AtomicU64::new(0),
             listening: std::sync::Once::new(),
         });
-        // The keys of the values a change may name are forgotten with the values: with
-        // their own slot only. moka tells of an invalidated slot later (`invalidate_all`
-        // evicts lazily), maybe after the key was kept again; forgetting the new slot's key
-        // then made the changes that name it miss it, served until it expired.
+        // The keys of the values a change may name are forgotten with the values, each
+        // slot's filing with its slot (see `Filing`).
         #[cfg(feature = "http-cache")]
         let entries = match &shared {
             Some(shared) => {
                 let (tier, keys) = (shared.tier.clone(), shared.keys.clone());
                 entries.eviction_listener(move |key, slot: Slot<V, E>, _| {
-                    keys.remove_if(&tier.store_key(&key), |_, (_, seq)| *seq == slot.seq);
+                    unfile(&keys, tier.store_key(&key), slot.seq);
                 })
             }
             None => entries,
