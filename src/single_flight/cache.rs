@@ -857,8 +857,9 @@ where
     ///   it is usable.
     /// - An instance that keeps a value announces it, and the others drop theirs (the
     ///   store's backplane: Redis pub/sub, PostgreSQL `NOTIFY`); when changes may have been
-    ///   lost (a dropped connection), every value here is dropped. A value here never
-    ///   outlives its own lifetimes.
+    ///   lost (a dropped connection), every value here is dropped. A read of the store that
+    ///   a change of its key overtakes is answered but not kept (it may be of the value
+    ///   before the change). A value here never outlives its own lifetimes.
     /// - Errors stay with the instance (and its `negative_ttl`); a store that fails is
     ///   logged, and the work runs here.
     ///
