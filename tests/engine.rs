@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode, Uri};
 use axum::routing::post;
 use futures::future::join_all;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,12 +21,13 @@ use tower_coalesce::idempotency::IdempotencyLayer;
 
 use support::{Counter, DropFlag, Runs, eventually};
 
-/// `POST /api/clients/c-1` with the client id in a header; the handler echoes its body.
+/// `/api/clients/c-1` (`POST`, `PUT` or `PATCH`) with the client id in a header; the
+/// handler echoes the method, path, query and body it received.
 /// The first run waits until every other caller has either joined it, queued behind it or
 /// been refused, so that all requests overlap it; later runs take 50 ms.
 fn echo_app(layer: HttpCoalesceLayer<key::HeaderKey>, runs: Runs, others: u64) -> Router {
     let metrics = layer.metrics();
-    let handler = move |body: Bytes| {
+    let handler = move |method: Method, uri: Uri, body: Bytes| {
         let (runs, metrics) = (runs.clone(), metrics.clone());
         async move {
             let n = runs.enter();
@@ -42,11 +43,15 @@ fn echo_app(layer: HttpCoalesceLayer<key::HeaderKey>, runs: Runs, others: u64) -
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             runs.leave();
-            format!("run {n} echoes {}", String::from_utf8_lossy(&body))
+            let body = String::from_utf8_lossy(&body);
+            format!("run {n} echoes {method} {uri} {body}")
         }
     };
     Router::new()
-        .route("/api/clients/c-1", post(handler))
+        .route(
+            "/api/clients/c-1",
+            post(handler.clone()).put(handler.clone()).patch(handler),
+        )
         .layer(layer)
 }
 
@@ -65,21 +70,40 @@ async fn post_body(
 }
 
 /// 4 bodies x 25 concurrent callers with one client id, against `echo_app`: each caller's
-/// body, status and answer.
+/// request (as the handler echoes it), status and answer.
 async fn four_bodies_at_once(
     layer: HttpCoalesceLayer<key::HeaderKey>,
     runs: &Runs,
 ) -> Vec<(String, StatusCode, String)> {
+    let bodies =
+        ["A", "B", "C", "D"].map(|name| (Method::POST, "", format!("{{\"name\":\"{name}\"}}")));
+    four_requests_at_once(layer, runs, bodies).await
+}
+
+/// 4 requests (method, query, body) x 25 concurrent callers with one client id, against
+/// `echo_app`.
+async fn four_requests_at_once(
+    layer: HttpCoalesceLayer<key::HeaderKey>,
+    runs: &Runs,
+    requests: [(Method, &'static str, String); 4],
+) -> Vec<(String, StatusCode, String)> {
     let app = echo_app(layer, runs.clone(), 99);
-    let url = format!("http://{}/api/clients/c-1", support::serve(app).await);
+    let addr = support::serve(app).await;
     let client = reqwest::Client::new();
     let answers = join_all((0..100).map(|i| {
-        let (client, url) = (client.clone(), url.clone());
-        let body = format!("{{\"name\":\"{}\"}}", ["A", "B", "C", "D"][i % 4]);
+        let (method, query, body) = requests[i % 4].clone();
+        let path = format!("/api/clients/c-1{query}");
+        let (request, url) = (
+            format!("{method} {path} {body}"),
+            format!("http://{addr}{path}"),
+        );
+        let request_builder = client
+            .request(method, url)
+            .header("x-client-id", "c-1")
+            .body(body);
         tokio::spawn(async move {
-            let (status, text) =
-                post_body(&client, &url, &[("x-client-id", "c-1")], body.clone()).await;
-            (body, status, text)
+            let res = request_builder.send().await.unwrap();
+            (request, res.status(), res.text().await.unwrap())
         })
     }))
     .await;
@@ -94,14 +118,42 @@ async fn one_key_with_four_bodies_runs_each_body_once_in_turn_and_never_mixes_an
     let layer = HttpCoalesceLayer::new(key::header("x-client-id"));
     let metrics = layer.metrics();
     let answers = four_bodies_at_once(layer, &runs).await;
+    each_request_once_in_turn(answers, &runs, &metrics);
+}
 
+/// The same with one body and requests that differ only in their query or their method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_with_other_queries_or_methods_runs_each_once_in_turn_and_never_mixes_answers() {
+    let runs = Runs::default();
+    let layer = HttpCoalesceLayer::new(key::header("x-client-id"));
+    let metrics = layer.metrics();
+    let body = || "{}".to_owned();
+    let requests = [
+        (Method::POST, "", body()),
+        (Method::POST, "?page=2", body()),
+        (Method::PUT, "", body()),
+        (Method::PATCH, "?page=2", body()),
+    ];
+    let answers = four_requests_at_once(layer, &runs, requests).await;
+    each_request_once_in_turn(answers, &runs, &metrics);
+}
+
+/// Every caller got the answer to its own request, each of the 4 ran once, one at a time.
+fn each_request_once_in_turn(
+    answers: Vec<(String, StatusCode, String)>,
+    runs: &Runs,
+    metrics: &Metrics,
+) {
     let mut run_of_body = HashMap::new();
-    for (body, status, text) in answers {
+    for (request, status, text) in answers {
         assert_eq!(status, StatusCode::OK);
         let (run, echoed) = text.split_once(" echoes ").unwrap();
-        assert_eq!(echoed, body, "a caller received the answer to another body");
-        // Every caller of one body got the answer of one run.
-        assert_eq!(*run_of_body.entry(body).or_insert(run.to_owned()), run);
+        assert_eq!(
+            echoed, request,
+            "a caller received the answer to another request"
+        );
+        // Every caller of one request got the answer of one run.
+        assert_eq!(*run_of_body.entry(request).or_insert(run.to_owned()), run);
     }
     assert_eq!(runs.started.get(), 4, "one run per body");
     assert_eq!(runs.most_at_once(), 1, "two runs of one key at once");
@@ -118,11 +170,11 @@ async fn under_reject_other_bodies_get_422_and_nobody_gets_another_bodys_answer(
     let answers = four_bodies_at_once(layer, &runs).await;
     let mut served = HashMap::<String, usize>::new();
     let mut rejected = 0;
-    for (body, status, text) in answers {
+    for (request, status, text) in answers {
         match status {
             StatusCode::OK => {
-                assert_eq!(text.split_once(" echoes ").unwrap().1, body);
-                *served.entry(body).or_default() += 1;
+                assert_eq!(text.split_once(" echoes ").unwrap().1, request);
+                *served.entry(request).or_default() += 1;
             }
             StatusCode::UNPROCESSABLE_ENTITY => {
                 assert!(text.contains("\"status\":422"), "{text}");

@@ -20,7 +20,7 @@ use crate::http::flown::Chunks;
 use crate::http::key;
 use crate::http::stage::{Admit, After, Answered, Stage, Ticket};
 use crate::http::{Role, problem};
-use crate::store::{Fingerprint, Store, StoreKey};
+use crate::store::{Store, StoreKey};
 
 /// Serves a request that has a key, or whose key is in its body.
 ///
@@ -99,16 +99,12 @@ where
             engine.config.role_header,
         )));
     };
-    let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &bytes);
+    let ask = Ask::new(&parts, &bytes);
     let store_key = engine
         .config
         .has_store
         .then(|| StoreKey::new(Some(&scope), &key));
-    let flight_key = FlightKey {
-        scope,
-        key,
-        fingerprint,
-    };
+    let flight_key = FlightKey { scope, key, ask };
     // Keys carry user ids: logs get a hash, and only when someone reads them.
     let key_hash = tracing::enabled!(tracing::Level::DEBUG).then(|| KeyHash::of(&flight_key));
     let request = Request::from_parts(parts, Either::Left(Full::new(bytes)));
@@ -143,7 +139,7 @@ where
     ReqB: Send + 'static,
     ResB: SharedBody,
 {
-    let (fingerprint, metrics) = (flight_key.fingerprint, &engine.metrics);
+    let (fingerprint, metrics) = (flight_key.ask.fingerprint(), &engine.metrics);
     let admit = stage
         .admit(
             &engine.store,

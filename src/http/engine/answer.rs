@@ -31,7 +31,7 @@ pub(super) fn answer<K, I, St, ReqB, ResB, E: ShareError>(
     engine: &Engine<K, I, St>,
     request: Option<&InnerRequest<ReqB>>,
     leader_asked: Option<&HeaderMap>,
-    fingerprint: Fingerprint,
+    ask: &Ask,
 ) -> Result<Option<Answer<ResB, E>>, OwnTurn> {
     let config = &engine.config;
     let leader = outcome.is_leader();
@@ -45,7 +45,12 @@ pub(super) fn answer<K, I, St, ReqB, ResB, E: ShareError>(
     let mut response = match outcome.into_value() {
         Err(error) => return Ok(Some(Err(E::share(&error)))),
         Ok(Done::Stored(stored)) => {
-            return Ok(Some(Ok(from_store(engine, &stored, fingerprint, asked))));
+            return Ok(Some(Ok(from_store(
+                engine,
+                &stored,
+                ask.fingerprint(),
+                asked,
+            ))));
         }
         Ok(Done::InProgress) => return Ok(Some(Ok(problem::in_progress()))),
         Ok(Done::GaveUp) => return Ok(Some(Ok(problem::gave_up_waiting()))),
@@ -56,9 +61,16 @@ pub(super) fn answer<K, I, St, ReqB, ResB, E: ShareError>(
             by_authorization,
         }) => {
             let headers = &buffered.parts.headers;
+            // A follower is admitted to a flight only if it asks what the leader asked.
             let own = leader
-                || answers.is_some()
-                    && answers == answered_by(fingerprint, headers, asked, by_authorization);
+                || match answers {
+                    Answers::Admitted => true,
+                    Answers::Varied(answers) => {
+                        let own = answered_by(ask.fingerprint(), headers, asked, by_authorization);
+                        own == Some(answers)
+                    }
+                    Answers::Leader => false,
+                };
             if !own {
                 return Ok(varied(engine, headers));
             }
@@ -172,6 +184,24 @@ pub(super) fn answered_by(
         true => answers.extended_by(&AUTHORIZATION, asked),
         false => answers,
     })
+}
+
+/// Which callers a flight's response answers: those admitted to it, unless it varies on
+/// headers (or on `Authorization`, `by_authorization`); then, only those whose fingerprint
+/// [`answered_by`] it is the leader's. The digest of the request is made only then.
+pub(super) fn answers_of(
+    ask: &Ask,
+    response: &HeaderMap,
+    asked: &HeaderMap,
+    by_authorization: bool,
+) -> Answers {
+    if !by_authorization && !response.contains_key(VARY) {
+        return Answers::Admitted;
+    }
+    match answered_by(ask.fingerprint(), response, asked, by_authorization) {
+        Some(answers) => Answers::Varied(answers),
+        None => Answers::Leader,
+    }
 }
 
 /// Whether a stored response answers a request with this fingerprint and these headers.

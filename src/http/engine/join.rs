@@ -16,7 +16,7 @@ use crate::http::metrics::Metrics;
 use crate::http::policy::{Fallback, OnDuplicate, OnMismatch};
 use crate::http::{Role, problem};
 use crate::single_flight::Outcome;
-use crate::store::{Fingerprint, Store, StoreKey};
+use crate::store::{Store, StoreKey};
 
 /// Why a caller was not admitted to the running flight of its key.
 #[derive(Debug, Clone, Copy)]
@@ -71,7 +71,7 @@ where
     ResB: SharedBody,
 {
     let mut caller = Caller {
-        fingerprint: flight_key.fingerprint,
+        ask: flight_key.ask.clone(),
         flight_key: Some(flight_key),
         request: Some(request),
         leader_asked: None,
@@ -146,7 +146,7 @@ struct Caller<S, K: HeadKey, I: HeadKey, ReqB> {
     inner: S,
     store_key: Option<StoreKey>,
     key_hash: Option<KeyHash>,
-    fingerprint: Fingerprint,
+    ask: Ask,
     /// Until this caller leads a flight (the request goes into it) or runs on its own.
     request: Option<InnerRequest<ReqB>>,
     /// The key of the next attempt. It goes into the registry; a follower takes a copy of
@@ -184,7 +184,7 @@ where
         ResB: SharedBody,
     {
         let (mut refusal, mut mismatched) = (None, false);
-        let (config, fingerprint) = (&engine.config, self.fingerprint);
+        let (config, ask) = (&engine.config, &self.ask);
         let run = group.run_boxed_if(
             self.flight_key.take().expect("a key for every attempt"),
             || {
@@ -202,18 +202,19 @@ where
                     req,
                     asked,
                     store_key,
-                    fingerprint,
+                    ask.clone(),
                     self.key_hash,
                 ))
             },
             |running, followers| {
-                mismatched = running.fingerprint != fingerprint;
+                mismatched = !running.ask.same(ask);
                 refusal = admission(config, mismatched, followers);
                 if refusal.is_none() {
-                    // Equal to this caller's key but for the fingerprint.
+                    // Equal to this caller's key but for what it asks.
                     self.flight_key = Some(FlightKey {
-                        fingerprint,
-                        ..running.clone()
+                        scope: running.scope.clone(),
+                        key: running.key.clone(),
+                        ask: ask.clone(),
                     });
                 }
                 refusal.is_none()
@@ -245,19 +246,10 @@ where
     where
         S: InnerService<ReqB, ResB>,
     {
-        let (fingerprint, key_hash) = (self.fingerprint, self.key_hash);
+        let (ask, key_hash) = (self.ask.clone(), self.key_hash);
         let (request, store_key) = (self.request.take(), self.store_key.take());
         let inner = self.inner.clone();
-        refused(
-            refusal,
-            inner,
-            engine,
-            request,
-            store_key,
-            fingerprint,
-            key_hash,
-        )
-        .await
+        refused(refusal, inner, engine, request, store_key, &ask, key_hash).await
     }
 
     /// This caller's answer from its flight's outcome; `None` to try again, `Err` to run
@@ -271,13 +263,7 @@ where
         S: InnerService<ReqB, ResB>,
     {
         let asked = self.leader_asked.as_deref();
-        answer(
-            outcome,
-            engine,
-            self.request.as_ref(),
-            asked,
-            self.fingerprint,
-        )
+        answer(outcome, engine, self.request.as_ref(), asked, &self.ask)
     }
 
     /// A call of the inner service for this caller alone, once it has its turn, if
@@ -353,7 +339,7 @@ pub(super) async fn refused<S, K, I, St, ReqB, ResB>(
     engine: &Engine<K, I, St>,
     request: Option<InnerRequest<ReqB>>,
     store_key: Option<StoreKey>,
-    fingerprint: Fingerprint,
+    ask: &Ask,
     key_hash: Option<KeyHash>,
 ) -> Answer<ResB, S::Error>
 where
@@ -372,7 +358,7 @@ where
             let asked = request.as_ref().map(|req| req.headers());
             if let (Some(_), Some(key), Some(asked)) = (config.replay, &store_key, asked) {
                 if let Ok(Some(stored)) = engine.store.get(key).await {
-                    if answers(&stored, fingerprint, asked) {
+                    if answers(&stored, ask.fingerprint(), asked) {
                         return Ok(replay(&stored, metrics));
                     }
                 }

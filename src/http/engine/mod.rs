@@ -299,15 +299,96 @@ impl<K, I, St> fmt::Debug for Engine<K, I, St> {
     }
 }
 
-/// The key of a flight in the registry: the caller's scope and the request's key. The
-/// fingerprint of the leader's request rides along so that a caller can tell, before it
-/// joins, whether the running flight is its own request; `Eq` and `Hash` ignore it, so that
-/// one key has one flight at a time, whatever the request.
+/// The key of a flight in the registry: the caller's scope and the request's key. What
+/// the leader's request asks rides along so that a caller can tell, before it joins,
+/// whether the running flight is its own request; `Eq` and `Hash` ignore it, so that one
+/// key has one flight at a time, whatever the request.
 #[derive(Debug, Clone)]
 pub(crate) struct FlightKey<Scope, Key> {
     scope: Scope,
     key: Key,
-    fingerprint: Fingerprint,
+    ask: Ask,
+}
+
+/// What a keyed request asks for: its method, path, query and body. The callers of one
+/// process compare it exactly. Its digest, the [`Fingerprint`] a store keeps responses
+/// under and a response that varies extends, is made where one is needed, once per
+/// request: a flight without a store whose response does not vary needs none (SHA-256 of
+/// the request was a tenth of what the layer cost a keyed request).
+#[derive(Clone)]
+pub(crate) struct Ask(Arc<Asked>);
+
+struct Asked {
+    method: http::Method,
+    uri: http::Uri,
+    body: Bytes,
+    digest: OnceLock<Fingerprint>,
+}
+
+impl Ask {
+    fn new(parts: &Parts, body: &Bytes) -> Self {
+        Ask(Arc::new(Asked {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            body: body.clone(),
+            digest: OnceLock::new(),
+        }))
+    }
+
+    /// The request's digest, made on the first call.
+    pub(crate) fn fingerprint(&self) -> Fingerprint {
+        let asked = &*self.0;
+        *asked
+            .digest
+            .get_or_init(|| Fingerprint::of(&asked.method, &asked.uri, &asked.body))
+    }
+
+    /// Whether two requests ask for the same: what equal fingerprints mean, compared
+    /// without making them.
+    fn same(&self, other: &Ask) -> bool {
+        let (a, b) = (&*self.0, &*other.0);
+        Arc::ptr_eq(&self.0, &other.0)
+            || a.method == b.method
+                && a.uri.path() == b.uri.path()
+                && a.uri.query() == b.uri.query()
+                && a.body == b.body
+    }
+}
+
+impl fmt::Debug for Ask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Bodies and queries may carry what logs must not.
+        f.debug_struct("Ask")
+            .field("method", &self.0.method)
+            .field("path", &self.0.uri.path())
+            .field("body_len", &self.0.body.len())
+            .finish()
+    }
+}
+
+/// Which callers a flight's response answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answers {
+    /// Every caller admitted to the flight: they asked what the leader asked, and the
+    /// response varies on no header (nor, under a cache's RFC 9111 §3.5 rule, on
+    /// `Authorization`).
+    Admitted,
+    /// The requests of this fingerprint (see [`Fingerprint::answered_by`]): the response
+    /// varies on headers, and followers whose own values differ are not given it.
+    Varied(Fingerprint),
+    /// The leader's request only (`Vary: *`).
+    Leader,
+}
+
+impl Answers {
+    /// The fingerprint a store keeps the response under, if it may be kept.
+    fn fingerprint(self, ask: &Ask) -> Option<Fingerprint> {
+        match self {
+            Answers::Admitted => Some(ask.fingerprint()),
+            Answers::Varied(fingerprint) => Some(fingerprint),
+            Answers::Leader => None,
+        }
+    }
 }
 
 impl<Scope: PartialEq, Key: PartialEq> PartialEq for FlightKey<Scope, Key> {
@@ -328,12 +409,10 @@ impl<Scope: Hash, Key: Hash> Hash for FlightKey<Scope, Key> {
 /// What a flight shares: a response it produced, one it found stored, or why it ran
 /// nothing.
 pub(crate) enum Done<B> {
-    /// A response of this flight's own run, and the fingerprint of the requests it answers
-    /// (see [`Fingerprint::answered_by`]): followers whose own differs, for a response that
-    /// varies on a header they sent otherwise, are not given it.
+    /// A response of this flight's own run, and which callers it answers.
     Fresh {
         flown: Flown<B>,
-        answers: Option<Fingerprint>,
+        answers: Answers,
         /// The response answers only callers with the leader's `Authorization`.
         by_authorization: bool,
     },

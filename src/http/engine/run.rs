@@ -26,7 +26,7 @@ pub(super) fn fly<S, K, I, St, ReqB, ResB>(
     req: InnerRequest<ReqB>,
     asked: Arc<HeaderMap>,
     store_key: Option<StoreKey>,
-    fingerprint: Fingerprint,
+    ask: Ask,
     key_hash: Option<KeyHash>,
 ) -> impl Future<Output = FlightResult<ResB, S::Error>> + Send + 'static
 where
@@ -44,21 +44,13 @@ where
     // future holds the largest of the futures it awaits (2.6 KB before, mostly the store's
     // steps, for flights that have no store).
     let work = match store_key {
-        None => Either::Left(run_and_keep(
-            inner,
-            engine,
-            req,
-            asked,
-            None,
-            None,
-            fingerprint,
-        )),
+        None => Either::Left(run_and_keep(inner, engine, req, asked, None, None, ask)),
         Some(key) => Either::Right(Box::pin(async move {
-            let lease = match take_lease(&engine, &key, fingerprint, &asked).await {
+            let lease = match take_lease(&engine, &key, ask.fingerprint(), &asked).await {
                 Ok(lease) => lease,
                 Err(done) => return Ok(done),
             };
-            let run = run_and_keep(inner, engine, req, asked, Some(key), lease, fingerprint);
+            let run = run_and_keep(inner, engine, req, asked, Some(key), lease, ask);
             run.await
         })),
     };
@@ -79,7 +71,7 @@ pub(super) fn run_and_keep<S, K, I, St, ReqB, ResB>(
     asked: Arc<HeaderMap>,
     store_key: Option<StoreKey>,
     lease: Option<LeaseGuard>,
-    fingerprint: Fingerprint,
+    ask: Ask,
 ) -> impl Future<Output = FlightResult<ResB, S::Error>> + Send + 'static
 where
     S: InnerService<ReqB, ResB>,
@@ -134,16 +126,16 @@ where
             Flown::Buffered(buffered) => {
                 let headers = &buffered.parts.headers;
                 let by_authorization = engine.by_authorization(headers, &asked);
-                let answers = answered_by(fingerprint, headers, &asked, by_authorization);
+                let answers = answers_of(&ask, headers, &asked, by_authorization);
                 (answers, by_authorization)
             }
-            _ => (None, false),
+            _ => (Answers::Leader, false),
         };
         // Kept before the lease is released and before the flight completes, so that a
         // duplicate, here or on another instance, either waits for this flight or finds the
         // response kept.
         if let Some(key) = store_key {
-            let flown = Some((&flown, answers));
+            let flown = Some((&flown, answers.fingerprint(&ask)));
             Box::pin(keep_ran(
                 &engine,
                 key,
