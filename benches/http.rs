@@ -6,8 +6,8 @@
 //!   layer keyed by the id in the JSON body (`key::json`), and behind a layer whose key the
 //!   requests don't carry. Every variant gets the same requests (a distinct id in the body
 //!   and in the header), so the ratio of the layer's time to the bare handler's is its
-//!   overhead on ordinary traffic; keyed requests pay for reading the body and its SHA-256
-//!   fingerprint.
+//!   overhead on ordinary traffic; keyed requests pay for reading the body (its SHA-256
+//!   fingerprint only with a store, or when a response varies).
 //! - `json_key`: the key of that body, `key::json("/id")` (one pass to the value, the rest
 //!   skipped) beside what it did before, a `serde_json::Value` of the whole body and
 //!   `Value::pointer`; and `key::form` on the same fields as a form.

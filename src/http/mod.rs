@@ -114,7 +114,9 @@
 //! # What it costs
 //!
 //! Keyed request bodies are read into memory before the inner service is called (that is
-//! how different bodies are told apart), and the fingerprint is a SHA-256 of them. For
+//! how different bodies are told apart). Callers in one process compare method, path,
+//! query and body as they are; the SHA-256 fingerprint of them is made where a store keeps
+//! responses, a cache's stage runs, or a response varies on headers. For
 //! upload or streaming routes, leave them without a key: see
 //! [`HttpCoalesceLayer`]'s docs.
 //!
