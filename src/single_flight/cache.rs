@@ -442,12 +442,20 @@ where
         let watched = self.inner.watch(&key);
         let inner = self.inner.clone();
         async move {
+            // Taken out however the flight ends: one whose callers all went is dropped
+            // unfinished.
+            let registered = {
+                let (inner, key, ticket) = (inner.clone(), key.clone(), ticket.clone());
+                OnDrop(Some(move || {
+                    inner
+                        .tickets
+                        .remove_if(&key, |_, registered| Arc::ptr_eq(registered, &ticket));
+                    #[cfg(feature = "http-cache")]
+                    inner.unwatch(watched);
+                }))
+            };
             let result = inner.run(&key, work, &ticket, refreshing).await;
-            inner
-                .tickets
-                .remove_if(&key, |_, registered| Arc::ptr_eq(registered, &ticket));
-            #[cfg(feature = "http-cache")]
-            inner.unwatch(watched);
+            drop(registered);
             result
         }
     }
@@ -743,6 +751,17 @@ fn unfile<K>(
     }
 }
 
+/// Runs its function when dropped.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
 fn lock(revoked: &Mutex<bool>) -> std::sync::MutexGuard<'_, bool> {
     // A poisoned flag is still a flag: it is only ever set.
     revoked
@@ -991,5 +1010,21 @@ where
             .field("entries", &self.inner.entries.entry_count())
             .field("in_flight", &self.inner.flights.in_flight())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flight whose only caller goes away is dropped unfinished: its ticket goes with it
+    /// (and, with a shared store, its filing under the store key).
+    #[tokio::test]
+    async fn a_flight_dropped_unfinished_leaves_no_ticket() {
+        let cache: Cache<u32, String> = Cache::builder().build();
+        let fetch = cache.get_with(1, std::future::pending::<String>);
+        let gone = tokio::time::timeout(Duration::from_millis(10), fetch).await;
+        assert!(gone.is_err(), "the work never completes");
+        assert!(cache.inner.tickets.is_empty(), "the ticket outlived its flight");
     }
 }
