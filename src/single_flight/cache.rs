@@ -1025,6 +1025,9 @@ mod tests {
         let fetch = cache.get_with(1, std::future::pending::<String>);
         let gone = tokio::time::timeout(Duration::from_millis(10), fetch).await;
         assert!(gone.is_err(), "the work never completes");
-        assert!(cache.inner.tickets.is_empty(), "the ticket outlived its flight");
+        assert!(
+            cache.inner.tickets.is_empty(),
+            "the ticket outlived its flight"
+        );
     }
 }
