@@ -557,23 +557,19 @@ where
         {
             return;
         }
+        let revoked = lock(&ticket.revoked);
+        if *revoked {
+            return;
+        }
         let now = Instant::now();
-        #[cfg_attr(not(feature = "http-cache"), allow(unused_mut))]
-        let mut slot = Slot {
+        let slot = Slot {
             result: result.clone(),
             stored: now.checked_sub(age).unwrap_or(now),
             lifetimes,
             #[cfg(feature = "http-cache")]
-            seq: 0,
+            seq: self.watch(key).map_or(0, |(_, seq)| seq),
         };
-        let revoked = lock(&ticket.revoked);
-        if !*revoked {
-            #[cfg(feature = "http-cache")]
-            if let Some((_, seq)) = self.watch(key) {
-                slot.seq = seq;
-            }
-            self.entries.insert(key.clone(), slot);
-        }
+        self.entries.insert(key.clone(), slot);
     }
 
     /// Files `key` under its store key with a new `seq`, with a shared store: a change that

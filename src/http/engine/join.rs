@@ -246,10 +246,18 @@ where
     where
         S: InnerService<ReqB, ResB>,
     {
-        let (ask, key_hash) = (self.ask.clone(), self.key_hash);
         let (request, store_key) = (self.request.take(), self.store_key.take());
         let inner = self.inner.clone();
-        refused(refusal, inner, engine, request, store_key, &ask, key_hash).await
+        refused(
+            refusal,
+            inner,
+            engine,
+            request,
+            store_key,
+            &self.ask,
+            self.key_hash,
+        )
+        .await
     }
 
     /// This caller's answer from its flight's outcome; `None` to try again, `Err` to run
