@@ -26,19 +26,19 @@ impl Codec<String> for Utf8 {
     }
 }
 
-/// Two caches sharing a Redis of the test's own, fresh for `fresh`, refreshed early after
-/// `eager` of it if given; and the channel of their changes.
-async fn two_caches(
-    fresh: Duration,
+/// Two caches sharing a Redis of the test's own, with `lifetimes`, refreshed early after
+/// `eager` of their freshness if given; and the channel of their changes.
+async fn two_caches<E: Clone + Send + Sync + 'static>(
+    lifetimes: Lifetimes,
     eager: Option<f64>,
-) -> Option<(Server, String, [Cache<u32, String>; 2])> {
+) -> Option<(Server, String, [Cache<u32, String, E>; 2])> {
     let server = Server::start(free_port())?;
     let prefix = prefix();
     let mut caches = Vec::new();
     for _ in 0..2 {
         let store = server.connect().await.with_prefix(prefix.as_str());
         let mut builder = Cache::builder()
-            .lifetimes(Lifetimes::fresh_for(fresh))
+            .lifetimes(lifetimes)
             .shared("reports", store, Utf8);
         if let Some(fraction) = eager {
             builder = builder.eager_refresh(fraction);
@@ -61,7 +61,9 @@ fn work(runs: &Counter, delay: Duration) -> impl Future<Output = String> + use<>
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn two_instances_run_a_key_once_between_them_and_read_each_others_values() {
-    let Some((_server, _, [a, b])) = two_caches(Duration::from_secs(60), None).await else {
+    let Some((_server, _, [a, b])) =
+        two_caches(Lifetimes::fresh_for(Duration::from_secs(60)), None).await
+    else {
         return;
     };
     let runs = Counter::default();
@@ -109,7 +111,7 @@ async fn two_instances_run_a_key_once_between_them_and_read_each_others_values()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn an_invalidation_or_a_refresh_on_one_instance_reaches_the_other_within_50_ms() {
-    let fresh = Duration::from_secs(2);
+    let fresh = Lifetimes::fresh_for(Duration::from_secs(2));
     let Some((server, changes, [a, b])) = two_caches(fresh, Some(0.1)).await else {
         return;
     };
@@ -168,7 +170,9 @@ async fn an_invalidation_or_a_refresh_on_one_instance_reaches_the_other_within_5
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn a_value_kept_again_after_a_loss_still_hears_of_its_changes() {
-    let Some((server, changes, [a, b])) = two_caches(Duration::from_secs(60), None).await else {
+    let Some((server, changes, [a, b])) =
+        two_caches(Lifetimes::fresh_for(Duration::from_secs(60)), None).await
+    else {
         return;
     };
     let runs = Counter::default();
@@ -184,6 +188,10 @@ async fn a_value_kept_again_after_a_loss_still_hears_of_its_changes() {
         subscribed(&[server.url()], &changes, 2).await;
         let started = Instant::now();
         loop {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "B never held the value again"
+            );
             let fetched = b.fetch(key, || async { panic!("A kept it") }).await;
             assert_eq!(fetched.into_result().unwrap(), first);
             if b.fetch(key, || async { panic!("kept here") })
@@ -225,26 +233,14 @@ async fn a_value_kept_again_after_a_loss_still_hears_of_its_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn a_stale_fallback_still_hears_of_its_changes_after_a_failed_refresh() {
-    let Some(server) = Server::start(free_port()) else {
+    let lifetimes = Lifetimes {
+        fresh: Duration::from_millis(300),
+        stale_if_error: Duration::from_secs(60),
+        ..Lifetimes::default()
+    };
+    let Some((server, changes, [a, b])) = two_caches::<String>(lifetimes, None).await else {
         return;
     };
-    let prefix = prefix();
-    let mut caches: Vec<Cache<u32, String, String>> = Vec::new();
-    for _ in 0..2 {
-        let store = server.connect().await.with_prefix(prefix.as_str());
-        let lifetimes = Lifetimes {
-            fresh: Duration::from_millis(300),
-            stale_if_error: Duration::from_secs(60),
-            ..Lifetimes::default()
-        };
-        caches.push(
-            Cache::builder()
-                .lifetimes(lifetimes)
-                .shared("reports", store, Utf8)
-                .build(),
-        );
-    }
-    let (a, b) = (&caches[0], &caches[1]);
     let ok = |value: &str| {
         let value = value.to_owned();
         || async move { Ok::<_, String>(value) }
@@ -252,10 +248,10 @@ async fn a_stale_fallback_still_hears_of_its_changes_after_a_failed_refresh() {
     let down = || async { Err::<String, _>("down".to_owned()) };
     // Each subscribes on its first fetch; its subscription's confirmation drops what it
     // holds (changes may have been missed): B's copy of key 0 is gone once it came.
-    for cache in [a, b] {
+    for cache in [&a, &b] {
         cache.try_get_with(0, ok("warm-up")).await.unwrap();
     }
-    subscribed(&[server.url()], &format!("{prefix}changes"), 2).await;
+    subscribed(&[server.url()], &changes, 2).await;
     eventually_async("B's subscription confirmed", || async {
         b.fetch(0, ok("warm-up")).await.status() != CacheStatus::Hit
     })

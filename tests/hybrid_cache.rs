@@ -272,9 +272,8 @@ async fn a_dropped_connection_is_reported_as_changes_lost() {
     let store = server.connect().await.with_prefix(prefix.as_str());
     let mut changes = store.changes().expect("a shared store has changes");
     subscribed(&[server.url()], &format!("{prefix}changes"), 1).await;
-    // The subscription's confirmation, itself reported as a loss, may trail the server's
-    // count by a moment.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The subscription's confirmation is itself reported as a loss: the one to come first.
+    assert_lost_within(&mut changes, Duration::from_secs(5)).await;
     while changes.try_recv().is_ok() {}
     kill_connections(&server).await;
     assert_lost_within(&mut changes, Duration::from_secs(5)).await;
