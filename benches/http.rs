@@ -3,8 +3,10 @@
 //! - `http_not_coalesced`: batches of 64 concurrent POSTs with a small JSON body that never
 //!   share a flight, over pooled HTTP/1.1 connections to one server, where the same handler
 //!   is mounted bare, behind the layer keyed by the `Idempotency-Key` header, behind the
-//!   layer keyed by the id in the JSON body (`key::json`), and behind a layer whose key the
-//!   requests don't carry. Every variant gets the same requests (a distinct id in the body
+//!   layer keyed by the id in the JSON body (`key::json`), behind a layer whose key the
+//!   requests don't carry, and behind the floor of any layer that shares responses
+//!   (`support/floor.rs`: reads the body, registers the key, buffers the response, and
+//!   promises nothing). Every variant gets the same requests (a distinct id in the body
 //!   and in the header), so the ratio of the layer's time to the bare handler's is its
 //!   overhead on ordinary traffic; keyed requests pay for reading the body (its SHA-256
 //!   fingerprint only with a store, or when a response varies).
@@ -30,6 +32,9 @@ use futures::future::join_all;
 use tokio::runtime::Runtime;
 use tower::ServiceExt;
 use tower_coalesce::http::{HttpCoalesceLayer, key};
+
+#[path = "support/floor.rs"]
+mod floor;
 
 const BATCH: usize = 64;
 const FAN_IN: usize = 100;
@@ -107,7 +112,8 @@ async fn batch(
 /// One server for every variant of the loopback comparison, so that they share its
 /// connections, accept loop and routing: the same create handler at `/bare`, and behind
 /// the layer keyed by the `Idempotency-Key` header (`/hkey`), by the JSON body's id
-/// (`/json`), and by a header the requests don't carry (`/none`: passed through unread).
+/// (`/json`), and by a header the requests don't carry (`/none`: passed through unread);
+/// and behind the floor layer (`/floor`).
 fn variants(executions: Arc<AtomicUsize>) -> Router {
     let create = |executions: &Arc<AtomicUsize>| app(executions.clone(), Duration::ZERO);
     Router::new()
@@ -124,6 +130,7 @@ fn variants(executions: Arc<AtomicUsize>) -> Router {
             "/none",
             create(&executions).layer(HttpCoalesceLayer::new(key::header("x-absent-key"))),
         )
+        .nest("/floor", create(&executions).layer(floor::layer()))
 }
 
 fn not_coalesced(c: &mut Criterion) {
@@ -132,7 +139,7 @@ fn not_coalesced(c: &mut Criterion) {
     let server = rt.block_on(serve(variants(executions.clone())));
     let client = client();
     let next_key = AtomicU64::new(0);
-    let names = ["bare", "hkey", "json", "none"];
+    let names = ["bare", "hkey", "json", "none", "floor"];
     let urls = names.map(|name| format!("http://{server}/{name}/api/clients"));
     // Every variant gets the same requests: a distinct id in the body and the same one in
     // an `Idempotency-Key` header, so that the only difference is the layer.
@@ -156,11 +163,11 @@ fn not_coalesced(c: &mut Criterion) {
     // share two cores. Interleaving the variants batch by batch, in a rotating order, lets
     // the drift hit them alike: the ratios of the sums are the figures to read.
     let rounds = 1200;
-    let mut totals = [Duration::ZERO; 4];
+    let mut totals = [Duration::ZERO; 5];
     rt.block_on(async {
         for round in 0..rounds {
-            for turn in 0..4 {
-                let which = (round + turn) % 4;
+            for turn in 0..5 {
+                let which = (round + turn) % 5;
                 let start = std::time::Instant::now();
                 batch(&client, &urls[which], BATCH, keys(&next_key)).await;
                 totals[which] += start.elapsed();
@@ -168,7 +175,7 @@ fn not_coalesced(c: &mut Criterion) {
         }
     });
     let per_request = |t: Duration| t.as_secs_f64() * 1e6 / (rounds * BATCH) as f64;
-    let figures: Vec<String> = ["bare", "header key", "json body key", "unkeyed"]
+    let figures: Vec<String> = ["bare", "header key", "json body key", "unkeyed", "floor"]
         .iter()
         .zip(totals)
         .map(|(name, total)| {

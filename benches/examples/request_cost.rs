@@ -4,7 +4,8 @@
 //!     cargo run --release --manifest-path benches/Cargo.toml --example request_cost -- header 100000
 //!
 //! The first argument picks the app (`bare`, `header`: keyed by `Idempotency-Key`, `json`:
-//! keyed by the body's id), the second how many requests to time after the counted ones.
+//! keyed by the body's id, `floor`: the least a layer that shares responses does, see
+//! `benches/support/floor.rs`), the second how many requests to time after the counted ones.
 //! It prints the allocations and bytes allocated per request (the client's request
 //! included, alike for every app), then the time per request. Under
 //! `valgrind --tool=callgrind` the difference of two runs with different counts gives the
@@ -19,6 +20,9 @@ use axum::routing::post;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use tower::ServiceExt;
 use tower_coalesce::http::{HttpCoalesceLayer, key};
+
+#[path = "../support/floor.rs"]
+mod floor;
 
 #[global_allocator]
 static COUNTED: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -44,7 +48,8 @@ fn main() {
         "json" => app()
             .layer(HttpCoalesceLayer::new(key::json("/id")))
             .with_state(()),
-        other => panic!("no app {other:?}: bare, header or json"),
+        "floor" => app().layer(floor::layer()).with_state(()),
+        other => panic!("no app {other:?}: bare, header, json or floor"),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
