@@ -30,17 +30,15 @@ pub(super) fn answer<K, I, St, ReqB, ResB, E: ShareError>(
     outcome: Outcome<FlightResult<ResB, E>>,
     engine: &Engine<K, I, St>,
     request: Option<&InnerRequest<ReqB>>,
-    leader_asked: Option<&HeaderMap>,
     ask: &Ask,
 ) -> Result<Option<Answer<ResB, E>>, OwnTurn> {
     let config = &engine.config;
     let leader = outcome.is_leader();
     let role = if leader { Role::Leader } else { Role::Follower };
     // What this caller asked: its own request's headers, or the leader's copy of them.
-    let asked = match (request, leader_asked) {
-        (Some(request), _) => request.headers(),
-        (None, Some(asked)) => asked,
-        (None, None) => unreachable!("a caller keeps its request unless it leads"),
+    let asked = match request {
+        Some(request) => request.headers(),
+        None => ask.headers(),
     };
     let mut response = match outcome.into_value() {
         Err(error) => return Ok(Some(Err(E::share(&error)))),

@@ -4,7 +4,6 @@
 use std::panic;
 use std::sync::Arc;
 
-use http::HeaderMap;
 use http::Response;
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
@@ -74,8 +73,7 @@ where
         ask: flight_key.ask.clone(),
         flight_key: Some(flight_key),
         request: Some(request),
-        leader_asked: None,
-        inner,
+        inner: Some(inner),
         store_key,
         key_hash,
     };
@@ -110,7 +108,7 @@ where
                 metrics.follower_waited(arrived);
                 metrics.follower_timed_out();
                 tracing::debug!(key = key_hash.map(|h| h.0), "follower stopped waiting");
-                let (inner, request) = (caller.inner.clone(), caller.request.take());
+                let (inner, request) = (caller.service(), caller.request.take());
                 return Box::pin(fall_back(config, inner, request)).await;
             };
             if mismatched {
@@ -143,7 +141,8 @@ where
 /// what it keeps between them. The engine is lent to each step rather than kept here,
 /// so that the wait can borrow its metrics while the caller changes.
 struct Caller<S, K: HeadKey, I: HeadKey, ReqB> {
-    inner: S,
+    /// Until this caller leads a flight: the service goes into it with the request.
+    inner: Option<S>,
     store_key: Option<StoreKey>,
     key_hash: Option<KeyHash>,
     ask: Ask,
@@ -152,9 +151,6 @@ struct Caller<S, K: HeadKey, I: HeadKey, ReqB> {
     /// The key of the next attempt. It goes into the registry; a follower takes a copy of
     /// the registered key, for another attempt.
     flight_key: Option<FlightKey<I::Key, K::Key>>,
-    /// The leader's request goes into the flight; its headers are kept to tell which
-    /// responses and replays answer it when a response `Vary`s (one copy per flight).
-    leader_asked: Option<Arc<HeaderMap>>,
 }
 
 type Flights<'g, K, I, ResB, E> = std::borrow::Cow<
@@ -188,19 +184,14 @@ where
         let run = group.run_boxed_if(
             self.flight_key.take().expect("a key for every attempt"),
             || {
-                let req = self
-                    .request
-                    .take()
-                    .expect("a caller leads at most one flight");
-                let asked = Arc::new(req.headers().clone());
-                self.leader_asked = Some(asked.clone());
-                let (inner, engine) = (self.inner.clone(), engine.clone());
+                let lead = "a caller leads at most one flight";
+                let (req, inner) = (self.request.take().expect(lead), self.inner.take());
+                ask.keep_headers(req.headers());
                 let store_key = self.store_key.clone();
                 Box::pin(fly(
-                    inner,
-                    engine,
+                    inner.expect(lead),
+                    engine.clone(),
                     req,
-                    asked,
                     store_key,
                     ask.clone(),
                     self.key_hash,
@@ -226,6 +217,13 @@ where
         }
     }
 
+    /// The service, for a call of this caller's own: it has one unless it led a flight.
+    fn service(&mut self) -> S {
+        self.inner
+            .take()
+            .expect("a caller that did not lead keeps its service")
+    }
+
     /// Counts and logs how this caller entered a flight.
     fn entered(&self, metrics: &Metrics, leader: bool, mismatched: bool) {
         let key = self.key_hash.map(|h| h.0);
@@ -247,7 +245,7 @@ where
         S: InnerService<ReqB, ResB>,
     {
         let (request, store_key) = (self.request.take(), self.store_key.take());
-        let inner = self.inner.clone();
+        let inner = self.service();
         refused(
             refusal,
             inner,
@@ -270,8 +268,7 @@ where
     where
         S: InnerService<ReqB, ResB>,
     {
-        let asked = self.leader_asked.as_deref();
-        answer(outcome, engine, self.request.as_ref(), asked, &self.ask)
+        answer(outcome, engine, self.request.as_ref(), &self.ask)
     }
 
     /// A call of the inner service for this caller alone, once it has its turn, if
@@ -286,7 +283,7 @@ where
             None => None,
         };
         let request = self.request.take();
-        run_own(self.inner.clone(), request, config.role_header).await
+        run_own(self.service(), request, config.role_header).await
     }
 }
 

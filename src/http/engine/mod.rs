@@ -323,6 +323,9 @@ struct Asked {
     uri: http::Uri,
     body: Bytes,
     digest: OnceLock<Fingerprint>,
+    /// The request's headers, kept by a leader whose request goes into its flight: which
+    /// responses and replays answer it is told by them when a response `Vary`s.
+    headers: OnceLock<HeaderMap>,
 }
 
 impl Ask {
@@ -332,7 +335,22 @@ impl Ask {
             uri: parts.uri.clone(),
             body: body.clone(),
             digest: OnceLock::new(),
+            headers: OnceLock::new(),
         }))
+    }
+
+    /// Keeps a copy of the request's headers, for [`headers`](Self::headers) once the
+    /// request itself has gone into its flight (one copy per flight).
+    fn keep_headers(&self, headers: &HeaderMap) {
+        self.0.headers.get_or_init(|| headers.clone());
+    }
+
+    /// The request's headers as [kept](Self::keep_headers) by its leader.
+    fn headers(&self) -> &HeaderMap {
+        self.0
+            .headers
+            .get()
+            .expect("a leader keeps its headers before its request goes into the flight")
     }
 
     /// The request's digest, made on the first call.

@@ -24,7 +24,6 @@ pub(super) fn fly<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
     req: InnerRequest<ReqB>,
-    asked: Arc<HeaderMap>,
     store_key: Option<StoreKey>,
     ask: Ask,
     key_hash: Option<KeyHash>,
@@ -44,13 +43,13 @@ where
     // future holds the largest of the futures it awaits (2.6 KB before, mostly the store's
     // steps, for flights that have no store).
     let work = match store_key {
-        None => Either::Left(run_and_keep(inner, engine, req, asked, None, None, ask)),
+        None => Either::Left(run_and_keep(inner, engine, req, None, None, ask)),
         Some(key) => Either::Right(Box::pin(async move {
-            let lease = match take_lease(&engine, &key, ask.fingerprint(), &asked).await {
+            let lease = match take_lease(&engine, &key, ask.fingerprint(), ask.headers()).await {
                 Ok(lease) => lease,
                 Err(done) => return Ok(done),
             };
-            let run = run_and_keep(inner, engine, req, asked, Some(key), lease, ask);
+            let run = run_and_keep(inner, engine, req, Some(key), lease, ask);
             run.await
         })),
     };
@@ -68,7 +67,6 @@ pub(super) fn run_and_keep<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
     mut req: InnerRequest<ReqB>,
-    asked: Arc<HeaderMap>,
     store_key: Option<StoreKey>,
     lease: Option<LeaseGuard>,
     ask: Ask,
@@ -112,7 +110,7 @@ where
                         key,
                         lease,
                         None,
-                        &asked,
+                        ask.headers(),
                         target.as_ref(),
                     );
                     Box::pin(kept).await;
@@ -125,8 +123,8 @@ where
         let (answers, by_authorization) = match &flown {
             Flown::Buffered(buffered) => {
                 let headers = &buffered.parts.headers;
-                let by_authorization = engine.by_authorization(headers, &asked);
-                let answers = answers_of(&ask, headers, &asked, by_authorization);
+                let by_authorization = engine.by_authorization(headers, ask.headers());
+                let answers = answers_of(&ask, headers, ask.headers(), by_authorization);
                 (answers, by_authorization)
             }
             _ => (Answers::Leader, false),
@@ -141,7 +139,7 @@ where
                 key,
                 lease,
                 flown,
-                &asked,
+                ask.headers(),
                 target.as_ref(),
             ))
             .await;
