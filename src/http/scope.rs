@@ -138,18 +138,24 @@ pub const CREDENTIAL_HEADERS: [HeaderName; 10] = [
 /// scope, and for the layer's warning, whatever the scope.
 pub(crate) fn credential_ignored(parts: &Parts) -> Option<&'static HeaderName> {
     static CREDENTIALS: [HeaderName; 10] = CREDENTIAL_HEADERS;
-    // Most requests carry few headers: looking each up in the short list is cheaper than
-    // ten lookups in the map.
-    if parts.headers.len() < CREDENTIAL_HEADERS.len() {
-        parts
-            .headers
-            .keys()
-            .find_map(|name| CREDENTIALS.iter().find(|c| *c == name))
-    } else {
-        CREDENTIALS
-            .iter()
-            .find(|name| parts.headers.contains_key(*name))
-    }
+    // Every keyed request asks this: a `match` on the name (a jump on its length, then one
+    // comparison) per header costs a tenth of comparing each with the ten names.
+    parts.headers.keys().find_map(|name| {
+        let i = match name.as_str() {
+            "x-api-key" => 0,
+            "api-key" => 1,
+            "apikey" => 2,
+            "x-auth-token" => 3,
+            "x-access-token" => 4,
+            "x-session-token" => 5,
+            "x-session-id" => 6,
+            "x-user-id" => 7,
+            "x-forwarded-user" => 8,
+            "x-auth-request-user" => 9,
+            _ => return None,
+        };
+        Some(&CREDENTIALS[i])
+    })
 }
 
 /// Scopes by the values of the headers `names` (every value of each, in order).
@@ -351,6 +357,8 @@ mod tests {
         for name in &CREDENTIAL_HEADERS {
             let alice = parts(http::Request::get("/").header(name, "alice-key"));
             assert_eq!(scope.make_key(&alice), None, "{name}");
+            // The warning names the header the request carries.
+            assert_eq!(credential_ignored(&alice), Some(name));
             let with_auth = parts(
                 http::Request::get("/")
                     .header("authorization", "Bearer a")
