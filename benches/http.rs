@@ -220,7 +220,7 @@ fn json_key(c: &mut Criterion) {
 }
 
 /// The same apps called in process, without sockets: the layer's own CPU cost per request,
-/// which the loopback figures blur with the network stack's.
+/// which the loopback figures blur with the network stack's; the floor layer beside them.
 fn in_process(c: &mut Criterion) {
     let rt = runtime();
     let executions = Arc::new(AtomicUsize::new(0));
@@ -232,6 +232,9 @@ fn in_process(c: &mut Criterion) {
         .with_state(());
     let json = app(executions.clone(), Duration::ZERO)
         .layer(HttpCoalesceLayer::new(key::json("/id")))
+        .with_state(());
+    let floor = app(executions.clone(), Duration::ZERO)
+        .layer(floor::layer())
         .with_state(());
     let next_key = AtomicU64::new(0);
     let request = |key: Option<u64>| {
@@ -256,6 +259,7 @@ fn in_process(c: &mut Criterion) {
         ("layer_header_key", &layered, true),
         ("layer_json_body_key", &json, true),
         ("layer_unkeyed", &layered, false),
+        ("floor", &floor, true),
     ] {
         group.bench_function(name, |b| {
             b.to_async(&rt).iter(|| {
