@@ -323,8 +323,8 @@ struct Asked {
     uri: http::Uri,
     body: Bytes,
     digest: OnceLock<Fingerprint>,
-    /// The request's headers, kept by a leader whose request goes into its flight: which
-    /// responses and replays answer it is told by them when a response `Vary`s.
+    /// The request's headers, kept by a leader whose request goes into its flight: they
+    /// tell which responses and replays answer it when a response `Vary`s.
     headers: OnceLock<HeaderMap>,
 }
 
