@@ -144,7 +144,7 @@ fn each_request_once_in_turn(
     runs: &Runs,
     metrics: &Metrics,
 ) {
-    let mut run_of_body = HashMap::new();
+    let mut run_of_request = HashMap::new();
     for (request, status, text) in answers {
         assert_eq!(status, StatusCode::OK);
         let (run, echoed) = text.split_once(" echoes ").unwrap();
@@ -153,9 +153,12 @@ fn each_request_once_in_turn(
             "a caller received the answer to another request"
         );
         // Every caller of one request got the answer of one run.
-        assert_eq!(*run_of_body.entry(request).or_insert(run.to_owned()), run);
+        assert_eq!(
+            *run_of_request.entry(request).or_insert(run.to_owned()),
+            run
+        );
     }
-    assert_eq!(runs.started.get(), 4, "one run per body");
+    assert_eq!(runs.started.get(), 4, "one run per request");
     assert_eq!(runs.most_at_once(), 1, "two runs of one key at once");
     assert!(metrics.mismatches_queued() >= 75);
 }
