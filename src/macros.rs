@@ -123,9 +123,10 @@ macro_rules! define_engine_setters {
 
         /// What a request does when a flight for its key is running for a *different*
         /// request (another method, path, query or body): wait for it to end and then run
-        /// ([`OnMismatch::Queue`](crate::http::OnMismatch::Queue)), or get `422` at once
-        /// ([`OnMismatch::Reject`](crate::http::OnMismatch::Reject)). With
-        /// [`replay`](Self::replay), it also decides what a request whose key has a kept
+        /// ([`OnMismatch::Queue`](crate::http::OnMismatch::Queue)), or get `422`
+        /// ([`OnMismatch::Reject`](crate::http::OnMismatch::Reject): at once, or, with
+        /// [`replay`](Self::replay), once that flight ended, unless what is kept then is its
+        /// own answer). With `replay`, it also decides what a request whose key has a kept
         /// response of another request gets: a run of its own, which then is the one kept
         /// (`Queue`), or `422` (`Reject`).
         ///

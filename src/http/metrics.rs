@@ -36,7 +36,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// | `coalesce_wait_duration_seconds` | | histogram of followers' waits (the leader's time is the service's own) |
 /// | `coalesce_inflight_flights` | | gauge of flights running now |
 /// | `coalesce_idempotency_conflicts_total` | `reason="in_flight"` / `"fingerprint"` | `409`s and `422`s |
-/// | `coalesce_lease_takeovers_total` | | leases taken after waiting for another instance (Redis) |
+/// | `coalesce_lease_takeovers_total` | | leases taken after waiting for another instance (Redis, PostgreSQL) |
+/// | `coalesce_keeps_superseded_total` | | responses not kept because another instance took the key over meanwhile |
 /// | `coalesce_store_errors_total` | | store calls that failed or timed out |
 /// | `coalesce_flights_waiting_elsewhere_total`, `coalesce_callers_cancelled_total`, `coalesce_mismatches_queued_total`, `coalesce_responses_not_shared_total`, `coalesce_bodies_over_limit_total`, `coalesce_cache_refreshes_total`, `coalesce_cache_near_hits_total`, `coalesce_cache_purged_total` | | as the methods of the same names |
 ///
@@ -76,6 +77,7 @@ struct Counters {
     cache_near_hits: AtomicU64,
     cache_purged: AtomicU64,
     lease_takeovers: AtomicU64,
+    keeps_superseded: AtomicU64,
     flights_in_flight: AtomicU64,
     // Whether the first request without a key has been logged at WARN.
     warned_without_key: AtomicBool,
@@ -389,7 +391,8 @@ impl Metrics {
 
 impl Metrics {
     /// Leases taken after waiting for another instance that held them: it released the key
-    /// without a response kept, or died and its lease expired (Redis mode).
+    /// without a response kept, or died and its lease expired (a shared store: Redis,
+    /// PostgreSQL).
     pub fn lease_takeovers(&self) -> u64 {
         self.counters.lease_takeovers.load(Ordering::Relaxed)
     }
@@ -399,6 +402,21 @@ impl Metrics {
             .lease_takeovers
             .fetch_add(1, Ordering::Relaxed);
         self.export("coalesce_lease_takeovers_total", None);
+    }
+
+    /// Flights whose response was not kept because their lease lapsed while they ran (a
+    /// stall, the store out of reach) and another instance took the key over: their
+    /// callers got the response kept under the later lease instead. Each is a key that ran
+    /// twice; see [What a lease can't do](crate::redis#what-a-lease-cant-do).
+    pub fn keeps_superseded(&self) -> u64 {
+        self.counters.keeps_superseded.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn keep_superseded(&self) {
+        self.counters
+            .keeps_superseded
+            .fetch_add(1, Ordering::Relaxed);
+        self.export("coalesce_keeps_superseded_total", None);
     }
 
     /// Flights running now: started and not yet completed or dropped.
@@ -532,6 +550,7 @@ impl fmt::Debug for Metrics {
             .field("cache_purged", &self.cache_purged())
             .field("cache_refreshes", &self.cache_refreshes())
             .field("lease_takeovers", &self.lease_takeovers())
+            .field("keeps_superseded", &self.keeps_superseded())
             .field("flights_in_flight", &self.flights_in_flight())
             .finish()
     }

@@ -44,9 +44,16 @@ pub enum OnMismatch {
     /// use `Reject` where keys are reused for different requests across instances.
     #[default]
     Queue,
-    /// Answer `422 Unprocessable Content` at once, with a problem+json body saying that the
-    /// key was used for another request: the IETF Idempotency-Key draft's answer, and the
-    /// default of [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer).
+    /// Answer `422 Unprocessable Content`, with a problem+json body saying that the key was
+    /// used for another request: the IETF Idempotency-Key draft's answer, and the default of
+    /// [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer).
+    ///
+    /// Without [`replay`](super::HttpCoalesceLayer::replay), at once, to a request whose key
+    /// has another request's flight running. With it, the key's answer is the response
+    /// kept for it: a request that finds another request's flight running waits for that
+    /// flight to end, and then gets what is kept, if it is its own (a replay), or the `422`.
+    /// So the key's own request is never refused because a reuse of its key (itself about
+    /// to be refused) happened to be running.
     Reject,
 }
 

@@ -128,6 +128,18 @@ pub(crate) fn store_unavailable<B>() -> Response<ResponseBody<B>> {
     ))
 }
 
+/// `503`: the request ran, but its response could not be kept for its retries, under
+/// `OnStoreError::FailClosed`.
+pub(crate) fn not_kept<B>() -> Response<ResponseBody<B>> {
+    retry_soon(problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Outcome not recorded",
+        "This request was processed, but the store that makes it safe to retry could not \
+         record its outcome, so this server does not report one it could not give again. \
+         Retry this request: it may be processed again.",
+    ))
+}
+
 fn retry_soon<B>(mut response: Response<ResponseBody<B>>) -> Response<ResponseBody<B>> {
     response
         .headers_mut()

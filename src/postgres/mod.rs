@@ -120,7 +120,7 @@ use crate::BoxError;
 use crate::shared_store::backplane::Backplane;
 use crate::shared_store::codec;
 use crate::shared_store::release::{Waiters, renew_every_third, token};
-use crate::store::{Change, Lease, LeaseGuard};
+use crate::store::{Change, Completion, Lease, LeaseGuard};
 use crate::store::{Store, StoreKey, StoredResponse};
 
 /// The default timeout of every statement, and of connecting.
@@ -378,7 +378,7 @@ impl PostgresStore {
         let response: Option<Vec<u8>> = row.try_get("response")?;
         match (fence, response) {
             (Some(fence), _) => {
-                let guard = self.held(key.clone(), token);
+                let guard = self.held(key.clone(), token, fence);
                 Ok(Lease::Held(guard.with_fence(fence.max(0) as u64)))
             }
             (None, Some(bytes)) => Ok(Lease::Stored(Arc::new(codec::decode(&bytes)?))),
@@ -386,27 +386,38 @@ impl PostgresStore {
         }
     }
 
-    /// The lease `token` took on `key`: renewed until completed, which keeps the response,
-    /// releases the lease and tells the waiting instances.
-    fn held(&self, key: StoreKey, token: String) -> LeaseGuard {
+    /// The lease `token` took on `key` with the fencing token `fence`: renewed until
+    /// completed, which keeps the response unless a later lease was taken, releases the
+    /// lease and tells the waiting instances.
+    fn held(&self, key: StoreKey, token: String, fence: i64) -> LeaseGuard {
         let renewer = tokio::spawn(self.clone().renew(key.clone(), token.clone()));
         let store = self.clone();
-        let complete = move |response: Option<(Arc<StoredResponse>, Duration)>| async move {
-            let (bytes, ttl) = match response {
-                Some((response, ttl)) => (Some(codec::encode(&response)), millis(ttl)),
-                None => (None, 0),
-            };
-            let statement = sqlx::query(&store.shared.statements.complete)
-                .bind(&key.as_bytes()[..])
-                .bind(&token)
-                .bind(bytes)
-                .bind(ttl)
-                .bind(&store.shared.channel)
-                .bind(hex(&key))
-                .execute(&store.shared.pool);
-            store.timed("store and release", statement).await.map(drop)
+        let complete = move |response: Option<(Arc<StoredResponse>, Duration)>| {
+            let (store, key, token) = (store.clone(), key.clone(), token.clone());
+            async move {
+                let (bytes, ttl) = match response {
+                    Some((response, ttl)) => (Some(codec::encode(&response)), millis(ttl)),
+                    None => (None, 0),
+                };
+                let statement = sqlx::query(&store.shared.statements.complete)
+                    .bind(&key.as_bytes()[..])
+                    .bind(&token)
+                    .bind(bytes)
+                    .bind(ttl)
+                    .bind(&store.shared.channel)
+                    .bind(hex(&key))
+                    .bind(fence)
+                    .fetch_one(&store.shared.pool);
+                let row = store.timed("store and release", statement).await?;
+                if row.try_get("kept")? {
+                    return Ok(Completion::Kept);
+                }
+                let kept: Option<Vec<u8>> = row.try_get("response")?;
+                let kept = kept.map(|bytes| codec::decode(&bytes)).transpose()?;
+                Ok(Completion::Superseded(kept.map(Arc::new)))
+            }
         };
-        LeaseGuard::new(complete, renewer)
+        LeaseGuard::new(complete, renewer).keep_trying_for(self.lease)
     }
 
     /// Renews the lease every third of its duration until the guard aborts it, or the

@@ -85,24 +85,33 @@ impl Statements {
                          WHERE key = $1 AND $4 AND response IS NOT NULL AND expires_at > now())
                        AS response"
             ),
-            // Keeps the response `$3` (if any) for `$4` ms, releases the lease if the token
-            // `$2` still holds it, and tells the waiting instances (`pg_notify`, sent when the
-            // statement commits): one statement. The response is kept even if the lease was
-            // lost meanwhile: it is real either way.
+            // Keeps the response `$3` (if any) for `$4` ms and releases the lease if the token
+            // `$2` still holds it, unless a later lease was taken on the key (its fence is no
+            // longer `$7`): a stalled leader never replaces what the instance that took over
+            // kept. Then tells the waiting instances (`pg_notify`, sent when the statement
+            // commits). One statement, safe to repeat. Answers whether it kept, and the
+            // response kept under the key (before this statement) for the superseded case.
             complete: format!(
                 "WITH kept AS (
-                    INSERT INTO {table} AS s (key, response, expires_at)
+                    INSERT INTO {table} AS s (key, response, expires_at, fence)
                     VALUES ($1, $3, CASE WHEN $3::bytea IS NULL THEN NULL
-                                    ELSE now() + $4 * interval '1 millisecond' END)
+                                    ELSE now() + $4 * interval '1 millisecond' END, $7)
                     ON CONFLICT (key) DO UPDATE SET
                         response = COALESCE(EXCLUDED.response, s.response),
                         expires_at = CASE WHEN EXCLUDED.response IS NULL THEN s.expires_at
                                      ELSE EXCLUDED.expires_at END,
                         lease_until = CASE WHEN s.lease_token = $2 THEN now()
                                       ELSE s.lease_until END
+                    WHERE s.fence = $7
                     RETURNING 1
-                )
-                SELECT pg_notify($5, $6) FROM kept"
+                ),
+                told AS (SELECT pg_notify($5, $6)::text AS told FROM kept)
+                SELECT EXISTS (SELECT 1 FROM kept) AS kept,
+                       (SELECT count(told) FROM told) AS told,
+                       (SELECT response FROM {table}
+                         WHERE key = $1 AND response IS NOT NULL AND expires_at > now()
+                           AND NOT EXISTS (SELECT 1 FROM kept))
+                       AS response"
             ),
             renew: format!(
                 "UPDATE {table} SET lease_until = now() + $3 * interval '1 millisecond'

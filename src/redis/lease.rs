@@ -50,26 +50,32 @@ pub(super) static LEASE: LazyScript = LazyScript::new(
     return 0",
 );
 
-/// Stores the response `ARGV[4]` at `KEYS[1]` for `ARGV[5]` ms if one is given, deletes
-/// the lease `KEYS[2]` if the token `ARGV[2]` still owns it, then tells the waiting
-/// instances on the channel `ARGV[1]` to look: `SPUBLISH` if `ARGV[3]` is `spublish` (a
-/// cluster: the channel is in the keys' slot, and the message stays on its shard), else
-/// `PUBLISH`. The response is stored, and the message sent, even if the lease was lost: the
-/// response is real either way.
+/// Unless a later lease was taken on the key (its fencing-token counter `KEYS[3]` is no
+/// longer `ARGV[4]`): stores the response `ARGV[5]` at `KEYS[1]` for `ARGV[6]` ms if one
+/// is given, deletes the lease `KEYS[2]` if the token `ARGV[2]` still owns it, then tells
+/// the waiting instances on the channel `ARGV[1]` to look (`SPUBLISH` if `ARGV[3]` is
+/// `spublish`: a cluster, where the channel is in the keys' slot and the message stays on
+/// its shard; else `PUBLISH`), and answers 1. A stalled leader whose lease was taken over
+/// keeps nothing and answers what the later lease kept (or 0, nothing yet): its response
+/// must never replace that one. A counter that is gone (Redis lost it) was not moved on by
+/// a later lease, which would have set it again. Safe to repeat.
 pub(super) static STORE_AND_RELEASE: LazyScript = LazyScript::new(
-    r"if ARGV[4] then
-        redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
+    r"local fence = redis.call('GET', KEYS[3])
+    if fence and fence ~= ARGV[4] then
+        return redis.call('GET', KEYS[1]) or 0
     end
-    local owned = 0
+    if ARGV[5] then
+        redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[6])
+    end
     if redis.call('GET', KEYS[2]) == ARGV[2] then
-        owned = redis.call('DEL', KEYS[2])
+        redis.call('DEL', KEYS[2])
     end
     if ARGV[3] == 'spublish' then
         redis.call('SPUBLISH', ARGV[1], '1')
     else
         redis.call('PUBLISH', ARGV[1], '1')
     end
-    return owned",
+    return 1",
 );
 
 /// Adds the member `ARGV[1]` to the set `KEYS[1]` (a group of the HTTP cache's entries),

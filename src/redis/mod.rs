@@ -91,7 +91,7 @@ use crate::shared_store::backplane::Backplane;
 use crate::shared_store::codec;
 use crate::shared_store::release::renew_every_third;
 use crate::store::{Change, Store, StoreKey, StoredResponse};
-use crate::store::{Lease, LeaseGuard};
+use crate::store::{Completion, Lease, LeaseGuard};
 
 /// The default timeout of every Redis command, and of connecting.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -358,42 +358,55 @@ impl RedisStore {
             Value::BulkString(bytes) => Ok(Lease::Stored(Arc::new(codec::decode(&bytes)?))),
             Value::Int(0) => Ok(Lease::HeldElsewhere),
             Value::Int(fence @ 1..) => {
-                let guard = self.held(key, response_key, lease_key, token);
+                let guard = self.held(key, [response_key, lease_key, fence_key], token, fence);
                 Ok(Lease::Held(guard.with_fence(fence as u64)))
             }
             other => Err(format!("unexpected answer to the lease script: {other:?}").into()),
         }
     }
 
-    /// The lease `token` took on `lease_key`: renewed until completed, which stores the
-    /// response at `response_key`, releases the lease and tells the waiting instances.
+    /// The lease `token` took on `key` with the fencing token `fence`: renewed until
+    /// completed, which stores the response at `response_key` unless a later lease was
+    /// taken, releases the lease and tells the waiting instances.
     fn held(
         &self,
         key: &StoreKey,
-        response_key: String,
-        lease_key: String,
+        [response_key, lease_key, fence_key]: [String; 3],
         token: String,
+        fence: i64,
     ) -> LeaseGuard {
         let renewer = tokio::spawn(self.renew(lease_key.clone(), token.clone()));
         let (store, channel) = (self.clone(), self.name("released:", key));
-        let complete = move |response: Option<(Arc<StoredResponse>, Duration)>| async move {
-            let mut conn = store.conn.clone();
-            let mut script = STORE_AND_RELEASE.call();
-            script
-                .key(&response_key)
-                .key(&lease_key)
-                .arg(&channel)
-                .arg(&token)
-                .arg(store.conn.publish());
-            if let Some((response, ttl)) = response {
-                script.arg(codec::encode(&response)).arg(Self::millis(ttl));
+        let names = Arc::new([response_key, lease_key, fence_key, channel, token]);
+        let complete = move |response: Option<(Arc<StoredResponse>, Duration)>| {
+            let (store, names) = (store.clone(), names.clone());
+            async move {
+                let [response_key, lease_key, fence_key, channel, token] = &*names;
+                let mut conn = store.conn.clone();
+                let mut script = STORE_AND_RELEASE.call();
+                script
+                    .key(response_key)
+                    .key(lease_key)
+                    .key(fence_key)
+                    .arg(channel)
+                    .arg(token)
+                    .arg(store.conn.publish())
+                    .arg(fence.to_string());
+                if let Some((response, ttl)) = response {
+                    script.arg(codec::encode(&response)).arg(Self::millis(ttl));
+                }
+                let answer = store.timed("store and release", script.invoke(&mut conn));
+                match answer.await? {
+                    Value::Int(1) => Ok(Completion::Kept),
+                    Value::Int(0) | Value::Nil => Ok(Completion::Superseded(None)),
+                    Value::BulkString(bytes) => Ok(Completion::Superseded(Some(Arc::new(
+                        codec::decode(&bytes)?,
+                    )))),
+                    other => Err(format!("unexpected answer to the keep script: {other:?}").into()),
+                }
             }
-            store
-                .timed("store and release", script.invoke::<i64>(&mut conn))
-                .await
-                .map(drop)
         };
-        LeaseGuard::new(complete, renewer)
+        LeaseGuard::new(complete, renewer).keep_trying_for(self.lease)
     }
 }
 

@@ -12,7 +12,9 @@ use tokio::sync::broadcast;
 
 use crate::BoxError;
 use crate::http::key::EncodeKey;
-use crate::store::{Change, Fingerprint, Lease, LeaseGuard, Store, StoreKey, StoredResponse};
+use crate::store::{
+    Change, Completion, Fingerprint, Lease, LeaseGuard, Store, StoreKey, StoredResponse,
+};
 
 /// How a [`Cache`](super::Cache) with a shared store writes its values as bytes, and reads
 /// them back: serde with the format of your choice, or by hand.
@@ -154,13 +156,20 @@ where
             let value = value.map(|(value, ttl)| (Arc::new(self.stored(value)), ttl));
             let kept = value.is_some();
             let done = match (lease, value) {
-                (Some(lease), value) => lease.complete(value).await,
-                (None, Some((value, ttl))) => self.store.put(key.clone(), value, ttl).await,
-                (None, None) => Ok(()),
+                // A later lease holds the key (this one lapsed): its value is the newer one,
+                // and this one is not kept.
+                (Some(lease), value) => lease
+                    .complete(value)
+                    .await
+                    .map(|completion| kept && matches!(completion, Completion::Kept)),
+                (None, Some((value, ttl))) => {
+                    self.store.put(key.clone(), value, ttl).await.map(|()| true)
+                }
+                (None, None) => Ok(false),
             };
             let done = match done {
-                Ok(()) if kept => self.store.announce(std::slice::from_ref(&key)).await,
-                done => done,
+                Ok(true) => self.store.announce(std::slice::from_ref(&key)).await,
+                done => done.map(drop),
             };
             if let Err(error) = done {
                 tracing::warn!(%error, "keeping a value in the cache's shared store failed");

@@ -33,8 +33,22 @@ pub enum Lease {
     Stored(Arc<StoredResponse>),
 }
 
-type Completion = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
-type Complete = Box<dyn FnOnce(Option<(Arc<StoredResponse>, Duration)>) -> Completion + Send>;
+/// What [`LeaseGuard::complete`] did: whether the response given is the key's kept answer.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Completion {
+    /// The response given (if any) is kept, and the lease released: no later lease was
+    /// taken on the key since this one.
+    Kept,
+    /// A later lease was taken on the key (this one lapsed, and another instance took the
+    /// key over): the response given is not kept, since it must never replace what a later
+    /// lease keeps. The key's answer is the response kept under that lease, if one is kept
+    /// yet (`None`: its run has not completed, or kept nothing).
+    Superseded(Option<Arc<StoredResponse>>),
+}
+
+type Attempt = Pin<Box<dyn Future<Output = Result<Completion, BoxError>> + Send>>;
+type Complete = Arc<dyn Fn(Option<(Arc<StoredResponse>, Duration)>) -> Attempt + Send + Sync>;
 
 /// A lease this instance holds: it is renewed in the background while the guard lives, and
 /// ended by [`complete`](Self::complete), which stores the response and releases the
@@ -43,25 +57,37 @@ type Complete = Box<dyn FnOnce(Option<(Arc<StoredResponse>, Duration)>) -> Compl
 /// lease without storing anything.
 ///
 /// A store builds it from a function that stores (if given a response) and releases, and
-/// the task that renews the lease.
+/// the task that renews the lease. The function must be *fenced*: it keeps the response
+/// only if no later lease was taken on the key (the key's fencing token is still this
+/// lease's), and otherwise answers [`Completion::Superseded`] with what the later lease
+/// kept. It may be called again after an error (see [`keep_trying_for`](Self::keep_trying_for)),
+/// so it must be safe to repeat.
 #[must_use = "a lease is held until it is completed or dropped"]
 pub struct LeaseGuard {
     complete: Option<Complete>,
     renewer: Option<JoinHandle<()>>,
     fence: Option<FencingToken>,
+    keep_trying: Duration,
 }
 
+/// The first pause between two attempts to complete, doubled after each failure up to
+/// [`MAX_RETRY_PAUSE`].
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(25);
+const MAX_RETRY_PAUSE: Duration = Duration::from_millis(250);
+
 impl LeaseGuard {
-    /// A guard that calls `complete` once, after aborting `renewer`.
+    /// A guard that completes by `complete` (see the type's docs for what it must do), and
+    /// aborts `renewer` once completed.
     pub fn new<C, F>(complete: C, renewer: JoinHandle<()>) -> Self
     where
-        C: FnOnce(Option<(Arc<StoredResponse>, Duration)>) -> F + Send + 'static,
-        F: Future<Output = Result<(), BoxError>> + Send + 'static,
+        C: Fn(Option<(Arc<StoredResponse>, Duration)>) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<Completion, BoxError>> + Send + 'static,
     {
         LeaseGuard {
-            complete: Some(Box::new(move |response| Box::pin(complete(response)))),
+            complete: Some(Arc::new(move |response| Box::pin(complete(response)))),
             renewer: Some(renewer),
             fence: None,
+            keep_trying: Duration::ZERO,
         }
     }
 
@@ -72,22 +98,41 @@ impl LeaseGuard {
         self
     }
 
+    /// Retries a completion that failed (the store unreachable, a timeout) for up to
+    /// `period` after the first attempt, renewing the lease meanwhile: a short store outage
+    /// then delays the answer instead of leaving it unkept (and the key to run again once
+    /// the lease lapses). The stores set it to their lease. Without it, one attempt.
+    pub fn keep_trying_for(mut self, period: Duration) -> Self {
+        self.keep_trying = period;
+        self
+    }
+
     /// The lease's fencing token, if the store hands them out.
     pub fn fence(&self) -> Option<FencingToken> {
         self.fence
     }
 
-    /// Stops renewing, stores `response` for its TTL if there is one, and releases the
-    /// lease, so that the instances waiting for it find the response.
+    /// Stores `response` for its TTL if there is one and releases the lease, so that the
+    /// instances waiting for it find the response; unless a later lease was taken on the
+    /// key meanwhile ([`Completion::Superseded`]). A failed attempt is retried as
+    /// [`keep_trying_for`](Self::keep_trying_for) says, the lease renewed until the last;
+    /// the error is the last attempt's.
     pub async fn complete(
         mut self,
         response: Option<(Arc<StoredResponse>, Duration)>,
-    ) -> Result<(), BoxError> {
-        self.stop_renewing();
+    ) -> Result<Completion, BoxError> {
         let Some(complete) = self.complete.take() else {
-            return Ok(());
+            return Ok(Completion::Kept);
         };
-        let completion = complete(response);
+        let renewer = self.renewer.take();
+        let keep_trying = self.keep_trying;
+        let completion = async move {
+            let result = attempts(&*complete, response, keep_trying).await;
+            if let Some(renewer) = renewer {
+                renewer.abort();
+            }
+            result
+        };
         // On a task of its own, so that it runs to the end even if this future is dropped
         // while it waits (every caller left mid-store): the lease would otherwise be neither
         // stored nor released, and the other instances would wait for it to expire.
@@ -104,6 +149,29 @@ impl LeaseGuard {
         if let Some(renewer) = self.renewer.take() {
             renewer.abort();
         }
+    }
+}
+
+/// Calls `complete` until it answers, or `keep_trying` has passed since the first call.
+async fn attempts(
+    complete: &(dyn Fn(Option<(Arc<StoredResponse>, Duration)>) -> Attempt + Send + Sync),
+    response: Option<(Arc<StoredResponse>, Duration)>,
+    keep_trying: Duration,
+) -> Result<Completion, BoxError> {
+    let until = tokio::time::Instant::now() + keep_trying;
+    let mut pause = FIRST_RETRY_PAUSE;
+    loop {
+        let error = match complete(response.clone()).await {
+            Ok(completion) => return Ok(completion),
+            Err(error) => error,
+        };
+        let now = tokio::time::Instant::now();
+        if now + pause > until {
+            return Err(error);
+        }
+        tracing::debug!(%error, "keeping a response failed; trying again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_RETRY_PAUSE);
     }
 }
 
@@ -130,6 +198,7 @@ impl fmt::Debug for LeaseGuard {
         f.debug_struct("LeaseGuard")
             .field("completed", &self.complete.is_none())
             .field("fence", &self.fence)
+            .field("keep_trying", &self.keep_trying)
             .finish()
     }
 }

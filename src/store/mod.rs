@@ -17,7 +17,7 @@ mod lease;
 #[cfg(any(feature = "idempotency", feature = "http-cache"))]
 mod memory;
 
-pub use self::lease::{FencingToken, Lease, LeaseGuard};
+pub use self::lease::{Completion, FencingToken, Lease, LeaseGuard};
 #[cfg(feature = "http-cache")]
 pub(crate) use self::memory::PerEntryTtl;
 #[cfg(any(feature = "idempotency", feature = "http-cache"))]

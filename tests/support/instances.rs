@@ -63,8 +63,13 @@ pub async fn post(addr: SocketAddr, key: &str) -> Answer {
 }
 
 pub async fn post_body(addr: SocketAddr, key: &str, body: &str) -> Answer {
+    post_to(addr, "/orders", key, body).await
+}
+
+/// A POST of `body` to `path` with the `Idempotency-Key` `key`.
+pub async fn post_to(addr: SocketAddr, path: &str, key: &str, body: &str) -> Answer {
     let res = reqwest::Client::new()
-        .post(format!("http://{addr}/orders"))
+        .post(format!("http://{addr}{path}"))
         .header("idempotency-key", key)
         .body(body.to_owned())
         .send()

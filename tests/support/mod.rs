@@ -130,6 +130,8 @@ pub mod instances;
 pub mod postgres;
 #[cfg(all(any(feature = "redis", feature = "postgres"), feature = "idempotency"))]
 pub mod processes;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub mod proxy;
 #[cfg(feature = "redis")]
 pub mod redis;
 

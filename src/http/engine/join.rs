@@ -37,7 +37,12 @@ pub(super) fn admission(config: &Config, mismatched: bool, followers: usize) -> 
     };
     if mismatched {
         return match config.on_mismatch {
-            OnMismatch::Reject => Some(Refusal::Mismatch),
+            // Where responses are kept, the key's answer is the one kept, not whichever
+            // request happens to run now: that may be a reuse of the key about to be refused
+            // itself, and the key's own request must not be refused for it. So the caller
+            // waits for the running flight to end, and then replays what is kept for its
+            // key, or gets its `422` if that is another request's answer.
+            OnMismatch::Reject if config.replay.is_none() => Some(Refusal::Mismatch),
             _ => capped(),
         };
     }

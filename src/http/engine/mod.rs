@@ -441,6 +441,9 @@ pub(crate) enum Done<B> {
     GaveUp,
     /// The store failed, under `OnStoreError::FailClosed`.
     Unavailable,
+    /// The request ran, but its response could not be kept (the store failed for as long
+    /// as the lease allowed), under `OnStoreError::FailClosed`.
+    Unkept,
 }
 
 impl<B> Clone for Done<B> {
@@ -459,6 +462,7 @@ impl<B> Clone for Done<B> {
             Done::InProgress => Done::InProgress,
             Done::GaveUp => Done::GaveUp,
             Done::Unavailable => Done::Unavailable,
+            Done::Unkept => Done::Unkept,
         }
     }
 }

@@ -14,8 +14,8 @@ use crate::BoxError;
 use crate::http::flown::{self, Buffered, Flown};
 use crate::http::policy::{OnDuplicate, OnMismatch, OnStoreError, Unshared};
 use crate::http::stage::Ran;
+use crate::store::{Completion, Lease, LeaseGuard};
 use crate::store::{Fingerprint, Store, StoreKey, StoredResponse};
-use crate::store::{Lease, LeaseGuard};
 
 /// The work of a flight, once per key and process: the stored response if there is one;
 /// else a run of the inner service (under the key's lease, with a shared store), whose
@@ -133,16 +133,26 @@ where
         // duplicate, here or on another instance, either waits for this flight or finds the
         // response kept.
         if let Some(key) = store_key {
-            let flown = Some((&flown, answers.fingerprint(&ask)));
-            Box::pin(keep_ran(
+            let kept = Box::pin(keep_ran(
                 &engine,
-                key,
+                key.clone(),
                 lease,
-                flown,
+                Some((&flown, answers.fingerprint(&ask))),
                 ask.headers(),
                 target.as_ref(),
             ))
             .await;
+            let settled = match kept {
+                Kept::Done => None,
+                Kept::Superseded(found) => {
+                    Box::pin(settle(&engine, key, found, &flown, answers, &ask)).await
+                }
+                Kept::Failed => unkept(config),
+            };
+            if let Some(done) = settled {
+                tracing::debug!(ok = true, "flight completed with another run's answer");
+                return Ok(done);
+            }
         }
         tracing::debug!(ok = true, "flight completed");
         Ok(Done::Fresh {
@@ -153,8 +163,23 @@ where
     }
 }
 
+/// What became of a flight's response when the flight kept it.
+pub(super) enum Kept {
+    /// Kept, or there was nothing to keep (the lease, if any, released).
+    Done,
+    /// A later lease was taken on the key while this flight ran (its own lapsed): the
+    /// response was not kept, and the key's answer is what that lease keeps (`None`: not
+    /// yet).
+    Superseded(Option<Arc<StoredResponse>>),
+    /// A response to keep could not be kept: the store failed, for as long as the lease
+    /// allowed retrying.
+    Failed,
+}
+
 /// Keeps a flight's response (`None`: its service failed) by the rules of the layer's
-/// stage, or the engine's own, and releases the lease, if the flight holds one.
+/// stage, or the engine's own, and releases the lease, if the flight holds one. A stage
+/// (the HTTP cache) answers every caller with the flight's own response whatever became
+/// of it: [`Kept::Done`].
 pub(super) async fn keep_ran<K, I, St: Store, B>(
     engine: &Engine<K, I, St>,
     key: StoreKey,
@@ -162,7 +187,7 @@ pub(super) async fn keep_ran<K, I, St: Store, B>(
     flown: Option<(&Flown<B>, Option<Fingerprint>)>,
     asked: &HeaderMap,
     target: Option<&http::Uri>,
-) {
+) -> Kept {
     let (Some(stage), Some(target)) = (&engine.stage, target) else {
         return keep(engine, key, lease, flown).await;
     };
@@ -173,7 +198,7 @@ pub(super) async fn keep_ran<K, I, St: Store, B>(
     });
     let kept = stage.keep(&key, ran, asked);
     match store_and_release(engine, key.clone(), lease, kept.clone()).await {
-        Ok(()) => {
+        Ok(Completion::Kept) => {
             if let Some(kept) = &kept {
                 // Boxed already: a stage is a trait object.
                 stage
@@ -181,11 +206,69 @@ pub(super) async fn keep_ran<K, I, St: Store, B>(
                     .await;
             }
         }
+        // A later refresh holds the key: what it keeps is newer than this response.
+        Ok(Completion::Superseded(_)) => {}
         Err(error) => {
             engine.metrics.store_error();
             tracing::warn!(%error, "keeping a response failed; a retry will run again");
         }
     }
+    Kept::Done
+}
+
+/// The answer of a flight whose lease was taken over while it ran, so that its response
+/// was not kept: the response the later lease kept (a replay, or `422` if it answers
+/// another request), once there is one; `None` to answer the flight's own response.
+///
+/// While the later lease runs, the flight waits for it as any other instance would. Should
+/// it end without keeping anything (its run failed), this flight takes the lease again and
+/// keeps its own response, which its callers then get: either way, every caller and retry
+/// of the key gets the one response that is kept.
+async fn settle<K, I, St: Store, B>(
+    engine: &Engine<K, I, St>,
+    key: StoreKey,
+    mut found: Option<Arc<StoredResponse>>,
+    flown: &Flown<B>,
+    answers: Answers,
+    ask: &Ask,
+) -> Option<Done<B>> {
+    // Each round waits for another instance's lease: a handful is already unlikely.
+    const ROUNDS: usize = 8;
+    engine.metrics.keep_superseded();
+    tracing::warn!(
+        "this instance's lease lapsed while its request ran (a stall, or the store out of \
+         reach), and another instance took the key over: answering with that run's \
+         response, not this one's"
+    );
+    let keeps = Some((flown, answers.fingerprint(ask)));
+    for _ in 0..ROUNDS {
+        if let Some(stored) = found {
+            return Some(Done::Stored(stored));
+        }
+        // Nothing kept yet. A response that is not to be kept (a server error, say) is no
+        // answer to wait for: the caller gets it, as with any run.
+        let ttl = engine.config.replay.unwrap_or(engine.config.handover);
+        to_keep(ttl, flown, answers.fingerprint(ask))?;
+        let fingerprint = ask.fingerprint();
+        let lease = match take_lease(engine, &key, fingerprint, ask.headers()).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return None,
+            Err(done) => return Some(done),
+        };
+        found = match keep(engine, key.clone(), Some(lease), keeps).await {
+            Kept::Done => return None,
+            Kept::Superseded(found) => found,
+            Kept::Failed => return unkept(&engine.config),
+        };
+    }
+    unkept(&engine.config)
+}
+
+/// The answer of a flight whose response could not be kept: under `FailClosed`, a `503`
+/// that says so (a `2xx` no retry would see again breaks the promise of one answer per
+/// key); else the response itself (`None`), as failing open does.
+fn unkept<B>(config: &Config) -> Option<Done<B>> {
+    (config.on_store_error == OnStoreError::FailClosed).then_some(Done::Unkept)
 }
 
 /// Takes the key's lease (or finds its response), waiting while another instance holds it.
@@ -290,23 +373,45 @@ pub(super) async fn keep<K, I, St: Store, B>(
     key: StoreKey,
     lease: Option<LeaseGuard>,
     flown: Option<(&Flown<B>, Option<Fingerprint>)>,
-) {
+) -> Kept {
     let config = &engine.config;
     let ttl = config
         .replay
         .or_else(|| lease.is_some().then_some(config.handover));
     let stored = ttl.and_then(|ttl| {
         let (flown, answers) = flown?;
-        let Flown::Buffered(buffered) = flown else {
-            return None;
-        };
-        let stored = storable(buffered, answers?)?;
-        Some((Arc::new(stored), ttl))
+        to_keep(ttl, flown, answers)
     });
-    if let Err(error) = store_and_release(engine, key, lease, stored).await {
-        engine.metrics.store_error();
-        tracing::warn!(%error, "keeping a response failed; a retry will run again");
+    let keeping = stored.is_some();
+    match store_and_release(engine, key, lease, stored).await {
+        Ok(Completion::Kept) => Kept::Done,
+        Ok(Completion::Superseded(found)) => Kept::Superseded(found),
+        Err(error) => {
+            engine.metrics.store_error();
+            if !keeping {
+                tracing::warn!(%error, "releasing a lease failed; it will expire");
+                return Kept::Done;
+            }
+            let outcome = match config.on_store_error {
+                OnStoreError::FailClosed => "answering 503",
+                _ => "answering all the same; a retry will run again",
+            };
+            tracing::warn!(%error, "keeping a response failed; {outcome}");
+            Kept::Failed
+        }
     }
+}
+
+/// What a flight keeps of its response for `ttl`, if it is one to keep.
+fn to_keep<B>(
+    ttl: Duration,
+    flown: &Flown<B>,
+    answers: Option<Fingerprint>,
+) -> Option<(Arc<StoredResponse>, Duration)> {
+    let Flown::Buffered(buffered) = flown else {
+        return None;
+    };
+    Some((Arc::new(storable(buffered, answers?)?), ttl))
 }
 
 /// Stores `stored` under `key` for its TTL, if there is one, and releases the lease, if one
@@ -316,11 +421,15 @@ pub(crate) async fn store_and_release<K, I, St: Store>(
     key: StoreKey,
     lease: Option<LeaseGuard>,
     stored: Option<(Arc<StoredResponse>, Duration)>,
-) -> Result<(), BoxError> {
+) -> Result<Completion, BoxError> {
     match (lease, stored) {
         (Some(lease), stored) => lease.complete(stored).await,
-        (None, Some((stored, ttl))) => engine.store.put(key, stored, ttl).await,
-        (None, None) => Ok(()),
+        (None, Some((stored, ttl))) => engine
+            .store
+            .put(key, stored, ttl)
+            .await
+            .map(|()| Completion::Kept),
+        (None, None) => Ok(Completion::Kept),
     }
 }
 
