@@ -14,7 +14,10 @@
 //! 3. The instance that holds the lease runs the request, and renews the lease every third
 //!    of its duration. One statement then keeps the response, releases the lease if its
 //!    token still holds it, and sends a release message (`pg_notify`, delivered when it
-//!    commits).
+//!    commits); unless a later lease was taken on the key meanwhile (the row's fencing
+//!    token is no longer this lease's): then it keeps nothing and answers the response kept
+//!    under that lease, which the stalled leader's callers get. A keep that fails is
+//!    retried for the lease's length, the lease renewed meanwhile.
 //! 4. The other instances `LISTEN` on one connection each and wake at the message, or after
 //!    the poll interval if none comes (lost while the connection was down, or the leading
 //!    instance died): they find the response and replay it, or, once a dead instance's lease

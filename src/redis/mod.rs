@@ -17,7 +17,11 @@
 //! 3. The instance that took the lease runs the request, and renews the lease every third
 //!    of its duration while it runs. A second script then stores the response
 //!    (`SET .. PX ttl`), deletes the lease only if the token is still its own, and
-//!    publishes on the key's channel (`SPUBLISH` on a cluster): a second round trip.
+//!    publishes on the key's channel (`SPUBLISH` on a cluster): a second round trip. The
+//!    script keeps nothing if a later lease was taken on the key (the key's fencing token
+//!    is no longer this lease's), and answers what that lease kept instead, which the
+//!    stalled leader's callers get. A keep that fails is retried for the lease's length,
+//!    the lease renewed meanwhile.
 //! 4. The other instances subscribe to that channel and wait for the message, or for the
 //!    poll interval if no message comes (one was lost, or the leading instance died), and
 //!    then go back to 2: they find the response and replay it, or, once a dead instance's
@@ -50,6 +54,13 @@
 //! missed renewals in a row; choose a lease well above your longest pauses. A database
 //! constraint remains the last line of defence, and the [`FencingToken`] lets a handler
 //! refuse the stale writer itself (`UPDATE .. WHERE fence < $token`).
+//!
+//! What such a second run can't do is give the key a second answer: the stalled leader's
+//! response is not kept over the later one (its keep is fenced), and its callers get the
+//! later run's response. So every caller and retry of a key gets one answer; what the two
+//! runs did besides answering is for the fencing token and the constraint to settle.
+//! [`Metrics::keeps_superseded`](crate::http::Metrics::keeps_superseded) counts these
+//! cases. The same holds for [`PostgresStore`](crate::postgres::PostgresStore).
 //!
 //! Responses that are not stored (server errors, bodies over the limit) are not shared
 //! across instances either: an instance that waited for one runs the request itself, as a

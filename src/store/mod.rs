@@ -39,10 +39,17 @@ pub use self::memory::{DEFAULT_MEMORY_LIMIT, MemoryStore};
 ///    holding a lease, before releasing it: [`LeaseGuard::complete`]), so that whoever
 ///    waited finds it. Without a lease it stores it with [`put`](Self::put), for replay.
 ///
+/// Keeping under a lease is *fenced*: a response is kept only if no later lease was taken
+/// on the key. A leader that stalled past its lease (and whose key another instance took
+/// over) keeps nothing, and its callers get the response kept under the later lease
+/// ([`Completion::Superseded`]): one key, one answer. A keep that fails is retried for the
+/// lease's length, the lease renewed meanwhile.
+///
 /// A store error is logged, and then the layer either runs the request as if nothing were
 /// stored (it fails open, the default) or answers `503`; see
-/// [`on_store_error`](crate::http::HttpCoalesceLayer::on_store_error). A failed store of the
-/// response means that a later retry runs again.
+/// [`on_store_error`](crate::http::HttpCoalesceLayer::on_store_error). A response that
+/// could not be kept even so is answered under `FailOpen` (a retry then runs again) and
+/// replaced by a `503` that says its outcome was not recorded under `FailClosed`.
 ///
 /// [`NoStore`] and `MemoryStore` (feature `idempotency`) are stores of one process, and keep
 /// the defaults of `lease`, `refresh_lease` and `released`; [`RedisStore`](crate::redis)
