@@ -1,0 +1,170 @@
+//! One instance of the system under test, as a process of its own: a payments-like create,
+//! `POST /payments` with an `Idempotency-Key` and a JSON body, under `IdempotencyLayer` on
+//! the shared store. The handler writes its effect to PostgreSQL fenced by the
+//! `FencingToken` and prints every run on stdout, where the campaign reads it.
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::{Extension, Router};
+use sqlx::PgPool;
+use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
+use tower_coalesce::postgres::PostgresStore;
+use tower_coalesce::redis::RedisStore;
+use tower_coalesce::store::FencingToken;
+
+/// An instance's settings, from the campaign.
+#[derive(clap::Args, Debug, Clone)]
+pub struct InstanceArgs {
+    /// The instance's name (`i0`, `i1`, ...), in its runs and answers.
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub port: u16,
+    /// `postgres`, `redis` or `cluster`.
+    #[arg(long)]
+    pub store: String,
+    /// The store's URL (through the campaign's proxy); comma-separated nodes for a cluster.
+    #[arg(long)]
+    pub store_url: String,
+    /// The PostgreSQL of the effects table (direct).
+    #[arg(long)]
+    pub effects_url: String,
+    #[arg(long)]
+    pub effects_table: String,
+    #[arg(long)]
+    pub store_table: String,
+    #[arg(long)]
+    pub redis_prefix: String,
+    #[arg(long)]
+    pub lease_ms: u64,
+    #[arg(long)]
+    pub timeout_ms: u64,
+    /// How long a run works before it writes its effect.
+    #[arg(long)]
+    pub work_ms: u64,
+}
+
+#[derive(Clone)]
+struct App {
+    name: Arc<str>,
+    work: Duration,
+    effects: PgPool,
+    upsert: Arc<str>,
+}
+
+pub async fn run(args: InstanceArgs) -> Result<(), tower_coalesce::BoxError> {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let lease = Duration::from_millis(args.lease_ms);
+    let poll = Duration::from_millis(100);
+    let effects = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy(&args.effects_url)?;
+    // Fenced: a write with a lower token than the key's last changes nothing. `writes`
+    // counts the writes that took effect.
+    let upsert = format!(
+        "INSERT INTO {t} AS e (key, body, fence, run, writes) VALUES ($1, $2, $3, $4, 1)
+         ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body, fence = EXCLUDED.fence,
+             run = EXCLUDED.run, writes = e.writes + 1
+         WHERE e.fence < EXCLUDED.fence
+         RETURNING writes",
+        t = args.effects_table
+    );
+    let app = App {
+        name: args.name.clone().into(),
+        work: Duration::from_millis(args.work_ms),
+        effects,
+        upsert: upsert.into(),
+    };
+    let routes = Router::new()
+        .route("/payments", post(create))
+        .with_state(app);
+    let layer = IdempotencyLayer::new().on_store_error(OnStoreError::FailClosed);
+    let router = match args.store.as_str() {
+        "postgres" => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(timeout)
+                .connect_lazy(&args.store_url)?;
+            let store = PostgresStore::builder()
+                .table(&args.store_table)
+                .timeout(timeout)
+                .build(pool)
+                .await?;
+            routes.layer(layer.store(store.with_lease(lease).with_poll_interval(poll)))
+        }
+        "redis" => {
+            let store = RedisStore::connect_with_timeout(&args.store_url, timeout).await?;
+            let store = store.with_prefix(args.redis_prefix.clone());
+            routes.layer(layer.store(store.with_lease(lease).with_poll_interval(poll)))
+        }
+        "cluster" => {
+            let nodes: Vec<&str> = args.store_url.split(',').collect();
+            let store = RedisStore::connect_cluster(&nodes).await?;
+            let store = store.with_prefix(args.redis_prefix.clone());
+            routes.layer(layer.store(store.with_lease(lease).with_poll_interval(poll)))
+        }
+        other => return Err(format!("unknown store {other}").into()),
+    };
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
+    say(&format!("listening {}", listener.local_addr()?));
+    axum::serve(listener, router).await?;
+    Ok(())
+}
+
+/// A line on stdout, flushed at once: a `SIGKILL` must not lose what was said before it.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// The create: writes the effect fenced by the lease's token, and answers with the run that
+/// made it (instance and token), so that two runs of a key give two different answers.
+async fn create(
+    State(app): State<App>,
+    fence: Option<Extension<FencingToken>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    // Without a lease there is no token (the layer runs without the store only under
+    // FailOpen, which the campaign does not use): 0 writes only where nothing was written.
+    let fence = fence.map_or(0, |Extension(token)| token.get()) as i64;
+    let run = format!("{}-{fence}", app.name);
+    say(&format!("run {key} {run} start"));
+    tokio::time::sleep(app.work).await;
+    let written: Result<Option<i32>, sqlx::Error> = sqlx::query_scalar(&app.upsert)
+        .bind(&key)
+        .bind(&body)
+        .bind(fence)
+        .bind(&run)
+        .fetch_optional(&app.effects)
+        .await;
+    match written {
+        Ok(Some(_)) => {
+            say(&format!("run {key} {run} wrote"));
+            let answer = serde_json::json!({ "key": key, "body": body, "run": run });
+            (StatusCode::CREATED, answer.to_string())
+        }
+        Ok(None) => {
+            say(&format!("run {key} {run} stale"));
+            (StatusCode::CONFLICT, "a newer run of this key wrote".into())
+        }
+        Err(error) => {
+            say(&format!("run {key} {run} failed"));
+            (StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+        }
+    }
+}
