@@ -24,6 +24,8 @@ use crate::{History, Mode};
 #[derive(Debug, Clone)]
 pub struct Attempt {
     pub request: u64,
+    /// `/payments` (`IdempotencyLayer`) or `/clients` (`HttpCoalesceLayer`, body key).
+    pub route: &'static str,
     pub key: String,
     pub body: String,
     pub instance: usize,
@@ -211,7 +213,7 @@ pub fn check(
             .unwrap_or_default();
         let writes = history.writes.get(*key).copied().unwrap_or(0);
         if wrote.len() > 1 || writes > 1 {
-            match explained(&wrote, &history.faults, lease_ms) {
+            match explained(mode, &wrote, &history.faults, lease_ms) {
                 Some(kind) => *report.twice.entry(kind).or_default() += 1,
                 None => flag(&mut report, INVARIANTS[2], key),
             }
@@ -283,7 +285,12 @@ fn lost_with_store(mode: Mode, restarts: &[&FaultWindow], from: f64, to: f64) ->
 /// The fault that explains a key's second run: one that hit the instance of an earlier
 /// run (stopped, killed, its store connection cut or slowed) or the store itself, between
 /// a lease before that run and the later run.
-fn explained(wrote: &[&&Run], faults: &[FaultWindow], lease_ms: f64) -> Option<&'static str> {
+fn explained(
+    mode: Mode,
+    wrote: &[&&Run],
+    faults: &[FaultWindow],
+    lease_ms: f64,
+) -> Option<&'static str> {
     let mut sorted: Vec<&Run> = wrote.iter().map(|r| **r).collect();
     sorted.sort_by(|a, b| a.at.total_cmp(&b.at));
     if sorted.len() < 2 {
@@ -303,6 +310,18 @@ fn explained(wrote: &[&&Run], faults: &[FaultWindow], lease_ms: f64) -> Option<&
     let mut kind = None;
     for pair in sorted.windows(2) {
         let (earlier, later) = (pair[0], pair[1]);
+        // A store that keeps nothing on disk forgot every answer when it crashed: that
+        // explains a later run whatever else happened.
+        let forgotten = faults.iter().find(|f| {
+            !mode.durable()
+                && f.kind == "store-restart"
+                && f.start > earlier.at
+                && f.start < later.at
+        });
+        if let Some(crash) = forgotten {
+            kind = Some(crash.kind);
+            continue;
+        }
         let hit = faults
             .iter()
             .filter(|f| {

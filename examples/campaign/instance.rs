@@ -1,7 +1,12 @@
-//! One instance of the system under test, as a process of its own: a payments-like create,
-//! `POST /payments` with an `Idempotency-Key` and a JSON body, under `IdempotencyLayer` on
-//! the shared store. The handler writes its effect to PostgreSQL fenced by the
-//! `FencingToken` and prints every run on stdout, where the campaign reads it.
+//! One instance of the system under test, as a process of its own, with two creates on
+//! the shared store:
+//!
+//! - `POST /payments` with an `Idempotency-Key` and a JSON body, under `IdempotencyLayer`;
+//! - `POST /clients` keyed by the body's `id`, under a plain `HttpCoalesceLayer` with
+//!   `replay` and `OnMismatch::Reject`.
+//!
+//! Each handler writes its effect to PostgreSQL fenced by the `FencingToken` and prints
+//! every run on stdout, where the campaign reads it.
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -13,10 +18,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Extension, Router};
 use sqlx::PgPool;
+use tower_coalesce::http::{HttpCoalesceLayer, OnMismatch, key};
 use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
 use tower_coalesce::postgres::PostgresStore;
 use tower_coalesce::redis::RedisStore;
-use tower_coalesce::store::FencingToken;
+use tower_coalesce::store::{FencingToken, Store};
 
 /// An instance's settings, from the campaign.
 #[derive(clap::Args, Debug, Clone)]
@@ -82,10 +88,6 @@ pub async fn run(args: InstanceArgs) -> Result<(), tower_coalesce::BoxError> {
         effects,
         upsert: upsert.into(),
     };
-    let routes = Router::new()
-        .route("/payments", post(create))
-        .with_state(app);
-    let layer = IdempotencyLayer::new().on_store_error(OnStoreError::FailClosed);
     let router = match args.store.as_str() {
         "postgres" => {
             let pool = sqlx::postgres::PgPoolOptions::new()
@@ -97,18 +99,18 @@ pub async fn run(args: InstanceArgs) -> Result<(), tower_coalesce::BoxError> {
                 .timeout(timeout)
                 .build(pool)
                 .await?;
-            routes.layer(layer.store(store.with_lease(lease).with_poll_interval(poll)))
+            routes(app, store.with_lease(lease).with_poll_interval(poll))
         }
         "redis" => {
             let store = RedisStore::connect_with_timeout(&args.store_url, timeout).await?;
             let store = store.with_prefix(args.redis_prefix.clone());
-            routes.layer(layer.store(store.with_lease(lease).with_poll_interval(poll)))
+            routes(app, store.with_lease(lease).with_poll_interval(poll))
         }
         "cluster" => {
             let nodes: Vec<&str> = args.store_url.split(',').collect();
             let store = RedisStore::connect_cluster(&nodes).await?;
             let store = store.with_prefix(args.redis_prefix.clone());
-            routes.layer(layer.store(store.with_lease(lease).with_poll_interval(poll)))
+            routes(app, store.with_lease(lease).with_poll_interval(poll))
         }
         other => return Err(format!("unknown store {other}").into()),
     };
@@ -116,6 +118,23 @@ pub async fn run(args: InstanceArgs) -> Result<(), tower_coalesce::BoxError> {
     say(&format!("listening {}", listener.local_addr()?));
     axum::serve(listener, router).await?;
     Ok(())
+}
+
+/// The two creates, each under its layer, on one store. Both fail closed: a store error
+/// is a `503`, never a run without the store.
+fn routes<St: Store>(app: App, store: St) -> Router {
+    let payments = IdempotencyLayer::new()
+        .store(store.clone())
+        .on_store_error(OnStoreError::FailClosed);
+    let clients = HttpCoalesceLayer::new(key::json("/id"))
+        .store(store)
+        .replay(Duration::from_secs(3600))
+        .on_mismatch(OnMismatch::Reject)
+        .on_store_error(OnStoreError::FailClosed);
+    Router::new()
+        .route("/payments", post(create).layer(payments))
+        .route("/clients", post(create).layer(clients))
+        .with_state(app)
 }
 
 /// A line on stdout, flushed at once: a `SIGKILL` must not lose what was said before it.
@@ -133,12 +152,15 @@ async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
     let body = String::from_utf8_lossy(&body).into_owned();
+    // The payment's key is its header; the client's, its body's `id`.
+    let key = match headers.get("idempotency-key") {
+        Some(key) => key.to_str().unwrap_or("").to_owned(),
+        None => serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|body| body["id"].as_str().map(str::to_owned))
+            .unwrap_or_default(),
+    };
     // Without a lease there is no token (the layer runs without the store only under
     // FailOpen, which the campaign does not use): 0 writes only where nothing was written.
     let fence = fence.map_or(0, |Extension(token)| token.get()) as i64;

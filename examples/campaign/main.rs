@@ -1,7 +1,8 @@
 //! A seeded fault campaign: one answer per key, checked on a recorded history.
 //!
 //! The system under test is N instances (separate processes) of a payments-like create
-//! (`POST /payments`, `Idempotency-Key`, a JSON body) under `IdempotencyLayer`, on one real
+//! (`POST /payments`, `Idempotency-Key`, a JSON body) under `IdempotencyLayer`, and a create
+//! keyed by a JSON field (`POST /clients`, `id`) under `HttpCoalesceLayer`, on one real
 //! store: `PostgresStore`, `RedisStore` on a Redis with an append-only file
 //! (`appendfsync always`) or without persistence, or a Redis Cluster of three masters. The
 //! handler writes its effect to PostgreSQL fenced by the `FencingToken` and prints every
@@ -444,7 +445,8 @@ async fn connect_postgres(url: &str) -> Result<sqlx::PgPool, Error> {
 }
 
 /// Starts (or restarts) instance `i` and waits until it listens; its run lines go to the
-/// history as they come.
+/// history as they come. An instance that can't reach its store at startup exits (as it
+/// would in production): it is started again, as a supervisor would, for up to 30 s.
 fn start_instance(
     instance: &mut InstanceProc,
     i: usize,
@@ -452,35 +454,49 @@ fn start_instance(
     clock: Clock,
     history: &Arc<Mutex<History>>,
 ) -> Result<(), Error> {
-    let stderr = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&instance.stderr)?;
-    let mut child = Command::new(exe)
-        .args(&instance.args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()?;
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let (ready, listening) = std::sync::mpsc::channel();
-    let history = history.clone();
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            if line.starts_with("listening") {
-                let _ = ready.send(());
-                continue;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&instance.stderr)?;
+        let mut child = Command::new(exe)
+            .args(&instance.args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()?;
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (ready, listening) = std::sync::mpsc::channel();
+        let history = history.clone();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if line.starts_with("listening") {
+                    let _ = ready.send(());
+                    continue;
+                }
+                if let Some(run) = check::Run::parse(&line, i, clock.now()) {
+                    history.lock().unwrap().runs.push(run);
+                }
             }
-            if let Some(run) = check::Run::parse(&line, i, clock.now()) {
-                history.lock().unwrap().runs.push(run);
+        });
+        let left = deadline.saturating_duration_since(Instant::now());
+        match listening.recv_timeout(left) {
+            Ok(()) => {
+                instance.child = Some(child);
+                return Ok(());
+            }
+            // It exited before listening: again, shortly.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) if !left.is_zero() => {
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("instance i{i} did not start listening within 30 s").into());
             }
         }
-    });
-    instance.child = Some(child);
-    listening
-        .recv_timeout(Duration::from_secs(30))
-        .map_err(|_| format!("instance i{i} did not start listening"))?;
-    Ok(())
+    }
 }
 
 fn stop_instance(instance: &mut InstanceProc) {
@@ -802,9 +818,19 @@ impl Workload {
         format!("{}-{}-k{k}", self.mode.name(), self.seed)
     }
 
+    /// Even keys are payments (`/payments`, the key in `Idempotency-Key`), odd keys
+    /// clients (`/clients`, the key in the body's `id`).
+    fn route(k: u64) -> &'static str {
+        if k % 2 == 0 { "/payments" } else { "/clients" }
+    }
+
     /// The key's own body, and the one a reuse sends.
-    pub fn body(k: u64, reuse: bool) -> String {
-        format!("{{\"amount\":{}}}", (k * 7919) % 10_000 + u64::from(reuse))
+    fn body(&self, k: u64, reuse: bool) -> String {
+        let amount = (k * 7919) % 10_000 + u64::from(reuse);
+        match Self::route(k) {
+            "/payments" => format!("{{\"amount\":{amount}}}"),
+            _ => format!("{{\"id\":\"{}\",\"amount\":{amount}}}", self.key(k)),
+        }
     }
 
     async fn client(self, c: u64) {
@@ -820,18 +846,20 @@ impl Workload {
     }
 
     async fn request(&self, request: u64, k: u64, reuse: bool, rng: &mut Rng) {
-        let (key, body) = (self.key(k), Self::body(k, reuse));
+        let (key, body) = (self.key(k), self.body(k, reuse));
+        let route = Self::route(k);
         let mut backoff = 50;
         for _ in 0..8 {
             let instance = rng.below(self.addrs.len() as u64) as usize;
             let start = self.clock.now();
-            let outcome = self.send(instance, &key, &body).await;
+            let outcome = self.send(instance, route, &key, &body).await;
             let again = match &outcome {
                 check::Outcome::Answer(status, _) => *status >= 500 || *status == 409,
                 check::Outcome::Error { .. } => true,
             };
             self.history.lock().unwrap().attempts.push(check::Attempt {
                 request,
+                route,
                 key: key.clone(),
                 body: body.clone(),
                 instance,
@@ -847,11 +875,14 @@ impl Workload {
         }
     }
 
-    async fn send(&self, instance: usize, key: &str, body: &str) -> check::Outcome {
-        let sent = self
+    async fn send(&self, instance: usize, route: &str, key: &str, body: &str) -> check::Outcome {
+        let mut post = self
             .client
-            .post(format!("http://{}/payments", self.addrs[instance]))
-            .header("idempotency-key", key)
+            .post(format!("http://{}{route}", self.addrs[instance]));
+        if route == "/payments" {
+            post = post.header("idempotency-key", key);
+        }
+        let sent = post
             .header("content-type", "application/json")
             .body(body.to_owned())
             .timeout(ATTEMPT_TIMEOUT)
@@ -878,13 +909,13 @@ impl Workload {
 /// Asks every key that ever got a 2xx once more, with the body that got it (retrying
 /// transport errors and 5xx a few times: the store may still be coming back).
 async fn final_pass(workload: &Workload) {
-    let answered: Vec<(String, String)> = {
+    let answered: Vec<(String, (String, &'static str))> = {
         let history = workload.history.lock().unwrap();
         let mut seen = HashMap::new();
         for attempt in &history.attempts {
             if let check::Outcome::Answer(200..=299, _) = attempt.outcome {
                 seen.entry(attempt.key.clone())
-                    .or_insert_with(|| attempt.body.clone());
+                    .or_insert_with(|| (attempt.body.clone(), attempt.route));
             }
         }
         seen.into_iter().collect()
@@ -892,16 +923,16 @@ async fn final_pass(workload: &Workload) {
     let mut rng = Rng::new(workload.seed ^ 0xf1a1);
     let mut finals = HashMap::new();
     for chunk in answered.chunks(32) {
-        let asks = chunk.iter().map(|(key, body)| {
+        let asks = chunk.iter().map(|(key, (body, route))| {
             let instance = rng.below(workload.addrs.len() as u64) as usize;
             async move {
-                let mut outcome = workload.send(instance, key, body).await;
+                let mut outcome = workload.send(instance, route, key, body).await;
                 for _ in 0..10 {
                     match outcome {
                         check::Outcome::Answer(status, _) if status < 500 => break,
                         _ => {
                             tokio::time::sleep(Duration::from_millis(500)).await;
-                            outcome = workload.send(instance, key, body).await;
+                            outcome = workload.send(instance, route, key, body).await;
                         }
                     }
                 }
