@@ -140,27 +140,6 @@ fn no_hook() -> Hook {
     Arc::new(|_| {})
 }
 
-/// Serves an app on a runtime of its own, on a thread of its own (one worker): a handler
-/// that blocks that thread stalls the whole instance, its lease renewals and its store
-/// connections included, as a long GC pause or a frozen VM would.
-fn instance_on_own_thread(
-    make: impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Router> + Send>> + Send + 'static,
-) -> SocketAddr {
-    let (send, addr) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let app = make().await;
-            send.send(support::serve(app).await).unwrap();
-            std::future::pending::<()>().await
-        });
-    });
-    addr.recv_timeout(Duration::from_secs(20)).unwrap()
-}
-
 /// Instance A takes the key and stalls (its thread blocked) for 3 s, past its 1 s lease;
 /// instance B's caller waits, B takes the key over and answers. When A wakes, its run
 /// completes too, but what is kept is B's: A's caller gets B's answer, and so does every
@@ -176,7 +155,7 @@ async fn stalled_leader(backend: Backend) {
     });
     let a = {
         let (backend, runs) = (backend.clone(), runs.clone());
-        instance_on_own_thread(move || {
+        support::instance_on_own_thread(move || {
             Box::pin(async move {
                 let routes = routes("A", runs, stall);
                 let policy = OnStoreError::FailClosed;

@@ -80,6 +80,17 @@ impl Buffered {
 }
 
 impl<B> Flown<B> {
+    /// The response's status, while the leader has not taken its response out.
+    pub(crate) fn status(&self) -> Option<http::StatusCode> {
+        match self {
+            Flown::Buffered(buffered) => Some(buffered.parts.status),
+            Flown::TooLarge(slot) | Flown::Unshared { leader: slot, .. } => {
+                let slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                slot.as_ref().map(Response::status)
+            }
+        }
+    }
+
     /// The leader's response, not to be shared; `one_at_a_time` makes followers take turns.
     pub(crate) fn unshared(response: Response<B>, one_at_a_time: bool) -> Self {
         let response = response.map(|body| ResponseBody::prefixed(VecDeque::new(), Box::pin(body)));

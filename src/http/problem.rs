@@ -140,6 +140,16 @@ pub(crate) fn not_kept<B>() -> Response<ResponseBody<B>> {
     ))
 }
 
+/// `503`: the request's work was rolled back (atomic mode), nothing of it is kept.
+pub(crate) fn not_committed<B>() -> Response<ResponseBody<B>> {
+    retry_soon(problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Request not completed",
+        "This request could not be completed, and nothing it did was kept. Retry this \
+         request.",
+    ))
+}
+
 fn retry_soon<B>(mut response: Response<ResponseBody<B>>) -> Response<ResponseBody<B>> {
     response
         .headers_mut()

@@ -107,7 +107,10 @@
 //! [`IdempotencyLayer::store`]: crate::idempotency::IdempotencyLayer::store
 //! [`HttpCoalesceLayer::store`]: crate::http::HttpCoalesceLayer::store
 
+mod atomic;
 mod sql;
+
+pub use self::atomic::{Tx, TxGuard};
 
 use std::fmt::{self, Write as _};
 use std::future::Future;
@@ -157,6 +160,7 @@ pub struct PostgresStore {
     timeout: Duration,
     lease: Duration,
     poll_interval: Duration,
+    atomic: bool,
 }
 
 /// What every clone shares.
@@ -277,6 +281,7 @@ impl PostgresStoreBuilder {
             timeout: self.timeout,
             lease: DEFAULT_LEASE,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            atomic: false,
         })
     }
 
@@ -338,6 +343,64 @@ impl PostgresStore {
 
     define_lease_setters!();
 
+    /// Atomic mode, for a handler whose writes go to this same database: exactly once for
+    /// those writes, with no window left to a lease.
+    ///
+    /// The leader of each key gets the flight's own transaction, [`Tx`], as a request
+    /// extension, and does its writes through it. Once it has answered, the layer writes
+    /// the response to keep into that transaction, with the key's row locked and its
+    /// fencing token checked, and commits. So the writes and the kept response land
+    /// together, or neither does:
+    ///
+    /// | the run's answer | its writes | what the callers get |
+    /// | --- | --- | --- |
+    /// | `2xx`, `3xx`, `4xx` (kept) | committed with the response | the response; retries replay it |
+    /// | `5xx`, or the handler failed (not kept) | rolled back | the response; a retry runs again |
+    /// | a lease lost meanwhile (the instance stalled past it, another took the key over) | rolled back | the response the later run kept |
+    /// | the commit failed (PostgreSQL down, connection lost) | rolled back | `503` with `Retry-After`; a retry runs cleanly |
+    /// | a response the layer can't keep (body over the limit, not shared) | rolled back | `503` |
+    ///
+    /// A `4xx` commits what the handler wrote before it: a handler that refuses a request
+    /// should refuse it before writing, as it would in any transaction.
+    ///
+    /// Each running flight holds one of the pool's connections for its transaction (one per
+    /// key and instance, not per request), while the lease is renewed on others: size the
+    /// pool for the flights that run at once, plus the `LISTEN` connection and a few for
+    /// the lease statements. Under [`OnStoreError::FailOpen`](crate::http::OnStoreError),
+    /// a request the store failed runs without a transaction, so a handler that takes
+    /// `Extension<Tx>` is refused by its extractor: use `FailClosed` with atomic mode.
+    /// Side effects outside this database (a payment provider's API) are not in the
+    /// transaction: they stay at-least-once, and need an idempotency key of their own (the
+    /// [`FencingToken`](crate::store::FencingToken), with the key, makes one).
+    ///
+    /// ```no_run
+    /// use axum::{Extension, Router, routing::post};
+    /// use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
+    /// use tower_coalesce::postgres::{PostgresStore, Tx};
+    ///
+    /// async fn create(Extension(tx): Extension<Tx>) -> &'static str {
+    ///     let mut tx = tx.lock().await.expect("the leader's transaction");
+    ///     sqlx::query("INSERT INTO orders (id) VALUES ('o-1')")
+    ///         .execute(&mut *tx)
+    ///         .await
+    ///         .expect("insert");
+    ///     "order o-1 created"
+    /// }
+    ///
+    /// # async fn app(pool: sqlx::PgPool) -> Result<Router, tower_coalesce::BoxError> {
+    /// let store = PostgresStore::new(pool).await?.atomic();
+    /// store.migrate().await?;
+    /// let layer = IdempotencyLayer::new()
+    ///     .store(store)
+    ///     .on_store_error(OnStoreError::FailClosed);
+    /// Ok(Router::new().route("/orders", post(create)).layer(layer))
+    /// # }
+    /// ```
+    pub fn atomic(mut self) -> Self {
+        self.atomic = true;
+        self
+    }
+
     /// Runs one call against the timeout.
     async fn timed<T>(
         &self,
@@ -381,7 +444,11 @@ impl PostgresStore {
         let response: Option<Vec<u8>> = row.try_get("response")?;
         match (fence, response) {
             (Some(fence), _) => {
-                let guard = self.held(key.clone(), token, fence);
+                // The HTTP cache's refreshes (no lookup) keep no handler's writes.
+                let guard = match self.atomic && lookup {
+                    true => self.held_atomic(key.clone(), token, fence).await?,
+                    false => self.held(key.clone(), token, fence),
+                };
                 Ok(Lease::Held(guard.with_fence(fence.max(0) as u64)))
             }
             (None, Some(bytes)) => Ok(Lease::Stored(Arc::new(codec::decode(&bytes)?))),
@@ -553,6 +620,7 @@ impl fmt::Debug for PostgresStore {
             .field("timeout", &self.timeout)
             .field("lease", &self.lease)
             .field("poll_interval", &self.poll_interval)
+            .field("atomic", &self.atomic)
             .finish_non_exhaustive()
     }
 }

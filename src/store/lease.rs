@@ -45,6 +45,12 @@ pub enum Completion {
     /// lease keeps. The key's answer is the response kept under that lease, if one is kept
     /// yet (`None`: its run has not completed, or kept nothing).
     Superseded(Option<Arc<StoredResponse>>),
+    /// Nothing was kept, and the run's own writes were not committed either: a store that
+    /// commits them with the response in one transaction
+    /// ([`PostgresStore::atomic`](crate::postgres::PostgresStore::atomic)) rolled it back
+    /// (a response not to keep, a lost lease) or could not commit it. The layer answers a
+    /// `503` in place of a response that says the work was done.
+    Discarded,
 }
 
 type Attempt = Pin<Box<dyn Future<Output = Result<Completion, BoxError>> + Send>>;
@@ -68,6 +74,10 @@ pub struct LeaseGuard {
     renewer: Option<JoinHandle<()>>,
     fence: Option<FencingToken>,
     keep_trying: Duration,
+    /// What the run gets as request extensions besides the fencing token (the flight's
+    /// transaction, in atomic mode).
+    extensions: http::Extensions,
+    atomic: bool,
 }
 
 /// The first pause between two attempts to complete, doubled after each failure up to
@@ -88,7 +98,34 @@ impl LeaseGuard {
             renewer: Some(renewer),
             fence: None,
             keep_trying: Duration::ZERO,
+            extensions: http::Extensions::new(),
+            atomic: false,
         }
+    }
+
+    /// Hands `extension` to the run as a request extension: what a store's run needs of
+    /// the lease, such as the transaction the response is kept in.
+    pub fn with_extension<T: Clone + Send + Sync + 'static>(mut self, extension: T) -> Self {
+        self.extensions.insert(extension);
+        self
+    }
+
+    /// Says that the store keeps the response in the run's own transaction: a response
+    /// that is not kept rolls back what the run wrote ([`Completion::Discarded`]), so a
+    /// run whose response the layer can't keep must not be answered as done.
+    pub fn atomic(mut self) -> Self {
+        self.atomic = true;
+        self
+    }
+
+    /// Whether the store keeps the response in the run's own transaction.
+    pub fn is_atomic(&self) -> bool {
+        self.atomic
+    }
+
+    /// The extensions for the run (taken once).
+    pub(crate) fn take_extensions(&mut self) -> http::Extensions {
+        std::mem::take(&mut self.extensions)
     }
 
     /// Gives the lease the fencing token `fence`, which the store took with it: the layer
@@ -199,6 +236,7 @@ impl fmt::Debug for LeaseGuard {
             .field("completed", &self.complete.is_none())
             .field("fence", &self.fence)
             .field("keep_trying", &self.keep_trying)
+            .field("atomic", &self.atomic)
             .finish()
     }
 }

@@ -117,6 +117,28 @@ pub async fn serve(app: axum::Router) -> std::net::SocketAddr {
     addr
 }
 
+/// Serves an app on a runtime of its own, on a thread of its own (one worker): a handler
+/// that blocks that thread stalls the whole instance, its lease renewals and its store
+/// connections included, as a long GC pause or a frozen VM would.
+pub fn instance_on_own_thread(
+    make: impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = axum::Router> + Send>> + Send + 'static,
+) -> std::net::SocketAddr {
+    let (send, addr) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let app = make().await;
+            send.send(serve(app).await).unwrap();
+            std::future::pending::<()>().await
+        });
+    });
+    addr.recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap()
+}
+
 /// A response header as text, if present (and visible ASCII: a test response's are).
 pub fn header(res: &reqwest::Response, name: &str) -> Option<String> {
     res.headers()

@@ -54,6 +54,7 @@ pub(super) fn answer<K, I, St, ReqB, ResB, E: ShareError>(
         Ok(Done::GaveUp) => return Ok(Some(Ok(problem::gave_up_waiting()))),
         Ok(Done::Unavailable) => return Ok(Some(Ok(problem::store_unavailable()))),
         Ok(Done::Unkept) => return Ok(Some(Ok(problem::not_kept()))),
+        Ok(Done::NotCommitted) => return Ok(Some(Ok(problem::not_committed()))),
         Ok(Done::Fresh {
             flown: Flown::Buffered(buffered),
             answers,

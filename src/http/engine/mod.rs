@@ -444,6 +444,9 @@ pub(crate) enum Done<B> {
     /// The request ran, but its response could not be kept (the store failed for as long
     /// as the lease allowed), under `OnStoreError::FailClosed`.
     Unkept,
+    /// The request ran, but its writes were rolled back with its response (atomic mode:
+    /// a lease lost, a commit that failed, a response the layer can't keep).
+    NotCommitted,
 }
 
 impl<B> Clone for Done<B> {
@@ -463,6 +466,7 @@ impl<B> Clone for Done<B> {
             Done::GaveUp => Done::GaveUp,
             Done::Unavailable => Done::Unavailable,
             Done::Unkept => Done::Unkept,
+            Done::NotCommitted => Done::NotCommitted,
         }
     }
 }

@@ -84,9 +84,14 @@ where
         metrics.flight_started();
         tracing::debug!("flight started");
         let _in_flight = metrics.in_flight();
-        if let Some(fence) = lease.as_ref().and_then(LeaseGuard::fence) {
-            req.extensions_mut().insert(fence);
+        let mut lease = lease;
+        if let Some(guard) = lease.as_mut() {
+            if let Some(fence) = guard.fence() {
+                req.extensions_mut().insert(fence);
+            }
+            req.extensions_mut().extend(guard.take_extensions());
         }
+        let atomic = lease.as_ref().is_some_and(LeaseGuard::is_atomic);
         // What a stage keeps is filed under the request's URI (a cache's purges find it so).
         let target = engine.stage.as_ref().map(|_| req.uri().clone());
         let flown = match inner.oneshot(req).await {
@@ -145,9 +150,11 @@ where
             let settled = match kept {
                 Kept::Done => None,
                 Kept::Superseded(found) => {
-                    Box::pin(settle(&engine, key, found, &flown, answers, &ask)).await
+                    let settling = settle(&engine, key, found, &flown, answers, &ask, atomic);
+                    Box::pin(settling).await
                 }
                 Kept::Failed => unkept(config),
+                Kept::Discarded => Some(Done::NotCommitted),
             };
             if let Some(done) = settled {
                 tracing::debug!(ok = true, "flight completed with another run's answer");
@@ -174,6 +181,9 @@ pub(super) enum Kept {
     /// A response to keep could not be kept: the store failed, for as long as the lease
     /// allowed retrying.
     Failed,
+    /// Nothing was kept, and the run's writes were rolled back with it (atomic mode): the
+    /// run must not be answered as done.
+    Discarded,
 }
 
 /// Keeps a flight's response (`None`: its service failed) by the rules of the layer's
@@ -206,8 +216,9 @@ pub(super) async fn keep_ran<K, I, St: Store, B>(
                     .await;
             }
         }
-        // A later refresh holds the key: what it keeps is newer than this response.
-        Ok(Completion::Superseded(_)) => {}
+        // A later refresh holds the key: what it keeps is newer than this response. (The
+        // cache takes no atomic leases: nothing is discarded.)
+        Ok(Completion::Superseded(_) | Completion::Discarded) => {}
         Err(error) => {
             engine.metrics.store_error();
             tracing::warn!(%error, "keeping a response failed; a retry will run again");
@@ -223,7 +234,9 @@ pub(super) async fn keep_ran<K, I, St: Store, B>(
 /// While the later lease runs, the flight waits for it as any other instance would. Should
 /// it end without keeping anything (its run failed), this flight takes the lease again and
 /// keeps its own response, which its callers then get: either way, every caller and retry
-/// of the key gets the one response that is kept.
+/// of the key gets the one response that is kept. In atomic mode the flight's writes were
+/// rolled back with its response: it has nothing to keep, and answers that nothing was
+/// done.
 async fn settle<K, I, St: Store, B>(
     engine: &Engine<K, I, St>,
     key: StoreKey,
@@ -231,6 +244,7 @@ async fn settle<K, I, St: Store, B>(
     flown: &Flown<B>,
     answers: Answers,
     ask: &Ask,
+    atomic: bool,
 ) -> Option<Done<B>> {
     // Each round waits for another instance's lease: a handful is already unlikely.
     const ROUNDS: usize = 8;
@@ -251,6 +265,8 @@ async fn settle<K, I, St: Store, B>(
         to_keep(ttl, flown, answers.fingerprint(ask))?;
         let fingerprint = ask.fingerprint();
         let lease = match take_lease(engine, &key, fingerprint, ask.headers()).await {
+            // Released on drop: the rolled-back run is not kept under a new lease.
+            Ok(Some(_)) | Ok(None) if atomic => return Some(Done::NotCommitted),
             Ok(Some(lease)) => lease,
             Ok(None) => return None,
             Err(done) => return Some(done),
@@ -259,6 +275,7 @@ async fn settle<K, I, St: Store, B>(
             Kept::Done => return None,
             Kept::Superseded(found) => found,
             Kept::Failed => return unkept(&engine.config),
+            Kept::Discarded => return Some(Done::NotCommitted),
         };
     }
     unkept(&engine.config)
@@ -386,6 +403,12 @@ pub(super) async fn keep<K, I, St: Store, B>(
     match store_and_release(engine, key, lease, stored).await {
         Ok(Completion::Kept) => Kept::Done,
         Ok(Completion::Superseded(found)) => Kept::Superseded(found),
+        // A run that failed, or answered a server error, is rolled back as it should be
+        // (and answered as it is); any other was meant to be done.
+        Ok(Completion::Discarded) => match flown.and_then(|(flown, _)| flown.status()) {
+            Some(status) if !status.is_server_error() => Kept::Discarded,
+            _ => Kept::Done,
+        },
         Err(error) => {
             engine.metrics.store_error();
             if !keeping {
