@@ -6,7 +6,9 @@
 //! 3. Effects: a key's handler wrote its (fenced) effect once. A key that ran twice is
 //!    allowed only where the history shows the first run's instance stopped, killed or cut
 //!    off from its store (a proxy fault, a store crash, its connections killed) between the
-//!    two runs: counted and reported apart.
+//!    two runs: counted and reported apart. In PostgreSQL's atomic mode, no exception:
+//!    exactly one committed effect per key that got a `2xx` (the one its answer names), and
+//!    none for a key that never did.
 //! 4. No request went unanswered past its deadline, but on an instance stopped or killed
 //!    meanwhile.
 //! 5. After the faults, a retry of every key that ever got a `2xx` gets that same answer;
@@ -211,8 +213,27 @@ pub fn check(
             .get(key)
             .map(|runs| runs.iter().filter(|r| r.what == "wrote").collect())
             .unwrap_or_default();
-        let writes = history.writes.get(*key).copied().unwrap_or(0);
-        if wrote.len() > 1 || writes > 1 {
+        let (writes, effect_run) = history
+            .writes
+            .get(*key)
+            .map_or((0, None), |(writes, run)| (*writes, Some(run.as_str())));
+        if mode == Mode::PostgresAtomic {
+            // Atomic mode: exactly one committed effect per key that got a 2xx, the one of
+            // its answer, and none for a key that never did. No exceptions.
+            let answered_run = first.and_then(|(answer, ..)| run_of(answer));
+            let final_run = match history.finals.get(*key) {
+                Some(Outcome::Answer(200..=299, text)) => run_of(text),
+                _ => None,
+            };
+            let ok = match (answered_run.or(final_run), effect_run) {
+                (Some(answered), Some(effect)) => writes == 1 && answered == effect,
+                (None, None) => true,
+                _ => false,
+            };
+            if !ok {
+                flag(&mut report, INVARIANTS[2], key);
+            }
+        } else if wrote.len() > 1 || writes > 1 {
             match explained(mode, &wrote, &history.faults, lease_ms) {
                 Some(kind) => *report.twice.entry(kind).or_default() += 1,
                 None => flag(&mut report, INVARIANTS[2], key),
@@ -263,10 +284,17 @@ pub fn check(
 fn mode_name(mode: Mode) -> &'static str {
     match mode {
         Mode::Postgres => "postgres",
+        Mode::PostgresAtomic => "postgres-atomic",
         Mode::RedisAof => "redis-aof",
         Mode::Redis => "redis",
         Mode::Cluster => "cluster",
     }
+}
+
+/// The run named in a `2xx` answer.
+fn run_of(text: &str) -> Option<String> {
+    let answer = serde_json::from_str::<serde_json::Value>(text).ok()?;
+    answer["run"].as_str().map(str::to_owned)
 }
 
 /// Whether a `2xx` answer is the answer to this key and body.

@@ -20,7 +20,7 @@ use axum::{Extension, Router};
 use sqlx::PgPool;
 use tower_coalesce::http::{HttpCoalesceLayer, OnMismatch, key};
 use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
-use tower_coalesce::postgres::PostgresStore;
+use tower_coalesce::postgres::{PostgresStore, Tx};
 use tower_coalesce::redis::RedisStore;
 use tower_coalesce::store::{FencingToken, Store};
 
@@ -56,12 +56,23 @@ pub struct InstanceArgs {
     pub work_ms: u64,
 }
 
+/// How a run writes its effect.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Effects {
+    /// On a connection of its own, fenced by the lease's token.
+    Fenced,
+    /// In the flight's transaction (atomic mode), unconditionally: a second effect of a key
+    /// would show as a second write.
+    InFlight,
+}
+
 #[derive(Clone)]
 struct App {
     name: Arc<str>,
     work: Duration,
     effects: PgPool,
     upsert: Arc<str>,
+    mode: Effects,
 }
 
 pub async fn run(args: InstanceArgs) -> Result<(), tower_coalesce::BoxError> {
@@ -82,14 +93,30 @@ pub async fn run(args: InstanceArgs) -> Result<(), tower_coalesce::BoxError> {
          RETURNING writes",
         t = args.effects_table
     );
+    let atomic = args.store == "postgres-atomic";
+    let upsert = match atomic {
+        false => upsert,
+        true => format!(
+            "INSERT INTO {t} AS e (key, body, fence, run, writes) VALUES ($1, $2, $3, $4, 1)
+             ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body, fence = EXCLUDED.fence,
+                 run = EXCLUDED.run, writes = e.writes + 1
+             RETURNING writes",
+            t = args.effects_table
+        ),
+    };
     let app = App {
+        mode: if atomic {
+            Effects::InFlight
+        } else {
+            Effects::Fenced
+        },
         name: args.name.clone().into(),
         work: Duration::from_millis(args.work_ms),
         effects,
         upsert: upsert.into(),
     };
     let router = match args.store.as_str() {
-        "postgres" => {
+        "postgres" | "postgres-atomic" => {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(timeout)
@@ -99,7 +126,11 @@ pub async fn run(args: InstanceArgs) -> Result<(), tower_coalesce::BoxError> {
                 .timeout(timeout)
                 .build(pool)
                 .await?;
-            routes(app, store.with_lease(lease).with_poll_interval(poll))
+            let store = store.with_lease(lease).with_poll_interval(poll);
+            match atomic {
+                true => routes(app, store.atomic()),
+                false => routes(app, store),
+            }
         }
         "redis" => {
             let store = RedisStore::connect_with_timeout(&args.store_url, timeout).await?;
@@ -149,6 +180,7 @@ fn say(line: &str) {
 async fn create(
     State(app): State<App>,
     fence: Option<Extension<FencingToken>>,
+    tx: Option<Extension<Tx>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
@@ -167,13 +199,19 @@ async fn create(
     let run = format!("{}-{fence}", app.name);
     say(&format!("run {key} {run} start"));
     tokio::time::sleep(app.work).await;
-    let written: Result<Option<i32>, sqlx::Error> = sqlx::query_scalar(&app.upsert)
+    let upsert = sqlx::query_scalar(&app.upsert)
         .bind(&key)
         .bind(&body)
         .bind(fence)
-        .bind(&run)
-        .fetch_optional(&app.effects)
-        .await;
+        .bind(&run);
+    let written: Result<Option<i32>, sqlx::Error> = match (app.mode, tx) {
+        (Effects::Fenced, _) => upsert.fetch_optional(&app.effects).await,
+        (Effects::InFlight, Some(Extension(tx))) => match tx.lock().await {
+            Ok(mut tx) => upsert.fetch_optional(&mut *tx).await,
+            Err(error) => Err(sqlx::Error::Protocol(error.to_string())),
+        },
+        (Effects::InFlight, None) => Err(sqlx::Error::Protocol("no transaction".into())),
+    };
     match written {
         Ok(Some(_)) => {
             say(&format!("run {key} {run} wrote"));

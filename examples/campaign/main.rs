@@ -45,7 +45,8 @@ type Error = tower_coalesce::BoxError;
 struct Args {
     #[command(subcommand)]
     instance: Option<Sub>,
-    /// `postgres`, `redis-aof`, `redis` (no persistence), `cluster`, or `all`.
+    /// `postgres`, `postgres-atomic`, `redis-aof`, `redis` (no persistence), `cluster`, or
+    /// `all`.
     #[arg(long, default_value = "all")]
     store: String,
     /// Seconds of workload (and faults) per store.
@@ -111,6 +112,8 @@ fn main() -> Result<(), Error> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Postgres,
+    /// `PostgresStore::atomic()`: the effects in the flight's own transaction.
+    PostgresAtomic,
     RedisAof,
     Redis,
     Cluster,
@@ -120,6 +123,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Postgres => "postgres",
+            Mode::PostgresAtomic => "postgres-atomic",
             Mode::RedisAof => "redis-aof",
             Mode::Redis => "redis",
             Mode::Cluster => "cluster",
@@ -130,12 +134,24 @@ impl Mode {
     pub fn durable(self) -> bool {
         self != Mode::Redis
     }
+
+    /// Whether the store is PostgreSQL (atomic or not).
+    fn postgres(self) -> bool {
+        matches!(self, Mode::Postgres | Mode::PostgresAtomic)
+    }
 }
 
 async fn campaign(args: Args) -> Result<(), Error> {
     let modes = match args.store.as_str() {
-        "all" => vec![Mode::Postgres, Mode::RedisAof, Mode::Redis, Mode::Cluster],
+        "all" => vec![
+            Mode::Postgres,
+            Mode::PostgresAtomic,
+            Mode::RedisAof,
+            Mode::Redis,
+            Mode::Cluster,
+        ],
         "postgres" => vec![Mode::Postgres],
+        "postgres-atomic" => vec![Mode::PostgresAtomic],
         "redis-aof" => vec![Mode::RedisAof],
         "redis" => vec![Mode::Redis],
         "cluster" => vec![Mode::Cluster],
@@ -217,19 +233,23 @@ pub struct History {
     pub faults: Vec<check::FaultWindow>,
     /// The answers of the last pass, after the faults: key -> the answer (or error).
     pub finals: HashMap<String, check::Outcome>,
-    /// Effective (fenced) writes per key, from the effects table.
-    pub writes: HashMap<String, i64>,
+    /// Effective writes per key, and the run of the last, from the effects table.
+    pub writes: HashMap<String, (i64, String)>,
     pub panics: Vec<String>,
 }
 
-/// The system under test: the store's servers, the instances and their proxies.
+/// The system under test: the store's servers, the instances and their proxies. Each part
+/// has a lock of its own, so that a fault that waits (an instance restarting until its
+/// store answers) never holds up another fault (the proxy fault that keeps it from
+/// answering, which would otherwise never end).
 struct Sut {
     mode: Mode,
     postgres: Postgres,
-    redis: Option<Redis>,
-    cluster: Option<Cluster>,
+    redis: Option<Mutex<Redis>>,
+    cluster: Option<Mutex<Cluster>>,
+    /// Set through `&self`: no lock.
     proxies: Vec<Proxy>,
-    instances: Vec<InstanceProc>,
+    instances: Vec<tokio::sync::Mutex<InstanceProc>>,
 }
 
 struct InstanceProc {
@@ -248,7 +268,7 @@ async fn run_mode(args: &Args, mode: Mode, duration: Duration) -> Result<check::
     let dir = tempfile::tempdir()?;
     let postgres = tokio::task::spawn_blocking(Postgres::start).await??;
     let (redis, cluster) = match mode {
-        Mode::Postgres => (None, None),
+        Mode::Postgres | Mode::PostgresAtomic => (None, None),
         Mode::RedisAof | Mode::Redis => {
             let path = dir.path().to_owned();
             let aof = mode == Mode::RedisAof;
@@ -274,7 +294,7 @@ async fn run_mode(args: &Args, mode: Mode, duration: Duration) -> Result<check::
     ))
     .execute(&pool)
     .await?;
-    if mode == Mode::Postgres {
+    if mode.postgres() {
         let store = tower_coalesce::postgres::PostgresStore::builder()
             .table(store_table)
             .build(pool.clone())
@@ -283,7 +303,7 @@ async fn run_mode(args: &Args, mode: Mode, duration: Duration) -> Result<check::
     }
 
     let upstream = match (mode, &redis) {
-        (Mode::Postgres, _) => Some(postgres.port),
+        (Mode::Postgres | Mode::PostgresAtomic, _) => Some(postgres.port),
         (_, Some(redis)) => Some(redis.port),
         _ => None,
     };
@@ -296,7 +316,9 @@ async fn run_mode(args: &Args, mode: Mode, duration: Duration) -> Result<check::
             (_, Some(port)) => {
                 let proxy = Proxy::start(([127, 0, 0, 1], port).into()).await;
                 let url = match mode {
-                    Mode::Postgres => format!("postgres://postgres@{}/postgres", proxy.addr),
+                    Mode::Postgres | Mode::PostgresAtomic => {
+                        format!("postgres://postgres@{}/postgres", proxy.addr)
+                    }
                     _ => format!("redis://{}", proxy.addr),
                 };
                 proxies.push(proxy);
@@ -307,6 +329,7 @@ async fn run_mode(args: &Args, mode: Mode, duration: Duration) -> Result<check::
         let port = servers::free_port();
         let store = match mode {
             Mode::Postgres => "postgres",
+            Mode::PostgresAtomic => "postgres-atomic",
             Mode::RedisAof | Mode::Redis => "redis",
             Mode::Cluster => "cluster",
         };
@@ -333,23 +356,21 @@ async fn run_mode(args: &Args, mode: Mode, duration: Duration) -> Result<check::
     }
     let clock = Clock(Instant::now());
     let history = Arc::new(Mutex::new(History::default()));
-    let mut sut = Sut {
-        mode,
-        postgres,
-        redis,
-        cluster,
-        proxies,
-        instances,
-    };
-    for i in 0..sut.instances.len() {
-        start_instance(&mut sut.instances[i], i, &exe, clock, &history)?;
+    for (i, instance) in instances.iter_mut().enumerate() {
+        start_instance(instance, i, &exe, clock, &history)?;
     }
-    let addrs: Vec<std::net::SocketAddr> = sut
-        .instances
+    let addrs: Vec<std::net::SocketAddr> = instances
         .iter()
         .map(|i| ([127, 0, 0, 1], i.port).into())
         .collect();
-    let sut = Arc::new(tokio::sync::Mutex::new(sut));
+    let sut = Arc::new(Sut {
+        mode,
+        postgres,
+        redis: redis.map(Mutex::new),
+        cluster: cluster.map(Mutex::new),
+        proxies,
+        instances: instances.into_iter().map(tokio::sync::Mutex::new).collect(),
+    });
 
     let schedule = if args.no_faults {
         Vec::new()
@@ -402,19 +423,28 @@ async fn run_mode(args: &Args, mode: Mode, duration: Duration) -> Result<check::
     println!("   workload done; healing and asking every answered key again");
     heal(&sut, &exe, clock, &history).await?;
     tokio::time::sleep(Duration::from_millis(2 * args.lease_ms)).await;
-    final_pass(&workload).await;
+    // Keys with an effect but no 2xx seen (their answer was lost with a killed instance,
+    // or a timed-out client) are asked too, with the body the effect was written for.
+    let effect_bodies: Vec<(String, String)> =
+        sqlx::query_as(&format!("SELECT key, body FROM {effects_table}"))
+            .fetch_all(&connect_postgres(&sut.postgres.url()).await?)
+            .await?;
+    final_pass(&workload, effect_bodies).await;
 
-    let writes: Vec<(String, i32)> =
-        sqlx::query_as(&format!("SELECT key, writes FROM {effects_table}"))
-            .fetch_all(&connect_postgres(&sut.lock().await.postgres.url()).await?)
+    let writes: Vec<(String, i32, String)> =
+        sqlx::query_as(&format!("SELECT key, writes, run FROM {effects_table}"))
+            .fetch_all(&connect_postgres(&sut.postgres.url()).await?)
             .await?;
     {
         let mut h = history.lock().unwrap();
-        h.writes = writes.into_iter().map(|(k, w)| (k, w as i64)).collect();
+        h.writes = writes
+            .into_iter()
+            .map(|(key, writes, run)| (key, (writes as i64, run)))
+            .collect();
     }
-    let mut sut = sut.lock().await;
-    for instance in &mut sut.instances {
-        stop_instance(instance);
+    for instance in &sut.instances {
+        let mut instance = instance.lock().await;
+        stop_instance(&mut instance);
         let stderr = std::fs::read_to_string(&instance.stderr).unwrap_or_default();
         for line in stderr.lines().filter(|l| l.contains("panicked")) {
             history.lock().unwrap().panics.push(line.to_owned());
@@ -619,7 +649,7 @@ fn plan(args: &Args, mode: Mode, duration: Duration) -> Vec<Planned> {
 /// Applies the schedule, recording each fault's window in the history.
 async fn inject(
     schedule: Vec<Planned>,
-    sut: Arc<tokio::sync::Mutex<Sut>>,
+    sut: Arc<Sut>,
     exe: PathBuf,
     clock: Clock,
     history: Arc<Mutex<History>>,
@@ -655,7 +685,7 @@ async fn inject(
 
 /// Applies one fault until it ends; the instance it hit, if one.
 async fn apply(
-    sut: &tokio::sync::Mutex<Sut>,
+    sut: &Sut,
     fault: Fault,
     exe: &std::path::Path,
     clock: Clock,
@@ -664,19 +694,21 @@ async fn apply(
     let sleep = |ms: u64| tokio::time::sleep(Duration::from_millis(ms));
     match fault {
         Fault::Kill { instance, down_ms } => {
-            if let Some(mut child) = sut.lock().await.instances[instance].child.take() {
+            let mut proc = sut.instances[instance].lock().await;
+            if let Some(mut child) = proc.child.take() {
                 let _ = child.kill();
                 let _ = child.wait();
             }
             sleep(down_ms).await;
-            let mut sut = sut.lock().await;
             tokio::task::block_in_place(|| {
-                start_instance(&mut sut.instances[instance], instance, exe, clock, history)
+                start_instance(&mut proc, instance, exe, clock, history)
             })?;
             Ok(Some(instance))
         }
         Fault::Stop { instance, ms } => {
-            let pid = sut.lock().await.instances[instance]
+            let pid = sut.instances[instance]
+                .lock()
+                .await
                 .child
                 .as_ref()
                 .map(Child::id);
@@ -688,23 +720,21 @@ async fn apply(
             Ok(Some(instance))
         }
         Fault::StoreRestart { node, down_ms } => {
-            let mut guard = sut.lock().await;
-            let sut = &mut *guard;
             // pg_ctl and redis-server are waited for: off the runtime's workers.
             tokio::task::block_in_place(|| match sut.mode {
-                Mode::Postgres => {
+                Mode::Postgres | Mode::PostgresAtomic => {
                     sut.postgres.kill()?;
                     std::thread::sleep(Duration::from_millis(down_ms));
                     sut.postgres.start_again()
                 }
                 Mode::RedisAof | Mode::Redis => {
-                    let redis = sut.redis.as_mut().unwrap();
+                    let mut redis = sut.redis.as_ref().unwrap().lock().unwrap();
                     redis.kill();
                     std::thread::sleep(Duration::from_millis(down_ms));
                     redis.start_again()
                 }
                 Mode::Cluster => {
-                    let cluster = sut.cluster.as_mut().unwrap();
+                    let mut cluster = sut.cluster.as_ref().unwrap().lock().unwrap();
                     cluster.nodes[node].kill();
                     std::thread::sleep(Duration::from_millis(down_ms));
                     cluster.nodes[node].start_again()?;
@@ -714,9 +744,8 @@ async fn apply(
             Ok(None)
         }
         Fault::KillConnections => {
-            let sut = sut.lock().await;
             match sut.mode {
-                Mode::Postgres => {
+                Mode::Postgres | Mode::PostgresAtomic => {
                     let pool = connect_postgres(&sut.postgres.url()).await?;
                     sqlx::query(
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -726,17 +755,13 @@ async fn apply(
                     .await?;
                 }
                 Mode::RedisAof | Mode::Redis => {
-                    sut.redis
-                        .as_ref()
-                        .unwrap()
-                        .cli(&["client", "kill", "type", "normal"]);
-                    sut.redis
-                        .as_ref()
-                        .unwrap()
-                        .cli(&["client", "kill", "type", "pubsub"]);
+                    let redis = sut.redis.as_ref().unwrap().lock().unwrap();
+                    redis.cli(&["client", "kill", "type", "normal"]);
+                    redis.cli(&["client", "kill", "type", "pubsub"]);
                 }
                 Mode::Cluster => {
-                    for node in &sut.cluster.as_ref().unwrap().nodes {
+                    let cluster = sut.cluster.as_ref().unwrap().lock().unwrap();
+                    for node in &cluster.nodes {
                         node.cli(&["client", "kill", "type", "normal"]);
                         node.cli(&["client", "kill", "type", "pubsub"]);
                     }
@@ -749,25 +774,22 @@ async fn apply(
             latency_ms,
             ms,
         } => {
-            sut.lock().await.proxies[instance].set_latency(Duration::from_millis(latency_ms));
+            sut.proxies[instance].set_latency(Duration::from_millis(latency_ms));
             sleep(ms).await;
-            sut.lock().await.proxies[instance].set_latency(Duration::ZERO);
+            sut.proxies[instance].set_latency(Duration::ZERO);
             Ok(Some(instance))
         }
         Fault::Blackhole { instance, ms } => {
-            sut.lock().await.proxies[instance].set_blackhole(true);
+            sut.proxies[instance].set_blackhole(true);
             sleep(ms).await;
-            sut.lock().await.proxies[instance].set_blackhole(false);
+            sut.proxies[instance].set_blackhole(false);
             Ok(Some(instance))
         }
         Fault::Reset { instance, ms } => {
-            {
-                let sut = sut.lock().await;
-                sut.proxies[instance].set_refuse(true);
-                sut.proxies[instance].reset();
-            }
+            sut.proxies[instance].set_refuse(true);
+            sut.proxies[instance].reset();
             sleep(ms).await;
-            sut.lock().await.proxies[instance].set_refuse(false);
+            sut.proxies[instance].set_refuse(false);
             Ok(Some(instance))
         }
     }
@@ -775,19 +797,21 @@ async fn apply(
 
 /// After the last fault: no proxy faults, every instance running and not stopped.
 async fn heal(
-    sut: &tokio::sync::Mutex<Sut>,
+    sut: &Sut,
     exe: &std::path::Path,
     clock: Clock,
     history: &Arc<Mutex<History>>,
 ) -> Result<(), Error> {
-    let mut sut = sut.lock().await;
     for proxy in &sut.proxies {
         proxy.heal();
     }
-    for i in 0..sut.instances.len() {
-        match sut.instances[i].child.as_ref().map(Child::id) {
+    for (i, instance) in sut.instances.iter().enumerate() {
+        let mut instance = instance.lock().await;
+        match instance.child.as_ref().map(Child::id) {
             Some(pid) => signal(pid, "CONT"),
-            None => start_instance(&mut sut.instances[i], i, exe, clock, history)?,
+            None => tokio::task::block_in_place(|| {
+                start_instance(&mut instance, i, exe, clock, history)
+            })?,
         }
     }
     Ok(())
@@ -906,16 +930,24 @@ impl Workload {
     }
 }
 
-/// Asks every key that ever got a 2xx once more, with the body that got it (retrying
+/// Asks every key that ever got a 2xx, or has an effect, once more, with the body that got
+/// it (retrying
 /// transport errors and 5xx a few times: the store may still be coming back).
-async fn final_pass(workload: &Workload) {
+async fn final_pass(workload: &Workload, effect_bodies: Vec<(String, String)>) {
     let answered: Vec<(String, (String, &'static str))> = {
         let history = workload.history.lock().unwrap();
         let mut seen = HashMap::new();
+        let mut routes = HashMap::new();
         for attempt in &history.attempts {
+            routes.insert(attempt.key.as_str(), attempt.route);
             if let check::Outcome::Answer(200..=299, _) = attempt.outcome {
                 seen.entry(attempt.key.clone())
                     .or_insert_with(|| (attempt.body.clone(), attempt.route));
+            }
+        }
+        for (key, body) in effect_bodies {
+            if let Some(&route) = routes.get(key.as_str()) {
+                seen.entry(key).or_insert((body, route));
             }
         }
         seen.into_iter().collect()
