@@ -363,6 +363,13 @@ impl PostgresStore {
     /// A `4xx` commits what the handler wrote before it: a handler that refuses a request
     /// should refuse it before writing, as it would in any transaction.
     ///
+    /// From its keep statement to its commit, a flight's transaction holds the lock of the
+    /// key's row: microseconds, unless the instance stalls right then (a GC pause, a
+    /// starved process). Other instances' lease statements for that key then wait on the
+    /// lock, up to the store's timeout (a `503` under `FailClosed`, and a retry), and the
+    /// stalled flight's own statement times out, so that its transaction rolls back: its
+    /// caller gets a `503` too, and nothing of the run lands.
+    ///
     /// Each running flight holds one of the pool's connections for its transaction (one per
     /// key and instance, not per request), while the lease is renewed on others: size the
     /// pool for the flights that run at once, plus the `LISTEN` connection and a few for
