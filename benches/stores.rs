@@ -13,6 +13,12 @@
 //! - `four_instances_distinct_keys`: 400 requests with distinct keys over 4 instances at
 //!   once: throughput when nothing coalesces.
 //!
+//! - `atomic_flight` (PostgreSQL only): a fresh key, one caller, a handler that inserts one
+//!   row: with no shared store (the row through the pool), with the plain `PostgresStore`
+//!   (the same), and in its atomic mode (the row through the flight's transaction, which
+//!   the kept response then commits with). Also measured turn about, with the ratios
+//!   printed.
+//!
 //! Each on local-only; on the Redis at `REDIS_URL` and the Redis Cluster at
 //! `REDIS_CLUSTER_URLS` (comma-separated) with the feature `redis`; on the PostgreSQL at
 //! `DATABASE_URL` with the feature `postgres`.
@@ -122,6 +128,19 @@ fn benches(c: &mut Criterion) {
         }
     }
 
+    #[cfg(feature = "postgres")]
+    if let Some(flights) = atomic_flights(&rt) {
+        let mut group = c.benchmark_group("atomic_flight");
+        for (name, svc) in &flights {
+            group.bench_function(*name, |b| {
+                b.to_async(&rt)
+                    .iter(|| svc.clone().oneshot(request(&fresh_key())))
+            });
+        }
+        group.finish();
+        rt.block_on(turn_about(&flights));
+    }
+
     let mut group = c.benchmark_group("fan_in_50");
     group.throughput(Throughput::Elements(50));
     for (name, instances) in &setups {
@@ -228,6 +247,114 @@ fn postgres(rt: &Runtime) -> Vec<(&'static str, Vec<Svc>)> {
         out
     });
     vec![("postgres", instances)]
+}
+
+/// One instance each of: no shared store, the plain `PostgresStore`, and its atomic mode,
+/// with a handler that inserts one row (through the flight's transaction in atomic mode,
+/// else through the pool), on tables of this run.
+#[cfg(feature = "postgres")]
+fn atomic_flights(rt: &Runtime) -> Option<Vec<(&'static str, Svc)>> {
+    use tower_coalesce::postgres::PostgresStore;
+
+    let url = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())?;
+    let (table, rows) = (
+        format!("tc_bench_atomic_{}", std::process::id()),
+        format!("tc_bench_rows_{}", std::process::id()),
+    );
+    let insert: std::sync::Arc<str> = format!("INSERT INTO {rows} (key) VALUES ($1)").into();
+    Some(rt.block_on(async {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE TABLE {rows} (key text NOT NULL)"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        let store = |pool: sqlx::PgPool| {
+            let table = table.clone();
+            async move {
+                let store = PostgresStore::builder()
+                    .table(table)
+                    .build(pool)
+                    .await
+                    .unwrap();
+                store.migrate().await.unwrap();
+                store
+            }
+        };
+        let plain = store(pool.clone()).await;
+        let atomic = store(pool.clone()).await.atomic();
+        let no_store = MemoryStore::default();
+        vec![
+            ("no_store", writing(no_store, pool.clone(), insert.clone())),
+            ("postgres", writing(plain, pool.clone(), insert.clone())),
+            ("postgres_atomic", writing(atomic, pool, insert)),
+        ]
+    }))
+}
+
+/// An instance on `store` whose handler inserts one row, `insert` with the key: through the
+/// flight's transaction in atomic mode, else through `pool`.
+#[cfg(feature = "postgres")]
+fn writing<St: Store>(store: St, pool: sqlx::PgPool, insert: std::sync::Arc<str>) -> Svc {
+    use tower_coalesce::postgres::Tx;
+
+    let handler = service_fn(move |req: Request<Either<Full<Bytes>, Full<Bytes>>>| {
+        let (pool, insert) = (pool.clone(), insert.clone());
+        async move {
+            let key = req.headers()["idempotency-key"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let insert = sqlx::query(&insert).bind(key);
+            match req.extensions().get::<Tx>() {
+                Some(tx) => insert.execute(&mut *tx.lock().await.unwrap()).await,
+                None => insert.execute(&pool).await,
+            }
+            .unwrap();
+            let mut response = Response::new(Full::new(Bytes::from_static(b"created")));
+            *response.status_mut() = StatusCode::CREATED;
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let svc = IdempotencyLayer::new().store(store).layer(handler);
+    BoxCloneSyncService::new(svc.map_response(|response| {
+        assert!(response.status().is_success(), "{}", response.status());
+        response.map(drop)
+    }))
+}
+
+/// The atomic flights, one after the other, 1,000 each, three times: prints each mean
+/// and its ratio to the plain store's.
+#[cfg(feature = "postgres")]
+async fn turn_about(flights: &[(&'static str, Svc)]) {
+    for _ in 0..3 {
+        let mut took = vec![std::time::Duration::ZERO; flights.len()];
+        for i in 0..1000 * flights.len() {
+            let svc = &flights[i % flights.len()].1;
+            let started = std::time::Instant::now();
+            svc.clone().oneshot(request(&fresh_key())).await.unwrap();
+            took[i % flights.len()] += started.elapsed();
+        }
+        let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / 1000.0;
+        let plain = took[1].as_secs_f64();
+        let line: Vec<String> = flights
+            .iter()
+            .zip(&took)
+            .map(|((name, _), took)| {
+                format!(
+                    "{name} {:.1} us ({:.2}x postgres)",
+                    us(*took),
+                    took.as_secs_f64() / plain
+                )
+            })
+            .collect();
+        println!("atomic_flight turn about: {}", line.join(", "));
+    }
 }
 
 criterion_group!(stores, benches);

@@ -234,7 +234,13 @@ pub fn check(
                 flag(&mut report, INVARIANTS[2], key);
             }
         } else if wrote.len() > 1 || writes > 1 {
-            match explained(mode, &wrote, &history.faults, lease_ms) {
+            // Every run that started may have written: one cut off (stopped, killed, its
+            // database gone) after its write reached the database never says so.
+            let started: Vec<&&Run> = runs_by_key
+                .get(key)
+                .map(|runs| runs.iter().filter(|r| r.what == "start").collect())
+                .unwrap_or_default();
+            match explained(mode, &started, &history.faults, lease_ms) {
                 Some(kind) => *report.twice.entry(kind).or_default() += 1,
                 None => flag(&mut report, INVARIANTS[2], key),
             }
@@ -312,17 +318,17 @@ fn lost_with_store(mode: Mode, restarts: &[&FaultWindow], from: f64, to: f64) ->
 
 /// The fault that explains a key's second run: one that hit the instance of an earlier
 /// run (stopped, killed, its store connection cut or slowed) or the store itself, between
-/// a lease before that run and the later run.
+/// a lease before that run and the later run. `started`: the key's runs that started.
 fn explained(
     mode: Mode,
-    wrote: &[&&Run],
+    started: &[&&Run],
     faults: &[FaultWindow],
     lease_ms: f64,
 ) -> Option<&'static str> {
-    let mut sorted: Vec<&Run> = wrote.iter().map(|r| **r).collect();
+    let mut sorted: Vec<&Run> = started.iter().map(|r| **r).collect();
     sorted.sort_by(|a, b| a.at.total_cmp(&b.at));
     if sorted.len() < 2 {
-        // Two effects from one printed run: the effects table and the runs disagree.
+        // Two effects from one run: the effects table and the runs disagree.
         return None;
     }
     // The most telling fault when several overlap: the instance's own, then the store's.
