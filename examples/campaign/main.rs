@@ -247,6 +247,8 @@ struct Sut {
     postgres: Postgres,
     redis: Option<Mutex<Redis>>,
     cluster: Option<Mutex<Cluster>>,
+    /// Held by a store restart: two at once would stop a stopped server.
+    restarting: Mutex<()>,
     /// Set through `&self`: no lock.
     proxies: Vec<Proxy>,
     instances: Vec<tokio::sync::Mutex<InstanceProc>>,
@@ -368,6 +370,7 @@ async fn run_mode(args: &Args, mode: Mode, duration: Duration) -> Result<check::
         postgres,
         redis: redis.map(Mutex::new),
         cluster: cluster.map(Mutex::new),
+        restarting: Mutex::new(()),
         proxies,
         instances: instances.into_iter().map(tokio::sync::Mutex::new).collect(),
     });
@@ -721,24 +724,27 @@ async fn apply(
         }
         Fault::StoreRestart { node, down_ms } => {
             // pg_ctl and redis-server are waited for: off the runtime's workers.
-            tokio::task::block_in_place(|| match sut.mode {
-                Mode::Postgres | Mode::PostgresAtomic => {
-                    sut.postgres.kill()?;
-                    std::thread::sleep(Duration::from_millis(down_ms));
-                    sut.postgres.start_again()
-                }
-                Mode::RedisAof | Mode::Redis => {
-                    let mut redis = sut.redis.as_ref().unwrap().lock().unwrap();
-                    redis.kill();
-                    std::thread::sleep(Duration::from_millis(down_ms));
-                    redis.start_again()
-                }
-                Mode::Cluster => {
-                    let mut cluster = sut.cluster.as_ref().unwrap().lock().unwrap();
-                    cluster.nodes[node].kill();
-                    std::thread::sleep(Duration::from_millis(down_ms));
-                    cluster.nodes[node].start_again()?;
-                    cluster.wait_ok()
+            tokio::task::block_in_place(|| {
+                let _one_at_a_time = sut.restarting.lock().unwrap();
+                match sut.mode {
+                    Mode::Postgres | Mode::PostgresAtomic => {
+                        sut.postgres.kill()?;
+                        std::thread::sleep(Duration::from_millis(down_ms));
+                        sut.postgres.start_again()
+                    }
+                    Mode::RedisAof | Mode::Redis => {
+                        let mut redis = sut.redis.as_ref().unwrap().lock().unwrap();
+                        redis.kill();
+                        std::thread::sleep(Duration::from_millis(down_ms));
+                        redis.start_again()
+                    }
+                    Mode::Cluster => {
+                        let mut cluster = sut.cluster.as_ref().unwrap().lock().unwrap();
+                        cluster.nodes[node].kill();
+                        std::thread::sleep(Duration::from_millis(down_ms));
+                        cluster.nodes[node].start_again()?;
+                        cluster.wait_ok()
+                    }
                 }
             })?;
             Ok(None)
