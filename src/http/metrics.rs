@@ -331,7 +331,7 @@ impl Metrics {
     }
 
     /// Idempotency flights that found the key's lease held by another instance, and waited
-    /// for its response (Redis mode).
+    /// for its response (a shared store: Redis, PostgreSQL).
     pub fn flights_waiting_elsewhere(&self) -> u64 {
         self.counters
             .flights_waiting_elsewhere
