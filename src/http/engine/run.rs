@@ -260,9 +260,12 @@ async fn settle<K, I, St: Store, B>(
             return Some(Done::Stored(stored));
         }
         // Nothing kept yet. A response that is not to be kept (a server error, say) is no
-        // answer to wait for: the caller gets it, as with any run.
+        // answer to wait for: the caller gets it, as with any run; but not in atomic mode,
+        // where the run's writes were rolled back with it.
         let ttl = engine.config.replay.unwrap_or(engine.config.handover);
-        to_keep(ttl, flown, answers.fingerprint(ask))?;
+        if !atomic {
+            to_keep(ttl, flown, answers.fingerprint(ask))?;
+        }
         let fingerprint = ask.fingerprint();
         let lease = match take_lease(engine, &key, fingerprint, ask.headers()).await {
             // Released on drop: the rolled-back run is not kept under a new lease.
