@@ -199,7 +199,8 @@ pub fn check(
                 // may have taken it.
                 None => first = Some((text, attempt.start, &attempt.body)),
                 Some((answer, at, _)) if answer != text => {
-                    if lost_with_store(mode, &store_restarts, at, attempt.start) {
+                    // A crash after the first was kept, and before the second was given.
+                    if lost_with_store(mode, &store_restarts, at, attempt.end) {
                         lost.insert(*key);
                     } else {
                         flag(&mut report, INVARIANTS[0], key);
