@@ -231,14 +231,7 @@ async fn keep_survives_a_short_outage(backend: Backend) {
     let runs = Arc::new(AtomicUsize::new(0));
     let outage: Hook = {
         let proxy = proxy.handle();
-        Arc::new(move |_| {
-            proxy.reset_and_refuse(true);
-            let proxy = proxy.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(500));
-                proxy.set_refuse(false);
-            });
-        })
+        Arc::new(move |_| proxy.outage(Duration::from_millis(500)))
     };
     let policy = OnStoreError::FailClosed;
     let a = routes("A", runs.clone(), outage);
@@ -338,14 +331,7 @@ async fn an_answer_that_cannot_be_kept_is_not_given(backend: Backend) {
     let runs = Arc::new(AtomicUsize::new(0));
     let outage: Hook = {
         let proxy = proxy.handle();
-        Arc::new(move |_| {
-            proxy.reset_and_refuse(true);
-            let proxy = proxy.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_secs(3));
-                proxy.set_refuse(false);
-            });
-        })
+        Arc::new(move |_| proxy.outage(Duration::from_secs(3)))
     };
     let a = routes("A", runs.clone(), outage);
     let a = backend

@@ -177,12 +177,7 @@ async fn a_leader_cut_off_when_it_keeps_answers_503_and_nothing_lands() {
     let cut: Hook = {
         let proxy = proxy.handle();
         Arc::new(move |_| {
-            proxy.reset_and_refuse(true);
-            let proxy = proxy.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(500));
-                proxy.set_refuse(false);
-            });
+            proxy.outage(Duration::from_millis(500));
             StatusCode::CREATED
         })
     };

@@ -96,6 +96,17 @@ impl ProxyHandle {
     pub fn set_refuse(&self, on: bool) {
         self.0.send_modify(|f| f.refuse = on);
     }
+
+    /// An outage of `period`: every open connection reset now, new ones refused until
+    /// it ends (a thread ends it, so that it can start from a blocked runtime too).
+    pub fn outage(&self, period: Duration) {
+        self.reset_and_refuse(true);
+        let proxy = self.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(period);
+            proxy.set_refuse(false);
+        });
+    }
 }
 
 impl Drop for Proxy {
