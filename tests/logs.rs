@@ -291,3 +291,28 @@ async fn a_path_pattern_that_misses_the_nest_prefix_is_logged_with_the_pattern_t
         "{warning}"
     );
 }
+
+/// `migrate()` at every start of an instance whose table exists says nothing: PostgreSQL's
+/// notices for each `IF NOT EXISTS` ("relation ... already exists, skipping"), which sqlx
+/// logs at INFO, are not asked for.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
+async fn migrating_an_existing_table_logs_no_notices() {
+    let Some(url) = support::postgres::database_url() else {
+        return;
+    };
+    let table = support::postgres::table();
+    let pool = support::postgres::pool(&url).await;
+    let store = tower_coalesce::postgres::PostgresStore::builder()
+        .table(&table)
+        .build(pool)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let (logs, _guard) = capture();
+    store.migrate().await.unwrap();
+    let text = logs.text();
+    assert!(!text.contains("already exists"), "{text}");
+    assert!(!text.contains(" INFO "), "{text}");
+}

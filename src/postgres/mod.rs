@@ -330,6 +330,10 @@ impl PostgresStore {
         // die on a unique index of the catalog: the very race this crate is about.
         let lock = "SELECT pg_advisory_xact_lock(hashtext('tower-coalesce migrate'))";
         tx.execute(lock).await?;
+        // `IF NOT EXISTS` answers a notice per thing that exists, which sqlx logs at INFO:
+        // four lines at every start that say all is well.
+        tx.execute("SET LOCAL client_min_messages = warning")
+            .await?;
         tx.execute(schema.as_str()).await?;
         tx.commit().await?;
         Ok(())
