@@ -119,8 +119,8 @@ impl<I, St> IdempotencyLayer<I, St> {
     }
 
     /// Keeps responses in `store` instead of the default [`MemoryStore`]; a store shared
-    /// by several instances ([`RedisStore`](crate::redis)) also runs each key once across
-    /// all of them.
+    /// by several instances ([`RedisStore`](crate::redis),
+    /// [`PostgresStore`](crate::postgres)) also runs each key once across all of them.
     pub fn store<NewStore>(self, store: NewStore) -> IdempotencyLayer<I, NewStore> {
         IdempotencyLayer {
             engine: self.engine.with_store(store),

@@ -58,9 +58,13 @@
 //!
 //! Responses are kept by a [`Store`](crate::store::Store): by default a
 //! [`MemoryStore`](crate::store::MemoryStore) (moka, bounded by bytes, least recently used out
-//! first), or [`RedisStore`](crate::redis) (feature `redis`), which several instances
-//! share. A shared store also hands out a [`lease`](crate::store::Lease) per key, so that one
-//! instance runs it and the others wait for its stored response.
+//! first), or one that several instances share: [`RedisStore`](crate::redis) (feature
+//! `redis`; a single Redis or a Redis Cluster) or [`PostgresStore`](crate::postgres)
+//! (feature `postgres`; with an [atomic mode](crate::postgres::PostgresStore::atomic) that
+//! commits the handler's writes with the kept response). A shared store also hands out a
+//! [`lease`](crate::store::Lease) per key, so that one instance runs it and the others wait
+//! for its stored response; keeping a response under a lease is fenced, so one key has one
+//! answer across instances, stalls and crashes.
 //!
 //! A store that fails or times out is logged, and then the request runs anyway (the
 //! default) or gets `503`: see [`OnStoreError`].
