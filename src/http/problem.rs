@@ -18,7 +18,7 @@ pub(crate) fn key_required<B>(in_body: bool) -> Response<ResponseBody<B>> {
     };
     problem(
         StatusCode::BAD_REQUEST,
-        "Coalescing key missing or malformed",
+        "Request key missing or malformed",
         detail,
     )
 }
@@ -40,12 +40,24 @@ pub(crate) fn bad_key_header<B>(
     header: &http::HeaderName,
     what: &str,
 ) -> Response<ResponseBody<B>> {
+    let header = title_case(header.as_str());
     let detail = format!("The {header} header {what}.");
     problem(
         StatusCode::BAD_REQUEST,
-        "Coalescing key missing or malformed",
+        &format!("{header} header missing or malformed"),
         &detail,
     )
+}
+
+/// A header name as clients write it: `idempotency-key` as `Idempotency-Key`.
+fn title_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut start = true;
+    for c in name.chars() {
+        out.push(if start { c.to_ascii_uppercase() } else { c });
+        start = c == '-';
+    }
+    out
 }
 
 /// `422`: the key is in use by, or was used for, another request. `varied`: the request
@@ -195,6 +207,12 @@ fn json_string(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_header_is_named_as_clients_write_it() {
+        assert_eq!(title_case("idempotency-key"), "Idempotency-Key");
+        assert_eq!(title_case("x-request-id"), "X-Request-Id");
+    }
 
     #[test]
     fn json_strings_are_escaped() {
