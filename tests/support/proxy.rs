@@ -45,10 +45,6 @@ impl Proxy {
         Proxy { addr, faults, task }
     }
 
-    pub fn faults(&self) -> Faults {
-        *self.faults.borrow()
-    }
-
     pub fn set_latency(&self, latency: Duration) {
         self.faults.send_modify(|f| f.latency = latency);
     }
