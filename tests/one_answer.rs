@@ -23,6 +23,7 @@ use axum::http::StatusCode;
 use axum::routing;
 use support::instances::post_to;
 use support::proxy::Proxy;
+use tower_coalesce::http::Metrics;
 use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
 use tower_coalesce::postgres::PostgresStore;
 use tower_coalesce::redis::RedisStore;
@@ -82,6 +83,20 @@ impl Backend {
         policy: OnStoreError,
         routes: Router,
     ) -> Router {
+        self.app_with_metrics(via, lease, timeout, policy, routes)
+            .await
+            .0
+    }
+
+    /// [`app`](Self::app), and its layer's counters.
+    async fn app_with_metrics(
+        &self,
+        via: Option<SocketAddr>,
+        lease: Duration,
+        timeout: Duration,
+        policy: OnStoreError,
+        routes: Router,
+    ) -> (Router, Metrics) {
         let poll = Duration::from_millis(100);
         let layer = IdempotencyLayer::new().on_store_error(policy);
         match self {
@@ -100,7 +115,9 @@ impl Backend {
                     .unwrap()
                     .with_lease(lease)
                     .with_poll_interval(poll);
-                routes.layer(layer.store(store))
+                let layer = layer.store(store);
+                let metrics = layer.metrics();
+                (routes.layer(layer), metrics)
             }
             Backend::Redis { prefix, .. } => {
                 let store = RedisStore::connect_with_timeout(&self.url(via), timeout)
@@ -109,7 +126,9 @@ impl Backend {
                     .with_prefix(prefix.clone())
                     .with_lease(lease)
                     .with_poll_interval(poll);
-                routes.layer(layer.store(store))
+                let layer = layer.store(store);
+                let metrics = layer.metrics();
+                (routes.layer(layer), metrics)
             }
         }
     }
@@ -282,16 +301,18 @@ async fn the_owner_of_a_key_is_not_refused_for_a_reuse_in_flight(backend: Backen
     let (lease, timeout) = (Duration::from_secs(5), Duration::from_secs(2));
     let app = routes("A", runs.clone(), no_hook());
     let policy = OnStoreError::FailClosed;
-    let a = backend
-        .app(Some(proxy.addr), lease, timeout, policy, app)
+    let (a, metrics) = backend
+        .app_with_metrics(Some(proxy.addr), lease, timeout, policy, app)
         .await;
     let a = support::serve(a).await;
     proxy.set_latency(Duration::from_millis(150));
 
     let first = post_to(a, "/payments", "k-owner", "5 EUR").await;
     assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let sent = proxy.sent();
     let reuse = tokio::spawn(post_to(a, "/payments", "k-owner", "500 EUR"));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The retry comes once the reuse's flight has sent its lookup, which takes 300 ms.
+    support::eventually("the reuse's lookup sent", || proxy.sent() > sent).await;
     let retry = post_to(a, "/payments", "k-owner", "5 EUR").await;
     let reuse = reuse.await.unwrap();
     assert_eq!(reuse.status, StatusCode::UNPROCESSABLE_ENTITY, "{reuse:?}");
@@ -301,6 +322,10 @@ async fn the_owner_of_a_key_is_not_refused_for_a_reuse_in_flight(backend: Backen
         "the key's own request was refused for the reuse in flight"
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // The race was met: the retry found the reuse's flight running and waited for it,
+    // then led its own flight, which replayed.
+    assert_eq!(metrics.mismatches_queued(), 1);
+    assert_eq!(metrics.responses_replayed(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -166,7 +166,9 @@ impl Metrics {
     }
 
     /// Requests that found their key's flight running for another request and waited for
-    /// it to end before running ([`OnMismatch::Queue`](super::OnMismatch::Queue)).
+    /// it to end before running ([`OnMismatch::Queue`](super::OnMismatch::Queue)), or,
+    /// with replay, before being answered from what is kept
+    /// ([`OnMismatch::Reject`](super::OnMismatch::Reject)).
     pub fn mismatches_queued(&self) -> u64 {
         self.counters.mismatches_queued.load(Ordering::Relaxed)
     }

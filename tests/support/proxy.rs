@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,6 +33,8 @@ pub struct Faults {
 pub struct Proxy {
     pub addr: SocketAddr,
     faults: Arc<watch::Sender<Faults>>,
+    /// Reads from the clients' side, of every connection: a store call on its way.
+    sent: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -41,8 +44,20 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let faults = Arc::new(watch::Sender::new(Faults::default()));
-        let task = tokio::spawn(accept(listener, upstream, faults.clone()));
-        Proxy { addr, faults, task }
+        let sent = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(accept(listener, upstream, faults.clone(), sent.clone()));
+        Proxy {
+            addr,
+            faults,
+            sent,
+            task,
+        }
+    }
+
+    /// How many reads the proxy took from its clients so far: it grows when an instance
+    /// sends its store a call (before the latency, if any, delays it).
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
     }
 
     pub fn set_latency(&self, latency: Duration) {
@@ -112,7 +127,12 @@ impl Drop for Proxy {
     }
 }
 
-async fn accept(listener: TcpListener, upstream: SocketAddr, faults: Arc<watch::Sender<Faults>>) {
+async fn accept(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    faults: Arc<watch::Sender<Faults>>,
+    sent: Arc<AtomicU64>,
+) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
@@ -122,12 +142,17 @@ async fn accept(listener: TcpListener, upstream: SocketAddr, faults: Arc<watch::
             drop(client);
             continue;
         }
-        tokio::spawn(connection(client, upstream, faults));
+        tokio::spawn(connection(client, upstream, faults, sent.clone()));
     }
 }
 
 /// One connection: both directions pumped until either side closes or the proxy resets.
-async fn connection(client: TcpStream, upstream: SocketAddr, mut faults: watch::Receiver<Faults>) {
+async fn connection(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mut faults: watch::Receiver<Faults>,
+    sent: Arc<AtomicU64>,
+) {
     let generation = faults.borrow().generation;
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
@@ -138,8 +163,8 @@ async fn connection(client: TcpStream, upstream: SocketAddr, mut faults: watch::
     let (up, down) = (faults.clone(), faults.clone());
     let pumps = async {
         tokio::select! {
-            _ = pump(client_read, server_write, up) => {}
-            _ = pump(server_read, client_write, down) => {}
+            _ = pump(client_read, server_write, up, Some(sent)) => {}
+            _ = pump(server_read, client_write, down, None) => {}
         }
     };
     let reset = async {
@@ -161,6 +186,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut faults: watch::Receiver<Faults>,
+    reads: Option<Arc<AtomicU64>>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -168,6 +194,9 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        if let Some(reads) = &reads {
+            reads.fetch_add(1, Ordering::SeqCst);
+        }
         let latency = loop {
             let now = *faults.borrow_and_update();
             if !now.blackhole {
