@@ -101,20 +101,8 @@ impl Backend {
         let layer = IdempotencyLayer::new().on_store_error(policy);
         match self {
             Backend::Postgres { table, .. } => {
-                let pool = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(8)
-                    .acquire_timeout(timeout)
-                    .connect(&self.url(via))
-                    .await
-                    .unwrap();
-                let store = PostgresStore::builder()
-                    .table(table)
-                    .timeout(timeout)
-                    .build(pool)
-                    .await
-                    .unwrap()
-                    .with_lease(lease)
-                    .with_poll_interval(poll);
+                let url = self.url(via);
+                let store = support::postgres::store_at(&url, table, timeout, lease).await;
                 let layer = layer.store(store);
                 let metrics = layer.metrics();
                 (routes.layer(layer), metrics)

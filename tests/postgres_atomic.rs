@@ -62,20 +62,9 @@ fn answer(status: StatusCode) -> Hook {
 /// An instance on `url` (through a proxy, or not): the idempotency layer on an atomic store
 /// of `table`, lease 1 s, poll 100 ms, `timeout` per call, failing closed.
 async fn app(url: &str, table: &str, timeout: Duration, routes: Router) -> Router {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(timeout)
-        .connect(url)
+    let lease = Duration::from_secs(1);
+    let store = support::postgres::store_at(url, table, timeout, lease)
         .await
-        .unwrap();
-    let store = PostgresStore::builder()
-        .table(table)
-        .timeout(timeout)
-        .build(pool)
-        .await
-        .unwrap()
-        .with_lease(Duration::from_secs(1))
-        .with_poll_interval(Duration::from_millis(100))
         .atomic();
     let layer = IdempotencyLayer::new()
         .store(store)

@@ -60,6 +60,26 @@ pub async fn store(pool: &PgPool, table: &str, lease: Duration, poll: Duration) 
     store
 }
 
+/// A store on `table` (made already) at `url`, as an instance of its own would make it: a
+/// pool of 8 whose connections wait at most `timeout`, every call `timeout`, `lease`, and a
+/// poll of 100 ms.
+pub async fn store_at(url: &str, table: &str, timeout: Duration, lease: Duration) -> PostgresStore {
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(timeout)
+        .connect(url)
+        .await
+        .unwrap();
+    PostgresStore::builder()
+        .table(table)
+        .timeout(timeout)
+        .build(pool)
+        .await
+        .unwrap()
+        .with_lease(lease)
+        .with_poll_interval(Duration::from_millis(100))
+}
+
 /// The rows of `table`.
 pub async fn rows(pool: &PgPool, table: &str) -> i64 {
     sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
