@@ -227,26 +227,38 @@ async fn a_stalled_leader_does_not_replace_the_answer_of_the_instance_that_took_
     stalled_leader(backend).await;
 }
 
-/// Instance A reaches its store through a proxy. Its run resets every store connection
-/// and has new ones refused for 500 ms, so its first attempts to keep the answer fail;
-/// the lease (1.5 s) outlasts the outage. The answer A gives must be the one kept: a retry
-/// on instance B replays it, and the key ran once.
+/// Instance A, failing closed, whose store is behind a proxy, and whose every run starts
+/// an outage of its store of `outage` (connections reset, new ones refused) before it
+/// answers: its keep is what the outage meets. Its address, and the runs counter.
+async fn cut_off_after_each_run(
+    backend: &Backend,
+    proxy: &Proxy,
+    lease: Duration,
+    outage: Duration,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let timeout = Duration::from_millis(250);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let hook: Hook = {
+        let proxy = proxy.handle();
+        Arc::new(move |_| proxy.outage(outage))
+    };
+    let a = routes("A", runs.clone(), hook);
+    let policy = OnStoreError::FailClosed;
+    let a = backend.app(Some(proxy.addr), lease, timeout, policy, a);
+    (support::serve(a.await).await, runs)
+}
+
+/// Instance A's run cuts it off from its store for 500 ms, so its first attempts to keep
+/// the answer fail; the lease (1.5 s) outlasts the outage. The answer A gives must be the
+/// one kept: a retry on instance B replays it, and the key ran once.
 async fn keep_survives_a_short_outage(backend: Backend) {
     let lease = Duration::from_millis(1500);
-    let timeout = Duration::from_millis(250);
     let proxy = Proxy::start(backend.upstream()).await;
-    let runs = Arc::new(AtomicUsize::new(0));
-    let outage: Hook = {
-        let proxy = proxy.handle();
-        Arc::new(move |_| proxy.outage(Duration::from_millis(500)))
-    };
-    let policy = OnStoreError::FailClosed;
-    let a = routes("A", runs.clone(), outage);
-    let a = backend
-        .app(Some(proxy.addr), lease, timeout, policy, a)
-        .await;
-    let a = support::serve(a).await;
+    let outage = Duration::from_millis(500);
+    let (a, runs) = cut_off_after_each_run(&backend, &proxy, lease, outage).await;
     let b = routes("B", runs.clone(), no_hook());
+    let policy = OnStoreError::FailClosed;
+    let timeout = Duration::from_millis(250);
     let b = support::serve(backend.app(None, lease, timeout, policy, b).await).await;
 
     let first = post_to(a, "/payments", "k-outage", "7 EUR").await;
@@ -334,29 +346,13 @@ async fn the_owner_of_a_key_is_not_refused_for_a_reuse_in_flight_redis() {
     the_owner_of_a_key_is_not_refused_for_a_reuse_in_flight(backend).await;
 }
 
-/// As above, but the store stays out of reach (3 s) for longer than the lease (1 s): the
+/// Like the short outage above, but the store stays out of reach (3 s) for longer than the lease (1 s): the
 /// answer can't be kept, so under `FailClosed` A's caller gets a `503` that says the
 /// request ran and its outcome was not recorded, never a `201` that no retry would see.
 async fn an_answer_that_cannot_be_kept_is_not_given(backend: Backend) {
-    let lease = Duration::from_secs(1);
-    let timeout = Duration::from_millis(250);
     let proxy = Proxy::start(backend.upstream()).await;
-    let runs = Arc::new(AtomicUsize::new(0));
-    let outage: Hook = {
-        let proxy = proxy.handle();
-        Arc::new(move |_| proxy.outage(Duration::from_secs(3)))
-    };
-    let a = routes("A", runs.clone(), outage);
-    let a = backend
-        .app(
-            Some(proxy.addr),
-            lease,
-            timeout,
-            OnStoreError::FailClosed,
-            a,
-        )
-        .await;
-    let a = support::serve(a).await;
+    let (lease, outage) = (Duration::from_secs(1), Duration::from_secs(3));
+    let (a, runs) = cut_off_after_each_run(&backend, &proxy, lease, outage).await;
     let answer = post_to(a, "/payments", "k-long-outage", "9 EUR").await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{answer:?}");
     assert!(answer.body.contains("Outcome not recorded"), "{answer:?}");
