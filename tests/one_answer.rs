@@ -346,9 +346,10 @@ async fn the_owner_of_a_key_is_not_refused_for_a_reuse_in_flight_redis() {
     the_owner_of_a_key_is_not_refused_for_a_reuse_in_flight(backend).await;
 }
 
-/// Like the short outage above, but the store stays out of reach (3 s) for longer than the lease (1 s): the
-/// answer can't be kept, so under `FailClosed` A's caller gets a `503` that says the
-/// request ran and its outcome was not recorded, never a `201` that no retry would see.
+/// Like the short outage above, but the store stays out of reach (3 s) for longer than
+/// the lease (1 s): the answer can't be kept, so under `FailClosed` A's caller gets a `503`
+/// that says the request ran and its outcome was not recorded, never a `201` that no retry
+/// would see.
 async fn an_answer_that_cannot_be_kept_is_not_given(backend: Backend) {
     let proxy = Proxy::start(backend.upstream()).await;
     let (lease, outage) = (Duration::from_secs(1), Duration::from_secs(3));
