@@ -120,6 +120,7 @@ pub fn cache_headers(bytes: &[u8]) {
         default_ttl: (first & 0x40 != 0).then(|| Duration::from_secs(60)),
         max_ttl: Duration::from_secs(86_400),
         hit_for_pass: Duration::from_secs(120),
+        targeted: crate::http_cache::rules::default_targeted(),
     };
     if let Verdict::Store(lifetimes) = rules.verdict(status, &response, &request) {
         assert!(lifetimes.fresh <= rules.max_ttl);

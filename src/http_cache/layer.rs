@@ -3,7 +3,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
-use http::header::SET_COOKIE;
 use http::request::Parts;
 use tower::Layer;
 
@@ -14,7 +13,7 @@ use super::stage::CacheStage;
 use crate::coalesce::MakeKey;
 use crate::http::engine::{Config, Engine};
 use crate::http::key::{self, MethodPathAndQuery};
-use crate::http::policy::{SharePredicate, not_private};
+use crate::http::policy::SharePredicate;
 use crate::http::scope::{DefaultScope, Unscoped};
 use crate::http::{DoNotShare, HttpCoalesce, Metrics};
 use crate::store::{MemoryStore, Store};
@@ -81,6 +80,7 @@ impl HttpCacheLayer {
             default_ttl: None,
             max_ttl: DEFAULT_MAX_TTL,
             hit_for_pass: DEFAULT_HIT_FOR_PASS,
+            targeted: rules::default_targeted(),
         };
         let config = Config {
             has_store: true,
@@ -121,11 +121,13 @@ impl<I, St> HttpCacheLayer<I, St> {
         let private = self.rules.private;
         // Personal responses are never shared between callers: each gets its own, and the key
         // goes on hit-for-pass. `private` ones are, with `private(true)`: the scope is then
-        // per identity.
+        // per identity. Judged by the directives the cache follows (a targeted field's, if
+        // the response has one).
+        let rules = self.rules.clone();
         self.engine.config.share = SharePredicate::custom(move |parts| {
-            let personal = parts.headers.contains_key(SET_COOKIE)
-                || parts.extensions.get::<DoNotShare>().is_some();
-            !personal && (private || not_private(parts))
+            let (directives, _) = rules.directives(&parts.headers);
+            parts.extensions.get::<DoNotShare>().is_none()
+                && !rules.personal(parts.status, &parts.headers, &directives)
         });
         // RFC 9111 §3.5 applies to sharing a flight as much as to keeping its response:
         // unless the scope is one identity (`private`), a response to a request with
@@ -144,6 +146,31 @@ impl<I, St> HttpCacheLayer<I, St> {
     /// with [`unscoped`](Self::unscoped).
     pub fn private(mut self, keep: bool) -> Self {
         self.rules.private = keep;
+        self.with_rules()
+    }
+
+    /// The targeted cache-control fields this cache obeys (RFC 9213), by precedence: the
+    /// first of them a response carries, if it is a valid Structured Fields dictionary,
+    /// replaces the response's `Cache-Control` and `Expires` for this cache (and only for
+    /// it: the field goes on to the client as it came). Default: `CDN-Cache-Control`, so
+    /// that an origin can give this cache a longer freshness than browsers get; `[]` to
+    /// read `Cache-Control` only.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tower_coalesce::http_cache::HttpCacheLayer;
+    ///
+    /// // `Acme-Cache-Control` for this cache, else `CDN-Cache-Control`, else `Cache-Control`.
+    /// let cache = HttpCacheLayer::new().targeted_cache_control([
+    ///     HeaderName::from_static("acme-cache-control"),
+    ///     HeaderName::from_static("cdn-cache-control"),
+    /// ]);
+    /// ```
+    pub fn targeted_cache_control(
+        mut self,
+        fields: impl IntoIterator<Item = http::HeaderName>,
+    ) -> Self {
+        self.rules.targeted = fields.into_iter().collect();
         self.with_rules()
     }
 

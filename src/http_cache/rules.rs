@@ -3,11 +3,12 @@
 //! long, how old it is, and whether a conditional request gets `304`. Pure functions over
 //! headers, so that each rule is tested on its own.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
 use http::header::{
-    AGE, AUTHORIZATION, CACHE_CONTROL, DATE, ETAG, EXPIRES, HeaderMap, HeaderValue,
+    AGE, AUTHORIZATION, CACHE_CONTROL, DATE, ETAG, EXPIRES, HeaderMap, HeaderName, HeaderValue,
     IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, PRAGMA, SET_COOKIE,
 };
 
@@ -25,6 +26,7 @@ pub(crate) struct Directives {
     pub(crate) private: bool,
     pub(crate) public: bool,
     pub(crate) must_revalidate: bool,
+    pub(crate) must_understand: bool,
 }
 
 impl Directives {
@@ -63,11 +65,98 @@ impl Directives {
                 b"private" => d.private = true,
                 b"public" => d.public = true,
                 b"must-revalidate" | b"proxy-revalidate" => d.must_revalidate = true,
+                b"must-understand" => d.must_understand = true,
                 _ => {}
             }
         }
         d
     }
+
+    /// The directives of a targeted field (RFC 9213: `CDN-Cache-Control`, or another
+    /// the app names), a Structured Fields dictionary: `None` if the field is absent or
+    /// is not a valid dictionary (then `Cache-Control` rules). A member whose value is of
+    /// the wrong type (`max-age="60"`) is ignored, as RFC 9213 §2.1 asks.
+    pub(crate) fn targeted(headers: &HeaderMap, name: &HeaderName) -> Option<Self> {
+        let mut values = headers.get_all(name).iter().peekable();
+        values.peek()?;
+        let mut d = Directives::default();
+        for value in values {
+            let value = value.to_str().ok()?;
+            if value.trim().is_empty() {
+                continue;
+            }
+            for member in value.split(',') {
+                let member = member.trim_matches([' ', '\t']);
+                let (key, value) = match member.split_once('=') {
+                    Some((key, value)) => (key, Some(value)),
+                    None => (member, None),
+                };
+                if !sf_key(key) {
+                    return None;
+                }
+                // An integer, a token, a string or a boolean; parameters are ignored.
+                let value = value.map(|v| v.split(';').next().unwrap_or(v));
+                let integer = match value {
+                    None => None,
+                    Some(v) if sf_integer(v) => Some(v.parse::<u64>().unwrap_or(u64::MAX)),
+                    Some(v) if sf_item(v) => None,
+                    Some(_) => return None,
+                };
+                let flag = value.is_none() || value == Some("?1");
+                match key {
+                    "max-age" => d.max_age = integer.or(d.max_age),
+                    "s-maxage" => d.s_maxage = integer.or(d.s_maxage),
+                    "stale-while-revalidate" => {
+                        d.stale_while_revalidate = integer.or(d.stale_while_revalidate)
+                    }
+                    "stale-if-error" => d.stale_if_error = integer.or(d.stale_if_error),
+                    "no-store" => d.no_store |= flag,
+                    "no-cache" => d.no_cache |= flag,
+                    "private" => d.private |= flag,
+                    "public" => d.public |= flag,
+                    "must-revalidate" | "proxy-revalidate" => d.must_revalidate |= flag,
+                    "must-understand" => d.must_understand |= flag,
+                    _ => {}
+                }
+            }
+        }
+        Some(d)
+    }
+}
+
+/// RFC 8941 §3.1.2: a dictionary key, `lcalpha / "*"` then `lcalpha / DIGIT / "_" / "-" /
+/// "." / "*"`.
+fn sf_key(key: &str) -> bool {
+    let mut bytes = key.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'*')
+        && bytes.all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.' | b'*')
+        })
+}
+
+/// RFC 8941 §3.3.1, as a cache reads `delta-seconds`: a non-negative integer of at most
+/// 15 digits.
+fn sf_integer(value: &str) -> bool {
+    (1..=15).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Another bare item: a token, a quoted string, a boolean or a decimal (read, and ignored
+/// where an integer is wanted).
+fn sf_item(value: &str) -> bool {
+    let token = |v: &str| {
+        let mut b = v.bytes();
+        b.next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == b'*')
+            && b.all(|c| c.is_ascii_graphic() && !b"\"(),;<=>?@[\\]{}".contains(&c))
+    };
+    let string = |v: &str| v.len() >= 2 && v.starts_with('"') && v.ends_with('"');
+    let decimal = |v: &str| {
+        let v = v.strip_prefix('-').unwrap_or(v);
+        !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+    };
+    token(value) || string(value) || matches!(value, "?0" | "?1") || decimal(value)
 }
 
 /// RFC 9111 §1.2.2 `delta-seconds`: one or more digits; a value past `u64::MAX` is
@@ -121,6 +210,15 @@ pub(crate) struct Rules {
     pub(crate) max_ttl: Duration,
     /// How long a key whose response may not be shared goes straight to the service.
     pub(crate) hit_for_pass: Duration,
+    /// Targeted cache-control fields (RFC 9213), by precedence: the first of them that a
+    /// response carries, valid, replaces its `Cache-Control` and `Expires` for this cache.
+    pub(crate) targeted: Arc<[HeaderName]>,
+}
+
+/// The default of the targeted fields: `CDN-Cache-Control`, for a cache that stands in
+/// front of an origin as a CDN does.
+pub(crate) fn default_targeted() -> Arc<[HeaderName]> {
+    Arc::new([HeaderName::from_static("cdn-cache-control")])
 }
 
 /// What to do with a response.
@@ -137,14 +235,37 @@ pub(crate) enum Verdict {
 }
 
 impl Rules {
+    /// The directives this cache follows for a response: its first targeted field's,
+    /// if it has a valid one (`true`), else its `Cache-Control`.
+    pub(crate) fn directives(&self, response: &HeaderMap) -> (Directives, bool) {
+        self.targeted
+            .iter()
+            .find_map(|name| Directives::targeted(response, name))
+            .map_or_else(|| (Directives::of(response), false), |d| (d, true))
+    }
+
+    /// Whether a response is for its own request only (`no-store`, `Set-Cookie`, `private`
+    /// unless the scope is one identity), by the directives this cache follows.
+    pub(crate) fn personal(
+        &self,
+        status: StatusCode,
+        response: &HeaderMap,
+        d: &Directives,
+    ) -> bool {
+        // RFC 9111 §5.2.2.3: `must-understand` stands in for `no-store` where the cache knows
+        // the status code's caching rules, and adds to it elsewhere.
+        let no_store = d.no_store && !(d.must_understand && understood(status));
+        no_store || response.contains_key(SET_COOKIE) || (d.private && !self.private)
+    }
+
     pub(crate) fn verdict(
         &self,
         status: StatusCode,
         response: &HeaderMap,
         request: &HeaderMap,
     ) -> Verdict {
-        let d = Directives::of(response);
-        if d.no_store || response.contains_key(SET_COOKIE) || (d.private && !self.private) {
+        let (d, targeted) = self.directives(response);
+        if self.personal(status, response, &d) {
             return Verdict::Pass;
         }
         // RFC 9111 §3.5: a shared cache keeps a response to an authenticated request only
@@ -154,11 +275,17 @@ impl Rules {
         if authorized || d.no_cache || !storable_status(status) {
             return Verdict::Skip;
         }
-        let fresh = match d.s_maxage.or(d.max_age) {
+        let explicit = match d.s_maxage.or(d.max_age) {
             Some(seconds) => Some(Duration::from_secs(seconds)),
+            None if targeted => None,
             None => expires(response),
-        }
-        .or(self.default_ttl);
+        };
+        // A server error is kept only when it says for how long (RFC 9111 §3: any final
+        // status may be kept with explicit freshness), never by the default.
+        let fresh = match status.is_server_error() {
+            true => explicit,
+            false => explicit.or(self.default_ttl),
+        };
         let Some(fresh) = fresh else {
             return Verdict::Skip;
         };
@@ -178,13 +305,17 @@ impl Rules {
     }
 }
 
-/// Statuses whose responses are kept when their headers allow: final, complete, and not
-/// server errors (those are what `stale-if-error` stands in for).
+/// Statuses whose responses are kept when their headers allow: final and complete.
 fn storable_status(status: StatusCode) -> bool {
     !(status.is_informational()
-        || status.is_server_error()
         || status == StatusCode::PARTIAL_CONTENT
         || status == StatusCode::NOT_MODIFIED)
+}
+
+/// Status codes whose caching rules this cache knows (RFC 9110's own), for
+/// `must-understand`.
+fn understood(status: StatusCode) -> bool {
+    storable_status(status) && status.canonical_reason().is_some()
 }
 
 /// Freshness from `Expires` minus `Date` (or now); an `Expires` that can't be read is in
@@ -216,12 +347,13 @@ pub(crate) fn stamp(headers: &mut HeaderMap, now: SystemTime) {
 }
 
 /// The age of a kept response (RFC 9111 §4.2.3): its `Age` when kept, plus the time since
-/// its `Date`.
+/// its `Date`. Of an `Age` sent as a list (`7200, 0`, against §5.1), the first value counts.
 pub(crate) fn age(headers: &HeaderMap, now: SystemTime) -> Duration {
     let initial = headers
         .get(AGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(Duration::ZERO, Duration::from_secs);
     let resident = date(headers.get(DATE))
         .and_then(|date| now.duration_since(date).ok())
@@ -310,6 +442,7 @@ mod tests {
             default_ttl: None,
             max_ttl: Duration::from_secs(86_400),
             hit_for_pass: Duration::from_secs(120),
+            targeted: default_targeted(),
         }
     }
 
@@ -392,17 +525,26 @@ mod tests {
             rules().verdict(StatusCode::NOT_FOUND, &cc, &none),
             secs(60, 0, 0)
         );
-        for status in [
-            StatusCode::PARTIAL_CONTENT,
-            StatusCode::NOT_MODIFIED,
-            StatusCode::BAD_GATEWAY,
-        ] {
+        for status in [StatusCode::PARTIAL_CONTENT, StatusCode::NOT_MODIFIED] {
             assert_eq!(
                 rules().verdict(status, &cc, &none),
                 Verdict::Skip,
                 "{status}"
             );
         }
+        // A server error is kept when it says for how long, never by the default.
+        assert_eq!(
+            rules().verdict(StatusCode::BAD_GATEWAY, &cc, &none),
+            secs(60, 0, 0)
+        );
+        let default = Rules {
+            default_ttl: Some(Duration::from_secs(7)),
+            ..rules()
+        };
+        assert_eq!(
+            default.verdict(StatusCode::SERVICE_UNAVAILABLE, &none, &none),
+            Verdict::Skip
+        );
         let expires = headers(&[
             ("date", "Tue, 24 Nov 2026 10:00:00 GMT"),
             ("expires", "Tue, 24 Nov 2026 10:05:00 GMT"),
@@ -481,6 +623,84 @@ mod tests {
                 .not_modified(StatusCode::OK, &response)
         );
         assert!(!cond(&[]).not_modified(StatusCode::OK, &response));
+    }
+
+    #[test]
+    fn a_targeted_field_replaces_cache_control_and_expires_when_it_is_valid() {
+        let none = HeaderMap::new();
+        let v = |h: &[(&str, &str)]| rules().verdict(StatusCode::OK, &headers(h), &none);
+        let cdn = "cdn-cache-control";
+        assert_eq!(
+            v(&[("cache-control", "no-store"), (cdn, "max-age=600")]),
+            secs(600, 0, 0)
+        );
+        assert_eq!(
+            v(&[("cache-control", "max-age=600"), (cdn, "max-age=5")]),
+            secs(5, 0, 0)
+        );
+        assert_eq!(
+            v(&[("cache-control", "max-age=600"), (cdn, "private")]),
+            Verdict::Pass
+        );
+        assert_eq!(
+            v(&[("cache-control", "max-age=600"), (cdn, "no-cache")]),
+            Verdict::Skip
+        );
+        // No freshness in the targeted field: `Expires` does not count either.
+        let expires = [
+            ("date", "Tue, 24 Nov 2026 10:00:00 GMT"),
+            ("expires", "Tue, 24 Nov 2026 10:05:00 GMT"),
+        ];
+        assert_eq!(v(&[expires[0], expires[1], (cdn, "foo")]), Verdict::Skip);
+        assert_eq!(
+            v(&[expires[0], expires[1], (cdn, "foo, max-age=9")]),
+            secs(9, 0, 0)
+        );
+        // Not a valid dictionary, or a value of the wrong type: `Cache-Control` rules.
+        for invalid in ["max-age=10000, &&&&&", "MaX-aGe=3600", "max-age =100"] {
+            assert_eq!(
+                v(&[("cache-control", "no-store"), (cdn, invalid)]),
+                Verdict::Pass,
+                "{invalid}"
+            );
+        }
+        assert_eq!(
+            v(&[("cache-control", "no-store"), (cdn, "max-age=\"10000\"")]),
+            Verdict::Skip,
+            "a string max-age is ignored: no freshness"
+        );
+        let none_targeted = Rules {
+            targeted: Arc::new([]),
+            ..rules()
+        };
+        assert_eq!(
+            none_targeted.verdict(
+                StatusCode::OK,
+                &headers(&[("cache-control", "no-store"), (cdn, "max-age=600")]),
+                &none
+            ),
+            Verdict::Pass
+        );
+    }
+
+    #[test]
+    fn must_understand_keeps_known_statuses_despite_no_store() {
+        let none = HeaderMap::new();
+        let cc = headers(&[("cache-control", "max-age=60, must-understand, no-store")]);
+        assert_eq!(rules().verdict(StatusCode::OK, &cc, &none), secs(60, 0, 0));
+        let unknown = StatusCode::from_u16(599).unwrap();
+        assert_eq!(rules().verdict(unknown, &cc, &none), Verdict::Pass);
+    }
+
+    #[test]
+    fn an_age_list_counts_its_first_value() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut kept = headers(&[("age", "7200, 0")]);
+        stamp(&mut kept, now);
+        assert_eq!(age(&kept, now), Duration::from_secs(7200));
+        let mut kept = headers(&[("age", "0, 7200")]);
+        stamp(&mut kept, now);
+        assert_eq!(age(&kept, now), Duration::ZERO);
     }
 
     #[test]

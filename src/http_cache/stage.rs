@@ -621,8 +621,9 @@ fn keepable(
         }
         Verdict::Skip => return None,
     };
-    // The engine's own rules of what a store keeps (`Vary: *`, trailers, errors in the body).
-    let mut kept = engine::storable(buffered, answers?)?;
+    // The engine's own rules of what a store keeps (`Vary: *`, trailers, errors in the body);
+    // the status is the rules' to judge.
+    let mut kept = engine::stored_copy(buffered, answers?)?;
     rules::stamp(kept.headers_mut(), SystemTime::now());
     // Kept while it may be served at all; the store drops it after.
     Some((Arc::new(kept), lifetimes.usable()))

@@ -488,7 +488,7 @@ use self::run::*;
 pub(crate) use self::admit::{passed, serve};
 pub(crate) use self::answer::answers;
 #[cfg(feature = "http-cache")]
-pub(crate) use self::run::storable;
+pub(crate) use self::run::stored_copy;
 
 /// A hash of a flight key for logs, with a per-process random seed so that a logged hash
 /// can't be matched against hashes of guessed ids.

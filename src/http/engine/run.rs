@@ -464,8 +464,17 @@ pub(crate) async fn store_and_release<K, I, St: Store>(
 /// again), bodies that ended in an error or with trailers, and (by the caller) `Vary: *`.
 /// Bodies over the limit or not shared are not `Buffered`: not kept either.
 pub(crate) fn storable(buffered: &Buffered, fingerprint: Fingerprint) -> Option<StoredResponse> {
+    if buffered.parts.status.is_server_error() {
+        return None;
+    }
+    stored_copy(buffered, fingerprint)
+}
+
+/// A completed response as the store keeps it, whatever its status (a cache keeps a server
+/// error that states its freshness); not a body that ended in an error or with trailers.
+pub(crate) fn stored_copy(buffered: &Buffered, fingerprint: Fingerprint) -> Option<StoredResponse> {
     let parts = &buffered.parts;
-    if parts.status.is_server_error() || buffered.end.is_some() {
+    if buffered.end.is_some() {
         return None;
     }
     Some(StoredResponse::new(
