@@ -63,6 +63,16 @@ pub(crate) struct Buffered {
 }
 
 impl Buffered {
+    /// A response a stage made whole (its body in one `Bytes`).
+    pub(crate) fn whole(response: Response<Bytes>) -> Self {
+        let (parts, data) = response.into_parts();
+        Buffered {
+            parts,
+            data,
+            end: None,
+        }
+    }
+
     /// A caller's own response: the same head, and the same bytes without copying them.
     /// The last caller to read the flight's result (the only one, if nobody joined) takes
     /// the head as it is instead of cloning it.

@@ -169,18 +169,34 @@ fn retry_soon<B>(mut response: Response<ResponseBody<B>>) -> Response<ResponseBo
     response
 }
 
+/// A cache revalidated a kept response, and the service answered `304 Not Modified` for
+/// another one (another `ETag` or `Last-Modified`), or the kept one was gone: there is no
+/// body to answer with, and a `304` would answer a question the client did not ask.
+pub(crate) fn unmatched_not_modified() -> Response<Bytes> {
+    whole_problem(
+        StatusCode::BAD_GATEWAY,
+        "Not Modified for another representation",
+        "The cache asked the service whether its copy changed, and the service answered \
+         304 Not Modified for a representation the cache does not keep. Retry the request.",
+    )
+}
+
 pub(crate) fn problem<B>(
     status: StatusCode,
     title: &str,
     detail: &str,
 ) -> Response<ResponseBody<B>> {
+    whole_problem(status, title, detail).map(|body| ResponseBody::buffered(body, None))
+}
+
+fn whole_problem(status: StatusCode, title: &str, detail: &str) -> Response<Bytes> {
     let body = format!(
         r#"{{"type":"about:blank","title":{},"status":{},"detail":{}}}"#,
         json_string(title),
         status.as_u16(),
         json_string(detail)
     );
-    let mut response = Response::new(ResponseBody::buffered(Bytes::from(body), None));
+    let mut response = Response::new(Bytes::from(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,

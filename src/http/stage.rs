@@ -69,6 +69,19 @@ pub(crate) trait Stage: Send + Sync + 'static {
         asked: &HeaderMap,
     ) -> Option<(Arc<StoredResponse>, Duration)>;
 
+    /// The flight's service answered `304 Not Modified` (`not_modified`) to the validators
+    /// the stage put on the request in [`admit`](Self::admit): the kept response it
+    /// freshens (RFC 9111 §4.3.4), which becomes the flight's response; `None` if nothing
+    /// kept matches it (then a `502` is).
+    fn freshen<'a>(
+        &'a self,
+        store: &'a dyn Lookup,
+        key: &'a StoreKey,
+        fingerprint: Fingerprint,
+        asked: &'a HeaderMap,
+        not_modified: &'a http::response::Parts,
+    ) -> BoxFuture<'a, Option<Response<Bytes>>>;
+
     /// Once what [`keep`](Self::keep) returned is in the store: what else the stage does
     /// with it (`target`: the request's URI).
     fn kept<'a>(

@@ -407,6 +407,75 @@ impl Conditional {
     }
 }
 
+/// How long an entry with validators is kept past its last use by freshness, so that a
+/// request for it then asks the service whether it changed (`If-None-Match`,
+/// `If-Modified-Since`) instead of for the whole response again: 10 minutes, nginx's
+/// `inactive` default.
+pub(crate) const REVALIDATE_FOR: Duration = Duration::from_secs(600);
+
+/// Whether a kept response can be revalidated: a `200` with an `ETag` or a `Last-Modified`.
+pub(crate) fn has_validators(status: StatusCode, headers: &HeaderMap) -> bool {
+    status == StatusCode::OK && (headers.contains_key(ETAG) || headers.contains_key(LAST_MODIFIED))
+}
+
+/// Puts a kept response's validators on the request that refreshes it (whose own were
+/// taken off by [`Conditional::take`]), so that the service may answer `304`.
+pub(crate) fn validate(kept: &crate::store::StoredResponse, request: &mut HeaderMap) {
+    if !has_validators(kept.status(), kept.headers()) {
+        return;
+    }
+    if let Some(etag) = kept.headers().get(ETAG) {
+        request.insert(IF_NONE_MATCH, etag.clone());
+    }
+    if let Some(modified) = kept.headers().get(LAST_MODIFIED) {
+        request.insert(IF_MODIFIED_SINCE, modified.clone());
+    }
+}
+
+/// A kept response's headers freshened by a `304` (RFC 9111 §3.2, §4.3.4): every field of
+/// the `304` replaces the kept one, but `Content-Length` (the kept body is the body) and
+/// hop-by-hop fields; its `Date` and `Age` restart the entry's age. `None` if the `304`
+/// names another representation (another `ETag` or `Last-Modified`).
+pub(crate) fn freshened(kept: &HeaderMap, not_modified: &HeaderMap) -> Option<HeaderMap> {
+    for validator in [ETAG, LAST_MODIFIED] {
+        let (Some(old), Some(new)) = (kept.get(&validator), not_modified.get(&validator)) else {
+            continue;
+        };
+        let same = match validator == ETAG {
+            true => old.to_str().ok().map(weak) == new.to_str().ok().map(weak),
+            false => old == new,
+        };
+        if !same {
+            return None;
+        }
+    }
+    let mut headers = kept.clone();
+    headers.remove(AGE);
+    headers.remove(DATE);
+    for name in not_modified.keys() {
+        let skip = matches!(
+            name.as_str(),
+            "content-length"
+                | "connection"
+                | "keep-alive"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
+                | "proxy-connection"
+                | "cache-status"
+        );
+        if skip {
+            continue;
+        }
+        headers.remove(name);
+        for value in not_modified.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    Some(headers)
+}
+
 fn weak(tag: &str) -> &str {
     tag.strip_prefix("W/").unwrap_or(tag)
 }

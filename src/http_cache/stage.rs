@@ -159,6 +159,29 @@ impl Stage for CacheStage {
         Box::pin(self.kept(store, key, kept, target, metrics))
     }
 
+    fn freshen<'a>(
+        &'a self,
+        store: &'a dyn Lookup,
+        key: &'a StoreKey,
+        fingerprint: Fingerprint,
+        asked: &'a HeaderMap,
+        not_modified: &'a http::response::Parts,
+    ) -> BoxFuture<'a, Option<Response<Bytes>>> {
+        Box::pin(async move {
+            let found = self.find(store, key, fingerprint, asked).await;
+            let Ok(Found::Answers { kept, .. }) = found else {
+                return None;
+            };
+            let headers = rules::freshened(kept.headers(), &not_modified.headers)?;
+            let mut response = Response::new(kept.body().clone());
+            *response.status_mut() = kept.status();
+            *response.version_mut() = kept.version();
+            *response.headers_mut() = headers;
+            tracing::debug!("a stale entry revalidated: 304 from the service");
+            Some(response)
+        })
+    }
+
     fn passed<'a>(
         &'a self,
         store: &'a dyn Lookup,
@@ -234,6 +257,7 @@ impl CacheStage {
                     }
                     Freshness::Revalidate => {
                         let answer = served(Status::Stale("stale-while-revalidate"));
+                        rules::validate(&kept, headers);
                         // One refresh at a time per key: the others are answered stale.
                         if self.refreshing.insert(key.clone(), ()).is_some() {
                             return Admit::Answer(answer);
@@ -247,9 +271,13 @@ impl CacheStage {
                     }
                     Freshness::IfError => {
                         reason = "stale";
+                        rules::validate(&kept, headers);
                         fallback = Some((kept, lifetimes.fresh));
                     }
-                    Freshness::Expired => reason = "stale",
+                    Freshness::Expired => {
+                        reason = "stale";
+                        rules::validate(&kept, headers);
+                    }
                 }
             }
             Ok(Found::OtherVariant) => reason = "vary-miss",
@@ -625,6 +653,11 @@ fn keepable(
     // the status is the rules' to judge.
     let mut kept = engine::stored_copy(buffered, answers?)?;
     rules::stamp(kept.headers_mut(), SystemTime::now());
-    // Kept while it may be served at all; the store drops it after.
-    Some((Arc::new(kept), lifetimes.usable()))
+    // Kept while it may be served at all, and, if it has validators, for a while after,
+    // to be revalidated with them; the store drops it after.
+    let mut ttl = lifetimes.usable();
+    if rules::has_validators(kept.status(), kept.headers()) {
+        ttl = ttl.saturating_add(rules::REVALIDATE_FOR);
+    }
+    Some((Arc::new(kept), ttl))
 }

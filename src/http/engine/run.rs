@@ -95,6 +95,29 @@ where
         // What a stage keeps is filed under the request's URI (a cache's purges find it so).
         let target = engine.stage.as_ref().map(|_| req.uri().clone());
         let flown = match inner.oneshot(req).await {
+            Ok(response) if response.status() == http::StatusCode::NOT_MODIFIED => {
+                // A stage sent validators of what it keeps (a cache revalidating a stale
+                // entry): the `304` freshens that entry, which is then the flight's
+                // response, kept again and shared as any other. A `304` for something else
+                // is a `502`: the callers never asked a conditional question.
+                match (&engine.stage, &store_key) {
+                    (Some(stage), Some(key)) => {
+                        let (parts, _) = response.into_parts();
+                        let freshen = stage.freshen(
+                            &engine.store,
+                            key,
+                            ask.fingerprint(),
+                            ask.headers(),
+                            &parts,
+                        );
+                        let freshened = Box::pin(freshen)
+                            .await
+                            .unwrap_or_else(crate::http::problem::unmatched_not_modified);
+                        Flown::Buffered(Arc::new(Buffered::whole(freshened)))
+                    }
+                    _ => flown::collect(response, config.body_limit, metrics).await,
+                }
+            }
             Ok(response) => {
                 let (parts, body) = response.into_parts();
                 let shareable = config.share.allows(&parts);
