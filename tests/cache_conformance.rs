@@ -259,3 +259,56 @@ async fn an_age_sent_as_a_list_counts_its_first_value() {
     }
     assert_eq!(runs.get(), 2, "two hours old: stale at once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_is_answered_206_from_the_kept_whole() {
+    let (runs, asked_ranges) = (Counter::default(), Counter::default());
+    let (r, a) = (runs.clone(), asked_ranges.clone());
+    let app = Router::new()
+        .route(
+            "/video",
+            get(move |headers: HeaderMap| {
+                r.incr();
+                if headers.contains_key("range") {
+                    a.incr();
+                }
+                async move {
+                    (
+                        [("cache-control", "max-age=60"), ("etag", "\"v1\"")],
+                        "0123456789",
+                    )
+                }
+            }),
+        )
+        .layer(HttpCacheLayer::new().unscoped());
+    let addr = serve(app).await;
+    let url = format!("http://{addr}/video");
+
+    // A miss asks the service for the whole response, and keeps it.
+    let res = fetch(&url, &[("range", "bytes=2-4")]).await;
+    assert_eq!(res.text().await.unwrap(), "0123456789");
+    for (range, if_range, status, body, content_range) in [
+        ("bytes=2-4", None, 206, "234", Some("bytes 2-4/10")),
+        ("bytes=7-", None, 206, "789", Some("bytes 7-9/10")),
+        ("bytes=-2", None, 206, "89", Some("bytes 8-9/10")),
+        (
+            "bytes=2-4",
+            Some("\"v1\""),
+            206,
+            "234",
+            Some("bytes 2-4/10"),
+        ),
+        // Another representation, several ranges, past the end: the whole.
+        ("bytes=2-4", Some("\"v0\""), 200, "0123456789", None),
+        ("bytes=0-1,5-6", None, 200, "0123456789", None),
+        ("bytes=20-", None, 200, "0123456789", None),
+    ] {
+        let mut headers = vec![("range", range)];
+        headers.extend(if_range.map(|v| ("if-range", v)));
+        let res = fetch(&url, &headers).await;
+        assert_eq!(res.status().as_u16(), status, "{range} {if_range:?}");
+        assert_eq!(header(&res, "content-range").as_deref(), content_range);
+        assert_eq!(res.text().await.unwrap(), body, "{range}");
+    }
+    assert_eq!((runs.get(), asked_ranges.get()), (1, 0));
+}

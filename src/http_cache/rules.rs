@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use http::StatusCode;
 use http::header::{
     AGE, AUTHORIZATION, CACHE_CONTROL, DATE, ETAG, EXPIRES, HeaderMap, HeaderName, HeaderValue,
-    IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, PRAGMA, SET_COOKIE,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, PRAGMA, RANGE, SET_COOKIE,
 };
 
 use crate::single_flight::Lifetimes;
@@ -330,7 +330,72 @@ fn expires(response: &HeaderMap) -> Option<Duration> {
 }
 
 fn date(value: Option<&HeaderValue>) -> Option<SystemTime> {
-    httpdate::parse_http_date(value?.to_str().ok()?).ok()
+    let text = value?.to_str().ok()?;
+    httpdate::parse_http_date(text)
+        .ok()
+        .or_else(|| lenient_date(text))
+}
+
+/// An HTTP date with the two slips that caches forgive (nginx, Varnish, Traffic Server):
+/// names in another case, and a weekday that doesn't match the date, in the IMF-fixdate
+/// (`Sun, 06 Nov 1994 08:49:37 GMT`) and asctime (`Sun Nov  6 08:49:37 1994`) layouts.
+/// Anything else that isn't a date stays invalid (an `Expires` in the past).
+fn lenient_date(text: &str) -> Option<SystemTime> {
+    const MONTHS: [&str; 12] = [
+        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+    ];
+    if !text.is_ascii() {
+        return None;
+    }
+    let b = text.as_bytes();
+    let weekday = b.get(..3)?.iter().all(u8::is_ascii_alphabetic);
+    let (day, month, year, time) = match b.len() {
+        29 if &b[3..5] == b", " && b[7] == b' ' && b[11] == b' ' && b[16] == b' ' => {
+            if b[25] != b' ' || !text[26..].eq_ignore_ascii_case("GMT") {
+                return None;
+            }
+            (&text[5..7], &text[8..11], &text[12..16], &text[17..25])
+        }
+        24 if b[3] == b' ' && b[7] == b' ' && b[10] == b' ' && b[19] == b' ' => (
+            text[8..10].trim_start(),
+            &text[4..7],
+            &text[20..24],
+            &text[11..19],
+        ),
+        _ => return None,
+    };
+    let month = MONTHS.iter().position(|m| m.eq_ignore_ascii_case(month))? as u64 + 1;
+    let number = |v: &str| match !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        true => v.parse::<u64>().ok(),
+        false => None,
+    };
+    let (day, year) = (number(day)?, number(year)?);
+    let (h, m, sec) = match time.as_bytes() {
+        [_, _, b':', _, _, b':', _, _] => (
+            number(&time[..2])?,
+            number(&time[3..5])?,
+            number(&time[6..])?,
+        ),
+        _ => return None,
+    };
+    if !weekday || !(1970..=9999).contains(&year) || !(1..=31).contains(&day) {
+        return None;
+    }
+    if h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    // Days since 1970-01-01 of a civil date (Howard Hinnant's days_from_civil).
+    let (y, mo) = match month <= 2 {
+        true => (year - 1, month + 9),
+        false => (year, month - 3),
+    };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * mo + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    let seconds = days * 86_400 + h * 3600 + m * 60 + sec;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
 }
 
 /// Stamps a response about to be kept with the time it was made, unless its service did:
@@ -364,10 +429,14 @@ pub(crate) fn age(headers: &HeaderMap, now: SystemTime) -> Duration {
 
 /// A request's validators, taken off it so that the service answers in full (a full
 /// response is what the cache keeps) and applied by the cache to what it serves.
+/// Its `Range` (and `If-Range`) too: the service is asked for the whole response, which
+/// the cache keeps, and a hit answers the range from it.
 #[derive(Debug, Default)]
 pub(crate) struct Conditional {
     if_none_match: Option<HeaderValue>,
     if_modified_since: Option<HeaderValue>,
+    range: Option<HeaderValue>,
+    if_range: Option<HeaderValue>,
 }
 
 impl Conditional {
@@ -375,7 +444,53 @@ impl Conditional {
         Conditional {
             if_none_match: headers.remove(IF_NONE_MATCH),
             if_modified_since: headers.remove(IF_MODIFIED_SINCE),
+            range: headers.remove(RANGE),
+            if_range: headers.remove(IF_RANGE),
         }
+    }
+
+    /// The byte range (first and last position) a `200` of `len` bytes answers with `206`
+    /// (RFC 9110 §14.2): one satisfiable `bytes` range, and an `If-Range` that matches, if
+    /// there is one. `None`: the whole response answers (a server may ignore `Range`; so
+    /// are several ranges and unsatisfiable ones).
+    pub(crate) fn range(
+        &self,
+        status: StatusCode,
+        response: &HeaderMap,
+        len: u64,
+    ) -> Option<(u64, u64)> {
+        if status != StatusCode::OK || len == 0 {
+            return None;
+        }
+        let spec = self.range.as_ref()?.to_str().ok()?.trim();
+        if let Some(if_range) = &self.if_range {
+            // A strong entity tag, or the exact Last-Modified date.
+            let matches = match if_range.to_str().ok()?.trim() {
+                tag if tag.starts_with('"') => response.get(ETAG).is_some_and(|e| e == tag),
+                date => response.get(LAST_MODIFIED).is_some_and(|m| m == date),
+            };
+            if !matches {
+                return None;
+            }
+        }
+        let (unit, set) = spec.split_once('=')?;
+        if !unit.trim().eq_ignore_ascii_case("bytes") || set.contains(',') {
+            return None;
+        }
+        let (first, last) = set.trim().split_once('-')?;
+        let number = |v: &str| match v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            true => None,
+            false => v.parse::<u64>().ok(),
+        };
+        let (first, last) = match (first.trim(), last.trim()) {
+            ("", suffix) => {
+                let suffix = number(suffix)?.min(len);
+                (len.checked_sub(suffix)?, len - 1)
+            }
+            (first, "") => (number(first)?, len - 1),
+            (first, last) => (number(first)?, number(last)?.min(len - 1)),
+        };
+        (first <= last && first < len).then_some((first, last))
     }
 
     /// Whether a `200` with these headers answers the request with `304 Not Modified`
@@ -770,6 +885,82 @@ mod tests {
         let mut kept = headers(&[("age", "0, 7200")]);
         stamp(&mut kept, now);
         assert_eq!(age(&kept, now), Duration::ZERO);
+    }
+
+    #[test]
+    fn one_satisfiable_byte_range_of_a_200_is_answered() {
+        let response = headers(&[
+            ("etag", "\"v1\""),
+            ("last-modified", "Tue, 24 Nov 2026 10:00:00 GMT"),
+        ]);
+        let range = |h: &[(&str, &str)]| {
+            Conditional::take(&mut headers(h)).range(StatusCode::OK, &response, 11)
+        };
+        assert_eq!(range(&[("range", "bytes=0-1")]), Some((0, 1)));
+        assert_eq!(range(&[("range", "bytes=1-")]), Some((1, 10)));
+        assert_eq!(range(&[("range", "bytes=-3")]), Some((8, 10)));
+        assert_eq!(range(&[("range", "bytes=-30")]), Some((0, 10)));
+        assert_eq!(range(&[("range", "bytes=5-99")]), Some((5, 10)));
+        for whole in [
+            "bytes=0-1,3-4",
+            "bytes=11-",
+            "bytes=4-2",
+            "items=0-1",
+            "bytes=a-b",
+            "bytes=-0",
+        ] {
+            assert_eq!(range(&[("range", whole)]), None, "{whole}");
+        }
+        assert_eq!(
+            range(&[("range", "bytes=0-1"), ("if-range", "\"v1\"")]),
+            Some((0, 1))
+        );
+        assert_eq!(
+            range(&[("range", "bytes=0-1"), ("if-range", "\"v2\"")]),
+            None
+        );
+        assert_eq!(
+            range(&[
+                ("range", "bytes=0-1"),
+                ("if-range", "Tue, 24 Nov 2026 10:00:00 GMT")
+            ]),
+            Some((0, 1))
+        );
+        let none = Conditional::take(&mut headers(&[("range", "bytes=0-1")]));
+        assert_eq!(none.range(StatusCode::NOT_FOUND, &response, 11), None);
+    }
+
+    #[test]
+    fn dates_are_read_in_any_case_and_with_a_wrong_weekday() {
+        let at = |v: &str| date(Some(&HeaderValue::from_str(v).unwrap()));
+        let expected = at("Thu, 18 Aug 2050 02:01:18 GMT").unwrap();
+        for text in [
+            "THU, 18 Aug 2050 02:01:18 GMT",
+            "Thu, 18 AUG 2050 02:01:18 GMT",
+            "Thu, 18 Aug 2050 02:01:18 gMT",
+            "Mon, 18 Aug 2050 02:01:18 GMT",
+            "Sun Aug 18 02:01:18 2050",
+        ] {
+            assert_eq!(at(text), Some(expected), "{text}");
+        }
+        assert_eq!(
+            at("Thu Aug  8 02:01:18 2050"),
+            Some(expected - Duration::from_secs(10 * 86_400))
+        );
+        // Not dates, as caches read them (cache-tests' freshness-expires-invalid-*).
+        for invalid in [
+            "0",
+            "yesterday",
+            "Thu, 32 Aug 2050 02:01:18 GMT",
+            "Thu, 18 Aug 2050 02:01:18 UTC",
+            "Thu, 18 Aug 2050 02:01:18 AEST",
+            "Thu, 18 Aug 50 02:01:18 GMT",
+            "Thu 18 Aug 2050 02:01:18 GMT",
+            "Thu, 18 Aug  2050 02:01:18 GMT",
+            "Thu, 18-Aug-2050 02:01:18 GMT",
+        ] {
+            assert_eq!(at(invalid), None, "{invalid}");
+        }
     }
 
     #[test]

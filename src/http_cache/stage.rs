@@ -595,8 +595,24 @@ fn from_store(
     conditional: &Conditional,
     metrics: &Metrics,
 ) -> Response<Bytes> {
+    let len = kept.body().len() as u64;
     let mut response = if conditional.not_modified(kept.status(), kept.headers()) {
         not_modified(kept.headers())
+    } else if let Some((first, last)) = conditional.range(kept.status(), kept.headers(), len) {
+        // A part of the kept whole (RFC 9110 §14.2, §15.3.7).
+        let part = kept.body().slice(first as usize..=last as usize);
+        let mut response = Response::new(part);
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        *response.version_mut() = kept.version();
+        *response.headers_mut() = kept.headers().clone();
+        let headers = response.headers_mut();
+        headers.remove(http::header::CONTENT_LENGTH);
+        let range = format!("bytes {first}-{last}/{len}");
+        headers.insert(
+            http::header::CONTENT_RANGE,
+            HeaderValue::try_from(range).expect("digits and ASCII"),
+        );
+        response
     } else {
         let mut response = Response::new(kept.body().clone());
         *response.status_mut() = kept.status();
