@@ -563,9 +563,9 @@ async fn the_unscoped_cache_never_shares_a_response_to_an_authorized_request_in_
         assert_eq!(answer.status, StatusCode::OK);
         let own = answer.sent.as_deref().unwrap_or("anonymous");
         let text = answer.text();
-        // An anonymous response may answer anyone (it holds nothing of a user); a
-        // response to an authorized request answers that user only.
-        if text != format!("report for {own}") && text != "report for anonymous" {
+        // A response to an authorized request answers that user only, and an anonymous
+        // one (not `public`) no request with `Authorization` (RFC 9111 §3.5 both ways).
+        if text != format!("report for {own}") {
             wrong.push((own, text));
         }
     }
@@ -576,6 +576,191 @@ async fn the_unscoped_cache_never_shares_a_response_to_an_authorized_request_in_
     );
     assert!(runs.started.get() <= 3, "one run per identity at most");
     assert_eq!(runs.most_at_once(), 1, "runs of one key at once");
+}
+
+// ===== 3b. The cache's followers get only what the cache would keep and serve them =====
+
+/// 20 requests for a report whose user is named by the header `name` (one the default
+/// scope doesn't know) or by `Authorization`, for the users `who` gives; the handler
+/// answers with `response`, and its first run waits until the other 19 joined its flight.
+/// With `first`, that user's request is sent alone and leads, then 19 at once; else 20 at
+/// once. The answers that are not their own request's.
+async fn per_user_race<L>(
+    layer: L,
+    metrics: Metrics,
+    name: &'static str,
+    response: &'static [(&'static str, &'static str)],
+    first: Option<Option<&'static str>>,
+    who: impl Fn(usize) -> Option<String>,
+) -> (Vec<(String, String)>, Runs)
+where
+    L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+    L::Service:
+        tower::Service<Request, Error = std::convert::Infallible> + Clone + Send + Sync + 'static,
+    <L::Service as tower::Service<Request>>::Response: IntoResponse + 'static,
+    <L::Service as tower::Service<Request>>::Future: Send + 'static,
+{
+    let runs = Runs::default();
+    let handler = {
+        let (runs, metrics) = (runs.clone(), metrics.clone());
+        move |headers: HeaderMap| {
+            let (runs, metrics) = (runs.clone(), metrics.clone());
+            async move {
+                if runs.enter() == 1 {
+                    eventually("19 callers to join", || metrics.callers_joined() >= 19).await;
+                }
+                runs.leave();
+                let user = headers
+                    .get(name)
+                    .map_or("anonymous", |v| v.to_str().unwrap())
+                    .to_owned();
+                let mut map = HeaderMap::new();
+                for (n, v) in response {
+                    map.append(*n, v.parse().unwrap());
+                }
+                (map, format!("report for {user}"))
+            }
+        }
+    };
+    let app = Router::new().route("/report", get(handler)).layer(layer);
+    let url = format!("http://{}/report", support::serve(app).await);
+    let mut answers = Vec::new();
+    let leader = first.map(|user| {
+        let (client, url) = (reqwest::Client::new(), url.clone());
+        tokio::spawn(async move {
+            let mut req = client.get(&url);
+            if let Some(user) = user {
+                req = req.header(name, user);
+            }
+            let res = req.send().await.unwrap();
+            let (status, headers) = (res.status(), res.headers().clone());
+            let body = res.bytes().await.unwrap();
+            let sent = user.map(str::to_owned);
+            Answer {
+                sent,
+                status,
+                headers,
+                body,
+            }
+        })
+    });
+    if leader.is_some() {
+        runs.started.reach(1).await;
+    }
+    let n = if leader.is_some() { 19 } else { 20 };
+    answers.extend(at_once(n, move |c| c.get(&url), name, who).await);
+    if let Some(leader) = leader {
+        answers.push(leader.await.unwrap());
+    }
+    let wrong = answers
+        .iter()
+        .filter_map(|answer| {
+            let own = answer.sent.clone().unwrap_or_else(|| "anonymous".into());
+            let text = answer.text();
+            (text != format!("report for {own}")).then_some((own, text))
+        })
+        .collect();
+    (wrong, runs)
+}
+
+fn two_customers(i: usize) -> Option<String> {
+    Some(["customer-a", "customer-b"][i % 2].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flights_response_the_cache_would_not_keep_reaches_no_follower() {
+    // The new user's case: the handler picks the user by a header the default scope
+    // doesn't know, and answers without Cache-Control (fresh for nobody). Then `private`,
+    // `no-store`, and `Vary` on that header: each follower gets its own user's report.
+    let cases: [&'static [(&'static str, &'static str)]; 4] = [
+        &[],
+        &[("cache-control", "private, max-age=60")],
+        &[("cache-control", "no-store")],
+        &[("cache-control", "max-age=60"), ("vary", "x-customer-key")],
+    ];
+    for response in cases {
+        let cache = HttpCacheLayer::new();
+        let metrics = cache.metrics();
+        let (wrong, runs) = per_user_race(
+            cache,
+            metrics,
+            "x-customer-key",
+            response,
+            None,
+            two_customers,
+        )
+        .await;
+        assert!(
+            wrong.is_empty(),
+            "{response:?}: {} wrong: {wrong:?}",
+            wrong.len()
+        );
+        assert!(runs.started.get() >= 2, "{response:?}: both users ran");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_whose_response_the_cache_would_not_keep_runs_its_next_requests_on_their_own() {
+    // Hit-for-miss: after a response without freshness, requests of its key don't queue
+    // behind one another's flights (each runs, none collapsed) until the window ends.
+    let runs = Runs::default();
+    let handler = {
+        let runs = runs.clone();
+        move || {
+            let runs = runs.clone();
+            async move {
+                runs.enter();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                runs.leave();
+                "no freshness"
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/report", get(handler))
+        .layer(HttpCacheLayer::new().unscoped());
+    let url = format!("http://{}/report", support::serve(app).await);
+    reqwest::get(&url).await.unwrap();
+    let answers = at_once(10, move |c| c.get(&url), "x-unused", |_| None).await;
+    for answer in &answers {
+        let status = answer.headers["cache-status"].to_str().unwrap();
+        assert!(!status.contains("collapsed"), "{status}");
+    }
+    assert_eq!(runs.started.get(), 11);
+    assert!(
+        runs.most_at_once() > 1,
+        "they ran side by side, not one after another"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_authorized_flights_response_reaches_no_anonymous_follower_and_back() {
+    // Under `.unscoped()`, a response that doesn't say `public` (or `s-maxage`,
+    // `must-revalidate`): made for Alice, it reaches no anonymous follower; made for an
+    // anonymous leader, no follower that sends `Authorization`.
+    for first in [Some("Bearer alice"), None] {
+        let cache = HttpCacheLayer::new().unscoped();
+        let metrics = cache.metrics();
+        let response = &[("cache-control", "max-age=60")];
+        let others = move |_| match first {
+            Some(_) => None,
+            None => Some("Bearer bob".to_owned()),
+        };
+        let (wrong, _) = per_user_race(
+            cache,
+            metrics,
+            "authorization",
+            response,
+            Some(first),
+            others,
+        )
+        .await;
+        assert!(
+            wrong.is_empty(),
+            "{first:?} first: {} wrong: {wrong:?}",
+            wrong.len()
+        );
+    }
 }
 
 // ===== 4. A retry during abandoned idempotent work =====

@@ -69,6 +69,12 @@ pub(crate) trait Stage: Send + Sync + 'static {
         asked: &HeaderMap,
     ) -> Option<(Arc<StoredResponse>, Duration)>;
 
+    /// Whether a flight's response (`status`, `response`) may answer a follower that asked
+    /// `follower`: a cache gives a follower only what it would keep and then serve to that
+    /// follower (RFC 9111: storable, fresh, §3.5 for the follower's `Authorization`; the
+    /// leader's is the engine's `authorized_shared_if`).
+    fn serves(&self, status: StatusCode, response: &HeaderMap, follower: &HeaderMap) -> Serves;
+
     /// The flight's service answered `304 Not Modified` (`not_modified`) to the validators
     /// the stage put on the request in [`admit`](Self::admit): the kept response it
     /// freshens (RFC 9111 §4.3.4), which becomes the flight's response; `None` if nothing
@@ -108,10 +114,33 @@ pub(crate) trait Stage: Send + Sync + 'static {
     /// with it.
     fn answered(&self, ticket: Ticket, answer: Option<Answered<'_>>, metrics: &Metrics) -> After;
 
+    /// Whether the stage answers this request itself if its flight fails (a cache's stale
+    /// entry within `stale-if-error`): then a failed flight's response may reach it as a
+    /// follower, to be replaced in [`answered`](Self::answered), rather than it running on
+    /// its own.
+    fn stands_in(&self, ticket: &Ticket) -> bool;
+
     /// Whether a stored response that answers a flight is a replay of a completed request
     /// (`Idempotent-Replayed`) rather than a copy of another instance's run.
     fn replays(&self) -> bool;
 }
+
+/// What [`Stage::serves`] decided for a follower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Serves {
+    /// The flight's response answers it.
+    Yes,
+    /// Not this response, but one made for its own request could be shared (it sent
+    /// another `Authorization`): it waits for a flight of its own, as for another variant.
+    Another,
+    /// No follower gets this response (not storable, not fresh): it runs on its own.
+    Own,
+}
+
+/// Marks a request whose stage stands in for a failure of its flight
+/// ([`Stage::stands_in`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StandsIn;
 
 /// The stage's own state between [`Stage::admit`] and [`Stage::answered`].
 pub(crate) type Ticket = Box<dyn Any + Send>;

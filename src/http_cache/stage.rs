@@ -19,7 +19,7 @@ use crate::BoxError;
 use crate::http::Metrics;
 use crate::http::Role;
 use crate::http::engine;
-use crate::http::stage::{Admit, After, Answered, Lookup, Ran, Stage, Ticket};
+use crate::http::stage::{Admit, After, Answered, Lookup, Ran, Serves, Stage, Ticket};
 use crate::single_flight::{Freshness, Lifetimes};
 use crate::store::Lease;
 use crate::store::{Fingerprint, StoreKey, StoredResponse};
@@ -29,12 +29,22 @@ use crate::store::{Fingerprint, StoreKey, StoredResponse};
 pub(crate) struct CacheStage {
     pub(crate) rules: Rules,
     passes: moka::sync::Cache<StoreKey, ()>,
+    /// Keys whose last response the cache would not keep (no freshness, `no-cache`, ...):
+    /// for [`HIT_FOR_MISS`] their requests run on their own instead of queueing behind a
+    /// flight whose response they could not be given (hit-for-miss).
+    misses: moka::sync::Cache<StoreKey, ()>,
     refreshing: Arc<DashMap<StoreKey, ()>>,
     /// The fingerprints of the variants this instance kept per key (a response that
     /// varies is kept once per variant, up to [`MAX_VARIANTS`]).
     variants: moka::sync::Cache<StoreKey, Arc<Mutex<Vec<Fingerprint>>>>,
     pub(crate) near: Option<Arc<Near>>,
 }
+
+/// How long a key whose response the cache would not keep runs its requests on their own
+/// (hit-for-miss), at most [`hit_for_pass`](super::HttpCacheLayer::hit_for_pass): short,
+/// because what runs on its own is not kept, and the key's next response may be one to
+/// keep.
+pub(crate) const HIT_FOR_MISS: Duration = Duration::from_secs(10);
 
 /// The most variants of one key's response kept at once (by this instance); a response
 /// of another variant past it is served but not kept, until one of them expires.
@@ -46,6 +56,14 @@ impl CacheStage {
             passes: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(rules.hit_for_pass.max(std::time::Duration::from_millis(1)))
+                .build(),
+            misses: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(
+                    HIT_FOR_MISS
+                        .min(rules.hit_for_pass)
+                        .max(std::time::Duration::from_millis(1)),
+                )
                 .build(),
             refreshing: Arc::default(),
             variants: moka::sync::Cache::builder()
@@ -159,6 +177,24 @@ impl Stage for CacheStage {
         Box::pin(self.kept(store, key, kept, target, metrics))
     }
 
+    fn serves(&self, status: StatusCode, response: &HeaderMap, follower: &HeaderMap) -> Serves {
+        let fresh = |verdict| match verdict {
+            Verdict::Store(lifetimes) => rules::age(response, SystemTime::now()) < lifetimes.fresh,
+            _ => false,
+        };
+        if fresh(self.rules.verdict(status, response, follower)) {
+            Serves::Yes
+        } else if follower.contains_key(http::header::AUTHORIZATION)
+            && fresh(self.rules.verdict(status, response, &HeaderMap::new()))
+        {
+            // §3.5: fresh for anyone but a request with `Authorization`, whose own response
+            // its own flight makes (and shares with the callers of its `Authorization`).
+            Serves::Another
+        } else {
+            Serves::Own
+        }
+    }
+
     fn freshen<'a>(
         &'a self,
         store: &'a dyn Lookup,
@@ -207,6 +243,12 @@ impl Stage for CacheStage {
         self.answered(*ticket, answer, metrics)
     }
 
+    fn stands_in(&self, ticket: &Ticket) -> bool {
+        ticket
+            .downcast_ref::<CacheTicket>()
+            .is_some_and(|ticket| ticket.fallback.is_some())
+    }
+
     fn replays(&self) -> bool {
         // A kept entry that answers a flight is another instance's run, not a replay.
         false
@@ -226,7 +268,8 @@ impl CacheStage {
         metrics: &Metrics,
     ) -> Admit {
         let asked = Asked::of(headers);
-        if asked.no_store || self.passes.contains_key(key) {
+        let pass = self.passes.contains_key(key) || self.misses.contains_key(key);
+        if asked.no_store || pass {
             let reason = if asked.no_store {
                 "request"
             } else {
@@ -663,7 +706,17 @@ fn keepable(
             cache.passes.insert(key.clone(), ());
             return None;
         }
-        Verdict::Skip => return None,
+        Verdict::Skip => {
+            // Not one to keep for anyone (not only for this request's `Authorization`):
+            // the key's next requests don't queue behind flights (hit-for-miss).
+            let anyone = cache
+                .rules
+                .verdict(parts.status, &parts.headers, &HeaderMap::new());
+            if !matches!(anyone, Verdict::Store(_)) {
+                cache.misses.insert(key.clone(), ());
+            }
+            return None;
+        }
     };
     // The engine's own rules of what a store keeps (`Vary: *`, trailers, errors in the body);
     // the status is the rules' to judge.

@@ -18,7 +18,7 @@ use crate::coalesce::MakeKey;
 use crate::http::body::ResponseBody;
 use crate::http::flown::Chunks;
 use crate::http::key;
-use crate::http::stage::{Admit, After, Answered, Stage, Ticket};
+use crate::http::stage::{Admit, After, Answered, Stage, StandsIn, Ticket};
 use crate::http::{Role, problem};
 use crate::store::{Store, StoreKey};
 
@@ -174,6 +174,9 @@ where
             (ticket, run_own(inner, Some(request), role_header).await)
         }
         Admit::Flight(ticket) => {
+            if stage.stands_in(&ticket) {
+                request.extensions_mut().insert(StandsIn);
+            }
             let flight = join_or_lead(
                 inner,
                 engine.clone(),

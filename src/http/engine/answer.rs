@@ -14,6 +14,7 @@ use crate::http::error::ShareError;
 use crate::http::flown::Flown;
 use crate::http::metrics::Metrics;
 use crate::http::policy::OnMismatch;
+use crate::http::stage::{Serves, StandsIn};
 use crate::http::{Role, problem};
 use crate::single_flight::Outcome;
 use crate::store::{Fingerprint, StoredResponse};
@@ -40,7 +41,30 @@ pub(super) fn answer<K, I, St, ReqB, ResB, E: ShareError>(
         Some(request) => request.headers(),
         None => ask.headers(),
     };
-    let mut response = match outcome.into_value() {
+    let value = outcome.into_value();
+    // The one place where a stage (a cache) says which followers a flight's response may
+    // answer; the others run on their own.
+    let stands_in = request.is_some_and(|r| r.extensions().get::<StandsIn>().is_some());
+    match stage_serves(engine, &value, asked, stands_in) {
+        _ if leader => {}
+        Serves::Yes => {}
+        Serves::Another => {
+            let response = match &value {
+                Ok(Done::Fresh {
+                    flown: Flown::Buffered(buffered),
+                    ..
+                }) => &buffered.parts.headers,
+                Ok(Done::Stored(stored)) => stored.headers(),
+                _ => unreachable!("a stage judges responses only"),
+            };
+            return Ok(varied(engine, response));
+        }
+        Serves::Own => {
+            engine.metrics.response_not_shared();
+            return Err(None);
+        }
+    }
+    let mut response = match value {
         Err(error) => return Ok(Some(Err(E::share(&error)))),
         Ok(Done::Stored(stored)) => {
             return Ok(Some(Ok(from_store(
@@ -211,6 +235,41 @@ pub(crate) fn answers(
     asked: &HeaderMap,
 ) -> bool {
     fingerprint.answered_by(stored.headers(), asked) == Some(stored.fingerprint())
+}
+
+/// Whether the layer's stage lets a flight's response answer a follower that asked
+/// `follower` (always, without a stage, or for what is not a response: an error of the
+/// service is every caller's, as it is without a stage).
+fn stage_serves<K, I, St, B, E>(
+    engine: &Engine<K, I, St>,
+    value: &FlightResult<B, E>,
+    follower: &HeaderMap,
+    stands_in: bool,
+) -> Serves {
+    let Some(stage) = &engine.stage else {
+        return Serves::Yes;
+    };
+    match value {
+        Ok(Done::Fresh {
+            flown: Flown::Buffered(buffered),
+            by_authorization,
+            ..
+        }) => {
+            let parts = &buffered.parts;
+            // A failure reaches a follower the stage answers instead (a stale entry).
+            if stands_in && parts.status.is_server_error() {
+                return Serves::Yes;
+            }
+            // Made for an `Authorization`, it answers only the followers that sent the same
+            // (the engine checks that next): the same credentials, the same user; judged
+            // for the rest as for anyone.
+            let anyone = HeaderMap::new();
+            let asked = if *by_authorization { &anyone } else { follower };
+            stage.serves(parts.status, &parts.headers, asked)
+        }
+        Ok(Done::Stored(stored)) => stage.serves(stored.status(), stored.headers(), follower),
+        _ => Serves::Yes,
+    }
 }
 
 /// A stored response as a response: its status, version, headers and body (not copied).

@@ -124,7 +124,10 @@ where
             let answer = match caller.answer(&engine, outcome) {
                 Ok(answer) => answer,
                 // Boxed: off the common path (see `serve`).
-                Err(turn) => Some(Box::pin(caller.run_own(config, turn)).await),
+                Err(turn) => {
+                    let has_stage = engine.stage.is_some();
+                    Some(Box::pin(caller.run_own(config, turn, has_stage)).await)
+                }
             };
             match answer {
                 Some(answer) => {
@@ -278,7 +281,12 @@ where
 
     /// A call of the inner service for this caller alone, once it has its turn, if
     /// followers of its flight take turns.
-    async fn run_own<ResB>(&mut self, config: &Config, turn: OwnTurn) -> Answer<ResB, S::Error>
+    async fn run_own<ResB>(
+        &mut self,
+        config: &Config,
+        turn: OwnTurn,
+        has_stage: bool,
+    ) -> Answer<ResB, S::Error>
     where
         S: InnerService<ReqB, ResB>,
     {
@@ -287,7 +295,15 @@ where
             Some(turn) => turn.acquire_owned().await.ok(),
             None => None,
         };
-        let request = self.request.take();
+        let mut request = self.request.take();
+        if let (Some(request), true) = (request.as_mut(), has_stage) {
+            // A stage's flight carries only the validators the stage put on it to
+            // revalidate what it keeps (the client's own were taken off): a follower that
+            // runs on its own asks for the whole response, which is its answer.
+            let headers = request.headers_mut();
+            headers.remove(http::header::IF_NONE_MATCH);
+            headers.remove(http::header::IF_MODIFIED_SINCE);
+        }
         run_own(self.service(), request, config.role_header).await
     }
 }
