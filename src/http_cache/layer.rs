@@ -49,7 +49,8 @@ impl MakeKey<Parts> for SafeMethods {
 ///   and `Cookie` values; [`unscoped`](Self::unscoped) for one public cache;
 /// - [`private`](Self::private): off, `Cache-Control: private` responses are not kept;
 /// - [`default_ttl`](Self::default_ttl): none, responses that state no freshness are not
-///   kept (they are still coalesced);
+///   kept, nor given to the requests that waited on their flight (those run on their own);
+/// - [`targeted_cache_control`](Self::targeted_cache_control): `CDN-Cache-Control`;
 /// - [`max_ttl`](Self::max_ttl): 1 day;
 /// - [`hit_for_pass`](Self::hit_for_pass): 2 minutes;
 /// - [`store`](Self::store): a [`MemoryStore`] of this process, bounded by
@@ -188,7 +189,8 @@ impl<I, St> HttpCacheLayer<I, St> {
     }
 
     /// How long requests for a key whose response was personal (`Set-Cookie`, `private`,
-    /// `no-store`) go straight to the service, without waiting on each other's flights.
+    /// `no-store`) go straight to the service, without waiting on each other's flights
+    /// (and the bound of hit-for-miss, 10 s, for a response the cache would not keep).
     pub fn hit_for_pass(mut self, window: Duration) -> Self {
         self.rules.hit_for_pass = window;
         self.with_rules()

@@ -7,15 +7,27 @@
 //! RFC 9110 (conditional requests) and RFC 9211 (`Cache-Status`):
 //!
 //! - **Keeps** a response for `s-maxage`, else `max-age`, else `Expires` minus `Date` (or
-//!   [`default_ttl`](HttpCacheLayer::default_ttl)), capped by
-//!   [`max_ttl`](HttpCacheLayer::max_ttl). Never `no-store`, `no-cache`, `Set-Cookie`,
-//!   `private` (unless [`private`](HttpCacheLayer::private) is on and the scope is one
-//!   identity), `Vary: *`, `206`, `304` or `5xx` responses, nor a response to a request
-//!   with `Authorization` that doesn't say `public`, `s-maxage` or `must-revalidate`.
+//!   [`default_ttl`](HttpCacheLayer::default_ttl), never for a `5xx`), capped by
+//!   [`max_ttl`](HttpCacheLayer::max_ttl); a `CDN-Cache-Control` field (RFC 9213, or the
+//!   fields of [`targeted_cache_control`](HttpCacheLayer::targeted_cache_control)) replaces
+//!   `Cache-Control` and `Expires` for this cache when it is valid. Never `no-store`,
+//!   `no-cache`, `Set-Cookie`, `private` (unless [`private`](HttpCacheLayer::private) is on
+//!   and the scope is one identity), `Vary: *`, `206` or `304` responses, nor a response to
+//!   a request with `Authorization` that doesn't say `public`, `s-maxage` or
+//!   `must-revalidate`. `must-understand` keeps a status the cache knows despite
+//!   `no-store`. Dates are read as nginx and Varnish read them (any case, a wrong weekday);
+//!   an `Age` sent as a list counts its first value.
 //! - **Keys** entries by scope, method, path and query, and serves an entry only to a
 //!   request that sent the same values of the headers its `Vary` names.
 //! - **Answers** a fresh entry at once, with `Age` and `Cache-Status: tower-coalesce; hit`.
-//!   A request whose `If-None-Match` (or `If-Modified-Since`) matches gets `304`.
+//!   A request whose `If-None-Match` (or `If-Modified-Since`) matches gets `304`; one
+//!   `bytes` range of a kept `200` gets `206` (`If-Range` honoured; a miss asks the service
+//!   for the whole response, which is kept).
+//! - **Revalidates**: an entry with an `ETag` or `Last-Modified` is kept 10 minutes past
+//!   its freshness; a request for it then sends the service its validators, and a `304`
+//!   freshens the entry with the `304`'s headers (RFC 9111 §4.3.4) for every caller of the
+//!   flight, without the body crossing again. A `304` for another representation is a `502`
+//!   that says so.
 //! - **Stale-while-revalidate**: within it, every request gets the stale entry at once
 //!   (`Cache-Status: ...; hit; detail=stale-while-revalidate`) and exactly one refresh runs
 //!   in the background, as a flight.
@@ -25,10 +37,21 @@
 //!   the key (`Cache-Status: ...; fwd=miss`, with `collapsed` for those who joined).
 //!   Request `Cache-Control: no-cache` or `max-age=0` skip the lookup and go through the
 //!   flight too (`fwd=request`); `no-store` runs on its own.
-//! - **Hit-for-pass**: a response that may not be shared (`Set-Cookie`, `private`,
-//!   `no-store`) goes to its own caller only, and for
+//! - **Followers get only what the cache would serve them**: a flight's response reaches a
+//!   request that waited on it only if the cache would keep that response and serve it to
+//!   that request (storable, fresh, the same `Vary` values, RFC 9111 §3.5 for its
+//!   `Authorization`), as nginx's cache lock and Varnish's waiting list do. The others run
+//!   on their own; a follower with another `Authorization` waits for a flight of its own, and
+//!   a response made for an `Authorization` the cache may not keep is shared only among the
+//!   callers that sent that same `Authorization`.
+//! - **Hit-for-pass and hit-for-miss**: a response that may not be shared (`Set-Cookie`,
+//!   `private`, `no-store`) goes to its own caller only, and for
 //!   [`hit_for_pass`](HttpCacheLayer::hit_for_pass) the requests of its key go straight to
-//!   the service instead of queueing behind each other's flights.
+//!   the service instead of queueing behind each other's flights; a response the cache
+//!   would not keep for anyone (no freshness, `no-cache`) does the same for 10 seconds
+//!   (at most `hit_for_pass`), after which a flight may keep the key's next response. Use
+//!   [`HttpCoalesceLayer`](crate::http::HttpCoalesceLayer) to coalesce responses that are
+//!   not to be cached.
 //!
 //! - **Variants**: a response that varies (`Vary: Accept-Encoding`, say) is kept once per
 //!   variant, up to 8 per key, so that clients that alternate don't evict each other.
@@ -85,9 +108,10 @@
 //! agree to well under a second. A store error (Redis down or slow) is logged and counted
 //! ([`Metrics::store_errors`](crate::http::Metrics::store_errors)), and the request runs as
 //! if nothing were kept: the cache never fails a request that the service could answer.
-//! Hit-for-pass is kept per instance. Responses that are not kept (`5xx`, errors) are not
-//! shared across instances either: an instance that waited for one runs its own, as a
-//! retry would.
+//! Hit-for-pass is kept per instance, and a purge races a run that started before it (the
+//! run's response is kept after the purge, as in Varnish). Responses that are not kept
+//! (errors, `5xx` without freshness) are not shared across instances either: an instance
+//! that waited for one runs its own, as a retry would.
 
 //! # Near cache
 //!
