@@ -434,3 +434,32 @@ async fn under_conflict_concurrent_retries_of_a_completed_request_are_replayed()
     assert_eq!(metrics.callers_joined() + metrics.duplicates_refused(), 0);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// The placement the docs give: on the guarded handlers (`MethodRouter::route_layer`), an
+/// unknown path is the router's 404 and a method the route doesn't serve its 405; a keyed
+/// request still runs and a keyless one still gets 400. Over a socket, as a client sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_guarded_handlers_wrong_paths_and_methods_get_the_routers_404_and_405() {
+    let app = Router::new()
+        .route("/health", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/payments",
+            post(|| async { (StatusCode::CREATED, "paid") }).route_layer(IdempotencyLayer::new()),
+        );
+    let base = format!("http://{}", support::serve(app).await);
+    let client = reqwest::Client::new();
+    let status = |method: reqwest::Method, path: &str, key: Option<&str>| {
+        let mut req = client.request(method, format!("{base}{path}"));
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    use reqwest::Method;
+    assert_eq!(status(Method::POST, "/health", None).await, 405);
+    assert_eq!(status(Method::DELETE, "/payments", None).await, 405);
+    assert_eq!(status(Method::POST, "/nope", None).await, 404);
+    assert_eq!(status(Method::GET, "/health", None).await, 200);
+    assert_eq!(status(Method::POST, "/payments", None).await, 400);
+    assert_eq!(status(Method::POST, "/payments", Some("k-1")).await, 201);
+}

@@ -137,9 +137,9 @@ async fn the_first_request_without_a_key_is_logged_at_warn_and_the_rest_at_debug
     let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
     assert_eq!(warnings.len(), 1, "{logs}");
     assert!(warnings[0].contains("without a key") && warnings[0].contains("Router::nest"));
-    let quiet = logs
-        .lines()
-        .filter(|l| l.contains("DEBUG") && l.contains("without a coalescing key"));
+    let quiet = logs.lines().filter(|l| {
+        l.contains("DEBUG") && l.contains("without a key, through the coalescing layer")
+    });
     assert_eq!(quiet.count(), 2, "{logs}");
 }
 
@@ -188,6 +188,54 @@ async fn the_first_request_without_an_identity_is_logged_at_warn_with_its_cause(
     assert_eq!(svc.oneshot(req).await.unwrap().status(), 200);
     let warning = captured.the_warning();
     assert!(warning.contains("outside-in"), "{warning}");
+}
+
+/// Each preset speaks in its own terms: the idempotency layer's `WARN` for a `POST` to a
+/// route that doesn't exist names the `Idempotency-Key` header the client must send (not
+/// auth layers or nesting), and the cache's calls itself the cache.
+#[cfg(all(feature = "idempotency", feature = "http-cache"))]
+#[tokio::test(flavor = "current_thread")]
+async fn each_preset_names_itself_and_what_its_user_must_fix() {
+    use axum::Router;
+    use axum::routing::{get, post};
+    use tower::ServiceExt;
+    use tower_coalesce::http_cache::HttpCacheLayer;
+    use tower_coalesce::idempotency::IdempotencyLayer;
+
+    let (captured, _guard) = capture();
+    let app = Router::new()
+        .route("/payments", post(|| async { "paid" }))
+        .layer(IdempotencyLayer::new());
+    let req = http::Request::post("/nope").body(Body::empty()).unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 400);
+    let warning = captured.the_warning();
+    assert!(
+        warning.contains("reached the idempotency layer")
+            && warning.contains("`Idempotency-Key` header")
+            && warning.contains(".route_layer"),
+        "{warning}"
+    );
+    assert!(
+        !warning.contains("auth") && !warning.contains("nest"),
+        "{warning}"
+    );
+    drop(_guard);
+
+    let (captured, _guard) = capture();
+    let app = Router::new()
+        .route("/report", get(|| async { "report" }))
+        .layer(HttpCacheLayer::new());
+    let req = http::Request::get("/report")
+        .header("x-api-key", "alice-key")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(app.oneshot(req).await.unwrap().status(), 200);
+    let warning = captured.the_warning();
+    assert!(
+        warning.contains("reached the cache layer") && !warning.contains("coalescing"),
+        "{warning}"
+    );
 }
 
 /// A response that varies on a header its followers sent otherwise (a compression layer

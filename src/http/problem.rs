@@ -50,7 +50,7 @@ pub(crate) fn bad_key_header<B>(
 }
 
 /// A header name as clients write it: `idempotency-key` as `Idempotency-Key`.
-fn title_case(name: &str) -> String {
+pub(crate) fn title_case(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     let mut start = true;
     for c in name.chars() {

@@ -87,6 +87,7 @@ impl HttpCacheLayer {
             has_store: true,
             // A refresh whose callers have all gone still completes and refills the entry.
             finish_abandoned: true,
+            name: "the cache layer",
             ..Config::default()
         };
         let safe = SafeMethods {

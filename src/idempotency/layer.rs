@@ -58,6 +58,7 @@ impl IdempotencyLayer {
             finish_abandoned: true,
             key_header: Some(header.clone()),
             skip_safe_methods: true,
+            name: "the idempotency layer",
             ..Config::default()
         };
         let engine = Engine::new(
@@ -102,10 +103,21 @@ impl<I, St> IdempotencyLayer<I, St> {
     /// Stripe apply keys to methods that are not idempotent; with this on, the layer can
     /// sit on a whole router (`GET /health`, CORS preflights) without refusing its reads.
     ///
-    /// Unknown paths are a router's business: on an axum `Router`, apply the layer with
-    /// `route_layer` rather than `layer`, so that a `POST` to an unknown path gets the
-    /// router's `404` (and a wrong method its `405`) rather than this layer's `400` for a
-    /// missing key, as axum advises for every middleware that may answer early.
+    /// Unknown paths and methods are a router's business: apply the layer to the handlers
+    /// it guards with axum's `MethodRouter::route_layer`, so that a `POST` to an unknown
+    /// path gets the router's `404` and a method the route doesn't serve its `405`, rather
+    /// than this layer's `400` for a missing key. `Router::route_layer` gives the `404`
+    /// but runs on every method of a matched path (`DELETE /payments` on a `POST`-only
+    /// route gets `400`); `Router::layer` runs on every request, matched or not.
+    ///
+    /// ```
+    /// use axum::{Router, routing::{get, post}};
+    /// use tower_coalesce::idempotency::IdempotencyLayer;
+    ///
+    /// let app: Router = Router::new()
+    ///     .route("/health", get(|| async { "ok" }))
+    ///     .route("/payments", post(|| async { "paid" }).route_layer(IdempotencyLayer::new()));
+    /// ```
     pub fn skip_safe_methods(mut self, skip: bool) -> Self {
         self.engine.config.skip_safe_methods = skip;
         self

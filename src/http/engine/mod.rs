@@ -123,6 +123,9 @@ pub(crate) struct Config {
     /// `Authorization` may answer other callers. When it may not, it answers only callers
     /// that sent the same `Authorization`, as if it varied on it. `None`: no such rule.
     pub(crate) authorized_shared_if: Option<fn(&HeaderMap) -> bool>,
+    /// What the preset is called in logs ("the idempotency layer"), so that each speaks in
+    /// its own terms.
+    pub(crate) name: &'static str,
 }
 
 impl Default for Config {
@@ -147,6 +150,7 @@ impl Default for Config {
             key_header: None,
             skip_safe_methods: false,
             authorized_shared_if: None,
+            name: "the coalescing layer",
         }
     }
 }
@@ -213,22 +217,31 @@ impl<K, I, St> Engine<K, I, St> {
         } else {
             "passed through"
         };
+        let layer = self.config.name;
         if !self.metrics.request_without_key(!refused) {
-            tracing::debug!("request without a coalescing key");
-        } else if let Some(why) = why() {
+            tracing::debug!("request without a key, through {layer}");
+        } else if let Some(header) = &self.config.key_header {
+            // A key the client sends: the client is the one to fix.
+            let header = problem::title_case(header.as_str());
             tracing::warn!(
-                "a request reached the coalescing layer without a key and was {what}: {why}"
+                "a request reached {layer} without a valid `{header}` header (missing, \
+                 repeated, empty, longer than 255 bytes or not visible ASCII) and was \
+                 {what}; clients must send one with each request that changes something. \
+                 A layer added with `.layer` also sees requests for routes that don't exist \
+                 and methods a route doesn't serve: `.route_layer` sees only matched ones"
             );
+        } else if let Some(why) = why() {
+            tracing::warn!("a request reached {layer} without a key and was {what}: {why}");
         } else if in_body {
             tracing::warn!(
-                "a request reached the coalescing layer whose body held no key, and was \
+                "a request reached {layer} whose body held no key, and was \
                  {what}: the client sent a body without the key's field (or a malformed \
                  one, or not JSON or a form); if every request should have it, check the \
                  field name or pointer the key reads"
             );
         } else {
             tracing::warn!(
-                "a request reached the coalescing layer without a key and was {what}; if \
+                "a request reached {layer} without a key and was {what}; if \
                  every request here should have one, check that the layer that provides it \
                  (auth, an extension) runs before this one (axum applies `.layer` calls \
                  outside-in) and that path patterns include the prefix of a `Router::nest`"
@@ -251,7 +264,7 @@ impl<K, I, St> Engine<K, I, St> {
     /// time, naming the likely cause), and refused under `require_key`; else it runs on
     /// its own, shared with nobody.
     fn without_identity<B>(&self, parts: &Parts) -> Option<Response<ResponseBody<B>>> {
-        let refused = self.config.require_key;
+        let (refused, layer) = (self.config.require_key, self.config.name);
         if self.metrics.request_without_identity(!refused) {
             let what = if refused {
                 "refused with 400"
@@ -260,14 +273,14 @@ impl<K, I, St> Engine<K, I, St> {
             };
             match super::scope::credential_ignored(parts) {
                 Some(header) => tracing::warn!(
-                    "a keyed request reached the coalescing layer with a `{header}` header, a \
+                    "a keyed request reached {layer} with a `{header}` header, a \
                      credential its scope does not read, so the layer could not tell who sent \
                      it, and it was {what}: scope the layer by it \
                      (`.scope(scope::headers([\"{header}\"]))`) or by the identity your auth \
                      layer puts in the extensions"
                 ),
                 None => tracing::warn!(
-                    "a keyed request reached the coalescing layer and its scope found no \
+                    "a keyed request reached {layer} and its scope found no \
                      identity, so it was {what}; if the scope reads an extension that an \
                      auth layer inserts, that layer must run before this one (axum applies \
                      `.layer` calls outside-in: add the auth layer after this one)"
