@@ -232,22 +232,17 @@ impl MakeKey<Parts> for ScopeHeaders {
 /// put in the request: `None` (no such extension yet, say because the auth layer runs
 /// after this one) means "not identified", and such a request is shared with nobody.
 ///
-/// `T` is the scope's key, so it implements [`EncodeKey`](super::key::EncodeKey) (the
-/// bytes a shared store digests), usually by encoding its one field.
+/// `T` is the scope's key: callers are the same identity when their `T`s are equal, so
+/// it derives `PartialEq`, `Eq` and `Hash` (a newtype of a `String` or an integer needs
+/// nothing else). A shared store digests the bytes its `Hash` writes, which are the same in
+/// every process.
 ///
 /// ```
 /// use axum::{Router, routing::post};
-/// use tower_coalesce::http::key::EncodeKey;
 /// use tower_coalesce::http::{HttpCoalesceLayer, key, scope};
 ///
 /// #[derive(Clone, PartialEq, Eq, Hash)]
 /// struct UserId(String);
-///
-/// impl EncodeKey for UserId {
-///     fn encode_key(&self, out: &mut Vec<u8>) {
-///         self.0.encode_key(out);
-///     }
-/// }
 ///
 /// async fn auth(mut request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
 ///     request.extensions_mut().insert(UserId("u-1".into()));
@@ -287,10 +282,61 @@ impl<T> MakeKey<Parts> for Extension<T>
 where
     T: Clone + std::hash::Hash + Eq + Send + Sync + 'static,
 {
-    type Key = T;
+    type Key = ExtensionKey<T>;
 
-    fn make_key(&self, parts: &Parts) -> Option<T> {
-        parts.extensions.get::<T>().cloned()
+    fn make_key(&self, parts: &Parts) -> Option<ExtensionKey<T>> {
+        parts.extensions.get::<T>().cloned().map(ExtensionKey)
+    }
+}
+
+/// The key of an [`extension`] scope: the extension, encoded for a shared store by the
+/// bytes its `Hash` writes.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ExtensionKey<T>(T);
+
+impl<T: std::hash::Hash> super::key::EncodeKey for ExtensionKey<T> {
+    fn encode_key(&self, out: &mut Vec<u8>) {
+        self.0.hash(&mut HashBytes(out));
+    }
+}
+
+impl<T> std::fmt::Debug for ExtensionKey<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // An identity: not for logs.
+        f.write_str("ExtensionKey(..)")
+    }
+}
+
+/// A `Hasher` that keeps what it is fed, integers in a fixed byte order: the same bytes
+/// for the same value in every process (`std`'s `Hash` impls end strings with `0xff` and
+/// prefix slices with their length, so that fields don't run into each other).
+struct HashBytes<'a>(&'a mut Vec<u8>);
+
+impl std::hash::Hasher for HashBytes<'_> {
+    fn finish(&self) -> u64 {
+        unreachable!("only written to")
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.0.push(i);
+    }
+    fn write_u16(&mut self, i: u16) {
+        self.0.extend_from_slice(&i.to_be_bytes());
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.0.extend_from_slice(&i.to_be_bytes());
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0.extend_from_slice(&i.to_be_bytes());
+    }
+    fn write_u128(&mut self, i: u128) {
+        self.0.extend_from_slice(&i.to_be_bytes());
+    }
+    fn write_usize(&mut self, i: usize) {
+        // The same bytes on 32- and 64-bit machines.
+        self.write_u64(i as u64);
     }
 }
 
@@ -325,6 +371,36 @@ mod tests {
     }
 
     #[test]
+    fn an_extension_scope_encodes_its_value_alike_everywhere_and_apart_from_others() {
+        use crate::http::key::EncodeKey;
+        #[derive(Clone, PartialEq, Eq, Hash)]
+        struct UserId(String);
+        #[derive(Clone, PartialEq, Eq, Hash)]
+        struct Pair(String, String);
+        let scope = extension::<UserId>();
+        let of = |user: &str| {
+            let mut req = http::Request::new(());
+            req.extensions_mut().insert(UserId(user.into()));
+            let key = scope.make_key(&req.into_parts().0).unwrap();
+            let mut out = Vec::new();
+            key.encode_key(&mut out);
+            out
+        };
+        assert_eq!(of("u-1"), b"u-1\xff");
+        assert_ne!(of("u-1"), of("u-2"));
+        let pair = |a: &str, b: &str| {
+            let mut out = Vec::new();
+            ExtensionKey(Pair(a.into(), b.into())).encode_key(&mut out);
+            out
+        };
+        assert_ne!(pair("ab", "c"), pair("a", "bc"), "fields don't run into each other");
+        let mut number = Vec::new();
+        ExtensionKey(42u64).encode_key(&mut number);
+        assert_eq!(number, 42u64.to_be_bytes());
+        assert!(extension::<UserId>().make_key(&parts(http::Request::get("/"))).is_none());
+    }
+
+    #[test]
     fn default_scope_tells_identities_apart() {
         let scope = DefaultScope::default();
         let alice = parts(http::Request::post("/").header("authorization", "Bearer a"));
@@ -346,7 +422,7 @@ mod tests {
         let scope = extension::<UserId>();
         let mut alice = parts(http::Request::get("/"));
         alice.extensions.insert(UserId(1));
-        assert_eq!(scope.make_key(&alice), Some(UserId(1)));
+        assert_eq!(scope.make_key(&alice), Some(ExtensionKey(UserId(1))));
         // The auth layer has not run yet: not anonymous, unidentified.
         assert_eq!(scope.make_key(&parts(http::Request::get("/"))), None);
     }
