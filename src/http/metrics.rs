@@ -88,6 +88,27 @@ struct Counters {
 }
 
 impl Metrics {
+    /// The name of every series the `metrics` feature exports, as the table above lists
+    /// them (a dashboard or an alert can be checked against it; the crate's own Grafana
+    /// dashboard is).
+    pub const EXPORTED: [&'static str; 15] = [
+        "coalesce_requests_total",
+        "coalesce_wait_duration_seconds",
+        "coalesce_inflight_flights",
+        "coalesce_idempotency_conflicts_total",
+        "coalesce_lease_takeovers_total",
+        "coalesce_keeps_superseded_total",
+        "coalesce_store_errors_total",
+        "coalesce_flights_waiting_elsewhere_total",
+        "coalesce_callers_cancelled_total",
+        "coalesce_mismatches_queued_total",
+        "coalesce_responses_not_shared_total",
+        "coalesce_bodies_over_limit_total",
+        "coalesce_cache_refreshes_total",
+        "coalesce_cache_near_hits_total",
+        "coalesce_cache_purged_total",
+    ];
+
     /// Flights started: requests that found no flight for their key and called the inner
     /// service.
     pub fn flights_started(&self) -> u64 {
@@ -562,4 +583,29 @@ impl fmt::Debug for Metrics {
 /// line stays shared instead of bouncing between cores with every event.
 fn first(flag: &AtomicBool) -> bool {
     !flag.load(Ordering::Relaxed) && !flag.swap(true, Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    /// Every series name this file sends is in [`Metrics::EXPORTED`], and the other way.
+    #[test]
+    fn the_exported_list_is_every_name_this_file_sends() {
+        let source = include_str!("metrics.rs");
+        let (code, _) = source.split_once("#[cfg(test)]").unwrap();
+        let (_, after_list) = code.split_once("pub const EXPORTED").unwrap();
+        let (_, code) = after_list.split_once("];").unwrap();
+        let mut sent: Vec<&str> = code
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| s.starts_with("coalesce_") && !s.contains(' '))
+            .collect();
+        sent.sort_unstable();
+        sent.dedup();
+        let mut listed = Metrics::EXPORTED.to_vec();
+        listed.sort_unstable();
+        assert_eq!(sent, listed);
+    }
 }

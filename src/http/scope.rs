@@ -393,11 +393,19 @@ mod tests {
             ExtensionKey(Pair(a.into(), b.into())).encode_key(&mut out);
             out
         };
-        assert_ne!(pair("ab", "c"), pair("a", "bc"), "fields don't run into each other");
+        assert_ne!(
+            pair("ab", "c"),
+            pair("a", "bc"),
+            "fields don't run into each other"
+        );
         let mut number = Vec::new();
         ExtensionKey(42u64).encode_key(&mut number);
         assert_eq!(number, 42u64.to_be_bytes());
-        assert!(extension::<UserId>().make_key(&parts(http::Request::get("/"))).is_none());
+        assert!(
+            extension::<UserId>()
+                .make_key(&parts(http::Request::get("/")))
+                .is_none()
+        );
     }
 
     #[test]
