@@ -175,9 +175,25 @@
 //!
 //! # Observability
 //!
-//! With `tracing` at `DEBUG`, each flight runs in a `coalesce_flight` span, and the layer
-//! logs flights started and completed and callers joining and cancelling. Keys carry user ids,
-//! so logs name a key by a hash of it, seeded per process. [`Metrics`] counts the same events.
+//! With `tracing` at `DEBUG`, each keyed request runs in a `coalesce` span that says who
+//! served it, so that a trace of a slow request shows that it waited on another's flight
+//! (with `tracing-opentelemetry`, these are span attributes):
+//!
+//! | field | value |
+//! | --- | --- |
+//! | `http.request.method`, `url.path`, `http.response.status_code` | OpenTelemetry's HTTP attributes |
+//! | `coalesce.layer` | `the coalescing layer`, `the idempotency layer`, `the cache layer` |
+//! | `coalesce.role` | `leader`, `follower`, `own` (served by a call of its own), `replay`, `hit`, `stale`, `refused` (the layer's own `4xx`/`5xx`) |
+//! | `coalesce.flight_id` | the flight it led: unique in the process |
+//! | `coalesce.waited_on` | the flight it followed |
+//! | `coalesce.cache` | the cache's verdict: `hit`, `stale`, `miss` |
+//!
+//! Each flight runs in a `coalesce_flight` span, a child of its leader's, with its
+//! `coalesce.flight_id` and `coalesce.elsewhere = true` when it waited for another
+//! instance's run of the key (then its answer is that instance's). The layer logs flights
+//! started and completed and callers joining and cancelling. Keys carry user ids, so logs
+//! name a key by a hash of it, seeded per process, and spans name none. [`Metrics`] counts
+//! the same events; `dashboards/grafana.json` in the repository charts them.
 
 pub(crate) mod body;
 pub(crate) mod engine;

@@ -46,13 +46,72 @@ where
     ReqB: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static,
     ResB: SharedBody,
 {
+    use tracing::Instrument;
+    let span = request_span(engine.config.name, &parts);
     async move {
         let limit = engine.config.request_body_limit;
-        match read_body(&parts, body, limit).await {
+        let answer = match read_body(&parts, body, limit).await {
             Ok(bytes) => admitted(inner, engine, parts, bytes, key).await,
             Err(refusal) => Ok(refusal),
-        }
+        };
+        record_answer(&answer);
+        answer
     }
+    .instrument(span)
+}
+
+/// The span of a keyed request: who served it, in OpenTelemetry's HTTP names where they
+/// exist (`http.request.method`, `url.path`, `http.response.status_code`) and the layer's
+/// own: `coalesce.layer` (which preset), `coalesce.role` (`leader`, `follower`, `own`, `replay`, `hit`, `stale`,
+/// `refused`), `coalesce.flight_id` (the flight it led), `coalesce.waited_on` (the flight
+/// it followed) and `coalesce.cache` (`hit`, `stale`, `miss`). A flight's own span,
+/// `coalesce_flight`, a child of its leader's, has its `coalesce.flight_id` and
+/// `coalesce.elsewhere` (it waited for another instance's run of the key).
+fn request_span(layer: &'static str, parts: &Parts) -> tracing::Span {
+    tracing::debug_span!(
+        "coalesce",
+        coalesce.layer = layer,
+        http.request.method = %parts.method,
+        url.path = parts.uri.path(),
+        http.response.status_code = tracing::field::Empty,
+        coalesce.role = tracing::field::Empty,
+        coalesce.flight_id = tracing::field::Empty,
+        coalesce.waited_on = tracing::field::Empty,
+        coalesce.cache = tracing::field::Empty,
+    )
+}
+
+/// Records on the request's span how it was answered.
+fn record_answer<B, E>(answer: &Answer<B, E>) {
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    let Ok(response) = answer else {
+        return;
+    };
+    let headers = response.headers();
+    span.record("http.response.status_code", response.status().as_u16());
+    let cache = headers
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .map(|status| match () {
+            _ if status.contains("stale") => "stale",
+            _ if status.contains("; hit") => "hit",
+            _ => "miss",
+        });
+    if let Some(cache) = cache {
+        span.record("coalesce.cache", cache);
+    }
+    let role = match response.extensions().get::<Role>() {
+        _ if headers.contains_key(REPLAYED) => "replay",
+        _ if matches!(cache, Some("hit" | "stale")) => cache.unwrap_or_default(),
+        Some(Role::Leader) => "leader",
+        Some(Role::Follower) => "follower",
+        Some(_) => "own",
+        None => "refused",
+    };
+    span.record("coalesce.role", role);
 }
 
 /// A step that is off the common path, boxed where it is awaited (see [`serve`]).

@@ -195,6 +195,8 @@ where
                 let lead = "a caller leads at most one flight";
                 let (req, inner) = (self.request.take().expect(lead), self.inner.take());
                 ask.keep_headers(req.headers());
+                let flight = ask.lead();
+                tracing::Span::current().record("coalesce.flight_id", flight);
                 let store_key = self.store_key.clone();
                 Box::pin(fly(
                     inner.expect(lead),
@@ -209,6 +211,8 @@ where
                 mismatched = !running.ask.same(ask);
                 refusal = admission(config, mismatched, followers);
                 if refusal.is_none() {
+                    let span = tracing::Span::current();
+                    span.record("coalesce.waited_on", running.ask.flight());
                     // Equal to this caller's key but for what it asks.
                     self.flight_key = Some(FlightKey {
                         scope: running.scope.clone(),

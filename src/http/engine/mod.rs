@@ -339,6 +339,9 @@ struct Asked {
     /// The request's headers, kept by a leader whose request goes into its flight: they
     /// tell which responses and replays answer it when a response `Vary`s.
     headers: OnceLock<HeaderMap>,
+    /// The id of the flight this request leads, if it leads one: its followers' traces
+    /// name the flight they waited on.
+    flight: std::sync::atomic::AtomicU64,
 }
 
 impl Ask {
@@ -349,7 +352,23 @@ impl Ask {
             body: body.clone(),
             digest: OnceLock::new(),
             headers: OnceLock::new(),
+            flight: std::sync::atomic::AtomicU64::new(0),
         }))
+    }
+
+    /// Marks this request as the leader of a new flight, and returns the flight's id
+    /// (unique in the process, from 1).
+    fn lead(&self) -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static FLIGHTS: AtomicU64 = AtomicU64::new(1);
+        let id = FLIGHTS.fetch_add(1, Ordering::Relaxed);
+        self.0.flight.store(id, Ordering::Relaxed);
+        id
+    }
+
+    /// The id of the flight this request leads (0: none yet).
+    fn flight(&self) -> u64 {
+        self.0.flight.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Keeps a copy of the request's headers, for [`headers`](Self::headers) once the

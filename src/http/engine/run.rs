@@ -37,7 +37,12 @@ where
     ResB: SharedBody,
 {
     use futures::future::Either;
-    let span = tracing::debug_span!("coalesce_flight", key = key_hash.map(|h| h.0));
+    let span = tracing::debug_span!(
+        "coalesce_flight",
+        key = key_hash.map(|h| h.0),
+        coalesce.flight_id = ask.flight(),
+        coalesce.elsewhere = tracing::field::Empty,
+    );
     // Without a store, the flight is the run itself. With one, the store's steps are in a
     // box of their own: the flight's work is moved whole into the flight's box, and a
     // future holds the largest of the futures it awaits (2.6 KB before, mostly the store's
@@ -355,6 +360,7 @@ pub(super) async fn take_lease<K, I, St: Store, B>(
                 if !waited {
                     waited = true;
                     metrics.flight_waiting_elsewhere();
+                    tracing::Span::current().record("coalesce.elsewhere", true);
                 }
                 wait_for_release(engine, key, started).await?;
                 continue;
