@@ -322,6 +322,72 @@ async fn a_declared_oversize_body_gets_413_before_it_is_sent() {
     assert_eq!(runs.get(), 0);
 }
 
+/// A client that streams an oversize body without looking for an early answer (curl,
+/// most upload code): it sends all of it, then reads. The `413` went out at once, and the
+/// layer reads and drops the rest of the body, so the client's writes succeed and it
+/// reads the `413` (a connection closed with the body unread is reset: a broken pipe or
+/// a reset instead of the answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_still_sending_an_oversize_body_reads_its_413() {
+    let (router, runs) = idempotent_orders(IdempotencyLayer::new().request_body_limit(1024));
+    let addr = support::serve(router).await;
+    for declared in [true, false] {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut read, mut write) = stream.into_split();
+        let size = 8 << 20;
+        let head = match declared {
+            true => format!(
+                "POST /pay HTTP/1.1\r\nhost: x\r\nidempotency-key: big\r\n\
+                 content-length: {size}\r\n\r\n"
+            ),
+            false => "POST /pay HTTP/1.1\r\nhost: x\r\nidempotency-key: big\r\n\
+                      transfer-encoding: chunked\r\n\r\n"
+                .to_owned(),
+        };
+        write.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'x'; 64 << 10];
+        for _ in 0..size / chunk.len() {
+            if declared {
+                write
+                    .write_all(&chunk)
+                    .await
+                    .expect("the whole body is taken");
+            } else {
+                write
+                    .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                    .await
+                    .unwrap();
+                write
+                    .write_all(&chunk)
+                    .await
+                    .expect("the whole body is taken");
+                write.write_all(b"\r\n").await.unwrap();
+            }
+        }
+        if !declared {
+            write.write_all(b"0\r\n\r\n").await.unwrap();
+        }
+        let mut answer = Vec::new();
+        let mut buf = vec![0; 4096];
+        // The head and the problem body: read until the JSON closes.
+        while !answer.ends_with(b"}") {
+            let n = tokio::time::timeout(Duration::from_secs(10), read.read(&mut buf))
+                .await
+                .expect("answered")
+                .expect("the answer, not a reset");
+            assert!(
+                n > 0,
+                "closed before the answer: {:?}",
+                String::from_utf8_lossy(&answer)
+            );
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
+    assert_eq!(runs.get(), 0);
+}
+
 /// A streamed body (no declared length) is refused as soon as it crosses the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_streamed_oversize_body_gets_413() {

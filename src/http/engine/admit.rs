@@ -331,7 +331,7 @@ pub(super) async fn read_body<B, R>(
     limit: usize,
 ) -> Result<Bytes, Response<ResponseBody<R>>>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let declared = parts
@@ -341,9 +341,9 @@ where
         .and_then(|v| v.parse::<u64>().ok());
     let limit_u64 = limit as u64;
     if body.size_hint().lower() > limit_u64 || declared.is_some_and(|len| len > limit_u64) {
-        return Err(problem::request_too_large());
+        return Err(too_large(parts, body));
     }
-    let mut body = std::pin::pin!(body);
+    let mut body = Box::pin(body);
     let mut chunks = Chunks::default();
     while let Some(frame) = body.frame().await {
         // Trailers of a request are not kept: the handler gets the bytes.
@@ -355,8 +355,39 @@ where
         };
         chunks.push(data);
         if chunks.len > limit {
-            return Err(problem::request_too_large());
+            return Err(too_large(parts, body));
         }
     }
     Ok(chunks.concat())
+}
+
+/// How long the rest of a refused body is read and dropped: at most [`LINGER`] in all,
+/// and until [`LINGER_IDLE`] passes without a byte (nginx's `lingering_time` and
+/// `lingering_timeout`).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(30);
+const LINGER_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The `413` for a body over the limit. The `413` goes out at once; the rest of the body
+/// is read and dropped in the background, so that a client still sending it can read the
+/// `413` (a connection closed with unread bytes is reset, and the client sees a broken pipe
+/// instead), unless the client waits for `100 Continue` before sending: then it sends
+/// nothing more.
+fn too_large<B, R>(parts: &Parts, body: B) -> Response<ResponseBody<R>>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    let expects = parts
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !expects && !body.is_end_stream() {
+        tokio::spawn(async move {
+            let mut body = std::pin::pin!(body);
+            let drain = async {
+                while let Ok(Some(Ok(_))) = tokio::time::timeout(LINGER_IDLE, body.frame()).await {}
+            };
+            let _ = tokio::time::timeout(LINGER, drain).await;
+        });
+    }
+    problem::request_too_large()
 }
