@@ -59,7 +59,6 @@ fn work(runs: &Counter, delay: Duration) -> impl Future<Output = String> + use<>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn two_instances_run_a_key_once_between_them_and_read_each_others_values() {
     let Some((_server, _, [a, b])) =
         two_caches(Lifetimes::fresh_for(Duration::from_secs(60)), None).await
@@ -109,7 +108,6 @@ async fn two_instances_run_a_key_once_between_them_and_read_each_others_values()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn an_invalidation_or_a_refresh_on_one_instance_reaches_the_other_within_50_ms() {
     let fresh = Lifetimes::fresh_for(Duration::from_secs(2));
     let Some((server, changes, [a, b])) = two_caches(fresh, Some(0.1)).await else {
@@ -168,7 +166,6 @@ async fn an_invalidation_or_a_refresh_on_one_instance_reaches_the_other_within_5
 /// made the cache forget the new one's store key: changes to it were missed, and the value
 /// served until it expired.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn a_value_kept_again_after_a_loss_still_hears_of_its_changes() {
     let Some((server, changes, [a, b])) =
         two_caches(Lifetimes::fresh_for(Duration::from_secs(60)), None).await
@@ -231,7 +228,6 @@ async fn a_value_kept_again_after_a_loss_still_hears_of_its_changes() {
 /// A value kept as a fallback for errors still hears of its changes after a flight for it
 /// failed: the flight's filing under the store key goes, the value's stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn a_stale_fallback_still_hears_of_its_changes_after_a_failed_refresh() {
     let lifetimes = Lifetimes {
         fresh: Duration::from_millis(300),

@@ -4,34 +4,19 @@
 //! Without the layer the lookup-then-insert handler fails on the primary key; with it,
 //! every round is one handler run, one row, and 50 identical responses.
 //!
-//! PostgreSQL comes from `DATABASE_URL` (`.ci/run` starts a server and sets it). Under
-//! `CI=true` a missing `DATABASE_URL` fails the test; elsewhere the test says it skipped.
+//! PostgreSQL comes from `DATABASE_URL`, or is a throwaway server the test starts from the
+//! installed binaries (`tests/support/postgres.rs`).
 #![cfg(feature = "http")]
 
 #[path = "../examples/demo/app.rs"]
 mod app;
+mod support;
 
 use std::time::Duration;
 
 use axum::http::StatusCode;
 
 const CALLERS: usize = 50;
-
-fn postgres_url() -> Option<String> {
-    match std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
-    {
-        Some(url) => Some(url),
-        None if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
-            panic!("CI=true but DATABASE_URL is not set: the PostgreSQL tests must run in CI")
-        }
-        None => {
-            eprintln!("skipped: set DATABASE_URL=postgres://... to run the PostgreSQL tests");
-            None
-        }
-    }
-}
 
 /// Without the layer: over a few rounds, at least one create dies on the primary key,
 /// and the table still has one row per id (the constraint is the last line of defence).
@@ -85,10 +70,12 @@ async fn the_layer_fixes_it(url: &str) {
     assert_eq!(metrics.callers_joined(), 100 * (CALLERS as u64 - 1));
 }
 
+#[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn postgres_duplicate_creates_fail_without_the_layer_and_run_once_with_it() {
-    let Some(url) = postgres_url() else { return };
+    let Some(url) = support::postgres::database_url() else {
+        return;
+    };
     the_bug_reproduces(&url, "23505").await;
     the_layer_fixes_it(&url).await;
 }

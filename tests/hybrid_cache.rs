@@ -147,7 +147,6 @@ async fn answers_within(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn after_the_first_read_a_hit_on_either_instance_costs_redis_nothing() {
     let (version, runs) = (Counter::default(), Counter::default());
     let Some((server, a, b)) = two_instances(&version, &runs).await else {
@@ -174,7 +173,6 @@ async fn after_the_first_read_a_hit_on_either_instance_costs_redis_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn a_refresh_a_purge_a_tag_purge_and_a_post_reach_the_other_instance_within_50_ms() {
     let (version, runs) = (Counter::default(), Counter::default());
     let Some((_server, a, b)) = two_instances(&version, &runs).await else {
@@ -221,7 +219,6 @@ async fn a_refresh_a_purge_a_tag_purge_and_a_post_reach_the_other_instance_withi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn a_dropped_connection_clears_the_near_cache_so_nothing_missed_is_served() {
     let (version, runs) = (Counter::default(), Counter::default());
     let Some((server, a, b)) = two_instances(&version, &runs).await else {
@@ -262,7 +259,6 @@ async fn a_dropped_connection_clears_the_near_cache_so_nothing_missed_is_served(
 /// The store reports a dropped connection as changes lost, and again once it is
 /// subscribed anew: the near cache then drops every copy (its own tests show it does).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn a_dropped_connection_is_reported_as_changes_lost() {
     use tower_coalesce::store::Store;
     let Some(server) = Server::start(free_port()) else {
@@ -303,7 +299,6 @@ async fn assert_lost_within(
 /// tag's entries are on several masters: a refresh and a tag purge still reach the other
 /// instance within 50 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a Redis Cluster (.ci/run starts one)"]
 async fn on_a_cluster_a_refresh_and_a_tag_purge_reach_the_other_instance_within_50_ms() {
     let Some(urls) = support::redis::cluster_urls() else {
         return;
@@ -361,7 +356,6 @@ async fn refresh_and_tag_purge(
 /// a dropped listening connection is reported as changes lost.
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs PostgreSQL (.ci/run starts one)"]
 async fn on_postgres_a_refresh_a_tag_purge_and_a_post_reach_the_other_instance_within_50_ms() {
     let Some(url) = support::postgres::database_url() else {
         return;
@@ -405,7 +399,6 @@ async fn on_postgres_a_refresh_a_tag_purge_and_a_post_reach_the_other_instance_w
 /// `Accept-Encoding`s: one run per variant for both instances, each answer its own
 /// variant, and after each instance's first read of a variant, hits from the near copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn variants_run_once_across_instances_and_hit_near_after() {
     let Some(server) = Server::start(free_port()) else {
         return;

@@ -345,7 +345,6 @@ async fn a_path_pattern_that_misses_the_nest_prefix_is_logged_with_the_pattern_t
 /// logs at INFO, are not asked for.
 #[cfg(feature = "postgres")]
 #[tokio::test]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn migrating_an_existing_table_logs_no_notices() {
     let Some(url) = support::postgres::database_url() else {
         return;

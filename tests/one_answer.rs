@@ -210,7 +210,6 @@ async fn stalled_leader(backend: Backend) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn a_stalled_leader_does_not_replace_the_answer_of_the_instance_that_took_over_postgres() {
     let Some(backend) = Backend::postgres().await else {
         return;
@@ -219,7 +218,6 @@ async fn a_stalled_leader_does_not_replace_the_answer_of_the_instance_that_took_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (REDIS_URL; .ci/run starts one)"]
 async fn a_stalled_leader_does_not_replace_the_answer_of_the_instance_that_took_over_redis() {
     let Some(backend) = Backend::redis() else {
         return;
@@ -274,7 +272,6 @@ async fn keep_survives_a_short_outage(backend: Backend) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn a_keep_that_fails_for_a_moment_is_retried_while_the_lease_holds_postgres() {
     let Some(backend) = Backend::postgres().await else {
         return;
@@ -283,7 +280,6 @@ async fn a_keep_that_fails_for_a_moment_is_retried_while_the_lease_holds_postgre
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (REDIS_URL; .ci/run starts one)"]
 async fn a_keep_that_fails_for_a_moment_is_retried_while_the_lease_holds_redis() {
     let Some(backend) = Backend::redis() else {
         return;
@@ -329,7 +325,6 @@ async fn the_owner_of_a_key_is_not_refused_for_a_reuse_in_flight(backend: Backen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn the_owner_of_a_key_is_not_refused_for_a_reuse_in_flight_postgres() {
     let Some(backend) = Backend::postgres().await else {
         return;
@@ -338,7 +333,6 @@ async fn the_owner_of_a_key_is_not_refused_for_a_reuse_in_flight_postgres() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (REDIS_URL; .ci/run starts one)"]
 async fn the_owner_of_a_key_is_not_refused_for_a_reuse_in_flight_redis() {
     let Some(backend) = Backend::redis() else {
         return;
@@ -361,7 +355,6 @@ async fn an_answer_that_cannot_be_kept_is_not_given(backend: Backend) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn an_answer_that_cannot_be_kept_is_not_given_postgres() {
     let Some(backend) = Backend::postgres().await else {
         return;
@@ -370,7 +363,6 @@ async fn an_answer_that_cannot_be_kept_is_not_given_postgres() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (REDIS_URL; .ci/run starts one)"]
 async fn an_answer_that_cannot_be_kept_is_not_given_redis() {
     let Some(backend) = Backend::redis() else {
         return;

@@ -32,7 +32,6 @@ const POLL: Duration = Duration::from_millis(500);
 /// 4 instances x 50 concurrent requests with one key: one run, 200 identical answers (the
 /// 150 of the instances that waited are replays of the kept response).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn four_instances_run_a_key_once_for_all_two_hundred_callers() {
     let Some(url) = database_url() else {
         return;
@@ -52,7 +51,6 @@ async fn four_instances_run_a_key_once_for_all_two_hundred_callers() {
 /// 60 distinct keys, each posted to the 4 instances at once: 60 runs, every caller of a
 /// key answered by its one run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn sixty_keys_over_four_instances_run_sixty_times() {
     let Some(url) = database_url() else {
         return;
@@ -89,7 +87,6 @@ async fn sixty_keys_over_four_instances_run_sixty_times() {
 /// and the other instance takes over at once (lease and poll interval are 30 s), with a
 /// higher fencing token; tokens are at least the database clock in microseconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn a_dropped_leader_hands_over_at_once_with_a_higher_fencing_token() {
     let Some(url) = database_url() else {
         return;
@@ -105,7 +102,6 @@ async fn a_dropped_leader_hands_over_at_once_with_a_higher_fencing_token() {
 /// would, then never renewed nor released): another takes the key over once the lease has
 /// expired, within the lease and a poll interval, with a higher fencing token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn a_lease_that_is_never_released_is_taken_over_when_it_expires() {
     let Some(url) = database_url() else {
         return;
@@ -152,7 +148,6 @@ async fn a_lease_that_is_never_released_is_taken_over_when_it_expires() {
 /// them), the response kept before the crash is replayed after it, and keys coalesce
 /// across instances again, woken by release messages on the listener's new connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn a_postgres_restart_loses_no_kept_response_and_hangs_no_request() {
     let Some(server) = Server::start() else {
         return;
@@ -236,7 +231,6 @@ async fn a_postgres_restart_loses_no_kept_response_and_hangs_no_request() {
 /// 100,000 distinct keys kept for 1 s: once they have expired, the sweeps (every 200 ms,
 /// in batches) empty the table, and every expired key reads as missing at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn a_flood_of_distinct_keys_is_swept_once_expired() {
     let Some(url) = database_url() else {
         return;
@@ -295,7 +289,6 @@ async fn a_flood_of_distinct_keys_is_swept_once_expired() {
 
 /// A missing table is an error that says how to make it; a bad table name is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn a_missing_table_and_a_bad_name_are_clear_errors() {
     let Some(url) = database_url() else {
         return;
@@ -329,7 +322,6 @@ async fn a_missing_table_and_a_bad_name_are_clear_errors() {
 /// The HTTP cache on `PostgresStore`: a miss on two instances at once runs once, and the
 /// other instance answers from the kept response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn the_http_cache_runs_a_miss_once_across_instances() {
     let Some(url) = database_url() else {
         return;
@@ -374,7 +366,6 @@ async fn the_http_cache_runs_a_miss_once_across_instances() {
 /// store's timeout, and the request is answered then, `503` under `FailClosed` or run under
 /// `FailOpen`, never held for the lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn a_slow_postgres_costs_a_timeout_never_a_hang() {
     let Some(url) = database_url() else {
         return;

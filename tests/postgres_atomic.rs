@@ -99,7 +99,6 @@ fn upstream(url: &str) -> SocketAddr {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn a_stalled_leaders_writes_roll_back_and_the_instance_that_took_over_commits() {
     let Some((url, table, pool)) = setup().await else {
         return;
@@ -153,7 +152,6 @@ async fn a_stalled_leaders_writes_roll_back_and_the_instance_that_took_over_comm
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn a_leader_cut_off_when_it_keeps_answers_503_and_nothing_lands() {
     let Some((url, table, pool)) = setup().await else {
         return;
@@ -196,7 +194,6 @@ async fn a_leader_cut_off_when_it_keeps_answers_503_and_nothing_lands() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn a_server_error_rolls_back_and_a_client_error_commits_with_its_answer() {
     let Some((url, table, pool)) = setup().await else {
         return;

@@ -106,7 +106,6 @@ async fn fences(pool: &sqlx::PgPool, table: &str) -> Vec<i64> {
 
 /// 4 processes x 50 concurrent requests with one key: one run, 200 identical answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn four_processes_run_a_key_once() {
     let Some(url) = database_url() else {
         return;
@@ -134,7 +133,6 @@ async fn four_processes_run_a_key_once() {
 /// (1 s) expired, with a higher fencing token: within the lease and a poll interval
 /// (200 ms) of the kill, plus slack for process scheduling on a loaded machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs PostgreSQL (DATABASE_URL; .ci/run starts one)"]
 async fn when_the_running_process_is_killed_another_takes_over_after_the_lease() {
     let Some(url) = database_url() else {
         return;

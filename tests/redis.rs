@@ -45,7 +45,6 @@ async fn post(addr: SocketAddr, key: &str, body: &str) -> (StatusCode, bool, Str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (REDIS_URL, redis-server; .ci/run starts them)"]
 async fn a_response_completed_on_one_instance_is_replayed_by_the_others() {
     let Some(url) = redis_url() else { return };
     let prefix = prefix();
@@ -77,7 +76,6 @@ async fn a_response_completed_on_one_instance_is_replayed_by_the_others() {
 /// fails open and runs them), and nothing is replayed. Redis comes back on the same port:
 /// the connection manager reconnects and replay works again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (REDIS_URL, redis-server; .ci/run starts them)"]
 async fn requests_are_served_while_redis_is_down_and_replayed_again_once_it_is_back() {
     let port = free_port();
     let Some(server) = Server::start(port) else {
@@ -137,7 +135,6 @@ async fn requests_are_served_while_redis_is_down_and_replayed_again_once_it_is_b
 /// response and frees the key, which the next lease finds stored; a dropped guard releases
 /// without storing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Redis (REDIS_URL, redis-server; .ci/run starts them)"]
 async fn the_store_gets_puts_and_leases() {
     use tower_coalesce::store::Lease;
     use tower_coalesce::store::{Fingerprint, Store, StoreKey, StoredResponse};

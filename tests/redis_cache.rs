@@ -114,7 +114,6 @@ async fn fetch(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (Strin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (REDIS_URL, redis-server; .ci/run starts them)"]
 async fn a_miss_runs_once_across_instances_and_then_hits_on_every_one() {
     let runs = Counter::default();
     let app = report(
@@ -155,7 +154,6 @@ async fn a_miss_runs_once_across_instances_and_then_hits_on_every_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (REDIS_URL, redis-server; .ci/run starts them)"]
 async fn a_stale_entry_is_refreshed_once_across_instances_while_all_answer_stale() {
     let (runs, gate) = (Counter::default(), Gate::closed());
     // Fresh for 2 s: ages are whole seconds, and a refreshed entry must stay fresh while the
@@ -211,7 +209,6 @@ async fn a_stale_entry_is_refreshed_once_across_instances_while_all_answer_stale
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (REDIS_URL, redis-server; .ci/run starts them)"]
 async fn an_entry_kept_by_another_instance_answers_only_its_own_variant() {
     let runs = Counter::default();
     let counted = runs.clone();
@@ -252,7 +249,6 @@ async fn an_entry_kept_by_another_instance_answers_only_its_own_variant() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (REDIS_URL, redis-server; .ci/run starts them)"]
 async fn redis_going_away_answers_every_request_from_the_service_without_hanging() {
     let Some(server) = Server::start(free_port()) else {
         return;

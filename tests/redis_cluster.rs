@@ -51,7 +51,6 @@ async fn names_by_master(urls: &[String], prefix: &str) -> HashMap<String, Vec<S
 /// identical answers, 150 of them replays. The same key with another body is refused on
 /// every instance (the first principle across instances), and nothing errs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs a Redis Cluster (REDIS_CLUSTER_URLS, redis-server; .ci/run starts them)"]
 async fn four_instances_run_a_key_once_for_all_two_hundred_callers_on_a_cluster() {
     let Some(urls) = cluster_urls() else {
         return;
@@ -78,7 +77,6 @@ async fn four_instances_run_a_key_once_for_all_two_hundred_callers_on_a_cluster(
 /// are kept on all three masters, each key's response and fencing-token counter on one
 /// master (a script touching two slots would have failed with CROSSSLOT).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs a Redis Cluster (REDIS_CLUSTER_URLS, redis-server; .ci/run starts them)"]
 async fn keys_spread_over_every_master_and_each_runs_once() {
     let Some(urls) = cluster_urls() else {
         return;
@@ -128,7 +126,6 @@ async fn keys_spread_over_every_master_and_each_runs_once() {
 /// A dropped leader's lease is taken over by another instance on the cluster, with a
 /// higher fencing token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs a Redis Cluster (REDIS_CLUSTER_URLS, redis-server; .ci/run starts them)"]
 async fn fencing_tokens_strictly_increase_across_a_takeover_on_a_cluster() {
     let Some(urls) = cluster_urls() else {
         return;
@@ -201,7 +198,6 @@ async fn failing_layer(
 /// across them again, and its fencing token is still higher than before the kill although
 /// the master lost its counter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs a Redis Cluster (REDIS_CLUSTER_URLS, redis-server; .ci/run starts them)"]
 async fn a_master_killed_mid_flight_hangs_nothing_and_the_cluster_recovers() {
     let Some(mut cluster) = Cluster::start() else {
         return;
@@ -321,18 +317,19 @@ async fn a_master_killed_mid_flight_hangs_nothing_and_the_cluster_recovers() {
     assert!(before > micros_since_1970() - 60_000_000);
 }
 
-/// No nodes, a node nobody listens on, a URL that is none, a Redis that is not a cluster
-/// (with `REDIS_URL`): a clear error, promptly.
+/// No nodes, a node nobody listens on, a URL that is none, a Redis that is not a cluster:
+/// a clear error, promptly.
 #[tokio::test]
-#[ignore = "needs a Redis Cluster (REDIS_CLUSTER_URLS, redis-server; .ci/run starts them)"]
 async fn connecting_to_no_cluster_is_a_prompt_error() {
     let timeout = Duration::from_millis(300);
     let nowhere = format!("redis://127.0.0.1:{}", support::redis::free_port());
-    let single = std::env::var("REDIS_URL").unwrap_or_default();
-    let mut attempts = vec![vec![], vec![nowhere.as_str()], vec!["not a url"]];
-    if !single.is_empty() {
-        attempts.push(vec![single.as_str()]);
-    }
+    let single = support::redis::redis_url().unwrap();
+    let attempts = vec![
+        vec![],
+        vec![nowhere.as_str()],
+        vec!["not a url"],
+        vec![single.as_str()],
+    ];
     for nodes in attempts {
         let start = Instant::now();
         let error = RedisStore::connect_cluster_with_timeout(&nodes, timeout)
@@ -348,7 +345,6 @@ async fn connecting_to_no_cluster_is_a_prompt_error() {
 /// A cluster node given to the single-node `connect` is refused with a pointer to
 /// `connect_cluster`, rather than serving its own slots and failing the others' keys.
 #[tokio::test]
-#[ignore = "needs a Redis Cluster (REDIS_CLUSTER_URLS, redis-server; .ci/run starts them)"]
 async fn a_cluster_node_is_refused_by_the_single_node_connect() {
     let Some(urls) = cluster_urls() else {
         return;
@@ -416,7 +412,6 @@ async fn role(url: &str) -> String {
 /// instances follow it without a restart of anything: a key in its slots runs on one
 /// instance with a fencing token above the killed master's, and is replayed by the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs a Redis Cluster (REDIS_CLUSTER_URLS, redis-server; .ci/run starts them)"]
 async fn a_killed_master_fails_over_to_its_replica_and_the_instances_follow() {
     let Some(mut cluster) = Cluster::start_with_replicas(1) else {
         return;

@@ -26,7 +26,6 @@ use tower_coalesce::redis::RedisStore;
 /// 150 of the three instances that waited are replays of the stored response), and Redis
 /// sees a handful of commands per instance, not one per request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn four_instances_run_a_key_once_for_all_two_hundred_callers() {
     let Some(server) = Server::start(free_port()) else {
         return;
@@ -85,7 +84,6 @@ async fn long_lease_store(server: &Server, prefix: &str) -> RedisStore {
 /// the lease (30 s) would expire, woken by the release message (its poll interval is 30 s
 /// too, so nothing else could wake it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn a_dropped_leader_releases_its_lease_and_another_instance_takes_over_at_once() {
     let Some(server) = Server::start(free_port()) else {
         return;
@@ -135,7 +133,6 @@ async fn a_dropped_leader_releases_its_lease_and_another_instance_takes_over_at_
 /// every token is at least the server's clock. A handler keeping the highest token per row
 /// (`UPDATE .. WHERE fence < $token`) refuses the stalled writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn fencing_tokens_strictly_increase_across_a_takeover() {
     let Some(server) = Server::start(free_port()) else {
         return;
@@ -150,7 +147,6 @@ async fn fencing_tokens_strictly_increase_across_a_takeover() {
 /// within the command timeouts. Redis comes back on the same port: the instances reconnect,
 /// and a key runs once across them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn with_redis_down_requests_fail_open_or_closed_promptly_and_coalesce_again_after() {
     let port = free_port();
     let Some(server) = Server::start(port) else {
@@ -220,7 +216,6 @@ async fn with_redis_down_requests_fail_open_or_closed_promptly_and_coalesce_agai
 /// within its poll interval and the command timeouts: under `FailClosed` its callers get
 /// `503`, and the key ran once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn redis_dying_mid_flight_loses_no_response_and_hangs_no_waiter() {
     let Some(server) = Server::start(free_port()) else {
         return;
@@ -277,7 +272,6 @@ async fn redis_dying_mid_flight_loses_no_response_and_hangs_no_waiter() {
 /// `replay`, the response is only handed over: once the handover window has passed, the same
 /// request runs again. With `replay`, it is replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn any_key_runs_once_across_instances_and_is_kept_only_with_replay() {
     let Some(server) = Server::start(free_port()) else {
         return;

@@ -111,7 +111,6 @@ async fn runs(server: &Server, prefix: &str) -> u64 {
 
 /// 4 processes x 50 concurrent requests with one key: one run, 200 identical answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn four_processes_run_a_key_once() {
     let Some(server) = Server::start(free_port()) else {
         return;
@@ -139,7 +138,6 @@ async fn four_processes_run_a_key_once() {
 /// (1 s) expired: within the lease and a poll interval (200 ms) of the kill, plus slack
 /// for process scheduling on a loaded machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Redis (redis-server; .ci/run installs it)"]
 async fn when_the_running_process_is_killed_another_takes_over_after_the_lease() {
     let Some(server) = Server::start(free_port()) else {
         return;

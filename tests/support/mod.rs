@@ -184,3 +184,25 @@ pub fn varied_report(runs: &RunsByEncoding) -> axum::Router {
         }),
     )
 }
+
+/// Runs `script` (sh) once this test process has ended, however it ends: the cleanup of a
+/// server the process shares between its tests, which no destructor would run (a static is
+/// never dropped).
+#[allow(dead_code)]
+#[allow(
+    clippy::zombie_processes,
+    reason = "the watcher outlives this process by design: it is never waited for"
+)]
+pub fn when_this_process_ends(script: &str) {
+    let pid = std::process::id();
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {script}"
+        ))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("sh is on PATH");
+}

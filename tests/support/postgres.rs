@@ -9,25 +9,30 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tower_coalesce::postgres::PostgresStore;
 
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|ci| ci == "true")
-}
-
-/// `DATABASE_URL`, or `None` (skip) outside CI; under `CI=true` a missing one fails the test.
+/// `DATABASE_URL`, or else a throwaway server of this test process's own, started from the
+/// installed binaries on first use and shared by its tests (stopped and removed once the
+/// process ends). Without either the test fails, saying what to install: a test that did
+/// not run is not reported as passed.
 pub fn database_url() -> Option<String> {
-    match std::env::var("DATABASE_URL")
+    if let Some(url) = std::env::var("DATABASE_URL")
         .ok()
         .filter(|url| !url.is_empty())
     {
-        Some(url) => Some(url),
-        None if in_ci() => {
-            panic!("CI=true but DATABASE_URL is not set: the PostgreSQL tests must run in CI")
-        }
-        None => {
-            eprintln!("skipped: set DATABASE_URL=postgres://... to run the PostgreSQL tests");
-            None
-        }
+        return Some(url);
     }
+    static SHARED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let url = SHARED.get_or_init(|| {
+        let server = Server::start_or_fail();
+        let url = server.url();
+        // Its cleanup outlives it: the process's end stops the server and removes it.
+        let stop =
+            server.command_line("pg_ctl", &["-D", &server.data(), "-m", "immediate", "stop"]);
+        let dir = server.dir.path().display().to_string();
+        super::when_this_process_ends(&format!("{stop}; rm -rf {dir}"));
+        std::mem::forget(server);
+        url
+    });
+    Some(url.clone())
 }
 
 /// A fresh table name per test run, so that runs never see each other's rows.
@@ -98,14 +103,17 @@ pub struct Server {
 }
 
 impl Server {
-    /// `None` (skip) where PostgreSQL is not installed, outside CI.
+    /// A server of the test's own; fails the test where PostgreSQL is not installed.
     pub fn start() -> Option<Server> {
+        Some(Self::start_or_fail())
+    }
+
+    fn start_or_fail() -> Server {
         let Some(bin) = pg_bin() else {
-            if in_ci() {
-                panic!("CI=true but PostgreSQL's binaries are not installed");
-            }
-            eprintln!("skipped: PostgreSQL is not installed");
-            return None;
+            panic!(
+                "PostgreSQL's binaries are not installed (/usr/lib/postgresql/*/bin): \
+                 `bash .ci/test` installs them, or set DATABASE_URL"
+            );
         };
         let dir = tempfile::tempdir().unwrap();
         if is_root() {
@@ -118,7 +126,18 @@ impl Server {
             &["-D", &server.data(), "-U", "postgres", "-A", "trust"],
         );
         server.start_again();
-        Some(server)
+        server
+    }
+
+    /// The shell command that runs one of PostgreSQL's programs as [`command`] does.
+    fn command_line(&self, program: &str, args: &[&str]) -> String {
+        let program = self.bin.join(program).display().to_string();
+        let runuser = if is_root() {
+            "runuser -u postgres -- "
+        } else {
+            ""
+        };
+        format!("{runuser}{program} {} >/dev/null 2>&1", args.join(" "))
     }
 
     fn data(&self) -> String {

@@ -7,25 +7,25 @@ use std::time::{Duration, Instant};
 
 use tower_coalesce::redis::RedisStore;
 
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|ci| ci == "true")
-}
-
-/// `REDIS_URL`, or `None` (skip) outside CI; under `CI=true` a missing Redis fails the test.
+/// `REDIS_URL`, or else a `redis-server` of this test process's own, started on first use
+/// and shared by its tests (killed once the process ends). Without either the test fails,
+/// saying what to install.
 pub fn redis_url() -> Option<String> {
-    match std::env::var("REDIS_URL")
+    if let Some(url) = std::env::var("REDIS_URL")
         .ok()
         .filter(|url| !url.is_empty())
     {
-        Some(url) => Some(url),
-        None if in_ci() => {
-            panic!("CI=true but REDIS_URL is not set: the Redis tests must run in CI")
-        }
-        None => {
-            eprintln!("skipped: set REDIS_URL=redis://... to run the Redis tests");
-            None
-        }
+        return Some(url);
     }
+    static SHARED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let url = SHARED.get_or_init(|| {
+        let server = Server::start(free_port()).expect("redis-server starts");
+        let url = server.url();
+        super::when_this_process_ends(&format!("kill {}", server.child.id()));
+        std::mem::forget(server);
+        url
+    });
+    Some(url.clone())
 }
 
 /// A fresh key prefix per test run, so that runs never see each other's keys.
@@ -63,11 +63,10 @@ impl Server {
         configure(&mut command);
         match command.spawn() {
             Ok(child) => Some(Server { child, port }),
-            Err(_) if in_ci() => panic!("CI=true but redis-server can't be started"),
-            Err(_) => {
-                eprintln!("skipped: redis-server is not on PATH");
-                None
-            }
+            Err(error) => panic!(
+                "redis-server can't be started ({error}): `bash .ci/test` installs it, or \
+                 set REDIS_URL"
+            ),
         }
     }
 
@@ -97,22 +96,31 @@ impl Drop for Server {
     }
 }
 
-/// `REDIS_CLUSTER_URLS` (comma-separated, `.ci/redis-cluster.sh` starts one), or `None`
-/// (skip) outside CI; under `CI=true` a missing cluster fails the test.
+/// `REDIS_CLUSTER_URLS` (comma-separated, `.ci/redis-cluster.sh` starts one), or else a
+/// cluster of this test process's own (three masters), started on first use and shared by
+/// its tests (killed and removed once the process ends).
 pub fn cluster_urls() -> Option<Vec<String>> {
-    match std::env::var("REDIS_CLUSTER_URLS")
+    if let Some(urls) = std::env::var("REDIS_CLUSTER_URLS")
         .ok()
-        .filter(|urls| !urls.is_empty())
+        .filter(|u| !u.is_empty())
     {
-        Some(urls) => Some(urls.split(',').map(str::to_owned).collect()),
-        None if in_ci() => panic!(
-            "CI=true but REDIS_CLUSTER_URLS is not set: the Redis Cluster tests must run in CI"
-        ),
-        None => {
-            eprintln!("skipped: set REDIS_CLUSTER_URLS=redis://...,... to run the cluster tests");
-            None
-        }
+        return Some(urls.split(',').map(str::to_owned).collect());
     }
+    static SHARED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let urls = SHARED.get_or_init(|| {
+        let cluster = Cluster::start().expect("a Redis Cluster starts");
+        let urls = cluster.urls();
+        let pids: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| n.child.id().to_string())
+            .collect();
+        let dir = cluster.dir.path().display().to_string();
+        super::when_this_process_ends(&format!("kill {}; rm -rf {dir}", pids.join(" ")));
+        std::mem::forget(cluster);
+        urls
+    });
+    Some(urls.clone())
 }
 
 /// Connects a store to the cluster at `urls`, retrying while the cluster comes up.
