@@ -461,7 +461,7 @@ fn fan_in(c: &mut Criterion) {
         }
     }
     // The median, and the 90th percentile: rounds on this machine fall into a fast and a
-    // slow mode (tokio waking its other worker once per woken task, see the README), and the
+    // slow mode (tokio waking its other worker once per woken task, see benches/README.md), and the
     // share of slow rounds moves the mean, so both are shown.
     let quantile = |t: &[std::time::Duration], q: f64| t[((t.len() - 1) as f64 * q) as usize];
     times.iter_mut().for_each(|t| t.sort());

@@ -123,6 +123,15 @@
 mod macros;
 
 pub mod coalesce;
+// The guide's examples use every feature: it is built with all of them (as docs.rs does).
+#[cfg(all(
+    feature = "http-cache",
+    feature = "idempotency",
+    feature = "metrics",
+    feature = "postgres",
+    feature = "redis"
+))]
+pub mod guide;
 #[cfg(all(feature = "http", any(fuzzing, test)))]
 #[doc(hidden)]
 pub mod fuzz;

@@ -68,6 +68,24 @@
 //! by [`memory_limit`](HttpCacheLayer::memory_limit)), or in the [`store`](HttpCacheLayer::store) you
 //! give.
 //!
+//! # Conformance
+//!
+//! Against the public HTTP caching test suite ([cache-tests.fyi](https://cache-tests.fyi)),
+//! with the defaults, behind `examples/cache_proxy.rs` (a caching reverse proxy on this
+//! layer): 154 of its 163 required tests and 74 of its 107 optimal ones, first among the
+//! caches it publishes results for (Traffic Server 132 and 70, nginx 99 and 59, Varnish 119
+//! and 45); `.ci/cache-tests` runs it. Every required test that nginx or Varnish passes, this
+//! cache passes. The nine it fails:
+//!
+//! - `headers-store-Set-Cookie`: a response with `Set-Cookie` is never kept, by choice (it
+//!   is personal), as nginx and Varnish do by default;
+//! - `stale-close-*` (4): a stale response is not served when the origin is unreachable
+//!   unless the response allowed it (`stale-if-error`);
+//! - `interim-not-cached`: `1xx` interim responses are the proxy's to relay, and hyper's
+//!   server sends none but `100 Continue`;
+//! - `freshness-max-age-s-maxage-private*` (2), `cc-resp-immutable-stale`: browser-only
+//!   tests, not run against a proxy.
+//!
 //! # Example
 //!
 //! ```
