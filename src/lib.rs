@@ -124,6 +124,9 @@ mod macros;
 
 pub mod coalesce;
 // The guide's examples use every feature: it is built with all of them (as docs.rs does).
+#[cfg(all(feature = "http", any(fuzzing, test)))]
+#[doc(hidden)]
+pub mod fuzz;
 #[cfg(all(
     feature = "http-cache",
     feature = "idempotency",
@@ -132,9 +135,6 @@ pub mod coalesce;
     feature = "redis"
 ))]
 pub mod guide;
-#[cfg(all(feature = "http", any(fuzzing, test)))]
-#[doc(hidden)]
-pub mod fuzz;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
