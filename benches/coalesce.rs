@@ -434,9 +434,12 @@ fn fan_in(c: &mut Criterion) {
                 }
             })
         });
-        let per_round =
-            executions.load(Ordering::Relaxed) as f64 / rounds.load(Ordering::Relaxed) as f64;
-        report.push(format!("{name:>26}: {per_round:.3} executions per round"));
+        // Nothing to report for a contender a filter left out.
+        let rounds = rounds.load(Ordering::Relaxed);
+        if rounds > 0 {
+            let per_round = executions.load(Ordering::Relaxed) as f64 / rounds as f64;
+            report.push(format!("{name:>26}: {per_round:.3} executions per round"));
+        }
     }
     group.finish();
 
@@ -484,6 +487,9 @@ fn fan_in(c: &mut Criterion) {
             );
         }
     }
+    if report.is_empty() {
+        return;
+    }
     eprintln!("\nfan_in_1000 executions per round (1.000 = no duplicated work):");
     for line in report {
         eprintln!("{line}");
@@ -523,5 +529,188 @@ fn driver_polls(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, distinct_keys, driver_polls, fan_in);
+/// A coalescer as the independent fan-in harness of issue 36 calls it.
+trait Dedup: Send + Sync + 'static {
+    fn call<F>(&self, key: u64, work: F) -> impl Future<Output = u64> + Send
+    where
+        F: Future<Output = u64> + Send + 'static;
+}
+
+impl Dedup for Group<u64, u64> {
+    fn call<F>(&self, key: u64, work: F) -> impl Future<Output = u64> + Send
+    where
+        F: Future<Output = u64> + Send + 'static,
+    {
+        self.run(key, move || work).map(|o| o.into_value())
+    }
+}
+
+/// The Tower face: `CoalesceLayer` over a service that runs the boxed work it is given.
+#[derive(Clone)]
+struct TowerFace<S>(S);
+
+/// A call of the Tower face: the key, and the work (a `Box` per call).
+struct Job(u64, BoxFuture<'static, u64>);
+
+impl<S> Dedup for TowerFace<S>
+where
+    S: Service<Job, Response = u64, Error = Infallible> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+{
+    fn call<F>(&self, key: u64, work: F) -> impl Future<Output = u64> + Send
+    where
+        F: Future<Output = u64> + Send + 'static,
+    {
+        let svc = self.0.clone();
+        async move { svc.oneshot(Job(key, work.boxed())).await.unwrap() }
+    }
+}
+
+impl Dedup for HandRolled {
+    fn call<F>(&self, key: u64, work: F) -> impl Future<Output = u64> + Send
+    where
+        F: Future<Output = u64> + Send + 'static,
+    {
+        self.work(key, work)
+    }
+}
+
+impl Dedup for singleflight_async::SingleFlight<u64, u64> {
+    fn call<F>(&self, key: u64, work: F) -> impl Future<Output = u64> + Send
+    where
+        F: Future<Output = u64> + Send + 'static,
+    {
+        self.work(key, move || work)
+    }
+}
+
+/// Issue 36's round, exactly as the independent harness wrote it.
+async fn fanin_round<D: Dedup>(d: Arc<D>, key: u64, fan: usize, execs: Arc<AtomicUsize>) {
+    let entered = Arc::new(AtomicUsize::new(0));
+    let mut hs = Vec::with_capacity(fan);
+    for _ in 0..fan {
+        let (d, entered, execs) = (d.clone(), entered.clone(), execs.clone());
+        hs.push(tokio::spawn(async move {
+            entered.fetch_add(1, Ordering::SeqCst);
+            let e2 = entered.clone();
+            d.call(key, async move {
+                execs.fetch_add(1, Ordering::SeqCst);
+                while e2.load(Ordering::SeqCst) < fan {
+                    tokio::task::yield_now().await;
+                }
+                for _ in 0..8 {
+                    tokio::task::yield_now().await;
+                }
+                key
+            })
+            .await
+        }));
+    }
+    for h in hs {
+        assert_eq!(h.await.unwrap(), key);
+    }
+}
+
+/// One run of the harness: `rounds` rounds of 1000 callers, a fresh key each; the time of
+/// each round.
+fn harness_run<D: Dedup>(
+    rt: &Runtime,
+    d: &Arc<D>,
+    next_key: &AtomicU64,
+    rounds: usize,
+    execs: &Arc<AtomicUsize>,
+) -> Vec<std::time::Duration> {
+    (0..rounds)
+        .map(|_| {
+            let key = next_key.fetch_add(1, Ordering::Relaxed);
+            let start = std::time::Instant::now();
+            rt.block_on(fanin_round(d.clone(), key, FAN_IN, execs.clone()));
+            start.elapsed()
+        })
+        .collect()
+}
+
+/// Issue 36's harness, in one run: 2 tokio workers, runs of 40 rounds of 1000 callers,
+/// contenders interleaved run by run in a rotating order; the mean of each run (what the
+/// harness reports), and p50, p90, p99 of all rounds, with ratios to `singleflight-async`
+/// and to the hand-rolled map of `Shared`.
+fn fanin_harness(_: &mut Criterion) {
+    let rt = multi_thread();
+    let runs = 9;
+    let rounds = 40;
+    let next_key = AtomicU64::new(0);
+    let group = Arc::new(Group::<u64, u64>::new());
+    let tower = Arc::new(TowerFace(
+        CoalesceLayer::new(|job: &Job| Some(job.0))
+            .layer(service_fn(|job: Job| job.1.map(Ok::<_, Infallible>))),
+    ));
+    let hand = Arc::new(HandRolled::default());
+    let sfa = Arc::new(singleflight_async::SingleFlight::<u64, u64>::new());
+    let names = [
+        "single_flight_group",
+        "coalesce_layer",
+        "hand_rolled_mutex_shared",
+        "singleflight_async",
+    ];
+    let execs: Vec<Arc<AtomicUsize>> = names.iter().map(|_| Arc::default()).collect();
+    let mut times: Vec<Vec<std::time::Duration>> = vec![Vec::new(); names.len()];
+    let mut means: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for run in 0..runs {
+        for turn in 0..names.len() {
+            let which = (run + turn) % names.len();
+            let e = &execs[which];
+            let t = match which {
+                0 => harness_run(&rt, &group, &next_key, rounds, e),
+                1 => harness_run(&rt, &tower, &next_key, rounds, e),
+                2 => harness_run(&rt, &hand, &next_key, rounds, e),
+                _ => harness_run(&rt, &sfa, &next_key, rounds, e),
+            };
+            let mean = t.iter().sum::<std::time::Duration>().as_secs_f64() / t.len() as f64;
+            means[which].push(mean);
+            times[which].extend(t);
+        }
+    }
+    let quantile =
+        |t: &[std::time::Duration], q: f64| t[((t.len() - 1) as f64 * q) as usize].as_secs_f64();
+    times.iter_mut().for_each(|t| t.sort());
+    means
+        .iter_mut()
+        .for_each(|m| m.sort_by(|a, b| a.partial_cmp(b).unwrap()));
+    let stats: Vec<[f64; 4]> = (0..names.len())
+        .map(|i| {
+            [
+                means[i][means[i].len() / 2],
+                quantile(&times[i], 0.5),
+                quantile(&times[i], 0.9),
+                quantile(&times[i], 0.99),
+            ]
+        })
+        .collect();
+    eprintln!(
+        "\nfanin_harness (issue 36), {runs} runs x {rounds} rounds of {FAN_IN} callers, 2 workers: \
+         median of the runs' means, p50, p90, p99 of all rounds, in us; ratios to \
+         singleflight_async / to hand_rolled_mutex_shared"
+    );
+    for (i, name) in names.iter().enumerate() {
+        let cells: Vec<String> = ["mean", "p50", "p90", "p99"]
+            .iter()
+            .enumerate()
+            .map(|(k, label)| {
+                format!(
+                    "{label} {:>7.0} ({:.2}x / {:.2}x)",
+                    stats[i][k] * 1e6,
+                    stats[i][k] / stats[3][k],
+                    stats[i][k] / stats[2][k]
+                )
+            })
+            .collect();
+        let per_round = execs[i].load(Ordering::Relaxed) as f64 / (runs * rounds) as f64;
+        eprintln!(
+            "{name:>26}: {}  executions per round {per_round:.3}",
+            cells.join("  ")
+        );
+    }
+}
+
+criterion_group!(benches, distinct_keys, driver_polls, fan_in, fanin_harness);
 criterion_main!(benches);

@@ -11,7 +11,13 @@
 //! like that. When a second caller joins, it makes a [`Flight`] in which the leader is the
 //! *driver* (waiter 0, holding the work) and itself a parked waiter. From then on:
 //!
-//! - the work completes (or panics): the driver stores the outcome and wakes everybody;
+//! - the work completes: the driver stores the outcome where waiters read it without the
+//!   lock, and hands it on as a tree: it wakes the first [`HAND_OFF`] parked waiters, and
+//!   each waiter, when it reads the outcome (or is dropped), wakes the next [`HAND_OFF`] of
+//!   its own, so that N waiters are woken in about log(N) steps by as many tasks, rather
+//!   than all at once by the driver's (which makes a multi-thread runtime unpark its other
+//!   workers once per woken task); a waiter that is dropped instead passes its share on;
+//! - the work panics: the driver stores the message and wakes everybody;
 //! - the driver leaves (its future is dropped): it puts the work into the flight and wakes
 //!   exactly one parked waiter, which finds nobody driving and takes over the *same* future;
 //!   the work is neither lost nor started again;
@@ -33,18 +39,112 @@ use std::future::Future;
 use std::mem;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
+use std::sync::atomic::Ordering::SeqCst;
 use std::task::{Context, Poll, Waker, ready};
 use std::thread;
 
 use slab::Slab;
 
-use crate::sync::{Mutex, MutexGuard};
+use crate::sync::{AtomicUsize, Mutex, MutexGuard, Once};
+
+/// How many parked waiters each one wakes once the outcome is there (the driver wakes the
+/// first ones): the fan-out of the hand-off tree. One under loom, so that the models'
+/// few waiters make a chain of it.
+#[cfg(not(coalesce_loom))]
+pub(crate) const HAND_OFF: usize = 4;
+#[cfg(coalesce_loom)]
+pub(crate) const HAND_OFF: usize = 1;
 
 /// The work of a flight, boxed so that any waiter can move it out and poll it.
 pub(crate) type BoxWork<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 pub(crate) struct Flight<T> {
     state: Mutex<State<T>>,
+    /// The outcome once the work completed, read without the lock, and the hand-off tree.
+    ended: Once<Ended<T>>,
+    /// Once the work completed: the waiters that have not read the outcome yet.
+    unread: AtomicUsize,
+}
+
+/// A completed flight's outcome, handed on as a tree: the waiters parked at completion, in
+/// the order of the hand-off, each with a slot its copy of the outcome is put in before it
+/// is woken. Waiter `i` fills and wakes waiters `(i + 1) * HAND_OFF ..`, up to `HAND_OFF`
+/// of them; the driver the first ones. Each slot's lock is taken by two tasks, the waiter
+/// and its parent, never by all of them.
+struct Ended<T> {
+    /// The outcome, for a waiter with no slot (it was not parked at completion) or whose
+    /// copy is not there yet (it was polled before its parent passed it on).
+    source: Mutex<T>,
+    slots: Vec<Mutex<Option<T>>>,
+    wakers: Vec<Waker>,
+    /// A parked waiter's index in `wakers`, plus one, by its slot in the slab (0: none).
+    index_of_slot: Vec<u32>,
+}
+
+impl<T: Clone> Ended<T> {
+    fn new(value: T, parked: Slab<Waker>) -> Self {
+        let mut index_of_slot = vec![0; parked.capacity()];
+        let mut wakers = Vec::with_capacity(parked.len());
+        for (slot, waker) in parked {
+            if slot >= index_of_slot.len() {
+                index_of_slot.resize(slot + 1, 0);
+            }
+            wakers.push(waker);
+            index_of_slot[slot] = u32::try_from(wakers.len()).unwrap_or(u32::MAX);
+        }
+        let slots = wakers.iter().map(|_| Mutex::new(None)).collect();
+        Ended {
+            source: Mutex::new(value),
+            slots,
+            wakers,
+            index_of_slot,
+        }
+    }
+
+    /// A waiter's copy of the outcome: the one its parent passed on, or one of the source.
+    fn copy_for(&self, index: Option<usize>) -> T {
+        let passed = index.and_then(|i| lock(&self.slots[i]).take());
+        passed.unwrap_or_else(|| lock(&self.source).clone())
+    }
+
+    /// Hands copies of `value` to the waiters from `first` (up to `HAND_OFF` of them), and
+    /// wakes them.
+    fn pass_on(&self, value: &T, first: usize) {
+        let end = first.saturating_add(HAND_OFF).min(self.wakers.len());
+        for slot in &self.slots[first.min(end)..end] {
+            *lock(slot) = Some(value.clone());
+        }
+        self.wake(first);
+    }
+}
+
+impl<T> Ended<T> {
+    /// The index in the tree of the waiter parked in `slot`, if it was parked.
+    fn index(&self, slot: Option<usize>) -> Option<usize> {
+        let index = self.index_of_slot.get(slot?).copied()?;
+        (index > 0).then(|| index as usize - 1)
+    }
+
+    /// Wakes the waiters from `first`, up to `HAND_OFF` of them, without handing them
+    /// copies: they take theirs from the source.
+    fn wake(&self, first: usize) {
+        let end = first.saturating_add(HAND_OFF).min(self.wakers.len());
+        for waker in &self.wakers[first.min(end)..end] {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// The share of the hand-off of the waiter at `index`: its children in the tree.
+    fn children(index: usize) -> usize {
+        (index + 1).saturating_mul(HAND_OFF)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A clone that panicked leaves nothing half-updated: recover the lock.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct State<T> {
@@ -66,8 +166,8 @@ enum Work<T> {
     /// `None` while the leader is still building the work or while a driver holds it;
     /// `Some` until a waiter takes it (at the start, or after a driver left).
     Running(Option<BoxWork<T>>),
-    /// The value is taken, not cloned, by the last waiter to read it.
-    Done(Option<T>),
+    /// The outcome is in `Flight::ended`.
+    Done,
     Panicked(String),
     Abandoned,
 }
@@ -120,6 +220,8 @@ impl<T: Clone> Flight<T> {
                 callers: 2,
                 wakers: Slab::new(),
             }),
+            ended: Once::new(),
+            unread: AtomicUsize::new(0),
         };
         (flight, Waiter::new(1))
     }
@@ -159,6 +261,10 @@ impl<T: Clone> Flight<T> {
     ) -> Poll<Result<Finished<T>, DriverPanicked>> {
         assert!(!waiter.finished, "flight polled after completion");
         let Some(work) = waiter.work.as_mut() else {
+            // The outcome, if it is there, without the lock.
+            if let Some(finished) = self.read_ended(waiter) {
+                return Poll::Ready(Ok(finished));
+            }
             // Not driving: take the work over if it was handed back, else wait.
             let mut state = self.lock();
             let may_drive = state.driver.is_none_or(|id| id == waiter.id);
@@ -171,7 +277,11 @@ impl<T: Clone> Flight<T> {
                     state.park(waiter, cx.waker());
                     return Poll::Pending;
                 }
-                Work::Done(_) => return Poll::Ready(Ok(state.read_outcome(waiter))),
+                Work::Done => {
+                    drop(state);
+                    let finished = self.read_ended(waiter);
+                    return Poll::Ready(Ok(finished.expect("the outcome is set before `Done`")));
+                }
                 Work::Panicked(message) => {
                     let message = format!("the shared work of this flight panicked: {message}");
                     state.leave(waiter);
@@ -201,11 +311,19 @@ impl<T: Clone> Flight<T> {
         let mut state = self.lock();
         match polled {
             Ok(value) => {
-                state.work = Work::Done(Some(value));
-                let mut finished = state.read_outcome(waiter);
-                finished.release_key = true;
-                wake_all(state, spent);
-                Ok(finished)
+                state.leave(waiter);
+                let parked = mem::take(&mut state.wakers);
+                self.unread.store(state.waiters, SeqCst);
+                self.ended.set(Ended::new(value.clone(), parked));
+                state.work = Work::Done;
+                drop(state);
+                // The spent work and the wakers run code that is not ours: outside the lock.
+                drop(spent);
+                self.ended.with(|ended| ended.pass_on(&value, 0));
+                Ok(Finished {
+                    value,
+                    release_key: true,
+                })
             }
             Err(payload) => {
                 state.work = Work::Panicked(panic_message(payload.as_ref()));
@@ -227,24 +345,77 @@ pub(crate) fn poll_work<T>(work: &mut BoxWork<T>, cx: &mut Context<'_>) -> Poll<
     }
 }
 
+impl<T: Clone> Flight<T> {
+    /// The outcome, if the work completed: read without the lock, and this waiter's share
+    /// of the hand-off passed on.
+    fn read_ended(&self, waiter: &mut Waiter<T>) -> Option<Finished<T>> {
+        let value = self.ended.with(|ended| {
+            let index = ended.index(waiter.slot);
+            let value = ended.copy_for(index);
+            if let Some(index) = index {
+                ended.pass_on(&value, Ended::<T>::children(index));
+            }
+            value
+        })?;
+        self.ended_read(waiter);
+        Some(Finished {
+            value,
+            release_key: false,
+        })
+    }
+}
+
 impl<T> Flight<T> {
     /// The waiters that have neither read the outcome nor left.
     pub(crate) fn waiters(&self) -> usize {
-        self.lock().waiters
+        let state = self.lock();
+        match state.work {
+            Work::Done => self.unread.load(SeqCst),
+            _ => state.waiters,
+        }
+    }
+
+    /// A waiter leaves a completed flight without reading the outcome: it wakes its share
+    /// of the hand-off, which take their copies from the source. `false` if the flight has
+    /// not completed.
+    fn leave_ended(&self, waiter: &mut Waiter<T>) -> bool {
+        let passed = self.ended.with(|ended| {
+            if let Some(index) = ended.index(waiter.slot) {
+                ended.wake(Ended::<T>::children(index));
+            }
+        });
+        if passed.is_none() {
+            return false;
+        }
+        self.ended_read(waiter);
+        true
+    }
+
+    /// A waiter is done with a completed flight (it read the outcome, or left after it).
+    fn ended_read(&self, waiter: &mut Waiter<T>) {
+        waiter.finished = true;
+        waiter.slot = None;
+        self.unread.fetch_sub(1, SeqCst);
     }
 
     /// A waiter goes away before it read the outcome (its future was dropped). Returns
     /// `true` when it was the last one: the work has been dropped and the caller must free
     /// the key.
     pub(crate) fn leave(&self, waiter: &mut Waiter<T>) -> bool {
-        if waiter.finished {
+        if waiter.finished || self.leave_ended(waiter) {
             return false;
         }
         let held = waiter.work.take();
         let mut state = self.lock();
+        if matches!(state.work, Work::Done) {
+            // Completed since the look above: its share of the hand-off goes on.
+            drop(state);
+            self.leave_ended(waiter);
+            return false;
+        }
         state.leave(waiter);
         if !matches!(state.work, Work::Running(_)) {
-            // Done or panicked: the outcome outlives its readers, nothing to hand over.
+            // Panicked: the message outlives its readers, nothing to hand over.
             return false;
         }
         if state.waiters == 0 {
@@ -300,27 +471,6 @@ impl<T> State<T> {
     }
 }
 
-impl<T: Clone> State<T> {
-    fn read_outcome(&mut self, waiter: &mut Waiter<T>) -> Finished<T> {
-        self.leave(waiter);
-        let last = self.waiters == 0;
-        let Work::Done(value) = &mut self.work else {
-            unreachable!("outcome read before the work completed");
-        };
-        let value = if last {
-            value.take().expect("the last reader takes the value")
-        } else {
-            value
-                .clone()
-                .expect("the value stays until the last reader")
-        };
-        Finished {
-            value,
-            release_key: false,
-        }
-    }
-}
-
 impl<T> Waiter<T> {
     /// The leader's place: it holds its work from the start.
     pub(crate) fn leader(work: Option<BoxWork<T>>) -> Self {
@@ -368,8 +518,8 @@ fn wake_one<T>(state: MutexGuard<'_, State<T>>) {
     }
 }
 
-/// Wakes every parked waiter once the flight has ended. The spent work is dropped and
-/// the wakers are woken after releasing the lock: both run code that is not ours.
+/// Wakes every parked waiter once the work panicked. The spent work is dropped and the
+/// wakers are woken after releasing the lock: both run code that is not ours.
 fn wake_all<T>(mut state: MutexGuard<'_, State<T>>, spent: Option<BoxWork<T>>) {
     let wakers = mem::take(&mut state.wakers);
     drop(state);
@@ -578,6 +728,67 @@ pub(crate) mod loom_tests {
             assert!(t.join().unwrap().is_none_or(|v| v == 7));
             assert_eq!(first.join().unwrap(), 7);
             assert_eq!(done.load(SeqCst), 1);
+        });
+    }
+
+    /// Two followers wait; the work completes and the outcome is handed on down the chain
+    /// (one waiter wakes the next, under loom): the first follower is dropped instead of
+    /// reading it, in every interleaving, and the second is still woken and served (loom
+    /// reports a deadlock if it is stranded).
+    #[test]
+    fn loom_a_follower_dropped_mid_hand_off_passes_its_share_on() {
+        loom::model(|| {
+            let (signal, done, dropped) = (Signal::default(), Arc::default(), Arc::default());
+            let (flight, mut first) = Flight::joined();
+            let flight = Arc::new(flight);
+            let mut second = match flight.try_join() {
+                Some(waiter) => waiter,
+                None => unreachable!("the flight runs"),
+            };
+            let mut leader = Waiter::leader(Some(work(signal.clone(), Arc::clone(&done), dropped)));
+
+            let f = flight.clone();
+            let dropping = thread::spawn(move || {
+                // Parks (or finds the outcome), then goes away without reading it.
+                let waker = futures::task::noop_waker();
+                match f.poll(&mut first, &mut Context::from_waker(&waker)) {
+                    Poll::Pending => assert!(!f.leave(&mut first)),
+                    Poll::Ready(finished) => assert!(finished.is_ok()),
+                }
+            });
+            let f = flight.clone();
+            let reading = thread::spawn(move || wait(&f, &mut second));
+            signal.set();
+            assert_eq!(lead(&flight, &mut leader), 7);
+            assert_eq!(reading.join().unwrap(), 7);
+            dropping.join().unwrap();
+            assert_eq!(done.load(SeqCst), 1);
+            assert_eq!(flight.waiters(), 0);
+        });
+    }
+
+    /// Two followers read the outcome handed down the chain, whatever the order they are
+    /// polled in: both get it, and the count of unread waiters ends at zero.
+    #[test]
+    fn loom_the_outcome_goes_down_the_hand_off_to_every_follower() {
+        loom::model(|| {
+            let (signal, done, dropped) = (Signal::default(), Arc::default(), Arc::default());
+            signal.set();
+            let (flight, mut first) = Flight::joined();
+            let flight = Arc::new(flight);
+            let mut second = match flight.try_join() {
+                Some(waiter) => waiter,
+                None => unreachable!("the flight runs"),
+            };
+            let mut leader = Waiter::leader(Some(work(signal, Arc::clone(&done), dropped)));
+            let f = flight.clone();
+            let a = thread::spawn(move || wait(&f, &mut first));
+            let f = flight.clone();
+            let b = thread::spawn(move || wait(&f, &mut second));
+            assert_eq!(lead(&flight, &mut leader), 7);
+            assert_eq!(a.join().unwrap(), 7);
+            assert_eq!(b.join().unwrap(), 7);
+            assert_eq!(flight.waiters(), 0);
         });
     }
 
