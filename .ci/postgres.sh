@@ -1,7 +1,8 @@
 # Sourced by .ci/run: installs PostgreSQL from Debian's packages if it is missing, starts a
 # throwaway cluster in a temporary directory on 127.0.0.1 and a free port, exports
 # DATABASE_URL, and stops the cluster (and removes it) when the calling shell exits.
-# The server runs as the `postgres` user, because initdb refuses to run as root.
+# The server runs as the `postgres` user, because initdb refuses to run as root. Without
+# `fsync` (tests), unless PG_FSYNC=on (the benchmarks of the stores).
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -38,7 +39,7 @@ on_exit stop_postgres
 as_postgres "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres -A trust >"$PG_DIR/initdb.log" 2>&1 \
   || { cat "$PG_DIR/initdb.log"; exit 1; }
 as_postgres "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w \
-  -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DIR -c max_connections=200 -c fsync=off" start >/dev/null \
+  -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DIR -c max_connections=200 -c fsync=${PG_FSYNC:-off}" start >/dev/null \
   || { cat "$PG_DIR/server.log"; exit 1; }
 
 export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"

@@ -19,12 +19,13 @@
 //!   the kept response then commits with). Also measured turn about, with the ratios
 //!   printed.
 //!
-//! Each on local-only; on the Redis at `REDIS_URL` and the Redis Cluster at
-//! `REDIS_CLUSTER_URLS` (comma-separated) with the feature `redis`; on the PostgreSQL at
-//! `DATABASE_URL` with the feature `postgres`.
+//! Each on local-only; on the Redis at `REDIS_URL` (keeping nothing on disk), the durable
+//! Redis at `REDIS_DURABLE_URL` (`appendonly yes`, `appendfsync always`) and the Redis
+//! Cluster at `REDIS_CLUSTER_URLS` (comma-separated) with the feature `redis`; on the
+//! PostgreSQL at `DATABASE_URL` with the feature `postgres`.
 //!
-//! Run with `REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL=postgres://... cargo bench --manifest-path benches/Cargo.toml
-//! --bench stores`.
+//! `bash benches/stores.sh` starts PostgreSQL (`fsync` on) and both Redis servers and runs
+//! this bench against them.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -163,6 +164,44 @@ fn benches(c: &mut Criterion) {
         group.bench_function(*name, |b| b.to_async(&rt).iter(|| distinct(instances, 100)));
     }
     group.finish();
+
+    rt.block_on(stores_turn_about(&setups));
+}
+
+/// The two shapes that compare the stores, each store in turn within every round (so that
+/// the machine's drift lands on all of them alike), 30 rounds: the mean time of a batch of
+/// 400 distinct keys over 4 instances (as a throughput) and of 4 instances x 50 callers of
+/// one key, with the ratios to the Redis that keeps nothing on disk.
+async fn stores_turn_about(setups: &[(&'static str, Vec<Svc>)]) {
+    let rounds: u32 = 30;
+    let mut distinct_took = vec![std::time::Duration::ZERO; setups.len()];
+    let mut fan_in_took = vec![std::time::Duration::ZERO; setups.len()];
+    for round in 0..rounds {
+        for turn in 0..setups.len() {
+            let which = (round as usize + turn) % setups.len();
+            let instances = &setups[which].1;
+            let started = std::time::Instant::now();
+            distinct(instances, 100).await;
+            distinct_took[which] += started.elapsed();
+            let started = std::time::Instant::now();
+            fan_in(instances, 50).await;
+            fan_in_took[which] += started.elapsed();
+        }
+    }
+    let redis = setups.iter().position(|(name, _)| *name == "redis");
+    println!("\nstores, turn about ({rounds} rounds; ratios to redis):");
+    for (i, (name, _)) in setups.iter().enumerate() {
+        let per_second = 400.0 * rounds as f64 / distinct_took[i].as_secs_f64();
+        let batch = fan_in_took[i] / rounds;
+        let ratio = |took: &[std::time::Duration]| {
+            redis.map_or(f64::NAN, |r| took[i].as_secs_f64() / took[r].as_secs_f64())
+        };
+        println!(
+            "{name:>18}: distinct keys {per_second:>8.0}/s ({:.2}x)  4 instances x 50 callers {batch:>9.2?} ({:.2}x)",
+            1.0 / ratio(&distinct_took),
+            ratio(&fan_in_took),
+        );
+    }
 }
 
 /// One caller's flights on `single` and on `cluster`, one after the other, 2,000 each,
@@ -187,8 +226,8 @@ async fn interleaved(single: &Svc, cluster: &Svc) {
     }
 }
 
-/// 4 instances on the Redis at `REDIS_URL`, and 4 on the cluster at `REDIS_CLUSTER_URLS`,
-/// where they are set.
+/// 4 instances on the Redis at `REDIS_URL`, 4 on the durable Redis at `REDIS_DURABLE_URL`
+/// (`appendfsync always`), and 4 on the cluster at `REDIS_CLUSTER_URLS`, where they are set.
 #[cfg(feature = "redis")]
 fn redis(rt: &Runtime) -> Vec<(&'static str, Vec<Svc>)> {
     use tower_coalesce::redis::RedisStore;
@@ -206,6 +245,18 @@ fn redis(rt: &Runtime) -> Vec<(&'static str, Vec<Svc>)> {
             out
         });
         setups.push(("redis", instances));
+    }
+    // The durable reference beside it: a Redis with `appendfsync always`.
+    if let Some(url) = env("REDIS_DURABLE_URL") {
+        let instances = rt.block_on(async {
+            let mut out = Vec::new();
+            for _ in 0..4 {
+                let store = RedisStore::connect(&url).await.unwrap();
+                out.push(instance(store.with_prefix(prefix.clone())));
+            }
+            out
+        });
+        setups.push(("redis_aof_always", instances));
     }
     // A Redis Cluster beside it, if there is one: each key's scripts go to its slot's master.
     if let Some(urls) = env("REDIS_CLUSTER_URLS") {

@@ -143,6 +143,149 @@ async fn a_lease_that_is_never_released_is_taken_over_when_it_expires() {
     taken.complete(None).await.unwrap();
 }
 
+/// A release message (`pg_notify`) goes out only for a key another instance waits for:
+/// the waiter marks the row (`wanted`) and is woken by the message at once (lease and poll
+/// are 30 s); a key nobody else waited for sends none, since every notifying commit in the
+/// cluster queues on one lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_release_message_goes_out_only_for_a_key_another_instance_waits_for() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let (pool, table) = (pool(&url).await, table());
+    let long = Duration::from_secs(30);
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    let a = instance(
+        store(&pool, &table, long, long).await,
+        OnStoreError::FailClosed,
+        &runs,
+        &gate,
+    )
+    .await;
+    let b = instance(
+        store(&pool, &table, long, long).await,
+        OnStoreError::FailClosed,
+        &runs,
+        &gate,
+    )
+    .await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen(&format!("{table}_released")).await.unwrap();
+
+    let first = tokio::spawn(post(a.addr, "waited-for"));
+    runs.reach(1).await;
+    let second = tokio::spawn(post(b.addr, "waited-for"));
+    // B waits on A's lease and has said so on the row.
+    let wanted = format!("SELECT count(*) FROM {table} WHERE wanted");
+    let started = Instant::now();
+    while sqlx::query_scalar::<_, i64>(&wanted)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "B never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let released = Instant::now();
+    gate.open();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert!(
+        released.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        released.elapsed()
+    );
+    assert!(second.replayed, "{second:?}");
+    assert_eq!((first.body, runs.get()), (second.body, 1));
+    let message = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+    assert!(
+        matches!(message, Ok(Ok(_))),
+        "the waited-for key's release: {message:?}"
+    );
+
+    // Keys nobody else waits for: run, kept, replayed, and not a message.
+    for key in ["alone-1", "alone-2", "alone-3", "alone-1"] {
+        assert_eq!(post(a.addr, key).await.status, StatusCode::CREATED);
+    }
+    assert_eq!(runs.get(), 4);
+    let message = tokio::time::timeout(Duration::from_secs(1), listener.recv()).await;
+    assert!(
+        message.is_err(),
+        "a release nobody waited for was sent: {message:?}"
+    );
+}
+
+/// A lease is committed without waiting for the disk (it is soft state), so PostgreSQL
+/// killed right after a leader took one, while its handler runs, may lose it, and another
+/// instance may then take the key over after the restart. Whether the lease was lost or
+/// not, the key has one answer: every `201` any caller gets is the same, and so is every
+/// retry on either instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_lost_in_a_crash_still_leaves_the_key_one_answer() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let (pool, table) = (server.pool().await, table());
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    let (lease, poll) = (Duration::from_secs(2), Duration::from_millis(100));
+    let a = instance(
+        store(&pool, &table, lease, poll).await,
+        OnStoreError::FailClosed,
+        &runs,
+        &gate,
+    )
+    .await;
+    let b = instance(
+        store(&pool, &table, lease, poll).await,
+        OnStoreError::FailClosed,
+        &runs,
+        &gate,
+    )
+    .await;
+
+    let first = tokio::spawn(post(a.addr, "order-crash"));
+    runs.reach(1).await;
+    server.kill();
+    server.start_again();
+    // B's caller either waits on A's lease (it survived) or takes the key over (it did not).
+    let second = tokio::spawn(post(b.addr, "order-crash"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gate.open();
+    let answers = [first.await.unwrap(), second.await.unwrap()];
+    let kept = loop {
+        let retry = post(b.addr, "order-crash").await;
+        if retry.replayed {
+            break retry;
+        }
+        assert_ne!(
+            retry.status,
+            StatusCode::CREATED,
+            "a fresh 201 for a key that ran: {retry:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for answer in answers
+        .iter()
+        .filter(|answer| answer.status == StatusCode::CREATED)
+    {
+        assert_eq!(
+            (&answer.body, &answer.run),
+            (&kept.body, &kept.run),
+            "{answers:?}"
+        );
+    }
+    for addr in [a.addr, b.addr] {
+        let retry = post(addr, "order-crash").await;
+        assert_eq!((retry.replayed, &retry.body), (true, &kept.body));
+    }
+    assert!((1..=2).contains(&runs.get()), "{}", runs.get());
+}
+
 /// PostgreSQL killed (`pg_ctl stop -m immediate`) and started again: requests during the
 /// outage are answered promptly (the `FailClosed` instance `503`, the `FailOpen` one runs
 /// them), the response kept before the crash is replayed after it, and keys coalesce

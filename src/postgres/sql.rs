@@ -13,8 +13,10 @@ pub(super) fn schema(table: &str) -> String {
     lease_until timestamptz,              -- the lease is held until then
     fence       bigint      NOT NULL DEFAULT 0,  -- the fencing token of the last lease
     -- when the row may go: past both its response and its lease
-    dead_after  timestamptz GENERATED ALWAYS AS (GREATEST(expires_at, lease_until)) STORED
+    dead_after  timestamptz GENERATED ALWAYS AS (GREATEST(expires_at, lease_until)) STORED,
+    wanted      boolean     NOT NULL DEFAULT false  -- another instance waits for the lease
 );
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS wanted boolean NOT NULL DEFAULT false;
 CREATE INDEX IF NOT EXISTS {index} ON {table} (dead_after);
 CREATE TABLE IF NOT EXISTS {groups} (
     grp         bytea       NOT NULL,  -- the 32-byte key of an HTTP cache group (a URI, a tag)
@@ -67,6 +69,13 @@ impl Statements {
             // token is one more than the key's last, and at least the server's clock in
             // microseconds. The second part of the answer is the kept response, as the
             // statement's snapshot saw it (before the insert).
+            //
+            // A lease is soft state, so its commit does not wait for the disk
+            // (`synchronous_commit` off for this statement's own transaction): a crash of
+            // the server may lose the last few hundred milliseconds of leases, which is a
+            // lease lost, as when it expires, and the fencing token covers it (a new lease
+            // after the restart takes a higher token, from the clock). What is kept is
+            // committed by `complete`, durably, and that flush takes the lease's with it.
             lease: format!(
                 "WITH taken AS (
                     INSERT INTO {table} AS s (key, lease_token, lease_until, fence)
@@ -75,7 +84,8 @@ impl Statements {
                     ON CONFLICT (key) DO UPDATE SET
                         lease_token = EXCLUDED.lease_token,
                         lease_until = EXCLUDED.lease_until,
-                        fence = GREATEST(s.fence + 1, EXCLUDED.fence)
+                        fence = GREATEST(s.fence + 1, EXCLUDED.fence),
+                        wanted = false
                     WHERE (s.lease_until IS NULL OR s.lease_until <= now())
                       AND NOT ($4 AND s.response IS NOT NULL AND s.expires_at > now())
                     RETURNING fence
@@ -83,14 +93,18 @@ impl Statements {
                 SELECT (SELECT fence FROM taken) AS fence,
                        (SELECT response FROM {table}
                          WHERE key = $1 AND $4 AND response IS NOT NULL AND expires_at > now())
-                       AS response"
+                       AS response,
+                       set_config('synchronous_commit', 'off', true) AS commit"
             ),
             // Keeps the response `$3` (if any) for `$4` ms and releases the lease if the token
             // `$2` still holds it, unless a later lease was taken on the key (its fence is no
             // longer `$7`): a stalled leader never replaces what the instance that took over
             // kept. Then tells the waiting instances (`pg_notify`, sent when the statement
-            // commits). One statement, safe to repeat. Answers whether it kept, and the
-            // response kept under the key (before this statement) for the superseded case.
+            // commits), if any said it waits (`wanted`): a notification takes a lock that
+            // serializes every notifying commit in the cluster, disk flush included, so a
+            // key nobody else waits for sends none. One statement, safe to repeat. Answers
+            // whether it kept, and the response kept under the key (before this statement)
+            // for the superseded case.
             complete: format!(
                 "WITH kept AS (
                     INSERT INTO {table} AS s (key, response, expires_at, fence)
@@ -103,9 +117,9 @@ impl Statements {
                         lease_until = CASE WHEN s.lease_token = $2 THEN now()
                                       ELSE s.lease_until END
                     WHERE s.fence = $7
-                    RETURNING 1
+                    RETURNING wanted
                 ),
-                told AS (SELECT pg_notify($5, $6)::text AS told FROM kept)
+                told AS (SELECT pg_notify($5, $6)::text AS told FROM kept WHERE wanted)
                 SELECT EXISTS (SELECT 1 FROM kept) AS kept,
                        (SELECT count(told) FROM told) AS told,
                        (SELECT response FROM {table}
@@ -127,7 +141,17 @@ impl Statements {
                  ON CONFLICT (key) DO UPDATE SET
                      response = EXCLUDED.response, expires_at = EXCLUDED.expires_at"
             ),
-            held: format!("SELECT 1 FROM {table} WHERE key = $1 AND lease_until > now()"),
+            // A waiting instance asks to be told of the release, if the lease is still held:
+            // the row's lock orders this against `complete`, which then sees `wanted`, or
+            // has released already and this finds no lease. Against the clock, not `now()`:
+            // a release sets the lease's end to its own statement's start, which may be
+            // later than this statement's start when this one waited for the row's lock.
+            // Soft state, as the lease.
+            held: format!(
+                "UPDATE {table} SET wanted = true
+                  WHERE key = $1 AND lease_until > clock_timestamp()
+                 RETURNING set_config('synchronous_commit', 'off', true)"
+            ),
             // A batch of dead rows, oldest first, skipping rows another instance's sweep
             // (or a lease) has locked: short transactions, no table lock.
             sweep: format!(
