@@ -43,10 +43,7 @@
 //! (`tests/postgres.rs` kills the server right after a lease was taken). A handler that
 //! writes to this same database after the lease was taken makes it durable with its own
 //! commit (the log is flushed in order), and in [atomic mode](PostgresStore::atomic) the
-//! handler's writes commit only with the kept answer, lease lost or not. Skipping the
-//! lease's flush, and sending release messages only for keys another instance waits for
-//! (every notifying commit in a cluster queues on one lock), took 400 distinct keys over 4
-//! instances from 2.2k/s to 4.0k/s (`benches/stores.sh`, `fsync` on).
+//! handler's writes commit only with the kept answer, lease lost or not.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -115,6 +112,12 @@
 //! a renewal every third of the lease while a flight runs, a lookup per waiting flight and
 //! poll, and the sweeps. [`connect`](PostgresStore::connect) makes a pool of 8.
 //!
+//! Leases and completions are batched: one goes out at once when none of its kind is out,
+//! and those that arrive meanwhile go together in the next statement (up to 256 keys,
+//! sorted, so that instances lock rows in one order). A statement's own cost in PostgreSQL
+//! outweighs what a key adds to it many times over, so under load a store sends a few
+//! statements for many flights, and a lone request waits for nobody.
+//!
 //! # Fencing tokens
 //!
 //! A key's tokens strictly increase: each is one more than the key's last (while its row is
@@ -129,6 +132,7 @@
 //! [`HttpCoalesceLayer::store`]: crate::http::HttpCoalesceLayer::store
 
 mod atomic;
+mod batch;
 mod sql;
 
 pub use self::atomic::{Tx, TxGuard};
@@ -142,6 +146,7 @@ use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::{Executor, Row};
 use tokio::task::JoinHandle;
 
+use self::batch::Batcher;
 use self::sql::Statements;
 use crate::BoxError;
 use crate::shared_store::backplane::Backplane;
@@ -197,6 +202,40 @@ struct Shared {
     backplane: Arc<Backplane>,
     /// The `LISTEN` task and the sweeper, stopped with the last clone.
     tasks: [JoinHandle<()>; 2],
+    /// The lease statements of the flights, batched: with the lookup, and without it
+    /// (the HTTP cache's refreshes).
+    leases: [Batcher<LeaseAsk, LeaseAnswer>; 2],
+    /// The completions of the flights (outside atomic mode), batched.
+    completions: Batcher<CompleteAsk, CompleteAnswer>,
+}
+
+/// A flight's ask for the lease of its key.
+struct LeaseAsk {
+    token: String,
+    lease: i64,
+}
+
+/// The answer to a [`LeaseAsk`]: the fencing token of the lease taken, or the response kept
+/// under the key (with the lookup), or neither (held elsewhere).
+struct LeaseAnswer {
+    fence: Option<i64>,
+    response: Option<Vec<u8>>,
+}
+
+/// A flight's completion: the response to keep (if any) for `ttl` ms, under the lease of
+/// `token` with the fencing token `fence`.
+struct CompleteAsk {
+    token: String,
+    response: Option<Vec<u8>>,
+    ttl: i64,
+    fence: i64,
+}
+
+/// The answer to a [`CompleteAsk`]: whether it kept, and else the response kept under the
+/// key.
+struct CompleteAnswer {
+    kept: bool,
+    response: Option<Vec<u8>>,
 }
 
 impl Drop for Shared {
@@ -288,8 +327,16 @@ impl PostgresStoreBuilder {
             Arc::downgrade(&waiters),
             Arc::downgrade(&backplane),
         );
+        let batchers = Batchers {
+            table: Arc::from(self.table.as_str()),
+            statements: &statements,
+            channel: Arc::from(channel.as_str()),
+            timeout: self.timeout,
+        };
         Ok(PostgresStore {
             shared: Arc::new(Shared {
+                leases: [batchers.leases(&pool, false), batchers.leases(&pool, true)],
+                completions: batchers.completions(&pool),
                 pool,
                 table: self.table,
                 statements,
@@ -439,42 +486,33 @@ impl PostgresStore {
         what: &'static str,
         call: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, BoxError> {
-        within(self.timeout, what, call).await.map_err(|error| {
-            match &error {
-                // A missing table says how to make it.
-                StoreError::Sql(sqlx::Error::Database(db))
-                    if db.code().as_deref() == Some("42P01") =>
-                {
-                    format!(
-                        "postgres {what}: the table {} does not exist; run \
-                         PostgresStore::migrate() or its schema() ({db})",
-                        self.shared.table
-                    )
-                    .into()
-                }
-                _ => error.into(),
-            }
-        })
+        let result = within(self.timeout, what, call).await;
+        result.map_err(|error| described(&self.shared.table, what, error))
+    }
+
+    /// Asks a batcher, against the timeout.
+    async fn batched<T>(
+        &self,
+        what: &'static str,
+        ask: impl Future<Output = batch::Answered<T>>,
+    ) -> Result<T, BoxError> {
+        match tokio::time::timeout(self.timeout, ask).await {
+            Ok(answered) => answered.map_err(|message| BoxError::from(message.to_string())),
+            Err(_) => Err(StoreError::TimedOut(what, self.timeout).into()),
+        }
     }
 
     /// Takes the lease of `key` with a new token and the key's next fencing token, after
     /// looking the response up first if `lookup` (one statement).
     async fn take(&self, key: &StoreKey, lookup: bool) -> Result<Lease, BoxError> {
         let token = token();
-        let row = self
-            .timed(
-                "lease",
-                sqlx::query(&self.shared.statements.lease)
-                    .bind(&key.as_bytes()[..])
-                    .bind(&token)
-                    .bind(millis(self.lease))
-                    .bind(lookup)
-                    .fetch_one(&self.shared.pool),
-            )
-            .await?;
-        let fence: Option<i64> = row.try_get("fence")?;
-        let response: Option<Vec<u8>> = row.try_get("response")?;
-        match (fence, response) {
+        let ask = LeaseAsk {
+            token: token.clone(),
+            lease: millis(self.lease),
+        };
+        let leases = &self.shared.leases[usize::from(lookup)];
+        let answer = self.batched("lease", leases.ask(key.clone(), ask)).await?;
+        match (answer.fence, answer.response) {
             (Some(fence), _) => {
                 // The HTTP cache's refreshes (no lookup) keep no handler's writes.
                 let guard = match self.atomic && lookup {
@@ -501,21 +539,21 @@ impl PostgresStore {
                     Some((response, ttl)) => (Some(codec::encode(&response)), millis(ttl)),
                     None => (None, 0),
                 };
-                let statement = sqlx::query(&store.shared.statements.complete)
-                    .bind(&key.as_bytes()[..])
-                    .bind(&token)
-                    .bind(bytes)
-                    .bind(ttl)
-                    .bind(&store.shared.channel)
-                    .bind(hex(&key))
-                    .bind(fence)
-                    .fetch_one(&store.shared.pool);
-                let row = store.timed("store and release", statement).await?;
-                if row.try_get("kept")? {
+                let ask = CompleteAsk {
+                    token,
+                    response: bytes,
+                    ttl,
+                    fence,
+                };
+                let completing = store.shared.completions.ask(key, ask);
+                let answer = store.batched("store and release", completing).await?;
+                if answer.kept {
                     return Ok(Completion::Kept);
                 }
-                let kept: Option<Vec<u8>> = row.try_get("response")?;
-                let kept = kept.map(|bytes| codec::decode(&bytes)).transpose()?;
+                let kept = answer
+                    .response
+                    .map(|bytes| codec::decode(&bytes))
+                    .transpose()?;
                 Ok(Completion::Superseded(kept.map(Arc::new)))
             }
         };
@@ -778,6 +816,143 @@ impl std::error::Error for StoreError {
             StoreError::Sql(error) => Some(error),
             StoreError::TimedOut(..) => None,
         }
+    }
+}
+
+/// The error of a call, as the layer reports it: a missing table says how to make it.
+fn described(table: &str, what: &str, error: StoreError) -> BoxError {
+    match &error {
+        StoreError::Sql(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => {
+            format!(
+                "postgres {what}: the table {table} does not exist; run \
+                 PostgresStore::migrate() or its schema() ({db})"
+            )
+            .into()
+        }
+        _ => error.into(),
+    }
+}
+
+/// What the batched statements need, to start their queues.
+struct Batchers<'a> {
+    table: Arc<str>,
+    statements: &'a Statements,
+    channel: Arc<str>,
+    timeout: Duration,
+}
+
+impl Batchers<'_> {
+    /// The queue of the lease statements, with the lookup or without. A lease taken for a
+    /// caller that has gone (its timeout) is released at once.
+    fn leases(&self, pool: &PgPool, lookup: bool) -> Batcher<LeaseAsk, LeaseAnswer> {
+        let (statement, table, timeout) = (
+            Arc::<str>::from(self.statements.lease.as_str()),
+            self.table.clone(),
+            self.timeout,
+        );
+        let run = move |pool: PgPool, asks: Arc<Vec<(StoreKey, LeaseAsk)>>| {
+            let (statement, table) = (statement.clone(), table.clone());
+            async move {
+                let keys: Vec<Vec<u8>> = asks
+                    .iter()
+                    .map(|(key, _)| key.as_bytes().to_vec())
+                    .collect();
+                let tokens: Vec<&str> = asks.iter().map(|(_, ask)| ask.token.as_str()).collect();
+                let leases: Vec<i64> = asks.iter().map(|(_, ask)| ask.lease).collect();
+                let query = sqlx::query(&statement)
+                    .bind(keys)
+                    .bind(tokens)
+                    .bind(leases)
+                    .bind(lookup)
+                    .fetch_all(&pool);
+                let rows = within(timeout, "lease", query)
+                    .await
+                    .map_err(|error| described(&table, "lease", error))?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(LeaseAnswer {
+                            fence: row.try_get("fence")?,
+                            response: row.try_get("response")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+                    .map_err(BoxError::from)
+            }
+        };
+        let (release, channel) = (
+            Arc::<str>::from(self.statements.complete.as_str()),
+            self.channel.clone(),
+        );
+        let unclaimed = move |pool: PgPool, key: StoreKey, answer: LeaseAnswer| {
+            let (release, channel) = (release.clone(), channel.clone());
+            async move {
+                let Some(fence) = answer.fence else {
+                    return;
+                };
+                // The token is not needed: the fence alone says the lease is this one.
+                let released = sqlx::query(&release)
+                    .bind(&key.as_bytes()[..])
+                    .bind("")
+                    .bind(None::<Vec<u8>>)
+                    .bind(0i64)
+                    .bind(&*channel)
+                    .bind(hex(&key))
+                    .bind(fence)
+                    .execute(&pool);
+                if let Err(error) = within(timeout, "release", released).await {
+                    tracing::debug!(%error, "releasing an unclaimed lease failed; it will expire");
+                }
+            }
+        };
+        Batcher::start(pool.clone(), run, unclaimed)
+    }
+
+    /// The queue of the completions.
+    fn completions(&self, pool: &PgPool) -> Batcher<CompleteAsk, CompleteAnswer> {
+        let (statement, table, channel, timeout) = (
+            Arc::<str>::from(self.statements.complete_batch.as_str()),
+            self.table.clone(),
+            self.channel.clone(),
+            self.timeout,
+        );
+        let run = move |pool: PgPool, asks: Arc<Vec<(StoreKey, CompleteAsk)>>| {
+            let (statement, table, channel) = (statement.clone(), table.clone(), channel.clone());
+            async move {
+                let keys: Vec<Vec<u8>> = asks
+                    .iter()
+                    .map(|(key, _)| key.as_bytes().to_vec())
+                    .collect();
+                let tokens: Vec<&str> = asks.iter().map(|(_, ask)| ask.token.as_str()).collect();
+                let responses: Vec<Option<&[u8]>> = asks
+                    .iter()
+                    .map(|(_, ask)| ask.response.as_deref())
+                    .collect();
+                let ttls: Vec<i64> = asks.iter().map(|(_, ask)| ask.ttl).collect();
+                let fences: Vec<i64> = asks.iter().map(|(_, ask)| ask.fence).collect();
+                let query = sqlx::query(&statement)
+                    .bind(keys)
+                    .bind(tokens)
+                    .bind(responses)
+                    .bind(ttls)
+                    .bind(fences)
+                    .bind(&*channel)
+                    .fetch_all(&pool);
+                let rows = within(timeout, "store and release", query)
+                    .await
+                    .map_err(|error| described(&table, "store and release", error))?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(CompleteAnswer {
+                            kept: row.try_get("kept")?,
+                            response: row.try_get("response")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+                    .map_err(BoxError::from)
+            }
+        };
+        // A completion whose caller has gone is written all the same: nothing to undo.
+        Batcher::start(pool.clone(), run, |_, _, _| async {})
     }
 }
 

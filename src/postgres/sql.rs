@@ -47,6 +47,7 @@ fn index_name(table: &str) -> String {
 #[derive(Debug)]
 pub(super) struct Statements {
     pub(super) lease: String,
+    pub(super) complete_batch: String,
     pub(super) complete: String,
     pub(super) renew: String,
     pub(super) get: String,
@@ -64,11 +65,13 @@ impl Statements {
         let groups = groups_table(table);
         // `$n * interval '1 millisecond'`: durations go as milliseconds (bigint).
         Statements {
-            // Takes the lease of `$1` for the token `$2` and `$3` ms, unless it is held, or
-            // (`$4`, the lookup) a live response is kept: one statement. The lease's fencing
-            // token is one more than the key's last, and at least the server's clock in
-            // microseconds. The second part of the answer is the kept response, as the
-            // statement's snapshot saw it (before the insert).
+            // Takes the leases of the keys `$1` for the tokens `$2` and `$3` ms each, unless
+            // a key's lease is held, or (`$4`, the lookup) a live response is kept under it:
+            // one statement for a batch of keys (see `batch.rs`), sorted, so that every
+            // instance locks rows in the same order. A lease's fencing token is one more
+            // than the key's last, and at least the server's clock in microseconds. Answers,
+            // a row per key in their order, the fence of the lease taken (or NULL) and the
+            // kept response, as the statement's snapshot saw it (before the insert).
             //
             // A lease is soft state, so its commit does not wait for the disk
             // (`synchronous_commit` off for this statement's own transaction): a crash of
@@ -77,10 +80,15 @@ impl Statements {
             // after the restart takes a higher token, from the clock). What is kept is
             // committed by `complete`, durably, and that flush takes the lease's with it.
             lease: format!(
-                "WITH taken AS (
+                "WITH input AS (
+                    SELECT * FROM unnest($1::bytea[], $2::text[], $3::bigint[])
+                        WITH ORDINALITY AS i(key, token, lease_ms, n)
+                ),
+                taken AS (
                     INSERT INTO {table} AS s (key, lease_token, lease_until, fence)
-                    VALUES ($1, $2, now() + $3 * interval '1 millisecond',
-                            (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+                    SELECT key, token, now() + lease_ms * interval '1 millisecond',
+                           (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
+                      FROM input ORDER BY key
                     ON CONFLICT (key) DO UPDATE SET
                         lease_token = EXCLUDED.lease_token,
                         lease_until = EXCLUDED.lease_until,
@@ -88,13 +96,55 @@ impl Statements {
                         wanted = false
                     WHERE (s.lease_until IS NULL OR s.lease_until <= now())
                       AND NOT ($4 AND s.response IS NOT NULL AND s.expires_at > now())
-                    RETURNING fence
+                    RETURNING key, fence
                 )
-                SELECT (SELECT fence FROM taken) AS fence,
+                SELECT t.fence,
                        (SELECT response FROM {table}
-                         WHERE key = $1 AND $4 AND response IS NOT NULL AND expires_at > now())
+                         WHERE key = i.key AND $4 AND response IS NOT NULL
+                           AND expires_at > now())
                        AS response,
-                       set_config('synchronous_commit', 'off', true) AS commit"
+                       set_config('synchronous_commit', 'off', true) AS commit
+                  FROM input i LEFT JOIN taken t ON t.key = i.key
+                 ORDER BY i.n"
+            ),
+            // `complete` for a batch of keys (see `batch.rs`), sorted: keeps the responses
+            // `$3` (NULL: none) for `$4` ms each and releases the leases of the tokens `$2`,
+            // for each key whose fence is still `$5`; tells the waiting instances on the
+            // channel `$6`. Answers, a row per key in their order, whether it kept, and
+            // else the response kept under the key (before this statement).
+            complete_batch: format!(
+                "WITH input AS (
+                    SELECT * FROM unnest($1::bytea[], $2::text[], $3::bytea[], $4::bigint[],
+                                         $5::bigint[])
+                        WITH ORDINALITY AS i(key, token, response, ttl_ms, fence, n)
+                ),
+                kept AS (
+                    INSERT INTO {table} AS s (key, response, expires_at, fence, lease_token)
+                    SELECT key, response,
+                           CASE WHEN response IS NULL THEN NULL
+                                ELSE now() + ttl_ms * interval '1 millisecond' END,
+                           fence, token
+                      FROM input ORDER BY key
+                    ON CONFLICT (key) DO UPDATE SET
+                        response = COALESCE(EXCLUDED.response, s.response),
+                        expires_at = CASE WHEN EXCLUDED.response IS NULL THEN s.expires_at
+                                     ELSE EXCLUDED.expires_at END,
+                        lease_until = CASE WHEN s.lease_token = EXCLUDED.lease_token THEN now()
+                                      ELSE s.lease_until END
+                    WHERE s.fence = EXCLUDED.fence
+                    RETURNING key, wanted
+                ),
+                told AS (
+                    SELECT pg_notify($6, encode(key, 'hex'))::text AS told FROM kept WHERE wanted
+                )
+                SELECT k.key IS NOT NULL AS kept,
+                       (SELECT count(told) FROM told) AS told,
+                       CASE WHEN k.key IS NULL THEN
+                           (SELECT response FROM {table}
+                             WHERE key = i.key AND response IS NOT NULL AND expires_at > now())
+                       END AS response
+                  FROM input i LEFT JOIN kept k ON k.key = i.key
+                 ORDER BY i.n"
             ),
             // Keeps the response `$3` (if any) for `$4` ms and releases the lease if the token
             // `$2` still holds it, unless a later lease was taken on the key (its fence is no
