@@ -6,8 +6,8 @@
 //! on 2 cores. So each store sends its leases through one queue and its completions
 //! through another: an ask goes out at once, alone, from its caller's task, when none of
 //! the queue's statements is out; the asks that arrive while statements are out go
-//! together in the next one, up to [`MAX_BATCH`]. A lone request waits for nobody; under
-//! load, statements carry many keys each.
+//! together in the next one, up to [`MAX_BATCH`] asks and 1 MiB of responses. A lone
+//! request waits for nobody; under load, statements carry many keys each.
 //!
 //! A batch holds a key once (a statement can't update a row twice); a second ask for the
 //! same key waits for the next batch. Keys are sorted, so that two instances' statements
@@ -30,6 +30,10 @@ use crate::store::StoreKey;
 /// The most asks in one statement.
 pub(super) const MAX_BATCH: usize = 256;
 
+/// The most bytes of responses in one statement: a burst of large responses goes in
+/// several statements rather than one that holds every caller up.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
 /// Statements of one queue out at once: a batch is made while others run.
 const IN_FLIGHT: usize = 2;
 
@@ -38,6 +42,8 @@ pub(super) type Answered<A> = Result<A, Arc<str>>;
 
 struct Ask<Q, A> {
     key: StoreKey,
+    /// What the ask adds to a statement's size, as `weigh` says.
+    bytes: usize,
     question: Q,
     answer: oneshot::Sender<Answered<A>>,
 }
@@ -58,12 +64,19 @@ pub(super) struct Batcher<Q, A> {
     slots: Arc<Semaphore>,
     pool: PgPool,
     run: Arc<Run<Q, A>>,
+    weigh: fn(&Q) -> usize,
 }
 
 impl<Q: Send + Sync + 'static, A: Send + 'static> Batcher<Q, A> {
     /// Starts the queue's task: `run` sends one batch (keys unique and sorted) and answers
-    /// each ask, in order; `unclaimed` is told of each answer whose caller had gone.
-    pub(super) fn start<R, F, U, G>(pool: PgPool, run: R, unclaimed: U) -> Self
+    /// each ask, in order; `unclaimed` is told of each answer whose caller had gone;
+    /// `weigh` says how many bytes an ask adds to a statement.
+    pub(super) fn start<R, F, U, G>(
+        pool: PgPool,
+        run: R,
+        unclaimed: U,
+        weigh: fn(&Q) -> usize,
+    ) -> Self
     where
         R: Fn(PgPool, Arc<Vec<(StoreKey, Q)>>) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Vec<A>, BoxError>> + Send + 'static,
@@ -82,6 +95,7 @@ impl<Q: Send + Sync + 'static, A: Send + 'static> Batcher<Q, A> {
             slots,
             pool,
             run,
+            weigh,
         }
     }
 
@@ -101,6 +115,7 @@ impl<Q: Send + Sync + 'static, A: Send + 'static> Batcher<Q, A> {
         let (answer, answered) = oneshot::channel();
         let ask = Ask {
             key,
+            bytes: (self.weigh)(&question),
             question,
             answer,
         };
@@ -130,24 +145,27 @@ async fn drain<Q, A>(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut batch = Vec::new();
-        let mut keys = HashSet::new();
-        let mut later = Vec::new();
+        let mut batch = Batch::default();
         for ask in held_over.drain(..) {
-            take(ask, &mut batch, &mut keys, &mut later);
+            batch.take(ask);
         }
-        if batch.is_empty() {
+        if batch.asks.is_empty() {
             match queue.recv().await {
-                Some(ask) => take(ask, &mut batch, &mut keys, &mut later),
+                Some(ask) => batch.take(ask),
                 None => return,
             }
         }
-        while batch.len() < MAX_BATCH {
+        while batch.has_room() {
             match queue.try_recv() {
-                Ok(ask) => take(ask, &mut batch, &mut keys, &mut later),
+                Ok(ask) => batch.take(ask),
                 Err(_) => break,
             }
         }
+        let Batch {
+            asks: mut batch,
+            later,
+            ..
+        } = batch;
         held_over = later;
         batch.sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
         let (run, unclaimed, pool) = (run.clone(), unclaimed.clone(), pool.clone());
@@ -158,17 +176,42 @@ async fn drain<Q, A>(
     }
 }
 
-/// Puts `ask` in the batch, or aside for the next one if its key is in already.
-fn take<Q, A>(
-    ask: Ask<Q, A>,
-    batch: &mut Vec<Ask<Q, A>>,
-    keys: &mut HashSet<StoreKey>,
-    later: &mut Vec<Ask<Q, A>>,
-) {
-    if keys.insert(ask.key.clone()) {
-        batch.push(ask);
-    } else {
-        later.push(ask);
+/// A batch being made: its asks, their keys and bytes, and the asks held over for the next.
+struct Batch<Q, A> {
+    asks: Vec<Ask<Q, A>>,
+    keys: HashSet<StoreKey>,
+    bytes: usize,
+    later: Vec<Ask<Q, A>>,
+}
+
+impl<Q, A> Default for Batch<Q, A> {
+    fn default() -> Self {
+        Batch {
+            asks: Vec::new(),
+            keys: HashSet::new(),
+            bytes: 0,
+            later: Vec::new(),
+        }
+    }
+}
+
+impl<Q, A> Batch<Q, A> {
+    fn has_room(&self) -> bool {
+        self.asks.len() < MAX_BATCH && self.bytes < MAX_BATCH_BYTES
+    }
+
+    /// Puts `ask` in the batch, or aside for the next one if its key is in already or it
+    /// does not fit (the first ask always does).
+    fn take(&mut self, ask: Ask<Q, A>) {
+        let fits = self.asks.is_empty()
+            || (self.asks.len() < MAX_BATCH && self.bytes + ask.bytes <= MAX_BATCH_BYTES);
+        if fits && !self.keys.contains(&ask.key) {
+            self.keys.insert(ask.key.clone());
+            self.bytes += ask.bytes;
+            self.asks.push(ask);
+        } else {
+            self.later.push(ask);
+        }
     }
 }
 
@@ -243,7 +286,7 @@ mod tests {
                     .collect())
             }
         };
-        let batcher = Arc::new(Batcher::start(pool, run, |_, _, _| async {}));
+        let batcher = Arc::new(Batcher::start(pool, run, |_, _, _| async {}, |_| 0));
         let asks = (0..30u32).map(|n| {
             let batcher = batcher.clone();
             tokio::spawn(async move { (n, batcher.ask(key((n % 5) as u8), n).await) })
@@ -267,6 +310,42 @@ mod tests {
         }
     }
 
+    /// Large asks go in several statements: 12 asks of 400 KB over 12 keys, no statement
+    /// over 1 MiB unless it holds one ask alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_asks_go_in_several_statements() {
+        let pool = PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
+        let sizes: Arc<Mutex<Vec<Vec<usize>>>> = Arc::default();
+        let seen = sizes.clone();
+        let run = move |_: PgPool, asks: Arc<Vec<(StoreKey, usize)>>| {
+            let seen = seen.clone();
+            async move {
+                seen.lock()
+                    .unwrap()
+                    .push(asks.iter().map(|(_, n)| *n).collect());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(asks.iter().map(|_| ()).collect())
+            }
+        };
+        let batcher = Arc::new(Batcher::start(pool, run, |_, _, _| async {}, |n| *n));
+        let asks = (0..12u8).map(|n| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.ask(key(n), 400 << 10).await })
+        });
+        for ask in futures::future::join_all(asks).await {
+            ask.unwrap().unwrap();
+        }
+        let sizes = sizes.lock().unwrap();
+        assert_eq!(sizes.iter().map(Vec::len).sum::<usize>(), 12);
+        for statement in sizes.iter() {
+            assert!(statement.iter().sum::<usize>() <= 1 << 20, "{sizes:?}");
+        }
+        assert!(
+            sizes.iter().any(|statement| statement.len() > 1),
+            "batched: {sizes:?}"
+        );
+    }
+
     /// A failed statement fails each of its asks with its message; the queue goes on.
     #[tokio::test]
     async fn a_failed_statement_fails_its_asks_and_the_queue_goes_on() {
@@ -277,7 +356,7 @@ mod tests {
                 false => Err(BoxError::from("the server said no")),
             }
         };
-        let batcher = Batcher::start(pool, run, |_, _, _| async {});
+        let batcher = Batcher::start(pool, run, |_, _, _| async {}, |_| 0);
         let failed = batcher.ask(key(1), false).await;
         assert_eq!(failed.unwrap_err().as_ref(), "the server said no");
         assert!(batcher.ask(key(1), true).await.is_ok());

@@ -904,7 +904,7 @@ impl Batchers<'_> {
                 }
             }
         };
-        Batcher::start(pool.clone(), run, unclaimed)
+        Batcher::start(pool.clone(), run, unclaimed, |ask| ask.token.len())
     }
 
     /// The queue of the completions.
@@ -952,7 +952,8 @@ impl Batchers<'_> {
             }
         };
         // A completion whose caller has gone is written all the same: nothing to undo.
-        Batcher::start(pool.clone(), run, |_, _, _| async {})
+        let weigh = |ask: &CompleteAsk| ask.response.as_ref().map_or(0, Vec::len);
+        Batcher::start(pool.clone(), run, |_, _, _| async {}, weigh)
     }
 }
 
