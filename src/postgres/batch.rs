@@ -53,8 +53,8 @@ type Run<Q, A> = dyn Fn(PgPool, Arc<Vec<(StoreKey, Q)>>) -> BoxFuture<'static, R
     + Send
     + Sync;
 
-/// Told of an answer whose caller had gone.
-type Unclaimed<A> = dyn Fn(PgPool, StoreKey, A) -> BoxFuture<'static, ()> + Send + Sync;
+/// Told of an answer whose caller had gone, with the ask's question.
+type Unclaimed<Q, A> = dyn Fn(PgPool, StoreKey, &Q, A) -> BoxFuture<'static, ()> + Send + Sync;
 
 /// A queue of asks of one kind, sent to PostgreSQL in batches by a task that stops when
 /// the queue is dropped.
@@ -80,12 +80,13 @@ impl<Q: Send + Sync + 'static, A: Send + 'static> Batcher<Q, A> {
     where
         R: Fn(PgPool, Arc<Vec<(StoreKey, Q)>>) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Vec<A>, BoxError>> + Send + 'static,
-        U: Fn(PgPool, StoreKey, A) -> G + Send + Sync + 'static,
+        U: Fn(PgPool, StoreKey, &Q, A) -> G + Send + Sync + 'static,
         G: Future<Output = ()> + Send + 'static,
     {
         let run: Arc<Run<Q, A>> = Arc::new(move |pool, asks| run(pool, asks).boxed());
-        let unclaimed: Arc<Unclaimed<A>> =
-            Arc::new(move |pool, key, answer| unclaimed(pool, key, answer).boxed());
+        let unclaimed: Arc<Unclaimed<Q, A>> = Arc::new(move |pool, key, question, answer| {
+            unclaimed(pool, key, question, answer).boxed()
+        });
         let (asks, queue) = mpsc::unbounded_channel();
         let slots = Arc::new(Semaphore::new(IN_FLIGHT));
         let task = drain(queue, slots.clone(), pool.clone(), run.clone(), unclaimed);
@@ -135,7 +136,7 @@ async fn drain<Q, A>(
     slots: Arc<Semaphore>,
     pool: PgPool,
     run: Arc<Run<Q, A>>,
-    unclaimed: Arc<Unclaimed<A>>,
+    unclaimed: Arc<Unclaimed<Q, A>>,
 ) where
     Q: Send + Sync + 'static,
     A: Send + 'static,
@@ -216,8 +217,12 @@ impl<Q, A> Batch<Q, A> {
 }
 
 /// Sends one batch and answers its asks.
-async fn send<Q, A>(batch: Vec<Ask<Q, A>>, pool: PgPool, run: &Run<Q, A>, unclaimed: &Unclaimed<A>)
-where
+async fn send<Q, A>(
+    batch: Vec<Ask<Q, A>>,
+    pool: PgPool,
+    run: &Run<Q, A>,
+    unclaimed: &Unclaimed<Q, A>,
+) where
     Q: Send + Sync + 'static,
     A: Send + 'static,
 {
@@ -230,9 +235,11 @@ where
     let questions = Arc::new(questions);
     match run(pool.clone(), questions.clone()).await {
         Ok(answers) if answers.len() == senders.len() => {
-            for ((sender, answer), (key, _)) in senders.into_iter().zip(answers).zip(&*questions) {
+            for ((sender, answer), (key, question)) in
+                senders.into_iter().zip(answers).zip(&*questions)
+            {
                 if let Err(Ok(answer)) = sender.send(Ok(answer)) {
-                    unclaimed(pool.clone(), key.clone(), answer).await;
+                    unclaimed(pool.clone(), key.clone(), question, answer).await;
                 }
             }
         }
@@ -286,7 +293,7 @@ mod tests {
                     .collect())
             }
         };
-        let batcher = Arc::new(Batcher::start(pool, run, |_, _, _| async {}, |_| 0));
+        let batcher = Arc::new(Batcher::start(pool, run, |_, _, _, _| async {}, |_| 0));
         let asks = (0..30u32).map(|n| {
             let batcher = batcher.clone();
             tokio::spawn(async move { (n, batcher.ask(key((n % 5) as u8), n).await) })
@@ -327,7 +334,7 @@ mod tests {
                 Ok(asks.iter().map(|_| ()).collect())
             }
         };
-        let batcher = Arc::new(Batcher::start(pool, run, |_, _, _| async {}, |n| *n));
+        let batcher = Arc::new(Batcher::start(pool, run, |_, _, _, _| async {}, |n| *n));
         let asks = (0..12u8).map(|n| {
             let batcher = batcher.clone();
             tokio::spawn(async move { batcher.ask(key(n), 400 << 10).await })
@@ -346,6 +353,36 @@ mod tests {
         );
     }
 
+    /// An answer whose caller gave up while its statement was out goes to `unclaimed`
+    /// with the ask's own question (a lease is released with the token that took it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_nobody_waits_for_goes_to_unclaimed_with_its_question() {
+        let pool = PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
+        let run = |_: PgPool, asks: Arc<Vec<(StoreKey, &'static str)>>| async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(asks.iter().map(|_| ()).collect())
+        };
+        let (told, mut unclaimed) = mpsc::unbounded_channel();
+        let tell = move |_: PgPool, key: StoreKey, token: &&'static str, ()| {
+            let _ = told.send((key.as_bytes()[0], *token));
+            async {}
+        };
+        let batcher = Arc::new(Batcher::start(pool, run, tell, |_| 0));
+        // The first ask takes the free slot and goes alone; the second queues behind it
+        // and its caller gives up before its statement answers.
+        let first = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.ask(key(1), "token-1").await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(10), batcher.ask(key(2), "token-2")).await;
+        assert!(gave_up.is_err());
+        first.await.unwrap().unwrap();
+        let told = tokio::time::timeout(Duration::from_secs(5), unclaimed.recv()).await;
+        assert_eq!(told.unwrap(), Some((2, "token-2")));
+    }
+
     /// A failed statement fails each of its asks with its message; the queue goes on.
     #[tokio::test]
     async fn a_failed_statement_fails_its_asks_and_the_queue_goes_on() {
@@ -356,7 +393,7 @@ mod tests {
                 false => Err(BoxError::from("the server said no")),
             }
         };
-        let batcher = Batcher::start(pool, run, |_, _, _| async {}, |_| 0);
+        let batcher = Batcher::start(pool, run, |_, _, _, _| async {}, |_| 0);
         let failed = batcher.ask(key(1), false).await;
         assert_eq!(failed.unwrap_err().as_ref(), "the server said no");
         assert!(batcher.ask(key(1), true).await.is_ok());

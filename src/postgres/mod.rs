@@ -142,7 +142,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Row};
 use tokio::task::JoinHandle;
 
@@ -853,46 +853,39 @@ impl Batchers<'_> {
         let run = move |pool: PgPool, asks: Arc<Vec<(StoreKey, LeaseAsk)>>| {
             let (statement, table) = (statement.clone(), table.clone());
             async move {
-                let keys: Vec<Vec<u8>> = asks
-                    .iter()
-                    .map(|(key, _)| key.as_bytes().to_vec())
-                    .collect();
-                let tokens: Vec<&str> = asks.iter().map(|(_, ask)| ask.token.as_str()).collect();
-                let leases: Vec<i64> = asks.iter().map(|(_, ask)| ask.lease).collect();
                 let query = sqlx::query(&statement)
-                    .bind(keys)
-                    .bind(tokens)
-                    .bind(leases)
+                    .bind(keys(&asks))
+                    .bind(column(&asks, |ask| ask.token.as_str()))
+                    .bind(column(&asks, |ask| ask.lease))
                     .bind(lookup)
                     .fetch_all(&pool);
-                let rows = within(timeout, "lease", query)
-                    .await
-                    .map_err(|error| described(&table, "lease", error))?;
-                rows.iter()
-                    .map(|row| {
+                answers(
+                    within(timeout, "lease", query).await,
+                    &table,
+                    "lease",
+                    |row| {
                         Ok(LeaseAnswer {
                             fence: row.try_get("fence")?,
                             response: row.try_get("response")?,
                         })
-                    })
-                    .collect::<Result<Vec<_>, sqlx::Error>>()
-                    .map_err(BoxError::from)
+                    },
+                )
             }
         };
         let (release, channel) = (
             Arc::<str>::from(self.statements.complete.as_str()),
             self.channel.clone(),
         );
-        let unclaimed = move |pool: PgPool, key: StoreKey, answer: LeaseAnswer| {
-            let (release, channel) = (release.clone(), channel.clone());
+        let unclaimed = move |pool: PgPool, key: StoreKey, ask: &LeaseAsk, answer: LeaseAnswer| {
+            let (release, channel, token) = (release.clone(), channel.clone(), ask.token.clone());
             async move {
                 let Some(fence) = answer.fence else {
                     return;
                 };
-                // The token is not needed: the fence alone says the lease is this one.
+                // The statement ends the lease only for the token that took it.
                 let released = sqlx::query(&release)
                     .bind(&key.as_bytes()[..])
-                    .bind("")
+                    .bind(token)
                     .bind(None::<Vec<u8>>)
                     .bind(0i64)
                     .bind(&*channel)
@@ -918,43 +911,53 @@ impl Batchers<'_> {
         let run = move |pool: PgPool, asks: Arc<Vec<(StoreKey, CompleteAsk)>>| {
             let (statement, table, channel) = (statement.clone(), table.clone(), channel.clone());
             async move {
-                let keys: Vec<Vec<u8>> = asks
-                    .iter()
-                    .map(|(key, _)| key.as_bytes().to_vec())
-                    .collect();
-                let tokens: Vec<&str> = asks.iter().map(|(_, ask)| ask.token.as_str()).collect();
-                let responses: Vec<Option<&[u8]>> = asks
-                    .iter()
-                    .map(|(_, ask)| ask.response.as_deref())
-                    .collect();
-                let ttls: Vec<i64> = asks.iter().map(|(_, ask)| ask.ttl).collect();
-                let fences: Vec<i64> = asks.iter().map(|(_, ask)| ask.fence).collect();
                 let query = sqlx::query(&statement)
-                    .bind(keys)
-                    .bind(tokens)
-                    .bind(responses)
-                    .bind(ttls)
-                    .bind(fences)
+                    .bind(keys(&asks))
+                    .bind(column(&asks, |ask| ask.token.as_str()))
+                    .bind(column(&asks, |ask| ask.response.as_deref()))
+                    .bind(column(&asks, |ask| ask.ttl))
+                    .bind(column(&asks, |ask| ask.fence))
                     .bind(&*channel)
                     .fetch_all(&pool);
-                let rows = within(timeout, "store and release", query)
-                    .await
-                    .map_err(|error| described(&table, "store and release", error))?;
-                rows.iter()
-                    .map(|row| {
-                        Ok(CompleteAnswer {
-                            kept: row.try_get("kept")?,
-                            response: row.try_get("response")?,
-                        })
+                let rows = within(timeout, "store and release", query).await;
+                answers(rows, &table, "store and release", |row| {
+                    Ok(CompleteAnswer {
+                        kept: row.try_get("kept")?,
+                        response: row.try_get("response")?,
                     })
-                    .collect::<Result<Vec<_>, sqlx::Error>>()
-                    .map_err(BoxError::from)
+                })
             }
         };
         // A completion whose caller has gone is written all the same: nothing to undo.
         let weigh = |ask: &CompleteAsk| ask.response.as_ref().map_or(0, Vec::len);
-        Batcher::start(pool.clone(), run, |_, _, _| async {}, weigh)
+        Batcher::start(pool.clone(), run, |_, _, _, _| async {}, weigh)
     }
+}
+
+/// The keys of a batch, as the statements bind them (`bytea[]`).
+fn keys<Q>(asks: &[(StoreKey, Q)]) -> Vec<Vec<u8>> {
+    asks.iter()
+        .map(|(key, _)| key.as_bytes().to_vec())
+        .collect()
+}
+
+/// One field of each ask of a batch, as an array to bind.
+fn column<'a, Q, T>(asks: &'a [(StoreKey, Q)], field: impl Fn(&'a Q) -> T) -> Vec<T> {
+    asks.iter().map(|(_, ask)| field(ask)).collect()
+}
+
+/// A batch statement's rows, a row per ask in their order, each read by `read`.
+fn answers<A>(
+    rows: Result<Vec<PgRow>, StoreError>,
+    table: &str,
+    what: &'static str,
+    read: impl Fn(&PgRow) -> Result<A, sqlx::Error>,
+) -> Result<Vec<A>, BoxError> {
+    let rows = rows.map_err(|error| described(table, what, error))?;
+    rows.iter()
+        .map(read)
+        .collect::<Result<_, _>>()
+        .map_err(BoxError::from)
 }
 
 /// Runs `call` against `timeout`.
