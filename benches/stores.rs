@@ -235,28 +235,22 @@ fn redis(rt: &Runtime) -> Vec<(&'static str, Vec<Svc>)> {
     let env = |name| std::env::var(name).ok().filter(|u: &String| !u.is_empty());
     let prefix = format!("tower-coalesce-bench:{}:", std::process::id());
     let mut setups = Vec::new();
-    if let Some(url) = env("REDIS_URL") {
-        let instances = rt.block_on(async {
-            let mut out = Vec::new();
-            for _ in 0..4 {
-                let store = RedisStore::connect(&url).await.unwrap();
-                out.push(instance(store.with_prefix(prefix.clone())));
-            }
-            out
-        });
-        setups.push(("redis", instances));
-    }
-    // The durable reference beside it: a Redis with `appendfsync always`.
-    if let Some(url) = env("REDIS_DURABLE_URL") {
-        let instances = rt.block_on(async {
-            let mut out = Vec::new();
-            for _ in 0..4 {
-                let store = RedisStore::connect(&url).await.unwrap();
-                out.push(instance(store.with_prefix(prefix.clone())));
-            }
-            out
-        });
-        setups.push(("redis_aof_always", instances));
+    // The Redis that keeps nothing on disk, and the durable reference beside it.
+    for (name, var) in [
+        ("redis", "REDIS_URL"),
+        ("redis_aof_always", "REDIS_DURABLE_URL"),
+    ] {
+        if let Some(url) = env(var) {
+            let instances = rt.block_on(async {
+                let mut out = Vec::new();
+                for _ in 0..4 {
+                    let store = RedisStore::connect(&url).await.unwrap();
+                    out.push(instance(store.with_prefix(prefix.clone())));
+                }
+                out
+            });
+            setups.push((name, instances));
+        }
     }
     // A Redis Cluster beside it, if there is one: each key's scripts go to its slot's master.
     if let Some(urls) = env("REDIS_CLUSTER_URLS") {
