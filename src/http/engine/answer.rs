@@ -36,8 +36,9 @@ pub(super) fn answer<K, I, St, ReqB, ResB, E: ShareError>(
     let config = &engine.config;
     let leader = outcome.is_leader();
     let role = if leader { Role::Leader } else { Role::Follower };
-    // What this caller asked: its own request's headers, or the leader's copy of them.
-    let asked = match request {
+    // What this caller asked: its own request's headers, or the leader's copy of them,
+    // which a plain flight reads only when its response varies (see `KeptHeaders`).
+    let asked = || match request {
         Some(request) => request.headers(),
         None => ask.headers(),
     };
@@ -71,7 +72,7 @@ pub(super) fn answer<K, I, St, ReqB, ResB, E: ShareError>(
                 engine,
                 &stored,
                 ask.fingerprint(),
-                asked,
+                asked(),
             ))));
         }
         Ok(Done::InProgress) => return Ok(Some(Ok(problem::in_progress()))),
@@ -90,7 +91,8 @@ pub(super) fn answer<K, I, St, ReqB, ResB, E: ShareError>(
                 || match answers {
                     Answers::Admitted => true,
                     Answers::Varied(answers) => {
-                        let own = answered_by(ask.fingerprint(), headers, asked, by_authorization);
+                        let own =
+                            answered_by(ask.fingerprint(), headers, asked(), by_authorization);
                         own == Some(answers)
                     }
                     Answers::Leader => false,
@@ -213,16 +215,11 @@ pub(super) fn answered_by(
 /// Which callers a flight's response answers: those admitted to it, unless it varies on
 /// headers (or on `Authorization`, `by_authorization`); then, only those whose fingerprint
 /// [`answered_by`] it is the leader's. The digest of the request is made only then.
-pub(super) fn answers_of(
-    ask: &Ask,
-    response: &HeaderMap,
-    asked: &HeaderMap,
-    by_authorization: bool,
-) -> Answers {
+pub(super) fn answers_of(ask: &Ask, response: &HeaderMap, by_authorization: bool) -> Answers {
     if !by_authorization && !response.contains_key(VARY) {
         return Answers::Admitted;
     }
-    match answered_by(ask.fingerprint(), response, asked, by_authorization) {
+    match answered_by(ask.fingerprint(), response, ask.headers(), by_authorization) {
         Some(answers) => Answers::Varied(answers),
         None => Answers::Leader,
     }
@@ -238,17 +235,18 @@ pub(crate) fn answers(
 }
 
 /// Whether the layer's stage lets a flight's response answer a follower that asked
-/// `follower` (always, without a stage, or for what is not a response: an error of the
+/// `follower` (always, without a stage, where they are not read, or for what is not a response: an error of the
 /// service is every caller's, as it is without a stage).
-fn stage_serves<K, I, St, B, E>(
+fn stage_serves<'h, K, I, St, B, E>(
     engine: &Engine<K, I, St>,
     value: &FlightResult<B, E>,
-    follower: &HeaderMap,
+    follower: impl FnOnce() -> &'h HeaderMap,
     stands_in: bool,
 ) -> Serves {
     let Some(stage) = &engine.stage else {
         return Serves::Yes;
     };
+    let follower = follower();
     match value {
         Ok(Done::Fresh {
             flown: Flown::Buffered(buffered),

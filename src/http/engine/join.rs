@@ -194,7 +194,7 @@ where
             || {
                 let lead = "a caller leads at most one flight";
                 let (req, inner) = (self.request.take().expect(lead), self.inner.take());
-                ask.keep_headers(req.headers());
+                ask.keep_headers(req.headers(), engine.reads_headers());
                 let flight = ask.lead();
                 tracing::Span::current().record("coalesce.flight_id", flight);
                 let store_key = self.store_key.clone();

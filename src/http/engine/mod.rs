@@ -195,6 +195,13 @@ impl<K, I, St> Engine<K, I, St> {
         }
     }
 
+    /// Whether every flight reads its leader's headers, whatever its response: a store
+    /// files responses under them, a stage judges them, and a cache's RFC 9111 §3.5 rule
+    /// looks for `Authorization`. Without any of these, only a response that varies does.
+    fn reads_headers(&self) -> bool {
+        self.config.has_store || self.stage.is_some() || self.config.authorized_shared_if.is_some()
+    }
+
     /// Whether a stored response that answers a flight is a replay (not a stage's copy of
     /// another instance's run).
     fn replays(&self) -> bool {
@@ -294,10 +301,10 @@ impl<K, I, St> Engine<K, I, St> {
 
     /// Whether a flight's response may answer only callers with the leader's
     /// `Authorization` (a cache's RFC 9111 §3.5 rule).
-    fn by_authorization(&self, response: &HeaderMap, asked: &HeaderMap) -> bool {
+    fn by_authorization(&self, response: &HeaderMap, asked: &Ask) -> bool {
         self.config
             .authorized_shared_if
-            .is_some_and(|shared| asked.contains_key(AUTHORIZATION) && !shared(response))
+            .is_some_and(|shared| asked.headers().contains_key(AUTHORIZATION) && !shared(response))
     }
 }
 
@@ -338,7 +345,7 @@ struct Asked {
     digest: OnceLock<Fingerprint>,
     /// The request's headers, kept by a leader whose request goes into its flight: they
     /// tell which responses and replays answer it when a response `Vary`s.
-    headers: OnceLock<HeaderMap>,
+    headers: KeptHeaders,
     /// The id of the flight this request leads, if it leads one: its followers' traces
     /// name the flight they waited on.
     flight: std::sync::atomic::AtomicU64,
@@ -351,7 +358,7 @@ impl Ask {
             uri: parts.uri.clone(),
             body: body.clone(),
             digest: OnceLock::new(),
-            headers: OnceLock::new(),
+            headers: KeptHeaders::default(),
             flight: std::sync::atomic::AtomicU64::new(0),
         }))
     }
@@ -372,17 +379,15 @@ impl Ask {
     }
 
     /// Keeps a copy of the request's headers, for [`headers`](Self::headers) once the
-    /// request itself has gone into its flight (one copy per flight).
-    fn keep_headers(&self, headers: &HeaderMap) {
-        self.0.headers.get_or_init(|| headers.clone());
+    /// request itself has gone into its flight (one copy per flight); `read`: every flight
+    /// of the layer reads them (a store or a stage does).
+    fn keep_headers(&self, headers: &HeaderMap, read: bool) {
+        self.0.headers.keep(headers, read);
     }
 
     /// The request's headers as [kept](Self::keep_headers) by its leader.
     fn headers(&self) -> &HeaderMap {
-        self.0
-            .headers
-            .get()
-            .expect("a leader keeps its headers before its request goes into the flight")
+        self.0.headers.get()
     }
 
     /// The request's digest, made on the first call.
@@ -510,7 +515,10 @@ pub(crate) type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 mod admit;
 mod answer;
 mod join;
+mod kept_headers;
 mod run;
+
+use self::kept_headers::KeptHeaders;
 
 // Each step's module names the others' items through these.
 use self::answer::*;

@@ -156,8 +156,8 @@ where
         let (answers, by_authorization) = match &flown {
             Flown::Buffered(buffered) => {
                 let headers = &buffered.parts.headers;
-                let by_authorization = engine.by_authorization(headers, ask.headers());
-                let answers = answers_of(&ask, headers, ask.headers(), by_authorization);
+                let by_authorization = engine.by_authorization(headers, &ask);
+                let answers = answers_of(&ask, headers, by_authorization);
                 (answers, by_authorization)
             }
             _ => (Answers::Leader, false),
