@@ -131,40 +131,75 @@ where
     B::Error: Into<BoxError>,
 {
     let (parts, body) = response.into_parts();
-    // Boxed so that the body can be read here and still be handed on, unread part and all,
-    // without asking for `B: Unpin`.
-    let mut body = Box::pin(body);
     let mut chunks = Chunks::default();
-    let end = if body.size_hint().lower() > limit as u64 {
-        return too_large(parts, chunks, body, metrics);
+    let hint = body.size_hint();
+    if hint.lower() > limit as u64 {
+        return too_large(parts, chunks, Box::pin(body), metrics);
+    }
+    let read = if hint.upper().is_some_and(|upper| upper <= limit as u64) {
+        // Bounded within the limit: read in place, without a box. A body that sends more
+        // than its own bound is broken; it ends with an error where the bound is crossed.
+        let mut body = std::pin::pin!(body);
+        read_into(body.as_mut(), &mut chunks, limit).await
     } else {
-        loop {
-            match body.frame().await {
-                None => break None,
-                Some(Err(error)) => break Some(End::Error(Arc::new(error.into()))),
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        chunks.push(data);
-                        if chunks.len > limit {
-                            return too_large(parts, chunks, body, metrics);
-                        }
-                    }
-                    Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
-                            // Trailers end the body; a frame after them would be a bug of
-                            // the inner body, and is not read.
-                            break Some(End::Trailers(trailers));
-                        }
-                    }
-                },
-            }
+        // Boxed so that the body can be read here and still be handed on, unread part and
+        // all, without asking for `B: Unpin`.
+        let mut body = Box::pin(body);
+        match read_into(body.as_mut(), &mut chunks, limit).await {
+            Read::OverLimit => return too_large(parts, chunks, body, metrics),
+            read => read,
         }
+    };
+    let end = match read {
+        Read::Ended(trailers) => trailers.map(End::Trailers),
+        Read::Failed(error) => Some(End::Error(Arc::new(error.into()))),
+        Read::OverLimit => Some(End::Error(Arc::new(
+            "the response body is longer than its size hint".into(),
+        ))),
     };
     Flown::Buffered(Arc::new(Buffered {
         parts,
         data: chunks.concat(),
         end,
     }))
+}
+
+/// How reading a body into [`Chunks`] ended.
+pub(crate) enum Read<E> {
+    /// The body ended, with its trailers if it had any.
+    Ended(Option<http::HeaderMap>),
+    Failed(E),
+    /// More than the limit was read; the rest is left in the body.
+    OverLimit,
+}
+
+/// Reads `body` into `chunks` until it ends, fails, or has given more than `limit` bytes.
+/// Trailers end it: a frame after them would be a bug of the body, and is not read.
+pub(crate) async fn read_into<B: Body<Data = Bytes>>(
+    mut body: Pin<&mut B>,
+    chunks: &mut Chunks,
+    limit: usize,
+) -> Read<B::Error> {
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(error) => return Read::Failed(error),
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                chunks.push(data);
+                if chunks.len > limit {
+                    return Read::OverLimit;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    return Read::Ended(Some(trailers));
+                }
+            }
+        }
+    }
+    Read::Ended(None)
 }
 
 fn too_large<B>(parts: Parts, read: Chunks, rest: Pin<Box<B>>, metrics: &Metrics) -> Flown<B> {
@@ -216,5 +251,96 @@ impl Chunks {
             chunks.push_front(first);
         }
         chunks
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use http_body::{Frame, SizeHint};
+
+    use super::*;
+
+    /// A body that gives `chunks` and says it holds at most `bound` bytes.
+    pub(crate) struct Bounded {
+        pub(crate) chunks: VecDeque<Bytes>,
+        pub(crate) bound: u64,
+    }
+
+    impl Body for Bounded {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.chunks.pop_front().map(|data| Ok(Frame::data(data))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            let mut hint = SizeHint::new();
+            hint.set_upper(self.bound);
+            hint
+        }
+    }
+
+    fn response(chunks: &[&'static str], bound: u64) -> Response<Bounded> {
+        let chunks = chunks.iter().map(|c| Bytes::from_static(c.as_bytes()));
+        Response::new(Bounded {
+            chunks: chunks.collect(),
+            bound,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_body_bounded_within_the_limit_is_read_whole_in_place() {
+        let flown = collect(response(&["ab", "cd"], 4), 10, &Metrics::default()).await;
+        let Flown::Buffered(buffered) = flown else {
+            panic!("buffered: {flown:?}")
+        };
+        assert_eq!(buffered.data, "abcd");
+        assert!(buffered.end.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_its_bound_ends_with_an_error_where_it_crosses_the_limit() {
+        let metrics = Metrics::default();
+        let flown = collect(response(&["abcd", "efgh", "ijkl"], 4), 6, &metrics).await;
+        let Flown::Buffered(buffered) = flown else {
+            panic!("buffered: {flown:?}")
+        };
+        assert_eq!(buffered.data, "abcdefgh", "what was read before the limit");
+        let Some(End::Error(error)) = &buffered.end else {
+            panic!("an error end: {:?}", buffered.end)
+        };
+        assert!(
+            error.to_string().contains("longer than its size hint"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unbounded_body_over_the_limit_goes_to_the_leader_whole() {
+        let flown = collect(
+            response(&["abcd", "efgh", "ijkl"], u64::MAX),
+            6,
+            &Metrics::default(),
+        )
+        .await;
+        let Flown::TooLarge(slot) = flown else {
+            panic!("too large: {flown:?}")
+        };
+        let leader = Flown::<Bounded>::take_leader(&slot).expect("the leader's response");
+        let body = http_body_util::BodyExt::collect(leader.into_body()).await;
+        let Ok(body) = body else {
+            panic!("the leader's body fails")
+        };
+        assert_eq!(body.to_bytes(), "abcdefghijkl");
     }
 }

@@ -16,7 +16,7 @@ use super::*;
 use crate::BoxError;
 use crate::coalesce::MakeKey;
 use crate::http::body::ResponseBody;
-use crate::http::flown::Chunks;
+use crate::http::flown::{Chunks, Read, read_into};
 use crate::http::key;
 use crate::http::stage::{Admit, After, Answered, Stage, StandsIn, Ticket};
 use crate::http::{Role, problem};
@@ -343,22 +343,30 @@ where
     if body.size_hint().lower() > limit_u64 || declared.is_some_and(|len| len > limit_u64) {
         return Err(too_large(parts, body));
     }
-    let mut body = Box::pin(body);
     let mut chunks = Chunks::default();
-    while let Some(frame) = body.frame().await {
-        // Trailers of a request are not kept: the handler gets the bytes.
-        let Ok(data) = frame
-            .map_err(|_| problem::request_unreadable())?
-            .into_data()
-        else {
-            continue;
-        };
-        chunks.push(data);
-        if chunks.len > limit {
-            return Err(too_large(parts, body));
+    let read = if body
+        .size_hint()
+        .upper()
+        .is_some_and(|upper| upper <= limit_u64)
+    {
+        // Bounded within the limit (a declared length, a buffered body): read in place,
+        // without a box. A body that sends more than its own bound is refused where the
+        // bound is crossed, and the rest is not read.
+        let mut body = std::pin::pin!(body);
+        read_into(body.as_mut(), &mut chunks, limit).await
+    } else {
+        let mut body = Box::pin(body);
+        match read_into(body.as_mut(), &mut chunks, limit).await {
+            Read::OverLimit => return Err(too_large(parts, body)),
+            read => read,
         }
+    };
+    match read {
+        // Trailers of a request are not kept: the handler gets the bytes.
+        Read::Ended(_) => Ok(chunks.concat()),
+        Read::Failed(_) => Err(problem::request_unreadable()),
+        Read::OverLimit => Err(problem::request_too_large()),
     }
-    Ok(chunks.concat())
 }
 
 /// How long the rest of a refused body is read and dropped: at most [`LINGER`] in all,
@@ -390,4 +398,45 @@ where
         });
     }
     problem::request_too_large()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::flown::tests::Bounded;
+
+    fn request(chunks: &[&'static str], bound: u64) -> (Parts, Bounded) {
+        let chunks = chunks.iter().map(|c| Bytes::from_static(c.as_bytes()));
+        let body = Bounded {
+            chunks: chunks.collect(),
+            bound,
+        };
+        (Request::new(()).into_parts().0, body)
+    }
+
+    #[tokio::test]
+    async fn a_request_body_bounded_within_the_limit_is_read_whole() {
+        let (parts, body) = request(&["ab", "cd"], 4);
+        let read = read_body::<_, Full<Bytes>>(&parts, body, 4).await;
+        let Ok(read) = read else {
+            panic!("refused a body within the limit")
+        };
+        assert_eq!(read, "abcd");
+    }
+
+    #[tokio::test]
+    async fn a_request_body_longer_than_its_bound_is_refused_at_the_limit() {
+        for bound in [4, u64::MAX] {
+            let (parts, body) = request(&["abcd", "efgh", "ijkl"], bound);
+            let read = read_body::<_, Full<Bytes>>(&parts, body, 6).await;
+            let Err(refusal) = read else {
+                panic!("read a body over the limit")
+            };
+            assert_eq!(
+                refusal.status(),
+                http::StatusCode::PAYLOAD_TOO_LARGE,
+                "bound {bound}"
+            );
+        }
+    }
 }
