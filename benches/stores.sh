@@ -12,20 +12,6 @@ cd "$(dirname "$0")/.."
 PG_FSYNC=${PG_FSYNC:-on} source .ci/postgres.sh
 source .ci/redis.sh
 
-DURABLE_DIR="$(mktemp -d /tmp/tower-coalesce-redis-aof.XXXXXX)"
-DURABLE_PORT="$(free_port)"
-stop_durable() {
-  stop_pids "$DURABLE_DIR/redis.pid"
-  rm -rf "$DURABLE_DIR" || true
-}
-on_exit stop_durable
-redis-server --bind 127.0.0.1 --port "$DURABLE_PORT" --save '' --appendonly yes \
-  --appendfsync always --dir "$DURABLE_DIR" --pidfile "$DURABLE_DIR/redis.pid" \
-  --logfile "$DURABLE_DIR/redis.log" --daemonize yes
-for _ in $(seq 1 100); do
-  redis-cli -p "$DURABLE_PORT" ping >/dev/null 2>&1 && break
-  sleep 0.1
-done
-export REDIS_DURABLE_URL="redis://127.0.0.1:$DURABLE_PORT"
+start_redis_server REDIS_DURABLE_URL --save '' --appendonly yes --appendfsync always
 
 cargo bench --manifest-path benches/Cargo.toml --bench stores -- "$@"
