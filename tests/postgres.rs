@@ -220,6 +220,79 @@ async fn a_release_message_goes_out_only_for_a_key_another_instance_waits_for() 
     );
 }
 
+/// A release message carries the response the release kept, up to 3900 bytes: the waiting
+/// instance has it from the message (the poll interval is 30 s, so it is not a look after
+/// the poll), equal to what was kept, without looking it up; a larger response is looked
+/// up as before (`None`). A waiter that registered after a release never takes its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_release_message_carries_a_small_kept_response_to_the_waiting_instance() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let (pool, table) = (pool(&url).await, table());
+    let long = Duration::from_secs(30);
+    let (a, b) = (
+        store(&pool, &table, long, long).await,
+        store(&pool, &table, long, long).await,
+    );
+    let response = |body: Vec<u8>| {
+        std::sync::Arc::new(StoredResponse::new(
+            StatusCode::CREATED,
+            axum::http::Version::HTTP_11,
+            axum::http::HeaderMap::from_iter([(
+                axum::http::header::LOCATION,
+                axum::http::HeaderValue::from_static("/orders/7"),
+            )]),
+            bytes::Bytes::from(body),
+            tower_coalesce::store::Fingerprint::from_bytes([3; 32]),
+        ))
+    };
+    for (n, size, carried) in [(1u8, 13, true), (2, 3800, true), (3, 4000, false)] {
+        let key = StoreKey::from_bytes([n; 32]);
+        let Lease::Held(guard) = a.lease(&key).await.unwrap() else {
+            panic!("A takes the fresh key's lease")
+        };
+        assert!(matches!(b.lease(&key).await.unwrap(), Lease::HeldElsewhere));
+        let waiting = tokio::spawn({
+            let (b, key) = (b.clone(), key.clone());
+            async move { b.released_response(&key).await }
+        });
+        // B has said on the row that it waits.
+        let wanted = format!("SELECT count(*) FROM {table} WHERE key = $1 AND wanted");
+        let asked = Instant::now();
+        while sqlx::query_scalar::<_, i64>(&wanted)
+            .bind(&key.as_bytes()[..])
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            == 0
+        {
+            assert!(asked.elapsed() < Duration::from_secs(10), "B never waited");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let kept = response(vec![b'x'; size]);
+        let started = Instant::now();
+        guard.complete(Some((kept.clone(), long))).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("woken by the release message")
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        match (answer, carried) {
+            (Some(answer), true) => {
+                assert_eq!(answer.status(), kept.status());
+                assert_eq!(answer.headers(), kept.headers());
+                assert_eq!(answer.body(), kept.body());
+                assert_eq!(answer.fingerprint(), kept.fingerprint());
+            }
+            (None, false) => {}
+            (answer, _) => panic!("{size} bytes: {answer:?}"),
+        }
+        // A waiter that comes after the release finds no lease, and no answer of it.
+        assert!(b.released_response(&key).await.is_none());
+    }
+}
+
 /// A lease is committed without waiting for the disk (it is soft state), so PostgreSQL
 /// killed right after a leader took one, while its handler runs, may lose it, and another
 /// instance may then take the key over after the restart. Whether the lease was lost or

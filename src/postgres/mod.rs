@@ -15,15 +15,18 @@
 //! 3. The instance that holds the lease runs the request, and renews the lease every third
 //!    of its duration. One statement then keeps the response, releases the lease if its
 //!    token still holds it, and, if another instance said it waits for the key, sends a
-//!    release message (`pg_notify`, delivered when it commits); unless a later lease was taken on the key meanwhile (the row's fencing
-//!    token is no longer this lease's): then it keeps nothing and answers the response kept
-//!    under that lease, which the stalled leader's callers get. A keep that fails is
-//!    retried for the lease's length, the lease renewed meanwhile.
-//! 4. The other instances `LISTEN` on one connection each, mark the key's row as waited for
-//!    (`wanted`, ordered against the release by the row's lock), and wake at the message, or after
-//!    the poll interval if none comes (lost while the connection was down, or the leading
-//!    instance died): they find the response and replay it, or, once a dead instance's lease
-//!    expired, one of them takes it over and runs the request, with a higher token.
+//!    release message (`pg_notify`, delivered when it commits, carrying the response if it
+//!    is at most 3900 bytes); unless a later lease was taken on the key meanwhile (the
+//!    row's fencing token is no longer this lease's): then it keeps nothing and answers the
+//!    response kept under that lease, which the stalled leader's callers get. A keep that
+//!    fails is retried for the lease's length, the lease renewed meanwhile.
+//! 4. The other instances `LISTEN` on one connection each. A lease statement that finds
+//!    the lease held marks the key's row as waited for (`wanted`, ordered against the
+//!    release by the row's lock); the instance then waits for the message, or the poll
+//!    interval if none comes (lost while the connection was down, or the leading instance
+//!    died): it replays the response the message carries, or looks it up, or, once a dead
+//!    instance's lease expired, one of them takes it over and runs the request, with a
+//!    higher token.
 //!
 //! Every call has a timeout (1 s by default). A failed or timed-out call is an error to the
 //! layer, which runs the request anyway or answers `503`, as
@@ -664,6 +667,12 @@ impl Store for PostgresStore {
     }
 
     async fn released(&self, key: &StoreKey) {
+        let _ = self.released_response(key).await;
+    }
+
+    /// A release message carries the response the release kept, up to 3900 bytes: the
+    /// woken instance answers with it without a statement of its own.
+    async fn released_response(&self, key: &StoreKey) -> Option<Arc<StoredResponse>> {
         let payload = hex(key);
         let registration = self.shared.waiters.register(&payload);
         let notified = registration.notify.notified();
@@ -680,6 +689,9 @@ impl Store for PostgresStore {
             notified.await;
         };
         let _ = tokio::time::timeout(self.poll_interval, wait).await;
+        // An answer that does not decode is looked up instead.
+        let answer = codec::decode(&registration.answer()?).ok()?;
+        Some(Arc::new(answer))
     }
 }
 
@@ -711,7 +723,14 @@ async fn listen(
     loop {
         match listener.try_recv().await {
             Ok(Some(message)) if message.channel() == released => match waiters.upgrade() {
-                Some(waiters) => waiters.wake(message.payload()),
+                Some(waiters) => {
+                    // The key, and the response the release kept if the message carries it.
+                    let (key, answer) = match message.payload().split_once(':') {
+                        Some((key, answer)) => (key, unhex(answer).map(bytes::Bytes::from)),
+                        None => (message.payload(), None),
+                    };
+                    waiters.wake(key, answer)
+                }
                 None => return,
             },
             Ok(Some(message)) => {

@@ -69,9 +69,13 @@ impl Statements {
             // a key's lease is held, or (`$4`, the lookup) a live response is kept under it:
             // one statement for a batch of keys (see `batch.rs`), sorted, so that every
             // instance locks rows in the same order. A lease's fencing token is one more
-            // than the key's last, and at least the server's clock in microseconds. Answers,
-            // a row per key in their order, the fence of the lease taken (or NULL) and the
-            // kept response, as the statement's snapshot saw it (before the insert).
+            // than the key's last, and at least the server's clock in microseconds. A key
+            // whose lease another instance holds is marked as waited for (`wanted`) by the
+            // same statement, so that its release sends a message, and the waiter needs no
+            // write of its own queued on the row's lock in front of the release (see
+            // `held`). Answers, a row per key in their order, the fence of the lease taken
+            // (or NULL) and the kept response, as the statement's snapshot saw it (before
+            // the insert).
             //
             // A lease is soft state, so its commit does not wait for the disk
             // (`synchronous_commit` off for this statement's own transaction): a crash of
@@ -90,28 +94,32 @@ impl Statements {
                            (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
                       FROM input ORDER BY key
                     ON CONFLICT (key) DO UPDATE SET
-                        lease_token = EXCLUDED.lease_token,
-                        lease_until = EXCLUDED.lease_until,
-                        fence = GREATEST(s.fence + 1, EXCLUDED.fence),
-                        wanted = false
-                    WHERE (s.lease_until IS NULL OR s.lease_until <= now())
-                      AND NOT ($4 AND s.response IS NOT NULL AND s.expires_at > now())
-                    RETURNING key, fence
+                        lease_token = CASE WHEN {free} THEN EXCLUDED.lease_token
+                                      ELSE s.lease_token END,
+                        lease_until = CASE WHEN {free} THEN EXCLUDED.lease_until
+                                      ELSE s.lease_until END,
+                        fence = CASE WHEN {free} THEN GREATEST(s.fence + 1, EXCLUDED.fence)
+                                ELSE s.fence END,
+                        wanted = NOT {free}
+                    WHERE NOT ($4 AND s.response IS NOT NULL AND s.expires_at > now())
+                    RETURNING key, lease_token, fence
                 )
-                SELECT t.fence,
+                SELECT CASE WHEN t.lease_token = i.token THEN t.fence END AS fence,
                        (SELECT response FROM {table}
                          WHERE key = i.key AND $4 AND response IS NOT NULL
                            AND expires_at > now())
                        AS response,
                        set_config('synchronous_commit', 'off', true) AS commit
                   FROM input i LEFT JOIN taken t ON t.key = i.key
-                 ORDER BY i.n"
+                 ORDER BY i.n",
+                free = "(s.lease_until IS NULL OR s.lease_until <= now())"
             ),
             // `complete` for a batch of keys (see `batch.rs`), sorted: keeps the responses
             // `$3` (NULL: none) for `$4` ms each and releases the leases of the tokens `$2`,
             // for each key whose fence is still `$5`; tells the waiting instances on the
-            // channel `$6`. Answers, a row per key in their order, whether it kept, and
-            // else the response kept under the key (before this statement).
+            // channel `$6` (with the response, if small). Answers, a row per key in their
+            // order, whether it kept, and else the response kept under the key (before
+            // this statement).
             complete_batch: format!(
                 "WITH input AS (
                     SELECT * FROM unnest($1::bytea[], $2::text[], $3::bytea[], $4::bigint[],
@@ -135,7 +143,8 @@ impl Statements {
                     RETURNING key, wanted
                 ),
                 told AS (
-                    SELECT pg_notify($6, encode(key, 'hex'))::text AS told FROM kept WHERE wanted
+                    SELECT pg_notify($6, encode(k.key, 'hex') || {carried})::text AS told
+                      FROM kept k JOIN input i ON i.key = k.key WHERE k.wanted
                 )
                 SELECT k.key IS NOT NULL AS kept,
                        (SELECT count(told) FROM told) AS told,
@@ -144,13 +153,15 @@ impl Statements {
                              WHERE key = i.key AND response IS NOT NULL AND expires_at > now())
                        END AS response
                   FROM input i LEFT JOIN kept k ON k.key = i.key
-                 ORDER BY i.n"
+                 ORDER BY i.n",
+                carried = carried("i.response"),
             ),
             // Keeps the response `$3` (if any) for `$4` ms and releases the lease if the token
             // `$2` still holds it, unless a later lease was taken on the key (its fence is no
             // longer `$7`): a stalled leader never replaces what the instance that took over
             // kept. Then tells the waiting instances (`pg_notify`, sent when the statement
-            // commits), if any said it waits (`wanted`): a notification takes a lock that
+            // commits, with the response if it is small: see `carried`), if any said it
+            // waits (`wanted`): a notification takes a lock that
             // serializes every notifying commit in the cluster, disk flush included, so a
             // key nobody else waits for sends none. One statement, safe to repeat. Answers
             // whether it kept, and the response kept under the key (before this statement)
@@ -169,13 +180,16 @@ impl Statements {
                     WHERE s.fence = $7
                     RETURNING wanted
                 ),
-                told AS (SELECT pg_notify($5, $6)::text AS told FROM kept WHERE wanted)
+                told AS (
+                    SELECT pg_notify($5, $6 || {carried})::text AS told FROM kept WHERE wanted
+                )
                 SELECT EXISTS (SELECT 1 FROM kept) AS kept,
                        (SELECT count(told) FROM told) AS told,
                        (SELECT response FROM {table}
                          WHERE key = $1 AND response IS NOT NULL AND expires_at > now()
                            AND NOT EXISTS (SELECT 1 FROM kept))
-                       AS response"
+                       AS response",
+                carried = carried("$3::bytea"),
             ),
             renew: format!(
                 "UPDATE {table} SET lease_until = now() + $3 * interval '1 millisecond'
@@ -191,16 +205,14 @@ impl Statements {
                  ON CONFLICT (key) DO UPDATE SET
                      response = EXCLUDED.response, expires_at = EXCLUDED.expires_at"
             ),
-            // A waiting instance asks to be told of the release, if the lease is still held:
-            // the row's lock orders this against `complete`, which then sees `wanted`, or
-            // has released already and this finds no lease. Against the clock, not `now()`:
-            // a release sets the lease's end to its own statement's start, which may be
-            // later than this statement's start when this one waited for the row's lock.
-            // Soft state, as the lease.
+            // Whether the lease of `$1` is still held, asked by a waiting instance once it
+            // listens for the release: its lease statement marked the row `wanted` when it
+            // found the lease held, so a release after that sends a message, and a release
+            // before this is seen here. A read: nothing queues on the row's lock in front
+            // of the release. Against the clock, not `now()`: a release sets the lease's
+            // end to its own statement's start.
             held: format!(
-                "UPDATE {table} SET wanted = true
-                  WHERE key = $1 AND lease_until > clock_timestamp()
-                 RETURNING set_config('synchronous_commit', 'off', true)"
+                "SELECT 1 FROM {table} WHERE key = $1 AND lease_until > clock_timestamp()"
             ),
             // A batch of dead rows, oldest first, skipping rows another instance's sweep
             // (or a lease) has locked: short transactions, no table lock.
@@ -229,6 +241,20 @@ impl Statements {
             ),
         }
     }
+}
+
+/// The longest response a release message carries: a message's payload is under 8000
+/// bytes, and carries the key (64 hex digits), a colon and the response in hex.
+pub(super) const CARRIED: usize = 3900;
+
+/// The part of a release message after the key: `:` and the response kept (`response`, an
+/// expression), in hex, if there is one of at most [`CARRIED`] bytes; else nothing, and
+/// the woken instance looks the key up.
+fn carried(response: &str) -> String {
+    format!(
+        "CASE WHEN octet_length({response}) <= {CARRIED} \
+         THEN ':' || encode({response}, 'hex') ELSE '' END"
+    )
 }
 
 /// Whether `table` is a plain SQL identifier, optionally schema-qualified

@@ -194,7 +194,7 @@ pub(super) fn push_sender(
             (PushKind::Message | PushKind::SMessage, Some(channel)) => {
                 if let Some(waiters) = waiters.upgrade() {
                     if let Ok(channel) = std::str::from_utf8(channel) {
-                        waiters.wake(channel);
+                        waiters.wake(channel, None);
                     }
                 }
                 if let (Some(backplane), Some(Value::BulkString(message))) =

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::BoxError;
@@ -51,7 +52,8 @@ pub(crate) fn token() -> String {
 }
 
 /// The local flights that wait for a release, by channel. Whatever receives the store's
-/// release messages wakes them when one arrives on their channel.
+/// release messages wakes them when one arrives on their channel, with the response the
+/// release kept when the message carries it.
 #[derive(Default)]
 pub(crate) struct Waiters {
     channels: Mutex<HashMap<String, Waiting>>,
@@ -60,6 +62,11 @@ pub(crate) struct Waiters {
 struct Waiting {
     notify: Arc<Notify>,
     count: usize,
+    /// How many releases were heard on the channel while someone waited on it, and the
+    /// response the last one carried: a flight takes it only if it came after the flight
+    /// registered (an earlier release's answer may be another lease's).
+    releases: u64,
+    answer: Option<Bytes>,
 }
 
 impl Waiters {
@@ -71,19 +78,25 @@ impl Waiters {
             .or_insert_with(|| Waiting {
                 notify: Arc::new(Notify::new()),
                 count: 0,
+                releases: 0,
+                answer: None,
             });
         waiting.count += 1;
         Registration {
             notify: waiting.notify.clone(),
             waiters: self.clone(),
             channel: channel.to_owned(),
+            releases: waiting.releases,
         }
     }
 
-    /// Wakes the flights waiting on `channel`. Must not block, and doesn't (a short lock).
-    pub(crate) fn wake(&self, channel: &str) {
-        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(waiting) = channels.get(channel) {
+    /// Wakes the flights waiting on `channel`, with the response the release kept if its
+    /// message carried it. Must not block, and doesn't (a short lock).
+    pub(crate) fn wake(&self, channel: &str, answer: Option<Bytes>) {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(waiting) = channels.get_mut(channel) {
+            waiting.releases += 1;
+            waiting.answer = answer;
             waiting.notify.notify_waiters();
         }
     }
@@ -91,8 +104,10 @@ impl Waiters {
     /// Wakes every waiting flight: their messages may have been lost (a connection that
     /// dropped), so each looks again on its own.
     pub(crate) fn wake_all(&self) {
-        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        for waiting in channels.values() {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        for waiting in channels.values_mut() {
+            waiting.releases += 1;
+            waiting.answer = None;
             waiting.notify.notify_waiters();
         }
     }
@@ -107,6 +122,33 @@ pub(crate) struct Registration {
     pub(crate) notify: Arc<Notify>,
     waiters: Arc<Waiters>,
     channel: String,
+    /// The channel's releases when this registered.
+    #[cfg_attr(
+        not(any(feature = "postgres", test)),
+        allow(dead_code, reason = "only PostgreSQL's release messages carry answers")
+    )]
+    releases: u64,
+}
+
+impl Registration {
+    #[cfg_attr(
+        not(any(feature = "postgres", test)),
+        allow(dead_code, reason = "only PostgreSQL's release messages carry answers")
+    )]
+    /// The response the last release heard since this registered kept, if its message
+    /// carried one. Several releases since (a key released, leased again and released)
+    /// answer the last one's: the key's answer as of the last release.
+    pub(crate) fn answer(&self) -> Option<Bytes> {
+        let channels = self
+            .waiters
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let waiting = channels.get(&self.channel)?;
+        (waiting.releases > self.releases)
+            .then(|| waiting.answer.clone())
+            .flatten()
+    }
 }
 
 impl Drop for Registration {
@@ -128,6 +170,30 @@ impl Drop for Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A flight takes the answer of a release heard after it registered, never one heard
+    /// before (another lease's); a release without an answer, or every flight woken at
+    /// once after a lost connection, leaves it to look the key up.
+    #[test]
+    fn a_flight_takes_only_the_answer_of_a_release_after_it_registered() {
+        let waiters = Arc::new(Waiters::default());
+        let early = waiters.register("key");
+        waiters.wake("key", Some(Bytes::from_static(b"first")));
+        let late = waiters.register("key");
+        assert_eq!(early.answer().as_deref(), Some(&b"first"[..]));
+        assert_eq!(late.answer(), None, "a release before it registered");
+        waiters.wake("key", Some(Bytes::from_static(b"second")));
+        assert_eq!(late.answer().as_deref(), Some(&b"second"[..]));
+        waiters.wake("key", None);
+        assert_eq!(late.answer(), None, "a release that carried none");
+        waiters.wake("key", Some(Bytes::from_static(b"third")));
+        waiters.wake_all();
+        assert_eq!(late.answer(), None, "woken for a lost connection");
+        waiters.wake("other", Some(Bytes::from_static(b"other")));
+        assert_eq!(early.answer(), None);
+        drop((early, late));
+        assert!(waiters.channels.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn tokens_are_unique() {

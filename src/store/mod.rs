@@ -113,6 +113,23 @@ pub trait Store: Clone + Send + Sync + 'static {
         std::future::ready(())
     }
 
+    /// Waits as [`released`](Self::released) does, and answers the response the release
+    /// kept, when the store's release message carried it: the layer then answers with it
+    /// as with a response it looked up, without looking the key up. It must be a response
+    /// the store keeps under `key`, kept by a release after this call began.
+    ///
+    /// The default waits with `released` and answers `None`: the layer looks the key up.
+    /// `PostgresStore` carries small responses in its release messages.
+    fn released_response(
+        &self,
+        key: &StoreKey,
+    ) -> impl Future<Output = Option<Arc<StoredResponse>>> + Send {
+        async move {
+            self.released(key).await;
+            None
+        }
+    }
+
     /// Removes the response stored under `key`, and answers whether there was one: the
     /// HTTP cache's purges and invalidations.
     ///

@@ -362,8 +362,12 @@ pub(super) async fn take_lease<K, I, St: Store, B>(
                     metrics.flight_waiting_elsewhere();
                     tracing::Span::current().record("coalesce.elsewhere", true);
                 }
-                wait_for_release(engine, key, started).await?;
-                continue;
+                // A release message may carry the response the release kept (not for a
+                // stage, which takes leases of its own to refresh what is kept).
+                match wait_for_release(engine, key, started).await? {
+                    Some(stored) => stored,
+                    None => continue,
+                }
             }
             Err(error) => return store_failed(&error, "lease", engine),
         };
@@ -378,23 +382,34 @@ pub(super) async fn take_lease<K, I, St: Store, B>(
 }
 
 /// Waits for the instance that holds `key`'s lease to release it, within what is left of
-/// the follower timeout since `started`.
+/// the follower timeout since `started`; answers the response the release kept if its
+/// message carried it (without a stage).
 async fn wait_for_release<K, I, St: Store, B>(
     engine: &Engine<K, I, St>,
     key: &StoreKey,
     started: std::time::Instant,
-) -> Result<(), Done<B>> {
-    let released = engine.store.released(key);
+) -> Result<Option<Arc<StoredResponse>>, Done<B>> {
+    let released = async {
+        match engine.stage {
+            Some(_) => {
+                engine.store.released(key).await;
+                None
+            }
+            None => engine.store.released_response(key).await,
+        }
+    };
     let Some(timeout) = engine.config.follower_timeout else {
-        released.await;
-        return Ok(());
+        return Ok(released.await);
     };
     let left = timeout.saturating_sub(started.elapsed());
-    if left.is_zero() || tokio::time::timeout(left, released).await.is_err() {
+    let answer = match left.is_zero() {
+        true => None,
+        false => tokio::time::timeout(left, released).await.ok(),
+    };
+    answer.ok_or_else(|| {
         engine.metrics.follower_timed_out();
-        return Err(Done::GaveUp);
-    }
-    Ok(())
+        Done::GaveUp
+    })
 }
 
 pub(super) fn store_failed<K, I, St, B>(
