@@ -363,3 +363,61 @@ async fn migrating_an_existing_table_logs_no_notices() {
     assert!(!text.contains("already exists"), "{text}");
     assert!(!text.contains(" INFO "), "{text}");
 }
+
+/// The layer records what it did (`coalesce.role`, the status, the flight's id) on its own
+/// request span only: when a filter leaves that span out, nothing lands on the span of the
+/// app's layer around it, even one that declares fields of the same names (as OpenTelemetry
+/// HTTP spans declare `http.response.status_code`).
+#[tokio::test(flavor = "current_thread")]
+async fn a_filtered_out_request_span_records_nothing_on_the_callers_span() {
+    use tower::ServiceExt;
+    use tracing::Instrument;
+
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer({
+            let captured = captured.clone();
+            move || captured.clone()
+        })
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let svc = tower::ServiceBuilder::new()
+        .layer(HttpCoalesceLayer::new(key::idempotency_key()))
+        .service(tower::service_fn(
+            |_req: http::Request<tower_coalesce::http::RequestBody<Body>>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(Body::from("ok")))
+            },
+        ));
+    let outer = tracing::info_span!(
+        "app_request",
+        http.response.status_code = tracing::field::Empty,
+        coalesce.role = tracing::field::Empty,
+        coalesce.flight_id = tracing::field::Empty,
+        coalesce.waited_on = tracing::field::Empty,
+    );
+    async {
+        let req = http::Request::post("/api/clients")
+            .header("idempotency-key", "k-1")
+            .body(Body::empty())
+            .unwrap();
+        let response = svc.oneshot(req).await.unwrap();
+        assert_eq!(response.status(), 200);
+        tracing::info!("answered");
+    }
+    .instrument(outer)
+    .await;
+
+    let logs = captured.text();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("answered"))
+        .unwrap_or_else(|| panic!("no event:\n{logs}"));
+    assert!(line.contains("app_request"), "{line}");
+    assert!(
+        !line.contains("coalesce.") && !line.contains("status_code"),
+        "the layer recorded on the app's span: {line}"
+    );
+}

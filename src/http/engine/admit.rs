@@ -46,9 +46,8 @@ where
     ReqB: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static,
     ResB: SharedBody,
 {
-    use tracing::Instrument;
     let span = request_span(engine.config.name, &parts);
-    async move {
+    let work = async move {
         let limit = engine.config.request_body_limit;
         let answer = match read_body(&parts, body, limit).await {
             Ok(bytes) => admitted(inner, engine, parts, bytes, key).await,
@@ -56,8 +55,8 @@ where
         };
         record_answer(&answer);
         answer
-    }
-    .instrument(span)
+    };
+    in_span(work, span)
 }
 
 /// The span of a keyed request: who served it, in OpenTelemetry's HTTP names where they
@@ -69,7 +68,7 @@ where
 /// `coalesce.elsewhere` (it waited for another instance's run of the key).
 fn request_span(layer: &'static str, parts: &Parts) -> tracing::Span {
     tracing::debug_span!(
-        "coalesce",
+        REQUEST_SPAN,
         coalesce.layer = layer,
         http.request.method = %parts.method,
         url.path = parts.uri.path(),
@@ -83,11 +82,7 @@ fn request_span(layer: &'static str, parts: &Parts) -> tracing::Span {
 
 /// Records on the request's span how it was answered.
 fn record_answer<B, E>(answer: &Answer<B, E>) {
-    let span = tracing::Span::current();
-    if span.is_disabled() {
-        return;
-    }
-    let Ok(response) = answer else {
+    let (Some(span), Ok(response)) = (own_span(REQUEST_SPAN), answer) else {
         return;
     };
     let headers = response.headers();

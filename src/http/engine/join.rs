@@ -196,7 +196,9 @@ where
                 let (req, inner) = (self.request.take().expect(lead), self.inner.take());
                 ask.keep_headers(req.headers(), engine.reads_headers());
                 let flight = ask.lead();
-                tracing::Span::current().record("coalesce.flight_id", flight);
+                if let Some(span) = own_span(REQUEST_SPAN) {
+                    span.record("coalesce.flight_id", flight);
+                }
                 let store_key = self.store_key.clone();
                 Box::pin(fly(
                     inner.expect(lead),
@@ -211,8 +213,9 @@ where
                 mismatched = !running.ask.same(ask);
                 refusal = admission(config, mismatched, followers);
                 if refusal.is_none() {
-                    let span = tracing::Span::current();
-                    span.record("coalesce.waited_on", running.ask.flight());
+                    if let Some(span) = own_span(REQUEST_SPAN) {
+                        span.record("coalesce.waited_on", running.ask.flight());
+                    }
                     // Equal to this caller's key but for what it asks.
                     self.flight_key = Some(FlightKey {
                         scope: running.scope.clone(),

@@ -530,6 +530,41 @@ pub(crate) use self::answer::answers;
 #[cfg(feature = "http-cache")]
 pub(crate) use self::run::stored_copy;
 
+/// The name of a keyed request's span (see `admit::request_span`).
+pub(crate) const REQUEST_SPAN: &str = "coalesce";
+
+/// The name of a flight's span, a child of its leader's request span.
+pub(crate) const FLIGHT_SPAN: &str = "coalesce_flight";
+
+/// `work` in `span`, or not entering it when nothing would see it: a span no subscriber
+/// wants is entered and exited at every poll all the same, and with tracing's `log` feature
+/// (which axum turns on) each is a check of the `log` logger: about 300 instructions per
+/// keyed request. A `log` logger at `TRACE`, with no subscriber set, prints spans' enter
+/// and exit lines: then the span is entered.
+pub(crate) fn in_span<F: Future>(
+    work: F,
+    span: tracing::Span,
+) -> futures::future::Either<tracing::instrument::Instrumented<F>, F> {
+    use futures::future::Either;
+    use tracing::Instrument;
+    if span.is_disabled() && log::max_level() < log::LevelFilter::Trace {
+        Either::Right(work)
+    } else {
+        Either::Left(work.instrument(span))
+    }
+}
+
+/// The layer's span `name` if it is the current span, to record on. A span no subscriber
+/// wants is never current (entered or not): the current span is then the app's, which may
+/// declare fields of the same names (OpenTelemetry's HTTP spans declare
+/// `http.response.status_code`), and must not get the layer's values.
+pub(crate) fn own_span(name: &str) -> Option<tracing::Span> {
+    let span = tracing::Span::current();
+    span.metadata()
+        .is_some_and(|meta| meta.name() == name && meta.target().starts_with("tower_coalesce::"))
+        .then_some(span)
+}
+
 /// A hash of a flight key for logs, with a per-process random seed so that a logged hash
 /// can't be matched against hashes of guessed ids.
 #[derive(Debug, Clone, Copy)]
@@ -539,5 +574,73 @@ impl KeyHash {
     fn of<T: Hash>(key: &T) -> Self {
         static SEED: OnceLock<RandomState> = OnceLock::new();
         KeyHash(SEED.get_or_init(RandomState::new).hash_one(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entered<F: Future>(
+        work: &futures::future::Either<tracing::instrument::Instrumented<F>, F>,
+    ) -> bool {
+        matches!(work, futures::future::Either::Left(_))
+    }
+
+    #[test]
+    fn a_span_is_entered_only_when_a_subscriber_or_a_log_logger_could_see_it() {
+        // No subscriber on this thread, `log` at its default (off): not entered.
+        let span = tracing::debug_span!(REQUEST_SPAN);
+        assert!(!entered(&in_span(async {}, span)));
+
+        // A subscriber that wants it.
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::debug_span!(REQUEST_SPAN);
+            assert!(entered(&in_span(async {}, span)));
+        });
+
+        // A `log` logger at `TRACE` prints enter and exit lines of spans nobody subscribes
+        // to (tracing's `log` feature): entered. (The level is global; no other test
+        // depends on it.)
+        log::set_max_level(log::LevelFilter::Trace);
+        let span = tracing::debug_span!(REQUEST_SPAN);
+        let at_trace = entered(&in_span(async {}, span));
+        log::set_max_level(log::LevelFilter::Off);
+        assert!(at_trace);
+    }
+
+    #[test]
+    fn the_layer_records_only_on_its_own_current_span() {
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            // The app's span is current, the layer's (at DEBUG) is filtered out.
+            let app = tracing::info_span!(
+                target: "my_app",
+                "coalesce",
+                coalesce.role = tracing::field::Empty
+            );
+            let _app = app.enter();
+            let ours = tracing::debug_span!(REQUEST_SPAN);
+            let _ours = ours.enter();
+            // Same name, not the layer's target: not ours.
+            assert!(own_span(REQUEST_SPAN).is_none());
+        });
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let ours = tracing::debug_span!(REQUEST_SPAN);
+            let _ours = ours.enter();
+            assert!(own_span(REQUEST_SPAN).is_some());
+            assert!(own_span(FLIGHT_SPAN).is_none());
+        });
     }
 }

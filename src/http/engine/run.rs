@@ -7,7 +7,6 @@ use std::time::Duration;
 use http::HeaderMap;
 use http::Response;
 use tower::ServiceExt;
-use tracing::Instrument;
 
 use super::*;
 use crate::BoxError;
@@ -38,7 +37,7 @@ where
 {
     use futures::future::Either;
     let span = tracing::debug_span!(
-        "coalesce_flight",
+        FLIGHT_SPAN,
         key = key_hash.map(|h| h.0),
         coalesce.flight_id = ask.flight(),
         coalesce.elsewhere = tracing::field::Empty,
@@ -58,7 +57,7 @@ where
             run.await
         })),
     };
-    work.instrument(span)
+    in_span(work, span)
 }
 
 /// The run of a flight: calls the inner service (under the lease, if the flight holds
@@ -360,7 +359,9 @@ pub(super) async fn take_lease<K, I, St: Store, B>(
                 if !waited {
                     waited = true;
                     metrics.flight_waiting_elsewhere();
-                    tracing::Span::current().record("coalesce.elsewhere", true);
+                    if let Some(span) = own_span(FLIGHT_SPAN) {
+                        span.record("coalesce.elsewhere", true);
+                    }
                 }
                 // A release message may carry the response the release kept (not for a
                 // stage, which takes leases of its own to refresh what is kept).
