@@ -145,6 +145,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Row};
 use tokio::task::JoinHandle;
@@ -864,20 +865,31 @@ impl Batchers<'_> {
     /// The queue of the lease statements, with the lookup or without. A lease taken for a
     /// caller that has gone (its timeout) is released at once.
     fn leases(&self, pool: &PgPool, lookup: bool) -> Batcher<LeaseAsk, LeaseAnswer> {
-        let (statement, table, timeout) = (
+        let (batch, one, table, timeout) = (
             Arc::<str>::from(self.statements.lease.as_str()),
+            Arc::<str>::from(self.statements.lease_one.as_str()),
             self.table.clone(),
             self.timeout,
         );
         let run = move |pool: PgPool, asks: Arc<Vec<(StoreKey, LeaseAsk)>>| {
-            let (statement, table) = (statement.clone(), table.clone());
+            let (batch, one, table) = (batch.clone(), one.clone(), table.clone());
             async move {
-                let query = sqlx::query(&statement)
-                    .bind(keys(&asks))
-                    .bind(column(&asks, |ask| ask.token.as_str()))
-                    .bind(column(&asks, |ask| ask.lease))
-                    .bind(lookup)
-                    .fetch_all(&pool);
+                let query = match &asks[..] {
+                    [(key, ask)] => sqlx::query(&one)
+                        .bind(&key.as_bytes()[..])
+                        .bind(ask.token.as_str())
+                        .bind(ask.lease)
+                        .bind(lookup)
+                        .fetch_all(&pool)
+                        .boxed(),
+                    _ => sqlx::query(&batch)
+                        .bind(keys(&asks))
+                        .bind(column(&asks, |ask| ask.token.as_str()))
+                        .bind(column(&asks, |ask| ask.lease))
+                        .bind(lookup)
+                        .fetch_all(&pool)
+                        .boxed(),
+                };
                 answers(
                     within(timeout, "lease", query).await,
                     &table,
@@ -921,23 +933,38 @@ impl Batchers<'_> {
 
     /// The queue of the completions.
     fn completions(&self, pool: &PgPool) -> Batcher<CompleteAsk, CompleteAnswer> {
-        let (statement, table, channel, timeout) = (
+        let (batch, one, table, channel, timeout) = (
             Arc::<str>::from(self.statements.complete_batch.as_str()),
+            Arc::<str>::from(self.statements.complete.as_str()),
             self.table.clone(),
             self.channel.clone(),
             self.timeout,
         );
         let run = move |pool: PgPool, asks: Arc<Vec<(StoreKey, CompleteAsk)>>| {
-            let (statement, table, channel) = (statement.clone(), table.clone(), channel.clone());
+            let (batch, one) = (batch.clone(), one.clone());
+            let (table, channel) = (table.clone(), channel.clone());
             async move {
-                let query = sqlx::query(&statement)
-                    .bind(keys(&asks))
-                    .bind(column(&asks, |ask| ask.token.as_str()))
-                    .bind(column(&asks, |ask| ask.response.as_deref()))
-                    .bind(column(&asks, |ask| ask.ttl))
-                    .bind(column(&asks, |ask| ask.fence))
-                    .bind(&*channel)
-                    .fetch_all(&pool);
+                let query = match &asks[..] {
+                    [(key, ask)] => sqlx::query(&one)
+                        .bind(&key.as_bytes()[..])
+                        .bind(ask.token.as_str())
+                        .bind(ask.response.as_deref())
+                        .bind(ask.ttl)
+                        .bind(&*channel)
+                        .bind(hex(key))
+                        .bind(ask.fence)
+                        .fetch_all(&pool)
+                        .boxed(),
+                    _ => sqlx::query(&batch)
+                        .bind(keys(&asks))
+                        .bind(column(&asks, |ask| ask.token.as_str()))
+                        .bind(column(&asks, |ask| ask.response.as_deref()))
+                        .bind(column(&asks, |ask| ask.ttl))
+                        .bind(column(&asks, |ask| ask.fence))
+                        .bind(&*channel)
+                        .fetch_all(&pool)
+                        .boxed(),
+                };
                 let rows = within(timeout, "store and release", query).await;
                 answers(rows, &table, "store and release", |row| {
                     Ok(CompleteAnswer {
