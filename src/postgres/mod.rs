@@ -219,6 +219,10 @@ struct LeaseAsk {
     lease: i64,
 }
 
+/// How many times a lone lease is asked with the one-row statement before the batch form
+/// settles it: each time another instance's insert or change of the row was under way.
+const ONE_ROW_ATTEMPTS: usize = 4;
+
 /// The answer to a [`LeaseAsk`]: the fencing token of the lease taken, or the response kept
 /// under the key (with the lookup), or neither (held elsewhere).
 struct LeaseAnswer {
@@ -874,22 +878,40 @@ impl Batchers<'_> {
         let run = move |pool: PgPool, asks: Arc<Vec<(StoreKey, LeaseAsk)>>| {
             let (batch, one, table) = (batch.clone(), one.clone(), table.clone());
             async move {
-                let query = match &asks[..] {
-                    [(key, ask)] => sqlx::query(&one)
-                        .bind(&key.as_bytes()[..])
-                        .bind(ask.token.as_str())
-                        .bind(ask.lease)
-                        .bind(lookup)
-                        .fetch_all(&pool)
-                        .boxed(),
-                    _ => sqlx::query(&batch)
-                        .bind(keys(&asks))
-                        .bind(column(&asks, |ask| ask.token.as_str()))
-                        .bind(column(&asks, |ask| ask.lease))
-                        .bind(lookup)
-                        .fetch_all(&pool)
-                        .boxed(),
-                };
+                if let [(key, ask)] = &asks[..] {
+                    // Asked again while another instance's insert or change of the row was
+                    // under way (see `lease_one`); after a few, the batch form, which waits
+                    // for the row's lock, settles it.
+                    for _ in 0..ONE_ROW_ATTEMPTS {
+                        let query = sqlx::query(&one)
+                            .bind(&key.as_bytes()[..])
+                            .bind(ask.token.as_str())
+                            .bind(ask.lease)
+                            .bind(lookup)
+                            .fetch_all(&pool);
+                        let rows = within(timeout, "lease", query).await;
+                        let answered = answers(rows, &table, "lease", |row| {
+                            let answer = LeaseAnswer {
+                                fence: row.try_get("fence")?,
+                                response: row.try_get("response")?,
+                            };
+                            let waiting: bool = row.try_get("waiting")?;
+                            Ok((answer, waiting))
+                        })?;
+                        let unsettled = matches!(&answered[..], [(answer, false)]
+                            if answer.fence.is_none() && answer.response.is_none());
+                        if !unsettled {
+                            // (A wrong count of rows is the queue's to report.)
+                            return Ok(answered.into_iter().map(|(answer, _)| answer).collect());
+                        }
+                    }
+                }
+                let query = sqlx::query(&batch)
+                    .bind(keys(&asks))
+                    .bind(column(&asks, |ask| ask.token.as_str()))
+                    .bind(column(&asks, |ask| ask.lease))
+                    .bind(lookup)
+                    .fetch_all(&pool);
                 answers(
                     within(timeout, "lease", query).await,
                     &table,

@@ -115,32 +115,67 @@ impl Statements {
                  ORDER BY i.n",
                 free = FREE,
             ),
-            // `lease` for one key (`$1`, the token `$2`, `$3` ms, `$4` the lookup): the same
-            // rows, without the arrays. PostgreSQL plans a statement at each run of it, and
-            // the batch form (arrays unnested with their order, joined back) took longer to
-            // plan and run than one row: 400 us against 240 us through sqlx, alone, on the
-            // bench's machine. A lone flight, the common case, takes this one.
+            // `lease` for one key (`$1`, the token `$2`, `$3` ms, `$4` the lookup), without
+            // the arrays, and without locking a row it does not change. PostgreSQL plans
+            // a statement at each run of it, and the batch form (arrays unnested with their
+            // order, joined back) took longer to plan and run than one row: 400 us against
+            // 240 us through sqlx, alone, on the bench's machine. And the batch form's
+            // `ON CONFLICT .. DO UPDATE` locks the row whether it changes it or not, until
+            // its transaction ends: when four instances asked for a new key at once, the
+            // three that lost queued on the row one after another, and the winner's
+            // completion queued behind them (1.1-1.4 ms, against 0.3 ms alone).
+            //
+            // So each step here changes the row only if the statement's snapshot says it
+            // should: insert a row that is not there (`ON CONFLICT DO NOTHING`: a row
+            // another instance has just inserted is not locked); take a lease that is free
+            // (and no live response under the lookup); or mark a held lease as waited for
+            // if it is not yet (`wanted`: the release then sends a message). The steps
+            // exclude each other on the snapshot; under a concurrent change, PostgreSQL
+            // checks a step's condition again on the row as it is then, and skips it if
+            // it no longer holds. The answer: the fence of the lease taken, the kept
+            // response (as the snapshot saw it), and `waiting`, whether the lease is held
+            // by another instance that will send a message at its release (this statement
+            // marked it, or the snapshot saw it marked). A row with none of these
+            // (another instance's insert or change under way when the snapshot was taken)
+            // is asked again: see `LeaseAnswer::settled`.
             lease_one: format!(
-                "WITH taken AS (
-                    INSERT INTO {table} AS s (key, lease_token, lease_until, fence)
-                    VALUES ($1, $2, now() + $3 * interval '1 millisecond',
-                            (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
-                    ON CONFLICT (key) DO UPDATE SET
-                        lease_token = CASE WHEN {FREE} THEN EXCLUDED.lease_token
-                                      ELSE s.lease_token END,
-                        lease_until = CASE WHEN {FREE} THEN EXCLUDED.lease_until
-                                      ELSE s.lease_until END,
-                        fence = CASE WHEN {FREE} THEN GREATEST(s.fence + 1, EXCLUDED.fence)
-                                ELSE s.fence END,
-                        wanted = NOT {FREE}
-                    WHERE NOT ($4 AND s.response IS NOT NULL AND s.expires_at > now())
-                    RETURNING lease_token, fence
+                "WITH cur AS (
+                    SELECT lease_until, wanted, response, expires_at
+                      FROM {table} WHERE key = $1
+                ),
+                inserted AS (
+                    INSERT INTO {table} (key, lease_token, lease_until, fence)
+                    SELECT $1, $2, now() + $3 * interval '1 millisecond',
+                           (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
+                     WHERE NOT EXISTS (SELECT 1 FROM cur)
+                    ON CONFLICT (key) DO NOTHING
+                    RETURNING fence
+                ),
+                taken AS (
+                    UPDATE {table} AS s SET
+                        lease_token = $2,
+                        lease_until = now() + $3 * interval '1 millisecond',
+                        fence = GREATEST(s.fence + 1,
+                            (extract(epoch FROM clock_timestamp()) * 1000000)::bigint),
+                        wanted = false
+                     WHERE s.key = $1 AND {FREE}
+                       AND NOT ($4 AND s.response IS NOT NULL AND s.expires_at > now())
+                    RETURNING s.fence
+                ),
+                marked AS (
+                    UPDATE {table} AS s SET wanted = true
+                     WHERE s.key = $1 AND NOT {FREE} AND NOT s.wanted
+                       AND NOT ($4 AND s.response IS NOT NULL AND s.expires_at > now())
+                    RETURNING 1
                 )
-                SELECT (SELECT fence FROM taken WHERE lease_token = $2) AS fence,
-                       (SELECT response FROM {table}
-                         WHERE key = $1 AND $4 AND response IS NOT NULL
-                           AND expires_at > now())
+                SELECT COALESCE((SELECT fence FROM inserted), (SELECT fence FROM taken))
+                       AS fence,
+                       (SELECT response FROM cur
+                         WHERE $4 AND response IS NOT NULL AND expires_at > now())
                        AS response,
+                       EXISTS (SELECT 1 FROM marked)
+                       OR EXISTS (SELECT 1 FROM cur s WHERE s.wanted AND NOT {FREE})
+                       AS waiting,
                        set_config('synchronous_commit', 'off', true) AS commit"
             ),
             // `complete` for a batch of keys (see `batch.rs`), sorted: keeps the responses
