@@ -7,11 +7,13 @@
 //!
 //! 1. Within an instance, requests with the same key coalesce first: the database sees one
 //!    flight per key per instance, not one per request.
-//! 2. The flight takes the key's lease in one statement (`INSERT .. ON CONFLICT .. DO
-//!    UPDATE .. WHERE` the lease is free), which also finds a kept response (the lookup),
-//!    and takes the key's next [`FencingToken`], handed to the inner service as a request
-//!    extension. The lease is committed without waiting for the disk: see
-//!    [Durability](#durability).
+//! 2. The flight takes the key's lease in one statement (it inserts the key's row, or takes
+//!    a free lease on it), which also finds a kept response (the lookup), and takes the
+//!    key's next [`FencingToken`], handed to the inner service as a request extension. The
+//!    statement locks the row only to change it, so that the instances that lose the race
+//!    for a key do not queue in front of the winner's release; flights that ask at once
+//!    on one instance go in one statement for all their keys. The lease is committed
+//!    without waiting for the disk: see [Durability](#durability).
 //! 3. The instance that holds the lease runs the request, and renews the lease every third
 //!    of its duration. One statement then keeps the response, releases the lease if its
 //!    token still holds it, and, if another instance said it waits for the key, sends a
@@ -22,7 +24,8 @@
 //!    fails is retried for the lease's length, the lease renewed meanwhile.
 //! 4. The other instances `LISTEN` on one connection each. A lease statement that finds
 //!    the lease held marks the key's row as waited for (`wanted`, ordered against the
-//!    release by the row's lock); the instance then waits for the message, or the poll
+//!    release by the row's lock) unless it already is; the instance then waits for the
+//!    message (every instance waiting for the key hears it), or the poll
 //!    interval if none comes (lost while the connection was down, or the leading instance
 //!    died): it replays the response the message carries, or looks it up, or, once a dead
 //!    instance's lease expired, one of them takes it over and runs the request, with a
