@@ -40,9 +40,14 @@ impl Captured {
 }
 
 fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
+    capture_at(tracing::Level::DEBUG)
+}
+
+/// Everything logged at `level` and above on this thread while the guard lives.
+fn capture_at(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
     let captured = Captured::default();
     let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
+        .with_max_level(level)
         .with_ansi(false)
         .with_writer({
             let captured = captured.clone();
@@ -373,16 +378,7 @@ async fn a_filtered_out_request_span_records_nothing_on_the_callers_span() {
     use tower::ServiceExt;
     use tracing::Instrument;
 
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer({
-            let captured = captured.clone();
-            move || captured.clone()
-        })
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = capture_at(tracing::Level::INFO);
 
     let svc = tower::ServiceBuilder::new()
         .layer(HttpCoalesceLayer::new(key::idempotency_key()))

@@ -581,6 +581,14 @@ impl KeyHash {
 mod tests {
     use super::*;
 
+    /// A subscriber of everything at `level` and above, written nowhere.
+    fn subscriber(level: tracing::Level) -> impl tracing::Subscriber + Send + Sync {
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_writer(std::io::sink)
+            .finish()
+    }
+
     fn entered<F: Future>(
         work: &futures::future::Either<tracing::instrument::Instrumented<F>, F>,
     ) -> bool {
@@ -594,11 +602,7 @@ mod tests {
         assert!(!entered(&in_span(async {}, span)));
 
         // A subscriber that wants it.
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(std::io::sink)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(subscriber(tracing::Level::DEBUG), || {
             let span = tracing::debug_span!(REQUEST_SPAN);
             assert!(entered(&in_span(async {}, span)));
         });
@@ -615,11 +619,7 @@ mod tests {
 
     #[test]
     fn the_layer_records_only_on_its_own_current_span() {
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::INFO)
-            .with_writer(std::io::sink)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(subscriber(tracing::Level::INFO), || {
             // The app's span is current, the layer's (at DEBUG) is filtered out.
             let app = tracing::info_span!(
                 target: "my_app",
@@ -632,11 +632,7 @@ mod tests {
             // Same name, not the layer's target: not ours.
             assert!(own_span(REQUEST_SPAN).is_none());
         });
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(std::io::sink)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(subscriber(tracing::Level::DEBUG), || {
             let ours = tracing::debug_span!(REQUEST_SPAN);
             let _ours = ours.enter();
             assert!(own_span(REQUEST_SPAN).is_some());
