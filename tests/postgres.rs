@@ -20,7 +20,7 @@ use support::instances::{
     one_run_for_fifty_callers_each, post,
 };
 use support::postgres::{Server, database_url, pool, rows, store, table};
-use support::{Counter, Gate, eventually};
+use support::{Counter, Gate, eventually, eventually_async};
 use tower_coalesce::idempotency::OnStoreError;
 use tower_coalesce::postgres::PostgresStore;
 use tower_coalesce::store::Lease;
@@ -178,20 +178,14 @@ async fn a_release_message_goes_out_only_for_a_key_another_instance_waits_for() 
     runs.reach(1).await;
     let second = tokio::spawn(post(b.addr, "waited-for"));
     // B waits on A's lease and has said so on the row.
-    let wanted = format!("SELECT count(*) FROM {table} WHERE wanted");
-    let started = Instant::now();
-    while sqlx::query_scalar::<_, i64>(&wanted)
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-        == 0
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "B never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let wanted = format!("SELECT count(*) > 0 FROM {table} WHERE wanted");
+    eventually_async("B waits", || async {
+        sqlx::query_scalar::<_, bool>(&wanted)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    })
+    .await;
     let released = Instant::now();
     gate.open();
     let (first, second) = (first.await.unwrap(), second.await.unwrap());
@@ -253,23 +247,44 @@ async fn a_release_message_carries_a_small_kept_response_to_the_waiting_instance
             panic!("A takes the fresh key's lease")
         };
         assert!(matches!(b.lease(&key).await.unwrap(), Lease::HeldElsewhere));
+        // B's lease statement said on the row that it waits.
+        let wanted = format!("SELECT wanted FROM {table} WHERE key = $1");
+        let marked: bool = sqlx::query_scalar(&wanted)
+            .bind(&key.as_bytes()[..])
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(marked, "B's lost lease marks the row");
+        // B listens, then checks that the lease is still held: the release must come
+        // after that check, or B finds the key released before any message (and looks
+        // it up). Its check is seen done in `pg_stat_activity`.
+        // Asked on a connection of its own: a pooled one could be the one B's check ran
+        // on, whose row in `pg_stat_activity` would then show this query instead.
+        let mut watcher = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let since: f64 = sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
+            .fetch_one(&mut watcher)
+            .await
+            .unwrap();
         let waiting = tokio::spawn({
             let (b, key) = (b.clone(), key.clone());
             async move { b.released_response(&key).await }
         });
-        // B has said on the row that it waits.
-        let wanted = format!("SELECT count(*) FROM {table} WHERE key = $1 AND wanted");
-        let asked = Instant::now();
-        while sqlx::query_scalar::<_, i64>(&wanted)
-            .bind(&key.as_bytes()[..])
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-            == 0
-        {
-            assert!(asked.elapsed() < Duration::from_secs(10), "B never waited");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let checked = format!(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE state = 'idle'
+               AND query LIKE '%{table} WHERE key = $1 AND lease_until > clock_timestamp()%'
+               AND extract(epoch FROM query_start)::float8 >= $1)"
+        );
+        let watcher = tokio::sync::Mutex::new(watcher);
+        eventually_async("B checked the lease", || async {
+            sqlx::query_scalar::<_, bool>(&checked)
+                .bind(since)
+                .fetch_one(&mut *watcher.lock().await)
+                .await
+                .unwrap()
+        })
+        .await;
         let kept = response(vec![b'x'; size]);
         let started = Instant::now();
         guard.complete(Some((kept.clone(), long))).await.unwrap();

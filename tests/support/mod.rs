@@ -102,6 +102,22 @@ pub async fn eventually(what: &str, condition: impl Fn() -> bool) {
     }
 }
 
+/// [`eventually`] for a condition that has to be awaited (a query), asked every 10 ms.
+#[allow(dead_code, reason = "not every test binary asks a database")]
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut condition: impl FnMut() -> F,
+) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// Resident set size in KiB, from `/proc/self/statm`.
 pub fn rss_kib() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("linux /proc");
