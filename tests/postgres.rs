@@ -459,6 +459,51 @@ async fn a_postgres_restart_loses_no_kept_response_and_hangs_no_request() {
     assert_eq!(first.body, second.body);
 }
 
+/// The store's own pool (`connect`) pings no connection before a statement: after
+/// PostgreSQL restarted, every idle connection is dead, and the statements that find them
+/// go on to live ones rather than fail. Each store call right after the restart answers
+/// (the lookup, the lease and the completion of a request through the layer, which is
+/// `FailClosed`: a failed statement would be a `503`), and the response kept before the
+/// restart is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_restart_dead_connections_are_reconnects_not_failed_statements() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let table = table();
+    let connect = || async {
+        let store = PostgresStore::builder()
+            .table(&table)
+            .connect(&server.url())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        store
+    };
+    let (store, runs, gate) = (connect().await, Counter::default(), Gate::closed());
+    gate.open();
+    let app = instance(connect().await, OnStoreError::FailClosed, &runs, &gate).await;
+    let kept = post(app.addr, "order-1").await;
+    assert_eq!(kept.status, StatusCode::CREATED);
+    // Every connection of both pools open and idle: eight statements at once on each.
+    let key = StoreKey::from_bytes([9; 32]);
+    let lookups = (0..8).map(|_| store.get(&key));
+    assert!(join_all(lookups).await.iter().all(Result::is_ok));
+    let warm: Vec<String> = (0..8).map(|k| format!("warm-{k}")).collect();
+    join_all(warm.iter().map(|key| post(app.addr, key))).await;
+
+    server.kill();
+    server.start_again();
+    drop(server.pool().await); // Up again: takes connections.
+
+    assert!(matches!(store.get(&key).await, Ok(None)));
+    let fresh = post(app.addr, "order-2").await;
+    assert_eq!(fresh.status, StatusCode::CREATED, "{fresh:?}");
+    let replayed = post(app.addr, "order-1").await;
+    assert_eq!((replayed.replayed, &replayed.body), (true, &kept.body));
+    assert_eq!(app.metrics.store_errors(), 0);
+}
+
 /// 100,000 distinct keys kept for 1 s: once they have expired, the sweeps (every 200 ms,
 /// in batches) empty the table, and every expired key reads as missing at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -109,7 +109,7 @@ impl PostgresStore {
         token: String,
         fence: i64,
     ) -> Result<LeaseGuard, BoxError> {
-        let begun = self.timed("begin", self.shared.pool.begin()).await;
+        let begun = self.timed("begin", || self.shared.pool.begin()).await;
         let tx = match begun {
             Ok(tx) => Tx(Arc::new(Mutex::new(Some(tx)))),
             Err(error) => {
@@ -145,7 +145,7 @@ impl PostgresStore {
             return Completion::Discarded;
         };
         let Some((response, ttl)) = response else {
-            let _ = self.timed("rollback", open.rollback()).await;
+            let _ = self.timed_once("rollback", open.rollback()).await;
             self.release(key, token, fence).await;
             return Completion::Discarded;
         };
@@ -158,7 +158,7 @@ impl PostgresStore {
             .bind(hex(key))
             .bind(fence)
             .fetch_one(&mut *open);
-        let kept = match self.timed("store and release", keep).await {
+        let kept = match self.timed_once("store and release", keep).await {
             Ok(row) => row,
             Err(error) => {
                 tracing::warn!(%error, "keeping a response in its transaction failed; rolled back");
@@ -168,12 +168,12 @@ impl PostgresStore {
             }
         };
         if !kept.try_get::<bool, _>("kept").unwrap_or(false) {
-            let _ = self.timed("rollback", open.rollback()).await;
+            let _ = self.timed_once("rollback", open.rollback()).await;
             let found: Option<Vec<u8>> = kept.try_get("response").unwrap_or(None);
             let found = found.and_then(|bytes| codec::decode(&bytes).ok());
             return Completion::Superseded(found.map(Arc::new));
         }
-        match self.timed("commit", open.commit()).await {
+        match self.timed_once("commit", open.commit()).await {
             Ok(()) => Completion::Kept,
             Err(error) => {
                 tracing::warn!(%error, "committing a flight's transaction failed");
@@ -186,15 +186,17 @@ impl PostgresStore {
     /// Releases the lease without keeping anything, if no later lease was taken; a failure
     /// leaves it to expire.
     async fn release(&self, key: &StoreKey, token: &str, fence: i64) {
-        let release = sqlx::query(&self.shared.statements.complete)
-            .bind(&key.as_bytes()[..])
-            .bind(token)
-            .bind(None::<Vec<u8>>)
-            .bind(0i64)
-            .bind(&self.shared.channel)
-            .bind(hex(key))
-            .bind(fence)
-            .execute(&self.shared.pool);
+        let release = || {
+            sqlx::query(&self.shared.statements.complete)
+                .bind(&key.as_bytes()[..])
+                .bind(token)
+                .bind(None::<Vec<u8>>)
+                .bind(0i64)
+                .bind(&self.shared.channel)
+                .bind(hex(key))
+                .bind(fence)
+                .execute(&self.shared.pool)
+        };
         if let Err(error) = self.timed("release", release).await {
             tracing::debug!(%error, "releasing a lease failed; it will expire");
         }

@@ -118,6 +118,18 @@
 //! a renewal every third of the lease while a flight runs, a lookup per waiting flight and
 //! poll, and the sweeps. [`connect`](PostgresStore::connect) makes a pool of 8.
 //!
+//! A statement that fails on a dead connection (an I/O error, or the server's word that it
+//! ended the session: SQLSTATE `08...`, `57P..`) runs again on another, up to once per
+//! connection the pool may hold and once more on a new one, within the statement's
+//! timeout; the store's statements are written to be safe to repeat. So the pool needs no
+//! ping before each statement (sqlx's
+//! [`test_before_acquire`](sqlx::pool::PoolOptions::test_before_acquire), on by default:
+//! a round trip more per statement), and the pool `connect` makes has none: after a
+//! PostgreSQL restart, its dead idle connections are found by the statements themselves
+//! and replaced, rather than failing them. An app's own pool given to
+//! [`build`](PostgresStoreBuilder::build) is used as it is configured; turning its ping
+//! off saves the store that round trip too.
+//!
 //! Leases and completions are batched: one goes out at once when none of its kind is out,
 //! and those that arrive meanwhile go together in the next statement (up to 256 keys,
 //! sorted, so that instances lock rows in one order). A statement's own cost in PostgreSQL
@@ -364,14 +376,18 @@ impl PostgresStoreBuilder {
         })
     }
 
-    /// Connects a pool of 8 connections to `url` (`postgres://user@host:port/db`) and makes
-    /// the store on it.
+    /// Connects a pool of 8 connections to `url` (`postgres://user@host:port/db`), which
+    /// pings no connection before a statement (see [Connections](self#connections)), and
+    /// makes the store on it.
     pub async fn connect(self, url: &str) -> Result<PostgresStore, BoxError> {
         let pool = within(
             self.timeout,
             "connecting",
             PgPoolOptions::new()
                 .max_connections(8)
+                // The store finds dead connections by their first statement and goes on to
+                // another (see `retried`): no ping before each statement.
+                .test_before_acquire(false)
                 .acquire_timeout(self.timeout)
                 .connect(url),
         )
@@ -491,8 +507,20 @@ impl PostgresStore {
         self
     }
 
-    /// Runs one call against the timeout.
-    async fn timed<T>(
+    /// Runs one statement on the pool against the timeout, again on another connection if
+    /// it failed on a dead one (see [`retried`]). Only for statements that are safe to
+    /// repeat.
+    async fn timed<T, F>(&self, what: &'static str, call: impl FnMut() -> F) -> Result<T, BoxError>
+    where
+        F: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let result = retried(&self.shared.pool, self.timeout, what, call).await;
+        result.map_err(|error| described(&self.shared.table, what, error))
+    }
+
+    /// Runs one call against the timeout, once: for what is not safe to repeat, and for
+    /// statements in a transaction (whose connection is not the pool's to swap).
+    async fn timed_once<T>(
         &self,
         what: &'static str,
         call: impl Future<Output = Result<T, sqlx::Error>>,
@@ -576,11 +604,13 @@ impl PostgresStore {
     async fn renew(self, key: StoreKey, token: String) {
         let lease = self.lease;
         renew_every_third(lease, || async {
-            let renewal = sqlx::query(&self.shared.statements.renew)
-                .bind(&key.as_bytes()[..])
-                .bind(&token)
-                .bind(millis(lease))
-                .execute(&self.shared.pool);
+            let renewal = || {
+                sqlx::query(&self.shared.statements.renew)
+                    .bind(&key.as_bytes()[..])
+                    .bind(&token)
+                    .bind(millis(lease))
+                    .execute(&self.shared.pool)
+            };
             Ok(self.timed("lease renewal", renewal).await?.rows_affected() == 1)
         })
         .await
@@ -590,12 +620,11 @@ impl PostgresStore {
 impl Store for PostgresStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Arc<StoredResponse>>, BoxError> {
         let found: Option<Vec<u8>> = self
-            .timed(
-                "lookup",
+            .timed("lookup", || {
                 sqlx::query_scalar(&self.shared.statements.get)
                     .bind(&key.as_bytes()[..])
-                    .fetch_optional(&self.shared.pool),
-            )
+                    .fetch_optional(&self.shared.pool)
+            })
             .await?;
         Ok(found
             .map(|bytes| codec::decode(&bytes))
@@ -609,11 +638,14 @@ impl Store for PostgresStore {
         response: Arc<StoredResponse>,
         ttl: Duration,
     ) -> Result<(), BoxError> {
-        let statement = sqlx::query(&self.shared.statements.put)
-            .bind(&key.as_bytes()[..])
-            .bind(codec::encode(&response))
-            .bind(millis(ttl))
-            .execute(&self.shared.pool);
+        let encoded = codec::encode(&response);
+        let statement = || {
+            sqlx::query(&self.shared.statements.put)
+                .bind(&key.as_bytes()[..])
+                .bind(&encoded[..])
+                .bind(millis(ttl))
+                .execute(&self.shared.pool)
+        };
         self.timed("store", statement).await.map(drop)
     }
 
@@ -626,9 +658,11 @@ impl Store for PostgresStore {
     }
 
     async fn remove(&self, key: &StoreKey) -> Result<bool, BoxError> {
-        let statement = sqlx::query(&self.shared.statements.remove)
-            .bind(&key.as_bytes()[..])
-            .execute(&self.shared.pool);
+        let statement = || {
+            sqlx::query(&self.shared.statements.remove)
+                .bind(&key.as_bytes()[..])
+                .execute(&self.shared.pool)
+        };
         Ok(self.timed("remove", statement).await?.rows_affected() == 1)
     }
 
@@ -638,11 +672,13 @@ impl Store for PostgresStore {
         key: &StoreKey,
         ttl: Duration,
     ) -> Result<(), BoxError> {
-        let statement = sqlx::query(&self.shared.statements.add_to_group)
-            .bind(&group.as_bytes()[..])
-            .bind(&key.as_bytes()[..])
-            .bind(millis(ttl))
-            .execute(&self.shared.pool);
+        let statement = || {
+            sqlx::query(&self.shared.statements.add_to_group)
+                .bind(&group.as_bytes()[..])
+                .bind(&key.as_bytes()[..])
+                .bind(millis(ttl))
+                .execute(&self.shared.pool)
+        };
         self.timed("group add", statement).await.map(drop)
     }
 
@@ -651,7 +687,9 @@ impl Store for PostgresStore {
             .bind(&group.as_bytes()[..])
             .fetch_all(&self.shared.pool);
         Ok(StoreKey::all_from(
-            self.timed("group take", statement).await?,
+            // Not repeated: the statement deletes what it answers, and a repeat after an
+            // answer lost with the connection would answer nothing.
+            self.timed_once("group take", statement).await?,
         ))
     }
 
@@ -659,10 +697,12 @@ impl Store for PostgresStore {
         // A notification's payload is text of under 8000 bytes: in hex, 120 keys at most.
         for keys in keys.chunks(120) {
             let payload = hex_bytes(&self.shared.backplane.message(keys));
-            let statement = sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(&self.shared.changes)
-                .bind(payload)
-                .execute(&self.shared.pool);
+            let statement = || {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(&self.shared.changes)
+                    .bind(&payload)
+                    .execute(&self.shared.pool)
+            };
             self.timed("announce", statement).await?;
         }
         Ok(())
@@ -688,9 +728,11 @@ impl Store for PostgresStore {
         notified.as_mut().enable();
         let wait = async {
             // The release may have come before this flight registered: look once.
-            let held = sqlx::query(&self.shared.statements.held)
-                .bind(&key.as_bytes()[..])
-                .fetch_optional(&self.shared.pool);
+            let held = || {
+                sqlx::query(&self.shared.statements.held)
+                    .bind(&key.as_bytes()[..])
+                    .fetch_optional(&self.shared.pool)
+            };
             if let Ok(None) = self.timed("lease lookup", held).await {
                 return;
             }
@@ -773,6 +815,8 @@ async fn listen(
 /// answers.
 async fn relisten(pool: &PgPool, channels: &[String]) -> PgListener {
     let mut backoff = Duration::from_millis(100);
+    // A dead idle connection of the pool (the server restarted) is passed over at once.
+    let mut dead_ones = pool.options().get_max_connections();
     loop {
         let attempt = async {
             let mut listener = PgListener::connect_with(pool).await?;
@@ -783,6 +827,10 @@ async fn relisten(pool: &PgPool, channels: &[String]) -> PgListener {
         };
         match tokio::time::timeout(Duration::from_secs(5), attempt).await {
             Ok(Ok(listener)) => return listener,
+            Ok(Err(error)) if dead_connection(&error) && dead_ones > 0 => {
+                dead_ones -= 1;
+                continue;
+            }
             Ok(Err(error)) => tracing::debug!(%error, "listening again failed; retrying"),
             Err(_) => tracing::debug!("listening again timed out; retrying"),
         }
@@ -886,13 +934,15 @@ impl Batchers<'_> {
                     // under way (see `lease_one`); after a few, the batch form, which waits
                     // for the row's lock, settles it.
                     for _ in 0..ONE_ROW_ATTEMPTS {
-                        let query = sqlx::query(&one)
-                            .bind(&key.as_bytes()[..])
-                            .bind(ask.token.as_str())
-                            .bind(ask.lease)
-                            .bind(lookup)
-                            .fetch_all(&pool);
-                        let rows = within(timeout, "lease", query).await;
+                        let query = || {
+                            sqlx::query(&one)
+                                .bind(&key.as_bytes()[..])
+                                .bind(ask.token.as_str())
+                                .bind(ask.lease)
+                                .bind(lookup)
+                                .fetch_all(&pool)
+                        };
+                        let rows = retried(&pool, timeout, "lease", query).await;
                         let answered = answers(rows, &table, "lease", |row| {
                             let answer = LeaseAnswer {
                                 fence: row.try_get("fence")?,
@@ -909,14 +959,16 @@ impl Batchers<'_> {
                         }
                     }
                 }
-                let query = sqlx::query(&batch)
-                    .bind(keys(&asks))
-                    .bind(column(&asks, |ask| ask.token.as_str()))
-                    .bind(column(&asks, |ask| ask.lease))
-                    .bind(lookup)
-                    .fetch_all(&pool);
+                let query = || {
+                    sqlx::query(&batch)
+                        .bind(keys(&asks))
+                        .bind(column(&asks, |ask| ask.token.as_str()))
+                        .bind(column(&asks, |ask| ask.lease))
+                        .bind(lookup)
+                        .fetch_all(&pool)
+                };
                 answers(
-                    within(timeout, "lease", query).await,
+                    retried(&pool, timeout, "lease", query).await,
                     &table,
                     "lease",
                     |row| {
@@ -939,16 +991,18 @@ impl Batchers<'_> {
                     return;
                 };
                 // The statement ends the lease only for the token that took it.
-                let released = sqlx::query(&release)
-                    .bind(&key.as_bytes()[..])
-                    .bind(token)
-                    .bind(None::<Vec<u8>>)
-                    .bind(0i64)
-                    .bind(&*channel)
-                    .bind(hex(&key))
-                    .bind(fence)
-                    .execute(&pool);
-                if let Err(error) = within(timeout, "release", released).await {
+                let released = || {
+                    sqlx::query(&release)
+                        .bind(&key.as_bytes()[..])
+                        .bind(token.as_str())
+                        .bind(None::<Vec<u8>>)
+                        .bind(0i64)
+                        .bind(&*channel)
+                        .bind(hex(&key))
+                        .bind(fence)
+                        .execute(&pool)
+                };
+                if let Err(error) = retried(&pool, timeout, "release", released).await {
                     tracing::debug!(%error, "releasing an unclaimed lease failed; it will expire");
                 }
             }
@@ -969,7 +1023,7 @@ impl Batchers<'_> {
             let (batch, one) = (batch.clone(), one.clone());
             let (table, channel) = (table.clone(), channel.clone());
             async move {
-                let query = match &asks[..] {
+                let query = || match &asks[..] {
                     [(key, ask)] => sqlx::query(&one)
                         .bind(&key.as_bytes()[..])
                         .bind(ask.token.as_str())
@@ -990,7 +1044,7 @@ impl Batchers<'_> {
                         .fetch_all(&pool)
                         .boxed(),
                 };
-                let rows = within(timeout, "store and release", query).await;
+                let rows = retried(&pool, timeout, "store and release", query).await;
                 answers(rows, &table, "store and release", |row| {
                     Ok(CompleteAnswer {
                         kept: row.try_get("kept")?,
@@ -1032,6 +1086,58 @@ fn answers<A>(
 }
 
 /// Runs `call` against `timeout`.
+/// Runs a statement against the timeout, again on another connection while it fails on a
+/// dead one (see [`dead_connection`]), at most once per connection the pool may hold and
+/// once more for a new one.
+///
+/// The store's own pool does not ping a connection before each statement (sqlx's
+/// `test_before_acquire`, a round trip per statement), so after PostgreSQL restarted, its
+/// idle connections are found dead by the statement itself; this turns them into
+/// reconnects, as the ping did, rather than failed statements (a failed lease under
+/// `OnStoreError::FailOpen` would run the request without one). Only for statements that
+/// are safe to repeat: a statement whose connection died after it committed may run twice,
+/// and each of the store's is written so that the second answers as if the first had been
+/// seen (the lease's second asking waits on the first's lease; a repeated completion finds
+/// the response kept and answers it).
+async fn retried<T, F>(
+    pool: &PgPool,
+    timeout: Duration,
+    what: &'static str,
+    mut call: impl FnMut() -> F,
+) -> Result<T, StoreError>
+where
+    F: Future<Output = Result<T, sqlx::Error>>,
+{
+    let attempts = pool.options().get_max_connections().saturating_add(1);
+    let calls = async {
+        let mut attempt = 1;
+        loop {
+            match call().await {
+                Err(error) if attempt < attempts && dead_connection(&error) => {
+                    tracing::debug!(%error, what, attempt, "a dead connection; again on another");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    };
+    within(timeout, what, calls).await
+}
+
+/// Whether a statement failed because its connection is gone (closed by the server that
+/// restarted, or broken), rather than because of the statement: an I/O error, or the
+/// server's word that it ended the session (SQLSTATE classes 08, connection exception, and
+/// 57P, operator intervention: shutdown, crash, starting up).
+fn dead_connection(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
+    }
+}
+
 async fn within<T>(
     timeout: Duration,
     what: &'static str,
