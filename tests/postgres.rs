@@ -217,7 +217,10 @@ async fn a_release_message_goes_out_only_for_a_key_another_instance_waits_for() 
 /// A release message carries the response the release kept, up to 3900 bytes: the waiting
 /// instance has it from the message (the poll interval is 30 s, so it is not a look after
 /// the poll), equal to what was kept, without looking it up; a larger response is looked
-/// up as before (`None`). A waiter that registered after a release never takes its answer.
+/// up as before (`None`). The instance registered for the release before its lease
+/// statement, so the release is heard whether it comes while the instance waits or before
+/// it began to (with no statement of its own in between). A waiter that registered after a
+/// release never takes its answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_release_message_carries_a_small_kept_response_to_the_waiting_instance() {
     let Some(url) = database_url() else {
@@ -241,8 +244,12 @@ async fn a_release_message_carries_a_small_kept_response_to_the_waiting_instance
             tower_coalesce::store::Fingerprint::from_bytes([3; 32]),
         ))
     };
-    for (n, size, carried) in [(1u8, 13, true), (2, 3800, true), (3, 4000, false)] {
-        let key = StoreKey::from_bytes([n; 32]);
+    let cases = [(1u8, 13, true), (2, 3800, true), (3, 4000, false)];
+    for ((n, size, carried), released_first) in cases
+        .into_iter()
+        .flat_map(|case| [(case, false), (case, true)])
+    {
+        let key = StoreKey::from_bytes([n + 10 * u8::from(released_first); 32]);
         let Lease::Held(guard) = a.lease(&key).await.unwrap() else {
             panic!("A takes the fresh key's lease")
         };
@@ -255,43 +262,26 @@ async fn a_release_message_carries_a_small_kept_response_to_the_waiting_instance
             .await
             .unwrap();
         assert!(marked, "B's lost lease marks the row");
-        // B listens, then checks that the lease is still held: the release must come
-        // after that check, or B finds the key released before any message (and looks
-        // it up). Its check is seen done in `pg_stat_activity`.
-        // Asked on a connection of its own: a pooled one could be the one B's check ran
-        // on, whose row in `pg_stat_activity` would then show this query instead.
-        let mut watcher = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
-            .await
-            .unwrap();
-        let since: f64 = sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
-            .fetch_one(&mut watcher)
-            .await
-            .unwrap();
-        let waiting = tokio::spawn({
-            let (b, key) = (b.clone(), key.clone());
-            async move { b.released_response(&key).await }
-        });
-        let checked = format!(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE state = 'idle'
-               AND query LIKE '%{table} WHERE key = $1 AND lease_until > clock_timestamp()%'
-               AND extract(epoch FROM query_start)::float8 >= $1)"
-        );
-        let watcher = tokio::sync::Mutex::new(watcher);
-        eventually_async("B checked the lease", || async {
-            sqlx::query_scalar::<_, bool>(&checked)
-                .bind(since)
-                .fetch_one(&mut *watcher.lock().await)
-                .await
-                .unwrap()
-        })
-        .await;
         let kept = response(vec![b'x'; size]);
+        let waiting =
+            |b: PostgresStore, key: StoreKey| async move { b.released_response(&key).await };
         let started = Instant::now();
-        guard.complete(Some((kept.clone(), long))).await.unwrap();
-        let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
-            .await
-            .expect("woken by the release message")
-            .unwrap();
+        let answer = match released_first {
+            false => {
+                let waiting = tokio::spawn(waiting(b.clone(), key.clone()));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                guard.complete(Some((kept.clone(), long))).await.unwrap();
+                tokio::time::timeout(Duration::from_secs(10), waiting)
+                    .await
+                    .map(Result::unwrap)
+            }
+            true => {
+                guard.complete(Some((kept.clone(), long))).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::timeout(Duration::from_secs(10), waiting(b.clone(), key.clone())).await
+            }
+        };
+        let answer = answer.expect("woken by the release message");
         assert!(started.elapsed() < Duration::from_secs(10));
         match (answer, carried) {
             (Some(answer), true) => {
@@ -301,11 +291,42 @@ async fn a_release_message_carries_a_small_kept_response_to_the_waiting_instance
                 assert_eq!(answer.fingerprint(), kept.fingerprint());
             }
             (None, false) => {}
-            (answer, _) => panic!("{size} bytes: {answer:?}"),
+            (answer, _) => panic!("{size} bytes, released first {released_first}: {answer:?}"),
         }
         // A waiter that comes after the release finds no lease, and no answer of it.
         assert!(b.released_response(&key).await.is_none());
     }
+}
+
+/// Two flights of one key on one instance told to wait by their lease statements at once:
+/// neither takes the other's registration for the release (made before the other's
+/// statement, not its own); both register again and look whether the lease is still held,
+/// so a release that came before is not waited for until the poll interval (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_flights_told_to_wait_at_once_still_hear_an_earlier_release() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let (pool, table) = (pool(&url).await, table());
+    let long = Duration::from_secs(30);
+    let (a, b) = (
+        store(&pool, &table, long, long).await,
+        store(&pool, &table, long, long).await,
+    );
+    let key = StoreKey::from_bytes([42; 32]);
+    let Lease::Held(guard) = a.lease(&key).await.unwrap() else {
+        panic!("A takes the fresh key's lease")
+    };
+    for _ in 0..2 {
+        assert!(matches!(b.lease(&key).await.unwrap(), Lease::HeldElsewhere));
+    }
+    guard.complete(None).await.unwrap();
+    let started = Instant::now();
+    for _ in 0..2 {
+        let answer = tokio::time::timeout(Duration::from_secs(10), b.released_response(&key)).await;
+        assert!(matches!(answer, Ok(None)), "{answer:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 /// A lease is committed without waiting for the disk (it is soft state), so PostgreSQL

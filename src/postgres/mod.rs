@@ -155,10 +155,12 @@ mod sql;
 
 pub use self::atomic::{Tx, TxGuard};
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt::{self, Write as _};
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
@@ -170,7 +172,7 @@ use self::sql::Statements;
 use crate::BoxError;
 use crate::shared_store::backplane::Backplane;
 use crate::shared_store::codec;
-use crate::shared_store::release::{Waiters, renew_every_third, token};
+use crate::shared_store::release::{Registration, Waiters, renew_every_third, token};
 use crate::store::{Change, Completion, Lease, LeaseGuard};
 use crate::store::{Store, StoreKey, StoredResponse};
 
@@ -216,6 +218,9 @@ struct Shared {
     /// The release channel of this table.
     channel: String,
     waiters: Arc<Waiters>,
+    /// Flights that a lease statement told to wait, with their registration for the key's
+    /// release, made before the statement: see [`PostgresStore::released_response`].
+    told_to_wait: Mutex<HashMap<StoreKey, (Instant, Registration)>>,
     /// The channel of the changes the instances announce (the HTTP cache's near caches).
     changes: String,
     backplane: Arc<Backplane>,
@@ -227,6 +232,35 @@ struct Shared {
     /// The completions of the flights (outside atomic mode), batched.
     completions: Batcher<CompleteAsk, CompleteAnswer>,
 }
+
+impl Shared {
+    /// Keeps the registration of a flight told to wait for `key`, for its
+    /// `released_response`. Two flights of the key told at once keep neither (each would
+    /// need its own, made before its own statement: they register again, and look); what
+    /// a flight that went away left is dropped when the key is told again, or after a while
+    /// once many are kept.
+    fn told_to_wait(&self, key: &StoreKey, registration: Registration) {
+        let mut told = self.told_to_wait.lock().unwrap_or_else(|e| e.into_inner());
+        if told.len() >= TOLD_TO_WAIT_SWEEP_AT {
+            told.retain(|_, (since, _)| since.elapsed() < TOLD_TO_WAIT_FOR);
+        }
+        match told.entry(key.clone()) {
+            Entry::Occupied(other) => drop(other.remove()),
+            Entry::Vacant(entry) => drop(entry.insert((Instant::now(), registration))),
+        }
+    }
+
+    /// The registration the flight told to wait for `key` made before its lease statement.
+    fn registered_before_lease(&self, key: &StoreKey) -> Option<Registration> {
+        let mut told = self.told_to_wait.lock().unwrap_or_else(|e| e.into_inner());
+        told.remove(key).map(|(_, registration)| registration)
+    }
+}
+
+/// How many registrations of flights told to wait are kept before those older than
+/// [`TOLD_TO_WAIT_FOR`] (left by flights that went away) are dropped.
+const TOLD_TO_WAIT_SWEEP_AT: usize = 1024;
+const TOLD_TO_WAIT_FOR: Duration = Duration::from_secs(10);
 
 /// A flight's ask for the lease of its key.
 struct LeaseAsk {
@@ -365,6 +399,7 @@ impl PostgresStoreBuilder {
                 statements,
                 channel,
                 waiters,
+                told_to_wait: Mutex::default(),
                 changes,
                 backplane,
                 tasks: [tokio::spawn(listening), tokio::spawn(sweeper)],
@@ -550,6 +585,9 @@ impl PostgresStore {
             lease: millis(self.lease),
         };
         let leases = &self.shared.leases[usize::from(lookup)];
+        // Registered for the key's release before the statement, so that a release after
+        // it is heard however soon it comes (see `released_response`).
+        let registration = self.shared.waiters.register(&hex(key));
         let answer = self.batched("lease", leases.ask(key.clone(), ask)).await?;
         match (answer.fence, answer.response) {
             (Some(fence), _) => {
@@ -561,7 +599,10 @@ impl PostgresStore {
                 Ok(Lease::Held(guard.with_fence(fence.max(0) as u64)))
             }
             (None, Some(bytes)) => Ok(Lease::Stored(Arc::new(codec::decode(&bytes)?))),
-            (None, None) => Ok(Lease::HeldElsewhere),
+            (None, None) => {
+                self.shared.told_to_wait(key, registration);
+                Ok(Lease::HeldElsewhere)
+            }
         }
     }
 
@@ -720,13 +761,28 @@ impl Store for PostgresStore {
 
     /// A release message carries the response the release kept, up to 3900 bytes: the
     /// woken instance answers with it without a statement of its own.
+    ///
+    /// The flight registered for the key's release before its lease statement: any release
+    /// the statement did not see comes after it, and is heard (or was: the registration
+    /// counts the releases since), with no statement of its own. A flight that finds no
+    /// registration of its lease (another local flight of the key was told to wait at the
+    /// same time) registers now, and looks once whether the lease is still held, since the
+    /// release may have come before.
     async fn released_response(&self, key: &StoreKey) -> Option<Arc<StoredResponse>> {
-        let payload = hex(key);
-        let registration = self.shared.waiters.register(&payload);
+        let early = self.shared.registered_before_lease(key);
+        let heard_early = early.is_some();
+        let registration = early.unwrap_or_else(|| self.shared.waiters.register(&hex(key)));
         let notified = registration.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         let wait = async {
+            if heard_early {
+                // Enabled first, then the count: a release is seen by one or the other.
+                if !registration.heard() {
+                    notified.await;
+                }
+                return;
+            }
             // The release may have come before this flight registered: look once.
             let held = || {
                 sqlx::query(&self.shared.statements.held)

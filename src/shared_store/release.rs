@@ -139,15 +139,31 @@ impl Registration {
     /// carried one. Several releases since (a key released, leased again and released)
     /// answer the last one's: the key's answer as of the last release.
     pub(crate) fn answer(&self) -> Option<Bytes> {
+        self.since_registered(|waiting| waiting.answer.clone())
+            .flatten()
+    }
+
+    /// Whether a release was heard on the channel since this registered.
+    #[cfg_attr(
+        not(any(feature = "postgres", test)),
+        allow(
+            dead_code,
+            reason = "only PostgreSQL registers before its lease statement"
+        )
+    )]
+    pub(crate) fn heard(&self) -> bool {
+        self.since_registered(|_| ()).is_some()
+    }
+
+    /// `read` of the channel, if a release was heard on it since this registered.
+    fn since_registered<T>(&self, read: impl FnOnce(&Waiting) -> T) -> Option<T> {
         let channels = self
             .waiters
             .channels
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let waiting = channels.get(&self.channel)?;
-        (waiting.releases > self.releases)
-            .then(|| waiting.answer.clone())
-            .flatten()
+        (waiting.releases > self.releases).then(|| read(waiting))
     }
 }
 
