@@ -11,7 +11,8 @@ use std::time::Duration;
 use sqlx::{PgConnection, Postgres, Row, Transaction};
 use tokio::sync::{Mutex, MutexGuard};
 
-use super::{PostgresStore, codec, hex, millis};
+use super::connections::on_connection;
+use super::{PostgresStore, codec, described, hex, millis};
 use crate::BoxError;
 use crate::store::{Completion, LeaseGuard, StoreKey, StoredResponse};
 
@@ -109,7 +110,12 @@ impl PostgresStore {
         token: String,
         fence: i64,
     ) -> Result<LeaseGuard, BoxError> {
-        let begun = self.timed("begin", || self.shared.pool.begin()).await;
+        let begun = self
+            .shared
+            .connections
+            .run_on_pool(self.timeout, "begin", || self.shared.pool.begin())
+            .await
+            .map_err(|error| described(&self.shared.table, "begin", error));
         let tx = match begun {
             Ok(tx) => Tx(Arc::new(Mutex::new(Some(tx)))),
             Err(error) => {
@@ -186,7 +192,7 @@ impl PostgresStore {
     /// Releases the lease without keeping anything, if no later lease was taken; a failure
     /// leaves it to expire.
     async fn release(&self, key: &StoreKey, token: &str, fence: i64) {
-        let release = || {
+        let release = on_connection!(|connection| {
             sqlx::query(&self.shared.statements.complete)
                 .bind(&key.as_bytes()[..])
                 .bind(token)
@@ -195,8 +201,8 @@ impl PostgresStore {
                 .bind(&self.shared.channel)
                 .bind(hex(key))
                 .bind(fence)
-                .execute(&self.shared.pool)
-        };
+                .execute(connection)
+        });
         if let Err(error) = self.timed("release", release).await {
             tracing::debug!(%error, "releasing a lease failed; it will expire");
         }

@@ -151,6 +151,7 @@
 
 mod atomic;
 mod batch;
+mod connections;
 mod sql;
 
 pub use self::atomic::{Tx, TxGuard};
@@ -168,6 +169,7 @@ use sqlx::{Executor, Row};
 use tokio::task::JoinHandle;
 
 use self::batch::Batcher;
+use self::connections::{Connection, Connections, dead_connection, on_connection};
 use self::sql::Statements;
 use crate::BoxError;
 use crate::shared_store::backplane::Backplane;
@@ -196,6 +198,10 @@ pub const DEFAULT_TABLE: &str = "tower_coalesce_store";
 /// Rows deleted per sweep statement.
 const SWEEP_BATCH: i64 = 1000;
 
+/// How many of the 8 connections of the pool `connect` makes the store keeps between
+/// statements (one more listens).
+const KEEP_CONNECTIONS: usize = 4;
+
 /// An [`Store`] on PostgreSQL, with leases that run each key on one instance;
 /// see the [module docs](self).
 ///
@@ -213,6 +219,8 @@ pub struct PostgresStore {
 /// What every clone shares.
 struct Shared {
     pool: PgPool,
+    /// The connections the statements run on, kept between them.
+    connections: Arc<Connections>,
     table: String,
     statements: Statements,
     /// The release channel of this table.
@@ -324,6 +332,9 @@ pub struct PostgresStoreBuilder {
     table: String,
     timeout: Duration,
     sweep_interval: Duration,
+    /// How many connections the store keeps between statements: some of its own pool's
+    /// (`connect`), none of an app's.
+    keep_connections: usize,
 }
 
 impl PostgresStoreBuilder {
@@ -371,6 +382,7 @@ impl PostgresStoreBuilder {
         })
         .await?;
         let statements = Statements::new(&self.table);
+        let connections = Arc::new(Connections::new(pool.clone(), self.keep_connections));
         let sweeper = sweep(
             pool.clone(),
             [statements.sweep.clone(), statements.sweep_groups.clone()],
@@ -389,12 +401,14 @@ impl PostgresStoreBuilder {
             statements: &statements,
             channel: Arc::from(channel.as_str()),
             timeout: self.timeout,
+            connections: connections.clone(),
         };
         Ok(PostgresStore {
             shared: Arc::new(Shared {
                 leases: [batchers.leases(&pool, false), batchers.leases(&pool, true)],
                 completions: batchers.completions(&pool),
                 pool,
+                connections,
                 table: self.table,
                 statements,
                 channel,
@@ -421,13 +435,18 @@ impl PostgresStoreBuilder {
             PgPoolOptions::new()
                 .max_connections(8)
                 // The store finds dead connections by their first statement and goes on to
-                // another (see `retried`): no ping before each statement.
+                // another (see `Connections::run`): no ping before each statement.
                 .test_before_acquire(false)
                 .acquire_timeout(self.timeout)
                 .connect(url),
         )
         .await?;
-        self.build(pool).await
+        PostgresStoreBuilder {
+            keep_connections: KEEP_CONNECTIONS,
+            ..self
+        }
+        .build(pool)
+        .await
     }
 }
 
@@ -438,6 +457,7 @@ impl PostgresStore {
             table: DEFAULT_TABLE.to_owned(),
             timeout: DEFAULT_TIMEOUT,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            keep_connections: 0,
         }
     }
 
@@ -542,14 +562,18 @@ impl PostgresStore {
         self
     }
 
-    /// Runs one statement on the pool against the timeout, again on another connection if
-    /// it failed on a dead one (see [`retried`]). Only for statements that are safe to
-    /// repeat.
-    async fn timed<T, F>(&self, what: &'static str, call: impl FnMut() -> F) -> Result<T, BoxError>
+    /// Runs one statement against the timeout, on a connection the store keeps (see
+    /// [`Connections::run`]), again on another if it failed on a dead one. Only for
+    /// statements that are safe to repeat.
+    async fn timed<T, F>(
+        &self,
+        what: &'static str,
+        call: impl FnMut(Connection) -> F,
+    ) -> Result<T, BoxError>
     where
-        F: Future<Output = Result<T, sqlx::Error>>,
+        F: Future<Output = (Connection, Result<T, sqlx::Error>)>,
     {
-        let result = retried(&self.shared.pool, self.timeout, what, call).await;
+        let result = self.shared.connections.run(self.timeout, what, call).await;
         result.map_err(|error| described(&self.shared.table, what, error))
     }
 
@@ -644,15 +668,16 @@ impl PostgresStore {
     /// lease turns out to be lost.
     async fn renew(self, key: StoreKey, token: String) {
         let lease = self.lease;
+        let (store, key, token) = (&self, &key, token.as_str());
         renew_every_third(lease, || async {
-            let renewal = || {
-                sqlx::query(&self.shared.statements.renew)
+            let renewal = on_connection!(|connection| {
+                sqlx::query(&store.shared.statements.renew)
                     .bind(&key.as_bytes()[..])
-                    .bind(&token)
+                    .bind(token)
                     .bind(millis(lease))
-                    .execute(&self.shared.pool)
-            };
-            Ok(self.timed("lease renewal", renewal).await?.rows_affected() == 1)
+                    .execute(connection)
+            });
+            Ok(store.timed("lease renewal", renewal).await?.rows_affected() == 1)
         })
         .await
     }
@@ -661,11 +686,14 @@ impl PostgresStore {
 impl Store for PostgresStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Arc<StoredResponse>>, BoxError> {
         let found: Option<Vec<u8>> = self
-            .timed("lookup", || {
-                sqlx::query_scalar(&self.shared.statements.get)
-                    .bind(&key.as_bytes()[..])
-                    .fetch_optional(&self.shared.pool)
-            })
+            .timed(
+                "lookup",
+                on_connection!(|connection| {
+                    sqlx::query_scalar(&self.shared.statements.get)
+                        .bind(&key.as_bytes()[..])
+                        .fetch_optional(connection)
+                }),
+            )
             .await?;
         Ok(found
             .map(|bytes| codec::decode(&bytes))
@@ -679,14 +707,14 @@ impl Store for PostgresStore {
         response: Arc<StoredResponse>,
         ttl: Duration,
     ) -> Result<(), BoxError> {
-        let encoded = codec::encode(&response);
-        let statement = || {
+        let (key, encoded) = (&key, &codec::encode(&response)[..]);
+        let statement = on_connection!(|connection| {
             sqlx::query(&self.shared.statements.put)
                 .bind(&key.as_bytes()[..])
-                .bind(&encoded[..])
+                .bind(encoded)
                 .bind(millis(ttl))
-                .execute(&self.shared.pool)
-        };
+                .execute(connection)
+        });
         self.timed("store", statement).await.map(drop)
     }
 
@@ -699,11 +727,11 @@ impl Store for PostgresStore {
     }
 
     async fn remove(&self, key: &StoreKey) -> Result<bool, BoxError> {
-        let statement = || {
+        let statement = on_connection!(|connection| {
             sqlx::query(&self.shared.statements.remove)
                 .bind(&key.as_bytes()[..])
-                .execute(&self.shared.pool)
-        };
+                .execute(connection)
+        });
         Ok(self.timed("remove", statement).await?.rows_affected() == 1)
     }
 
@@ -713,13 +741,13 @@ impl Store for PostgresStore {
         key: &StoreKey,
         ttl: Duration,
     ) -> Result<(), BoxError> {
-        let statement = || {
+        let statement = on_connection!(|connection| {
             sqlx::query(&self.shared.statements.add_to_group)
                 .bind(&group.as_bytes()[..])
                 .bind(&key.as_bytes()[..])
                 .bind(millis(ttl))
-                .execute(&self.shared.pool)
-        };
+                .execute(connection)
+        });
         self.timed("group add", statement).await.map(drop)
     }
 
@@ -737,13 +765,13 @@ impl Store for PostgresStore {
     async fn announce(&self, keys: &[StoreKey]) -> Result<(), BoxError> {
         // A notification's payload is text of under 8000 bytes: in hex, 120 keys at most.
         for keys in keys.chunks(120) {
-            let payload = hex_bytes(&self.shared.backplane.message(keys));
-            let statement = || {
+            let payload = &hex_bytes(&self.shared.backplane.message(keys));
+            let statement = on_connection!(|connection| {
                 sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(&self.shared.changes)
-                    .bind(&payload)
-                    .execute(&self.shared.pool)
-            };
+                    .bind(payload)
+                    .execute(connection)
+            });
             self.timed("announce", statement).await?;
         }
         Ok(())
@@ -784,11 +812,11 @@ impl Store for PostgresStore {
                 return;
             }
             // The release may have come before this flight registered: look once.
-            let held = || {
+            let held = on_connection!(|connection| {
                 sqlx::query(&self.shared.statements.held)
                     .bind(&key.as_bytes()[..])
-                    .fetch_optional(&self.shared.pool)
-            };
+                    .fetch_optional(connection)
+            });
             if let Ok(None) = self.timed("lease lookup", held).await {
                 return;
             }
@@ -970,6 +998,7 @@ struct Batchers<'a> {
     statements: &'a Statements,
     channel: Arc<str>,
     timeout: Duration,
+    connections: Arc<Connections>,
 }
 
 impl Batchers<'_> {
@@ -982,23 +1011,26 @@ impl Batchers<'_> {
             self.table.clone(),
             self.timeout,
         );
-        let run = move |pool: PgPool, asks: Arc<Vec<(StoreKey, LeaseAsk)>>| {
+        let connections = self.connections.clone();
+        let run = move |_: PgPool, asks: Arc<Vec<(StoreKey, LeaseAsk)>>| {
             let (batch, one, table) = (batch.clone(), one.clone(), table.clone());
+            let connections = connections.clone();
             async move {
-                if let [(key, ask)] = &asks[..] {
+                let (batch, one, asks): (&str, &str, &[_]) = (&batch, &one, &asks);
+                if let [(key, ask)] = asks {
                     // Asked again while another instance's insert or change of the row was
                     // under way (see `lease_one`); after a few, the batch form, which waits
                     // for the row's lock, settles it.
                     for _ in 0..ONE_ROW_ATTEMPTS {
-                        let query = || {
-                            sqlx::query(&one)
+                        let query = on_connection!(|connection| {
+                            sqlx::query(one)
                                 .bind(&key.as_bytes()[..])
                                 .bind(ask.token.as_str())
                                 .bind(ask.lease)
                                 .bind(lookup)
-                                .fetch_all(&pool)
-                        };
-                        let rows = retried(&pool, timeout, "lease", query).await;
+                                .fetch_all(connection)
+                        });
+                        let rows = connections.run(timeout, "lease", query).await;
                         let answered = answers(rows, &table, "lease", |row| {
                             let answer = LeaseAnswer {
                                 fence: row.try_get("fence")?,
@@ -1015,16 +1047,16 @@ impl Batchers<'_> {
                         }
                     }
                 }
-                let query = || {
-                    sqlx::query(&batch)
-                        .bind(keys(&asks))
-                        .bind(column(&asks, |ask| ask.token.as_str()))
-                        .bind(column(&asks, |ask| ask.lease))
+                let query = on_connection!(|connection| {
+                    sqlx::query(batch)
+                        .bind(keys(asks))
+                        .bind(column(asks, |ask| ask.token.as_str()))
+                        .bind(column(asks, |ask| ask.lease))
                         .bind(lookup)
-                        .fetch_all(&pool)
-                };
+                        .fetch_all(connection)
+                });
                 answers(
-                    retried(&pool, timeout, "lease", query).await,
+                    connections.run(timeout, "lease", query).await,
                     &table,
                     "lease",
                     |row| {
@@ -1040,25 +1072,29 @@ impl Batchers<'_> {
             Arc::<str>::from(self.statements.complete.as_str()),
             self.channel.clone(),
         );
-        let unclaimed = move |pool: PgPool, key: StoreKey, ask: &LeaseAsk, answer: LeaseAnswer| {
+        let connections = self.connections.clone();
+        let unclaimed = move |_: PgPool, key: StoreKey, ask: &LeaseAsk, answer: LeaseAnswer| {
             let (release, channel, token) = (release.clone(), channel.clone(), ask.token.clone());
+            let connections = connections.clone();
             async move {
                 let Some(fence) = answer.fence else {
                     return;
                 };
+                let (release, channel, token, key): (&str, &str, &str, _) =
+                    (&release, &channel, &token, &key);
                 // The statement ends the lease only for the token that took it.
-                let released = || {
-                    sqlx::query(&release)
+                let released = on_connection!(|connection| {
+                    sqlx::query(release)
                         .bind(&key.as_bytes()[..])
-                        .bind(token.as_str())
+                        .bind(token)
                         .bind(None::<Vec<u8>>)
                         .bind(0i64)
-                        .bind(&*channel)
-                        .bind(hex(&key))
+                        .bind(channel)
+                        .bind(hex(key))
                         .bind(fence)
-                        .execute(&pool)
-                };
-                if let Err(error) = retried(&pool, timeout, "release", released).await {
+                        .execute(connection)
+                });
+                if let Err(error) = connections.run(timeout, "release", released).await {
                     tracing::debug!(%error, "releasing an unclaimed lease failed; it will expire");
                 }
             }
@@ -1075,32 +1111,36 @@ impl Batchers<'_> {
             self.channel.clone(),
             self.timeout,
         );
-        let run = move |pool: PgPool, asks: Arc<Vec<(StoreKey, CompleteAsk)>>| {
+        let connections = self.connections.clone();
+        let run = move |_: PgPool, asks: Arc<Vec<(StoreKey, CompleteAsk)>>| {
             let (batch, one) = (batch.clone(), one.clone());
             let (table, channel) = (table.clone(), channel.clone());
+            let connections = connections.clone();
             async move {
-                let query = || match &asks[..] {
-                    [(key, ask)] => sqlx::query(&one)
+                let (batch, one, channel, asks): (&str, &str, &str, &[_]) =
+                    (&batch, &one, &channel, &asks);
+                let query = on_connection!(|connection| match asks {
+                    [(key, ask)] => sqlx::query(one)
                         .bind(&key.as_bytes()[..])
                         .bind(ask.token.as_str())
                         .bind(ask.response.as_deref())
                         .bind(ask.ttl)
-                        .bind(&*channel)
+                        .bind(channel)
                         .bind(hex(key))
                         .bind(ask.fence)
-                        .fetch_all(&pool)
+                        .fetch_all(connection)
                         .boxed(),
-                    _ => sqlx::query(&batch)
-                        .bind(keys(&asks))
-                        .bind(column(&asks, |ask| ask.token.as_str()))
-                        .bind(column(&asks, |ask| ask.response.as_deref()))
-                        .bind(column(&asks, |ask| ask.ttl))
-                        .bind(column(&asks, |ask| ask.fence))
-                        .bind(&*channel)
-                        .fetch_all(&pool)
+                    _ => sqlx::query(batch)
+                        .bind(keys(asks))
+                        .bind(column(asks, |ask| ask.token.as_str()))
+                        .bind(column(asks, |ask| ask.response.as_deref()))
+                        .bind(column(asks, |ask| ask.ttl))
+                        .bind(column(asks, |ask| ask.fence))
+                        .bind(channel)
+                        .fetch_all(connection)
                         .boxed(),
-                };
-                let rows = retried(&pool, timeout, "store and release", query).await;
+                });
+                let rows = connections.run(timeout, "store and release", query).await;
                 answers(rows, &table, "store and release", |row| {
                     Ok(CompleteAnswer {
                         kept: row.try_get("kept")?,
@@ -1142,58 +1182,6 @@ fn answers<A>(
 }
 
 /// Runs `call` against `timeout`.
-/// Runs a statement against the timeout, again on another connection while it fails on a
-/// dead one (see [`dead_connection`]), at most once per connection the pool may hold and
-/// once more for a new one.
-///
-/// The store's own pool does not ping a connection before each statement (sqlx's
-/// `test_before_acquire`, a round trip per statement), so after PostgreSQL restarted, its
-/// idle connections are found dead by the statement itself; this turns them into
-/// reconnects, as the ping did, rather than failed statements (a failed lease under
-/// `OnStoreError::FailOpen` would run the request without one). Only for statements that
-/// are safe to repeat: a statement whose connection died after it committed may run twice,
-/// and each of the store's is written so that the second answers as if the first had been
-/// seen (the lease's second asking waits on the first's lease; a repeated completion finds
-/// the response kept and answers it).
-async fn retried<T, F>(
-    pool: &PgPool,
-    timeout: Duration,
-    what: &'static str,
-    mut call: impl FnMut() -> F,
-) -> Result<T, StoreError>
-where
-    F: Future<Output = Result<T, sqlx::Error>>,
-{
-    let attempts = pool.options().get_max_connections().saturating_add(1);
-    let calls = async {
-        let mut attempt = 1;
-        loop {
-            match call().await {
-                Err(error) if attempt < attempts && dead_connection(&error) => {
-                    tracing::debug!(%error, what, attempt, "a dead connection; again on another");
-                    attempt += 1;
-                }
-                result => return result,
-            }
-        }
-    };
-    within(timeout, what, calls).await
-}
-
-/// Whether a statement failed because its connection is gone (closed by the server that
-/// restarted, or broken), rather than because of the statement: an I/O error, or the
-/// server's word that it ended the session (SQLSTATE classes 08, connection exception, and
-/// 57P, operator intervention: shutdown, crash, starting up).
-fn dead_connection(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
-        _ => false,
-    }
-}
-
 async fn within<T>(
     timeout: Duration,
     what: &'static str,
