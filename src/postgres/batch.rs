@@ -21,7 +21,6 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::BoxError;
@@ -49,12 +48,11 @@ struct Ask<Q, A> {
 }
 
 /// Sends one batch (keys unique and sorted) and answers each ask, in order.
-type Run<Q, A> = dyn Fn(PgPool, Arc<Vec<(StoreKey, Q)>>) -> BoxFuture<'static, Result<Vec<A>, BoxError>>
-    + Send
-    + Sync;
+type Run<Q, A> =
+    dyn Fn(Arc<Vec<(StoreKey, Q)>>) -> BoxFuture<'static, Result<Vec<A>, BoxError>> + Send + Sync;
 
 /// Told of an answer whose caller had gone, with the ask's question.
-type Unclaimed<Q, A> = dyn Fn(PgPool, StoreKey, &Q, A) -> BoxFuture<'static, ()> + Send + Sync;
+type Unclaimed<Q, A> = dyn Fn(StoreKey, &Q, A) -> BoxFuture<'static, ()> + Send + Sync;
 
 /// A queue of asks of one kind, sent to PostgreSQL in batches by a task that stops when
 /// the queue is dropped.
@@ -62,7 +60,6 @@ pub(super) struct Batcher<Q, A> {
     asks: mpsc::UnboundedSender<Ask<Q, A>>,
     /// Statements out, at most `IN_FLIGHT`; the queue's task holds one while it waits.
     slots: Arc<Semaphore>,
-    pool: PgPool,
     run: Arc<Run<Q, A>>,
     weigh: fn(&Q) -> usize,
 }
@@ -71,30 +68,23 @@ impl<Q: Send + Sync + 'static, A: Send + 'static> Batcher<Q, A> {
     /// Starts the queue's task: `run` sends one batch (keys unique and sorted) and answers
     /// each ask, in order; `unclaimed` is told of each answer whose caller had gone;
     /// `weigh` says how many bytes an ask adds to a statement.
-    pub(super) fn start<R, F, U, G>(
-        pool: PgPool,
-        run: R,
-        unclaimed: U,
-        weigh: fn(&Q) -> usize,
-    ) -> Self
+    pub(super) fn start<R, F, U, G>(run: R, unclaimed: U, weigh: fn(&Q) -> usize) -> Self
     where
-        R: Fn(PgPool, Arc<Vec<(StoreKey, Q)>>) -> F + Send + Sync + 'static,
+        R: Fn(Arc<Vec<(StoreKey, Q)>>) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Vec<A>, BoxError>> + Send + 'static,
-        U: Fn(PgPool, StoreKey, &Q, A) -> G + Send + Sync + 'static,
+        U: Fn(StoreKey, &Q, A) -> G + Send + Sync + 'static,
         G: Future<Output = ()> + Send + 'static,
     {
-        let run: Arc<Run<Q, A>> = Arc::new(move |pool, asks| run(pool, asks).boxed());
-        let unclaimed: Arc<Unclaimed<Q, A>> = Arc::new(move |pool, key, question, answer| {
-            unclaimed(pool, key, question, answer).boxed()
-        });
+        let run: Arc<Run<Q, A>> = Arc::new(move |asks| run(asks).boxed());
+        let unclaimed: Arc<Unclaimed<Q, A>> =
+            Arc::new(move |key, question, answer| unclaimed(key, question, answer).boxed());
         let (asks, queue) = mpsc::unbounded_channel();
         let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-        let task = drain(queue, slots.clone(), pool.clone(), run.clone(), unclaimed);
+        let task = drain(queue, slots.clone(), run.clone(), unclaimed);
         tokio::spawn(task);
         Batcher {
             asks,
             slots,
-            pool,
             run,
             weigh,
         }
@@ -105,7 +95,7 @@ impl<Q: Send + Sync + 'static, A: Send + 'static> Batcher<Q, A> {
     /// batch.
     pub(super) async fn ask(&self, key: StoreKey, question: Q) -> Answered<A> {
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-            let alone = (self.run)(self.pool.clone(), Arc::new(vec![(key, question)])).await;
+            let alone = (self.run)(Arc::new(vec![(key, question)])).await;
             drop(slot);
             return match alone {
                 Ok(mut answers) if answers.len() == 1 => Ok(answers.remove(0)),
@@ -134,7 +124,6 @@ impl<Q: Send + Sync + 'static, A: Send + 'static> Batcher<Q, A> {
 async fn drain<Q, A>(
     mut queue: mpsc::UnboundedReceiver<Ask<Q, A>>,
     slots: Arc<Semaphore>,
-    pool: PgPool,
     run: Arc<Run<Q, A>>,
     unclaimed: Arc<Unclaimed<Q, A>>,
 ) where
@@ -169,9 +158,9 @@ async fn drain<Q, A>(
         } = batch;
         held_over = later;
         batch.sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
-        let (run, unclaimed, pool) = (run.clone(), unclaimed.clone(), pool.clone());
+        let (run, unclaimed) = (run.clone(), unclaimed.clone());
         tokio::spawn(async move {
-            send(batch, pool, &*run, &*unclaimed).await;
+            send(batch, &*run, &*unclaimed).await;
             drop(slot);
         });
     }
@@ -217,12 +206,8 @@ impl<Q, A> Batch<Q, A> {
 }
 
 /// Sends one batch and answers its asks.
-async fn send<Q, A>(
-    batch: Vec<Ask<Q, A>>,
-    pool: PgPool,
-    run: &Run<Q, A>,
-    unclaimed: &Unclaimed<Q, A>,
-) where
+async fn send<Q, A>(batch: Vec<Ask<Q, A>>, run: &Run<Q, A>, unclaimed: &Unclaimed<Q, A>)
+where
     Q: Send + Sync + 'static,
     A: Send + 'static,
 {
@@ -233,13 +218,13 @@ async fn send<Q, A>(
         questions.push((ask.key, ask.question));
     }
     let questions = Arc::new(questions);
-    match run(pool.clone(), questions.clone()).await {
+    match run(questions.clone()).await {
         Ok(answers) if answers.len() == senders.len() => {
             for ((sender, answer), (key, question)) in
                 senders.into_iter().zip(answers).zip(&*questions)
             {
                 if let Err(Ok(answer)) = sender.send(Ok(answer)) {
-                    unclaimed(pool.clone(), key.clone(), question, answer).await;
+                    unclaimed(key.clone(), question, answer).await;
                 }
             }
         }
@@ -278,10 +263,9 @@ mod tests {
     /// keys, each statement taking 20 ms.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn asks_that_arrive_together_go_in_one_statement_a_key_once() {
-        let pool = PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
         let statements: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         let seen = statements.clone();
-        let run = move |_: PgPool, asks: Arc<Vec<(StoreKey, u32)>>| {
+        let run = move |asks: Arc<Vec<(StoreKey, u32)>>| {
             let seen = seen.clone();
             async move {
                 let keys = asks.iter().map(|(key, _)| key.as_bytes()[0]).collect();
@@ -293,7 +277,7 @@ mod tests {
                     .collect())
             }
         };
-        let batcher = Arc::new(Batcher::start(pool, run, |_, _, _, _| async {}, |_| 0));
+        let batcher = Arc::new(Batcher::start(run, |_, _, _| async {}, |_| 0));
         let asks = (0..30u32).map(|n| {
             let batcher = batcher.clone();
             tokio::spawn(async move { (n, batcher.ask(key((n % 5) as u8), n).await) })
@@ -321,10 +305,9 @@ mod tests {
     /// over 1 MiB unless it holds one ask alone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn large_asks_go_in_several_statements() {
-        let pool = PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
         let sizes: Arc<Mutex<Vec<Vec<usize>>>> = Arc::default();
         let seen = sizes.clone();
-        let run = move |_: PgPool, asks: Arc<Vec<(StoreKey, usize)>>| {
+        let run = move |asks: Arc<Vec<(StoreKey, usize)>>| {
             let seen = seen.clone();
             async move {
                 seen.lock()
@@ -334,7 +317,7 @@ mod tests {
                 Ok(asks.iter().map(|_| ()).collect())
             }
         };
-        let batcher = Arc::new(Batcher::start(pool, run, |_, _, _, _| async {}, |n| *n));
+        let batcher = Arc::new(Batcher::start(run, |_, _, _| async {}, |n| *n));
         let asks = (0..12u8).map(|n| {
             let batcher = batcher.clone();
             tokio::spawn(async move { batcher.ask(key(n), 400 << 10).await })
@@ -357,17 +340,16 @@ mod tests {
     /// with the ask's own question (a lease is released with the token that took it).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_answer_nobody_waits_for_goes_to_unclaimed_with_its_question() {
-        let pool = PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
-        let run = |_: PgPool, asks: Arc<Vec<(StoreKey, &'static str)>>| async move {
+        let run = |asks: Arc<Vec<(StoreKey, &'static str)>>| async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             Ok(asks.iter().map(|_| ()).collect())
         };
         let (told, mut unclaimed) = mpsc::unbounded_channel();
-        let tell = move |_: PgPool, key: StoreKey, token: &&'static str, ()| {
+        let tell = move |key: StoreKey, token: &&'static str, ()| {
             let _ = told.send((key.as_bytes()[0], *token));
             async {}
         };
-        let batcher = Arc::new(Batcher::start(pool, run, tell, |_| 0));
+        let batcher = Arc::new(Batcher::start(run, tell, |_| 0));
         // The first ask takes the free slot and goes alone; the second queues behind it
         // and its caller gives up before its statement answers.
         let first = tokio::spawn({
@@ -386,14 +368,13 @@ mod tests {
     /// A failed statement fails each of its asks with its message; the queue goes on.
     #[tokio::test]
     async fn a_failed_statement_fails_its_asks_and_the_queue_goes_on() {
-        let pool = PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
-        let run = |_: PgPool, asks: Arc<Vec<(StoreKey, bool)>>| async move {
+        let run = |asks: Arc<Vec<(StoreKey, bool)>>| async move {
             match asks.iter().all(|(_, ok)| *ok) {
                 true => Ok(asks.iter().map(|_| ()).collect()),
                 false => Err(BoxError::from("the server said no")),
             }
         };
-        let batcher = Batcher::start(pool, run, |_, _, _, _| async {}, |_| 0);
+        let batcher = Batcher::start(run, |_, _, _| async {}, |_| 0);
         let failed = batcher.ask(key(1), false).await;
         assert_eq!(failed.unwrap_err().as_ref(), "the server said no");
         assert!(batcher.ask(key(1), true).await.is_ok());

@@ -24,7 +24,9 @@
 //!    fails is retried for the lease's length, the lease renewed meanwhile.
 //! 4. The other instances `LISTEN` on one connection each. A lease statement that finds
 //!    the lease held marks the key's row as waited for (`wanted`, ordered against the
-//!    release by the row's lock) unless it already is; the instance then waits for the
+//!    release by the row's lock) unless it already is; the instance, which registered for
+//!    the key's release before its statement (so it hears a release however soon after
+//!    the statement it comes), then waits for the
 //!    message (every instance waiting for the key hears it), or the poll
 //!    interval if none comes (lost while the connection was down, or the leading instance
 //!    died): it replays the response the message carries, or looks it up, or, once a dead
@@ -113,22 +115,26 @@
 //! messages may have been lost). It also receives the changes that keep the HTTP cache's
 //! near caches in sync (channel `<table>_changes`; see
 //! [Near cache](crate::http_cache#near-cache)), and reports a reconnection to them as
-//! changes lost. Every other call borrows a pool connection for one
-//! statement: a lease and a completion per flight (per key and instance, not per request),
-//! a renewal every third of the lease while a flight runs, a lookup per waiting flight and
-//! poll, and the sweeps. [`connect`](PostgresStore::connect) makes a pool of 8.
+//! changes lost. Every other call is one statement: a lease and a completion per flight
+//! (per key and instance, not per request), a renewal every third of the lease while a
+//! flight runs, a lookup per waiting flight after its poll interval, and the sweeps.
 //!
-//! A statement that fails on a dead connection (an I/O error, or the server's word that it
+//! [`connect`](PostgresStore::connect) makes a pool of 8 and keeps 4 of them between
+//! statements: sqlx pings a connection each time it goes back to the pool (a second round
+//! trip per statement, and the connection out of use meanwhile), so a statement that
+//! completed leaves its connection to the next one as it is, and one that did not (an
+//! error, a timeout, a dropped caller) gives it back to the pool to be checked. That pool
+//! pings no connection before a statement either (sqlx's
+//! [`test_before_acquire`](sqlx::pool::PoolOptions::test_before_acquire), on by default):
+//! a statement that fails on a dead connection (an I/O error, or the server's word that it
 //! ended the session: SQLSTATE `08...`, `57P..`) runs again on another, up to once per
 //! connection the pool may hold and once more on a new one, within the statement's
-//! timeout; the store's statements are written to be safe to repeat. So the pool needs no
-//! ping before each statement (sqlx's
-//! [`test_before_acquire`](sqlx::pool::PoolOptions::test_before_acquire), on by default:
-//! a round trip more per statement), and the pool `connect` makes has none: after a
-//! PostgreSQL restart, its dead idle connections are found by the statements themselves
-//! and replaced, rather than failing them. An app's own pool given to
-//! [`build`](PostgresStoreBuilder::build) is used as it is configured; turning its ping
-//! off saves the store that round trip too.
+//! timeout; the store's statements are written to be safe to repeat. So after a
+//! PostgreSQL restart the dead connections, kept or idle, are found by the statements
+//! themselves and replaced, rather than failing them. On an app's own pool given to
+//! [`build`](PostgresStoreBuilder::build), the store keeps no connection (they are the
+//! app's) and uses the pool as it is configured; turning its ping off saves a round trip
+//! per statement.
 //!
 //! Leases and completions are batched: one goes out at once when none of its kind is out,
 //! and those that arrive meanwhile go together in the next statement (up to 256 keys,
@@ -405,8 +411,8 @@ impl PostgresStoreBuilder {
         };
         Ok(PostgresStore {
             shared: Arc::new(Shared {
-                leases: [batchers.leases(&pool, false), batchers.leases(&pool, true)],
-                completions: batchers.completions(&pool),
+                leases: [batchers.leases(false), batchers.leases(true)],
+                completions: batchers.completions(),
                 pool,
                 connections,
                 table: self.table,
@@ -1004,7 +1010,7 @@ struct Batchers<'a> {
 impl Batchers<'_> {
     /// The queue of the lease statements, with the lookup or without. A lease taken for a
     /// caller that has gone (its timeout) is released at once.
-    fn leases(&self, pool: &PgPool, lookup: bool) -> Batcher<LeaseAsk, LeaseAnswer> {
+    fn leases(&self, lookup: bool) -> Batcher<LeaseAsk, LeaseAnswer> {
         let (batch, one, table, timeout) = (
             Arc::<str>::from(self.statements.lease.as_str()),
             Arc::<str>::from(self.statements.lease_one.as_str()),
@@ -1012,7 +1018,7 @@ impl Batchers<'_> {
             self.timeout,
         );
         let connections = self.connections.clone();
-        let run = move |_: PgPool, asks: Arc<Vec<(StoreKey, LeaseAsk)>>| {
+        let run = move |asks: Arc<Vec<(StoreKey, LeaseAsk)>>| {
             let (batch, one, table) = (batch.clone(), one.clone(), table.clone());
             let connections = connections.clone();
             async move {
@@ -1073,7 +1079,7 @@ impl Batchers<'_> {
             self.channel.clone(),
         );
         let connections = self.connections.clone();
-        let unclaimed = move |_: PgPool, key: StoreKey, ask: &LeaseAsk, answer: LeaseAnswer| {
+        let unclaimed = move |key: StoreKey, ask: &LeaseAsk, answer: LeaseAnswer| {
             let (release, channel, token) = (release.clone(), channel.clone(), ask.token.clone());
             let connections = connections.clone();
             async move {
@@ -1099,11 +1105,11 @@ impl Batchers<'_> {
                 }
             }
         };
-        Batcher::start(pool.clone(), run, unclaimed, |ask| ask.token.len())
+        Batcher::start(run, unclaimed, |ask| ask.token.len())
     }
 
     /// The queue of the completions.
-    fn completions(&self, pool: &PgPool) -> Batcher<CompleteAsk, CompleteAnswer> {
+    fn completions(&self) -> Batcher<CompleteAsk, CompleteAnswer> {
         let (batch, one, table, channel, timeout) = (
             Arc::<str>::from(self.statements.complete_batch.as_str()),
             Arc::<str>::from(self.statements.complete.as_str()),
@@ -1112,7 +1118,7 @@ impl Batchers<'_> {
             self.timeout,
         );
         let connections = self.connections.clone();
-        let run = move |_: PgPool, asks: Arc<Vec<(StoreKey, CompleteAsk)>>| {
+        let run = move |asks: Arc<Vec<(StoreKey, CompleteAsk)>>| {
             let (batch, one) = (batch.clone(), one.clone());
             let (table, channel) = (table.clone(), channel.clone());
             let connections = connections.clone();
@@ -1151,7 +1157,7 @@ impl Batchers<'_> {
         };
         // A completion whose caller has gone is written all the same: nothing to undo.
         let weigh = |ask: &CompleteAsk| ask.response.as_ref().map_or(0, Vec::len);
-        Batcher::start(pool.clone(), run, |_, _, _, _| async {}, weigh)
+        Batcher::start(run, |_, _, _| async {}, weigh)
     }
 }
 
