@@ -25,8 +25,12 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+#[path = "support/fanin.rs"]
+mod fanin;
+
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use dashmap::DashMap;
+use fanin::Dedup;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::runtime::Runtime;
@@ -529,43 +533,6 @@ fn driver_polls(c: &mut Criterion) {
     group.finish();
 }
 
-/// A coalescer as the independent fan-in harness of issue 36 calls it.
-trait Dedup: Send + Sync + 'static {
-    fn call<F>(&self, key: u64, work: F) -> impl Future<Output = u64> + Send
-    where
-        F: Future<Output = u64> + Send + 'static;
-}
-
-impl Dedup for Group<u64, u64> {
-    fn call<F>(&self, key: u64, work: F) -> impl Future<Output = u64> + Send
-    where
-        F: Future<Output = u64> + Send + 'static,
-    {
-        self.run(key, move || work).map(|o| o.into_value())
-    }
-}
-
-/// The Tower face: `CoalesceLayer` over a service that runs the boxed work it is given.
-#[derive(Clone)]
-struct TowerFace<S>(S);
-
-/// A call of the Tower face: the key, and the work (a `Box` per call).
-struct Job(u64, BoxFuture<'static, u64>);
-
-impl<S> Dedup for TowerFace<S>
-where
-    S: Service<Job, Response = u64, Error = Infallible> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-{
-    fn call<F>(&self, key: u64, work: F) -> impl Future<Output = u64> + Send
-    where
-        F: Future<Output = u64> + Send + 'static,
-    {
-        let svc = self.0.clone();
-        async move { svc.oneshot(Job(key, work.boxed())).await.unwrap() }
-    }
-}
-
 impl Dedup for HandRolled {
     fn call<F>(&self, key: u64, work: F) -> impl Future<Output = u64> + Send
     where
@@ -640,10 +607,7 @@ fn fanin_harness(_: &mut Criterion) {
     let rounds = 40;
     let next_key = AtomicU64::new(0);
     let group = Arc::new(Group::<u64, u64>::new());
-    let tower = Arc::new(TowerFace(
-        CoalesceLayer::new(|job: &Job| Some(job.0))
-            .layer(service_fn(|job: Job| job.1.map(Ok::<_, Infallible>))),
-    ));
+    let tower = Arc::new(fanin::tower_face());
     let hand = Arc::new(HandRolled::default());
     let sfa = Arc::new(singleflight_async::SingleFlight::<u64, u64>::new());
     let names = [

@@ -28,6 +28,8 @@ use tower_coalesce::store::{Store, StoreKey, StoredResponse};
 
 const LEASE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(500);
+/// How long a response kept by a test's own store call is kept.
+const TTL: Duration = Duration::from_secs(30);
 
 /// 4 instances x 50 concurrent requests with one key: one run, 200 identical answers (the
 /// 150 of the instances that waited are replays of the kept response).
@@ -91,11 +93,18 @@ async fn a_dropped_leader_hands_over_at_once_with_a_higher_fencing_token() {
     let Some(url) = database_url() else {
         return;
     };
-    let (pool, table) = (pool(&url).await, table());
-    let long = Duration::from_secs(30);
-    let stalled = store(&pool, &table, long, long).await;
-    let other = store(&pool, &table, long, long).await;
+    let (_, _, stalled, other) = two_unhurried_stores(&url).await;
     assert_fencing_across_a_takeover(stalled, other).await;
+}
+
+/// Two stores on a new table of the server at `url`, whose leases and poll intervals are
+/// 30 s: within a test, only a release message wakes a waiting one.
+async fn two_unhurried_stores(url: &str) -> (sqlx::PgPool, String, PostgresStore, PostgresStore) {
+    let (pool, table) = (pool(url).await, table());
+    let long = Duration::from_secs(30);
+    let a = store(&pool, &table, long, long).await;
+    let b = store(&pool, &table, long, long).await;
+    (pool, table, a, b)
 }
 
 /// An instance that died without a word holds a lease (written as its lease statement
@@ -226,12 +235,7 @@ async fn a_release_message_carries_a_small_kept_response_to_the_waiting_instance
     let Some(url) = database_url() else {
         return;
     };
-    let (pool, table) = (pool(&url).await, table());
-    let long = Duration::from_secs(30);
-    let (a, b) = (
-        store(&pool, &table, long, long).await,
-        store(&pool, &table, long, long).await,
-    );
+    let (pool, table, a, b) = two_unhurried_stores(&url).await;
     let response = |body: Vec<u8>| {
         std::sync::Arc::new(StoredResponse::new(
             StatusCode::CREATED,
@@ -270,13 +274,13 @@ async fn a_release_message_carries_a_small_kept_response_to_the_waiting_instance
             false => {
                 let waiting = tokio::spawn(waiting(b.clone(), key.clone()));
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                guard.complete(Some((kept.clone(), long))).await.unwrap();
+                guard.complete(Some((kept.clone(), TTL))).await.unwrap();
                 tokio::time::timeout(Duration::from_secs(10), waiting)
                     .await
                     .map(Result::unwrap)
             }
             true => {
-                guard.complete(Some((kept.clone(), long))).await.unwrap();
+                guard.complete(Some((kept.clone(), TTL))).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 tokio::time::timeout(Duration::from_secs(10), waiting(b.clone(), key.clone())).await
             }
@@ -307,12 +311,7 @@ async fn two_flights_told_to_wait_at_once_still_hear_an_earlier_release() {
     let Some(url) = database_url() else {
         return;
     };
-    let (pool, table) = (pool(&url).await, table());
-    let long = Duration::from_secs(30);
-    let (a, b) = (
-        store(&pool, &table, long, long).await,
-        store(&pool, &table, long, long).await,
-    );
+    let (_, _, a, b) = two_unhurried_stores(&url).await;
     let key = StoreKey::from_bytes([42; 32]);
     let Lease::Held(guard) = a.lease(&key).await.unwrap() else {
         panic!("A takes the fresh key's lease")
