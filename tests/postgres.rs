@@ -482,9 +482,10 @@ async fn a_postgres_restart_loses_no_kept_response_and_hangs_no_request() {
 /// The store's own pool (`connect`) pings no connection before a statement: after
 /// PostgreSQL restarted, every idle connection is dead, and the statements that find them
 /// go on to live ones rather than fail. Each store call right after the restart answers
-/// (the lookup, the lease and the completion of a request through the layer, which is
-/// `FailClosed`: a failed statement would be a `503`), and the response kept before the
-/// restart is replayed.
+/// (the group take, which runs once, on a connection that answered a ping; the lookup, the
+/// lease and the completion of a request through the layer, which is `FailClosed`: a
+/// failed statement would be a `503`), and the response kept before the restart is
+/// replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_a_restart_dead_connections_are_reconnects_not_failed_statements() {
     let Some(server) = Server::start() else {
@@ -511,11 +512,19 @@ async fn after_a_restart_dead_connections_are_reconnects_not_failed_statements()
     assert!(join_all(lookups).await.iter().all(Result::is_ok));
     let warm: Vec<String> = (0..8).map(|k| format!("warm-{k}")).collect();
     join_all(warm.iter().map(|key| post(app.addr, key))).await;
+    // The HTTP cache's group take (not safe to repeat: it deletes what it answers).
+    let group = StoreKey::from_bytes([8; 32]);
+    let ttl = Duration::from_secs(60);
+    store.add_to_group(&group, &key, ttl).await.unwrap();
 
     server.kill();
     server.start_again();
     drop(server.pool().await); // Up again: takes connections.
 
+    assert_eq!(
+        store.take_group(&group).await.unwrap(),
+        std::slice::from_ref(&key)
+    );
     assert!(matches!(store.get(&key).await, Ok(None)));
     let fresh = post(app.addr, "order-2").await;
     assert_eq!(fresh.status, StatusCode::CREATED, "{fresh:?}");

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres};
+use sqlx::{Connection as _, PgPool, Postgres};
 
 use super::{StoreError, within};
 
@@ -133,6 +133,24 @@ impl Connections {
         within(timeout, what, calls).await
     }
 
+    /// Borrows a connection that answered a ping, passing dead ones over as [`run`] does:
+    /// for a statement that is not safe to repeat, so that it does not fail on a connection
+    /// that died while it waited.
+    ///
+    /// [`run`]: Self::run
+    pub(super) async fn checked(&self) -> Result<Connection, sqlx::Error> {
+        let attempts = self.pool.options().get_max_connections().saturating_add(1);
+        let mut attempt = 1;
+        loop {
+            let mut connection = self.borrow().await?;
+            match connection.ping().await {
+                Err(error) if attempt < attempts && dead_connection(&error) => attempt += 1,
+                Err(error) => return Err(error),
+                Ok(()) => return Ok(connection),
+            }
+        }
+    }
+
     async fn borrow(&self) -> Result<Connection, sqlx::Error> {
         let kept = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         match kept {
@@ -142,7 +160,7 @@ impl Connections {
     }
 
     /// Keeps a connection whose statement completed, or gives it back to the pool.
-    fn give_back(&self, connection: Connection) {
+    pub(super) fn give_back(&self, connection: Connection) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.keep {
             idle.push(connection);

@@ -129,7 +129,9 @@
 //! a statement that fails on a dead connection (an I/O error, or the server's word that it
 //! ended the session: SQLSTATE `08...`, `57P..`) runs again on another, up to once per
 //! connection the pool may hold and once more on a new one, within the statement's
-//! timeout; the store's statements are written to be safe to repeat. So after a
+//! timeout; the store's statements are written to be safe to repeat, but for the HTTP
+//! cache's group take (it deletes what it answers), which runs once, on a connection that
+//! answered a ping just before. So after a
 //! PostgreSQL restart the dead connections, kept or idle, are found by the statements
 //! themselves and replaced, rather than failing them. On an app's own pool given to
 //! [`build`](PostgresStoreBuilder::build), the store keeps no connection (they are the
@@ -758,13 +760,21 @@ impl Store for PostgresStore {
     }
 
     async fn take_group(&self, group: &StoreKey) -> Result<Vec<StoreKey>, BoxError> {
-        let statement = sqlx::query_scalar::<_, Vec<u8>>(&self.shared.statements.take_group)
-            .bind(&group.as_bytes()[..])
-            .fetch_all(&self.shared.pool);
+        // Not repeated: the statement deletes what it answers, and a repeat after an answer
+        // lost with the connection would answer nothing. So it goes on a connection that
+        // answered a ping just before, not one that died while it waited.
+        let connections = &self.shared.connections;
+        let take = async {
+            let mut connection = connections.checked().await?;
+            let keys = sqlx::query_scalar::<_, Vec<u8>>(&self.shared.statements.take_group)
+                .bind(&group.as_bytes()[..])
+                .fetch_all(&mut *connection)
+                .await?;
+            connections.give_back(connection);
+            Ok(keys)
+        };
         Ok(StoreKey::all_from(
-            // Not repeated: the statement deletes what it answers, and a repeat after an
-            // answer lost with the connection would answer nothing.
-            self.timed_once("group take", statement).await?,
+            self.timed_once("group take", take).await?,
         ))
     }
 
