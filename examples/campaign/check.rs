@@ -12,8 +12,9 @@
 //! 4. No request went unanswered past its deadline, but on an instance stopped or killed
 //!    meanwhile.
 //! 5. After the faults, a retry of every key that ever got a `2xx` gets that same answer;
-//!    on a Redis without persistence, an answer given before the store crashed may be lost
-//!    with it (reported on its own line, not hidden).
+//!    on a Redis without persistence, an answer whose run began before the store crashed
+//!    may be lost with it (reported on its own line, not hidden), even if a caller that
+//!    joined the run's flight got it just after the crash.
 //! 6. Nothing panicked.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -195,9 +196,23 @@ pub fn check(
                 flag(&mut report, INVARIANTS[1], key);
             }
             match first {
-                // Kept between the attempt's start and its answer: a crash after the start
-                // may have taken it.
-                None => first = Some((text, attempt.start, &attempt.body)),
+                // Kept between the start of its run (or of the attempt, if the run left no
+                // trace) and the answer: a crash after that may have taken it. Not the
+                // attempt's start alone: an attempt that began after a crash may still get
+                // the answer of a run that began, and kept it, before (it joined the run's
+                // flight on its instance).
+                None => {
+                    let run_started = run_of(text).and_then(|run| {
+                        runs_by_key
+                            .get(*key)?
+                            .iter()
+                            .filter(|r| r.run == run && r.what == "start")
+                            .map(|r| r.at)
+                            .reduce(f64::min)
+                    });
+                    let kept_from = run_started.map_or(attempt.start, |at| at.min(attempt.start));
+                    first = Some((text, kept_from, &attempt.body));
+                }
                 Some((answer, at, _)) if answer != text => {
                     // A crash after the first was kept, and before the second was given.
                     if lost_with_store(mode, &store_restarts, at, attempt.end) {
@@ -452,5 +467,72 @@ pub fn print_table(reports: &[Report]) {
             r.lost_with_store,
             violations.join(" | ")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CI run's history (seed 1, the Redis without persistence): a run began and kept its
+    /// answer before the store crashed; callers on its instance that arrived just after
+    /// the crash began joined its flight and got that answer; the store forgot it, and the
+    /// key ran again. That is an answer lost with the store, not two answers of one key:
+    /// the first answer is dated by its run's start, not by the first attempt seen.
+    #[test]
+    fn an_answer_kept_before_a_crash_and_given_just_after_it_is_lost_with_the_store() {
+        let (key, body) = ("redis-1-k830", r#"{"amount":2770}"#);
+        let text =
+            |run: &str| serde_json::json!({ "body": body, "key": key, "run": run }).to_string();
+        let attempt = |request, start, end, run: &str| Attempt {
+            request,
+            route: "/payments",
+            key: key.to_owned(),
+            body: body.to_owned(),
+            instance: 0,
+            start,
+            end,
+            outcome: Outcome::Answer(201, text(run)),
+        };
+        let run = |run: &str, at, what: &str| Run {
+            key: key.to_owned(),
+            run: run.to_owned(),
+            instance: 0,
+            at,
+            what: what.to_owned(),
+        };
+        let history = crate::History {
+            attempts: vec![
+                attempt(1, 20050.7, 20052.4, "i0-1"),
+                attempt(2, 19983.4, 20053.4, "i0-1"),
+                attempt(3, 20570.1, 20762.7, "i0-2"),
+            ],
+            runs: vec![
+                run("i0-1", 19989.9, "start"),
+                run("i0-1", 20041.5, "wrote"),
+                run("i0-2", 20673.3, "start"),
+                run("i0-2", 20756.2, "wrote"),
+            ],
+            faults: vec![FaultWindow {
+                kind: "store-restart",
+                instance: None,
+                start: 20049.0,
+                end: 20571.4,
+            }],
+            finals: HashMap::from([(key.to_owned(), Outcome::Answer(201, text("i0-2")))]),
+            writes: HashMap::from([(key.to_owned(), (2, "i0-2".to_owned()))]),
+            panics: Vec::new(),
+        };
+        let out = std::env::temp_dir();
+        let report = check(Mode::Redis, &history, 2000.0, &out, 1).unwrap();
+        assert!(
+            report.violations.values().all(Vec::is_empty),
+            "{:?}",
+            report.violations
+        );
+        assert_eq!(report.lost_with_store, 1);
+        // On a store that keeps its answers, the same history is two answers of one key.
+        let report = check(Mode::RedisAof, &history, 2000.0, &out, 1).unwrap();
+        assert_eq!(report.violations["1 one answer"], [key]);
     }
 }
