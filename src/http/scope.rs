@@ -95,27 +95,32 @@ use crate::coalesce::MakeKey;
 /// assert_eq!(scope.make_key(&head("Bearer a")), scope.make_key(&head("Bearer a")));
 /// assert_ne!(scope.make_key(&head("Bearer a")), scope.make_key(&head("Bearer b")));
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct DefaultScope {
-    headers: ScopeHeaders,
-}
-
-impl Default for DefaultScope {
-    fn default() -> Self {
-        DefaultScope {
-            headers: headers([AUTHORIZATION, COOKIE]),
-        }
-    }
+    _private: (),
 }
 
 impl MakeKey<Parts> for DefaultScope {
     type Key = Vec<(usize, HeaderValue)>;
 
+    /// What [`credential_ignored`] and `headers([AUTHORIZATION, COOKIE])` say, in one pass
+    /// over the headers: every keyed request asks it, and two lookups by name and a pass for
+    /// the credentials cost twice as much.
     fn make_key(&self, parts: &Parts) -> Option<Self::Key> {
-        if credential_ignored(parts).is_some() {
-            return None;
+        let mut scope = Vec::new();
+        for (name, value) in &parts.headers {
+            if name == AUTHORIZATION {
+                scope.push((0, value.clone()));
+            } else if name == COOKIE {
+                scope.push((1, value.clone()));
+            } else if credential(name).is_some() {
+                return None;
+            }
         }
-        self.headers.make_key(parts)
+        // As `headers` makes it: every `Authorization` value, then every `Cookie` value,
+        // each in its order (the sort is stable).
+        scope.sort_by_key(|&(header, _)| header);
+        Some(scope)
     }
 }
 
@@ -137,25 +142,28 @@ pub const CREDENTIAL_HEADERS: [HeaderName; 10] = [
 /// The first of [`CREDENTIAL_HEADERS`] that the request carries, if any: for the default
 /// scope, and for the layer's warning, whatever the scope.
 pub(crate) fn credential_ignored(parts: &Parts) -> Option<&'static HeaderName> {
+    parts.headers.keys().find_map(credential)
+}
+
+/// `name`, if it is one of [`CREDENTIAL_HEADERS`].
+fn credential(name: &HeaderName) -> Option<&'static HeaderName> {
     static CREDENTIALS: [HeaderName; 10] = CREDENTIAL_HEADERS;
-    // Every keyed request asks this: a `match` on the name (a jump on its length, then one
-    // comparison) per header costs a tenth of comparing each with the ten names.
-    parts.headers.keys().find_map(|name| {
-        let i = match name.as_str() {
-            "x-api-key" => 0,
-            "api-key" => 1,
-            "apikey" => 2,
-            "x-auth-token" => 3,
-            "x-access-token" => 4,
-            "x-session-token" => 5,
-            "x-session-id" => 6,
-            "x-user-id" => 7,
-            "x-forwarded-user" => 8,
-            "x-auth-request-user" => 9,
-            _ => return None,
-        };
-        Some(&CREDENTIALS[i])
-    })
+    // Every keyed request asks this of each header: a `match` on the name (a jump on its
+    // length, then one comparison) costs a tenth of comparing it with the ten names.
+    let i = match name.as_str() {
+        "x-api-key" => 0,
+        "api-key" => 1,
+        "apikey" => 2,
+        "x-auth-token" => 3,
+        "x-access-token" => 4,
+        "x-session-token" => 5,
+        "x-session-id" => 6,
+        "x-user-id" => 7,
+        "x-forwarded-user" => 8,
+        "x-auth-request-user" => 9,
+        _ => return None,
+    };
+    Some(&CREDENTIALS[i])
 }
 
 /// Scopes by the values of the headers `names` (every value of each, in order).
@@ -421,6 +429,38 @@ mod tests {
         assert_ne!(scope.make_key(&alice), scope.make_key(&cookie));
         // Anonymous is an identity, shared by every anonymous caller.
         assert_eq!(scope.make_key(&anonymous), Some(Vec::new()));
+    }
+
+    #[test]
+    fn the_default_scope_is_the_scope_of_authorization_and_cookie() {
+        // Its one pass gives the key `headers` gives, whatever order the headers came in,
+        // repeated values included: a store keeps responses under it.
+        let by_headers = headers([AUTHORIZATION, COOKIE]);
+        let orders: [&[(&str, &str)]; 5] = [
+            &[("authorization", "Bearer a"), ("cookie", "s=1")],
+            &[("cookie", "s=1"), ("authorization", "Bearer a")],
+            &[
+                ("cookie", "s=1"),
+                ("x-other", "v"),
+                ("cookie", "t=2"),
+                ("authorization", "A"),
+            ],
+            &[
+                ("authorization", "A"),
+                ("authorization", "B"),
+                ("cookie", "c"),
+            ],
+            &[("x-other", "v")],
+        ];
+        for headers in orders {
+            let mut request = http::Request::post("/");
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            let head = parts(request);
+            let key = DefaultScope::default().make_key(&head);
+            assert_eq!(key, by_headers.make_key(&head), "{headers:?}");
+        }
     }
 
     #[test]
