@@ -13,7 +13,7 @@ use tower::util::Oneshot;
 use super::body::ResponseBody;
 use super::engine::InnerRequest;
 
-type BoxAnswer<ResB, E> =
+pub(crate) type BoxAnswer<ResB, E> =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody<ResB>>, E>> + Send>>;
 
 pin_project! {

@@ -168,13 +168,7 @@ where
                 }
             }
         };
-        ResponseFuture::keyed(Box::pin(engine::serve(
-            inner,
-            self.engine.clone(),
-            parts,
-            body,
-            key,
-        )))
+        ResponseFuture::keyed(engine::serve(inner, self.engine.clone(), parts, body, key))
     }
 }
 

@@ -98,6 +98,8 @@ mod shared;
 pub(crate) use self::cache::Freshness;
 #[cfg(feature = "cache")]
 pub use self::cache::{Cache, CacheBuilder, CacheStatus, Fetched, Lifetimes, TimedOut};
+#[cfg(feature = "http")]
+pub(crate) use self::flight::BoxWork;
 pub use self::future::Run;
 pub use self::group::{DefaultHashBuilder, Group, Outcome};
 pub(crate) use self::registry::LazyGroup;

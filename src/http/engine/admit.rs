@@ -17,6 +17,7 @@ use crate::BoxError;
 use crate::coalesce::MakeKey;
 use crate::http::body::ResponseBody;
 use crate::http::flown::{Chunks, Read, read_into};
+use crate::http::future::BoxAnswer;
 use crate::http::key;
 use crate::http::stage::{Admit, After, Answered, Stage, StandsIn, Ticket};
 use crate::http::{Role, problem};
@@ -27,17 +28,15 @@ use crate::store::{Store, StoreKey};
 /// Not an `async fn`, nor are the steps it awaits on the common path: every keyed
 /// request's future is moved whole into its box, and an `async fn` holds its arguments
 /// twice (as given and as its body's locals), the request head included (2.5 KB before).
-#[allow(
-    clippy::manual_async_fn,
-    reason = "an async fn holds its arguments twice"
-)]
+/// Boxed here, where it is made: each wrapper around it (a span, an `Either`) would be one
+/// more copy of it.
 pub(crate) fn serve<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
     parts: Parts,
     body: ReqB,
     key: Option<K::Key>,
-) -> impl Future<Output = Answer<ResB, S::Error>> + Send + 'static
+) -> BoxAnswer<ResB, S::Error>
 where
     S: InnerService<ReqB, ResB>,
     K: HeadKey<Key: crate::http::key::EncodeKey>,
@@ -56,7 +55,10 @@ where
         record_answer(&answer);
         answer
     };
-    in_span(work, span)
+    match span {
+        Some(span) => Box::pin(in_span(work, span)),
+        None => Box::pin(work),
+    }
 }
 
 /// The span of a keyed request: who served it, in OpenTelemetry's HTTP names where they
@@ -66,8 +68,11 @@ where
 /// it followed) and `coalesce.cache` (`hit`, `stale`, `miss`). A flight's own span,
 /// `coalesce_flight`, a child of its leader's, has its `coalesce.flight_id` and
 /// `coalesce.elsewhere` (it waited for another instance's run of the key).
-fn request_span(layer: &'static str, parts: &Parts) -> tracing::Span {
-    tracing::debug_span!(
+fn request_span(layer: &'static str, parts: &Parts) -> Option<tracing::Span> {
+    if spans_unseen() {
+        return None;
+    }
+    Some(tracing::debug_span!(
         REQUEST_SPAN,
         coalesce.layer = layer,
         http.request.method = %parts.method,
@@ -77,7 +82,7 @@ fn request_span(layer: &'static str, parts: &Parts) -> tracing::Span {
         coalesce.flight_id = tracing::field::Empty,
         coalesce.waited_on = tracing::field::Empty,
         coalesce.cache = tracing::field::Empty,
-    )
+    ))
 }
 
 /// Records on the request's span how it was answered.

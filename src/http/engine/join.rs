@@ -200,14 +200,14 @@ where
                     span.record("coalesce.flight_id", flight);
                 }
                 let store_key = self.store_key.clone();
-                Box::pin(fly(
+                fly(
                     inner.expect(lead),
                     engine.clone(),
                     req,
                     store_key,
                     ask.clone(),
                     self.key_hash,
-                ))
+                )
             },
             |running, followers| {
                 mismatched = !running.ask.same(ask);

@@ -13,6 +13,7 @@ use crate::BoxError;
 use crate::http::flown::{self, Buffered, Flown};
 use crate::http::policy::{OnDuplicate, OnMismatch, OnStoreError, Unshared};
 use crate::http::stage::Ran;
+use crate::single_flight::BoxWork;
 use crate::store::{Completion, Lease, LeaseGuard};
 use crate::store::{Fingerprint, Store, StoreKey, StoredResponse};
 
@@ -26,6 +27,58 @@ pub(super) fn fly<S, K, I, St, ReqB, ResB>(
     store_key: Option<StoreKey>,
     ask: Ask,
     key_hash: Option<KeyHash>,
+) -> BoxWork<FlightResult<ResB, S::Error>>
+where
+    S: InnerService<ReqB, ResB>,
+    K: Send + Sync + 'static,
+    I: Send + Sync + 'static,
+    St: Store,
+    ReqB: Send + 'static,
+    ResB: SharedBody,
+{
+    // Each way boxed where it is made: a future is moved whole into its box, and every
+    // wrapper around it (an `Either`, a span) would be one more copy of it.
+    let span = (!spans_unseen()).then(|| {
+        tracing::debug_span!(
+            FLIGHT_SPAN,
+            key = key_hash.map(|h| h.0),
+            coalesce.flight_id = ask.flight(),
+            coalesce.elsewhere = tracing::field::Empty,
+        )
+    });
+    let Some(key) = store_key else {
+        // Without a store, the flight is the run itself.
+        let work = run_plain(inner, engine, req, ask);
+        return match span {
+            Some(span) => Box::pin(in_span(work, span)),
+            None => Box::pin(work),
+        };
+    };
+    let work = async move {
+        let lease = match take_lease(&engine, &key, ask.fingerprint(), ask.headers()).await {
+            Ok(lease) => lease,
+            Err(done) => return Ok(done),
+        };
+        let run = run_and_keep(inner, engine, req, Some(key), lease, ask);
+        run.await
+    };
+    match span {
+        Some(span) => Box::pin(in_span(work, span)),
+        None => Box::pin(work),
+    }
+}
+
+/// The run of a flight without a store (nor a stage, which needs one), the commonest: the
+/// call, and its response buffered to be shared. On a path of its own because its future
+/// is moved whole into the flight's box: without the store's steps, and with the call made
+/// before the future rather than the request held in it until the call, it is half the
+/// size of [`run_and_keep`]'s (1,424 bytes there), small enough for the allocator's
+/// per-thread cache, and each move of it copies half as much.
+fn run_plain<S, K, I, St, ReqB, ResB>(
+    inner: S,
+    engine: Arc<Engine<K, I, St>>,
+    req: InnerRequest<ReqB>,
+    ask: Ask,
 ) -> impl Future<Output = FlightResult<ResB, S::Error>> + Send + 'static
 where
     S: InnerService<ReqB, ResB>,
@@ -35,29 +88,73 @@ where
     ReqB: Send + 'static,
     ResB: SharedBody,
 {
-    use futures::future::Either;
-    let span = tracing::debug_span!(
-        FLIGHT_SPAN,
-        key = key_hash.map(|h| h.0),
-        coalesce.flight_id = ask.flight(),
-        coalesce.elsewhere = tracing::field::Empty,
-    );
-    // Without a store, the flight is the run itself. With one, the store's steps are in a
-    // box of their own: the flight's work is moved whole into the flight's box, and a
-    // future holds the largest of the futures it awaits (2.6 KB before, mostly the store's
-    // steps, for flights that have no store).
-    let work = match store_key {
-        None => Either::Left(run_and_keep(inner, engine, req, None, None, ask)),
-        Some(key) => Either::Right(Box::pin(async move {
-            let lease = match take_lease(&engine, &key, ask.fingerprint(), ask.headers()).await {
-                Ok(lease) => lease,
-                Err(done) => return Ok(done),
-            };
-            let run = run_and_keep(inner, engine, req, Some(key), lease, ask);
-            run.await
-        })),
-    };
-    in_span(work, span)
+    let call = inner.oneshot(req);
+    async move {
+        let metrics = &engine.metrics;
+        metrics.flight_started();
+        tracing::debug!("flight started");
+        let _in_flight = metrics.in_flight();
+        let flown = match call.await {
+            // A `304` without a stage is shared as it is: no stage asked a conditional
+            // question, so it is the client's own answer.
+            Ok(response) if response.status() == http::StatusCode::NOT_MODIFIED => {
+                flown::collect(response, engine.config.body_limit, metrics).await
+            }
+            Ok(response) => shared(response, &engine.config, metrics).await,
+            Err(error) => {
+                tracing::debug!(ok = false, "flight completed");
+                return Err(Arc::new(error));
+            }
+        };
+        tracing::debug!(ok = true, "flight completed");
+        Ok(fresh(&engine, flown, &ask))
+    }
+}
+
+/// A flight's response buffered to be shared, or as it came if the share predicate says
+/// it is not to be shared (followers then run on their own).
+async fn shared<B: SharedBody>(
+    response: Response<B>,
+    config: &Config,
+    metrics: &Metrics,
+) -> Flown<B> {
+    let (parts, body) = response.into_parts();
+    let shareable = config.share.allows(&parts);
+    let response = Response::from_parts(parts, body);
+    if shareable {
+        return flown::collect(response, config.body_limit, metrics).await;
+    }
+    metrics.response_not_shared();
+    tracing::debug!("response not to be shared; followers run on their own");
+    let one_at_a_time = config.unshared == Unshared::OneAfterAnother;
+    Flown::unshared(response, one_at_a_time)
+}
+
+/// What a flight that ran shares: its response, and whom it answers.
+fn fresh<K, I, St, B>(engine: &Engine<K, I, St>, flown: Flown<B>, ask: &Ask) -> Done<B> {
+    let (answers, by_authorization) = answered(engine, &flown, ask);
+    Done::Fresh {
+        flown,
+        answers,
+        by_authorization,
+    }
+}
+
+/// Whom a flight's response answers, and whether only callers with the leader's
+/// `Authorization`. Not shared with anyone: the leader's alone.
+fn answered<K, I, St, B>(
+    engine: &Engine<K, I, St>,
+    flown: &Flown<B>,
+    ask: &Ask,
+) -> (Answers, bool) {
+    match flown {
+        Flown::Buffered(buffered) => {
+            let headers = &buffered.parts.headers;
+            let by_authorization = engine.by_authorization(headers, ask);
+            (answers_of(ask, headers, by_authorization), by_authorization)
+        }
+        _ => (Answers::Leader, false),
+    }
 }
 
 /// The run of a flight: calls the inner service (under the lease, if the flight holds
@@ -122,19 +219,7 @@ where
                     _ => flown::collect(response, config.body_limit, metrics).await,
                 }
             }
-            Ok(response) => {
-                let (parts, body) = response.into_parts();
-                let shareable = config.share.allows(&parts);
-                let response = Response::from_parts(parts, body);
-                if shareable {
-                    flown::collect(response, config.body_limit, metrics).await
-                } else {
-                    metrics.response_not_shared();
-                    tracing::debug!("response not to be shared; followers run on their own");
-                    let one_at_a_time = config.unshared == Unshared::OneAfterAnother;
-                    Flown::unshared(response, one_at_a_time)
-                }
-            }
+            Ok(response) => shared(response, config, metrics).await,
             Err(error) => {
                 if let Some(key) = store_key {
                     let kept = keep_ran::<_, _, _, ResB>(
@@ -151,16 +236,7 @@ where
                 return Err(Arc::new(error));
             }
         };
-        // Whom the response answers. Not shared with anyone: the leader's alone.
-        let (answers, by_authorization) = match &flown {
-            Flown::Buffered(buffered) => {
-                let headers = &buffered.parts.headers;
-                let by_authorization = engine.by_authorization(headers, &ask);
-                let answers = answers_of(&ask, headers, by_authorization);
-                (answers, by_authorization)
-            }
-            _ => (Answers::Leader, false),
-        };
+        let (answers, by_authorization) = answered(&engine, &flown, &ask);
         // Kept before the lease is released and before the flight completes, so that a
         // duplicate, here or on another instance, either waits for this flight or finds the
         // response kept.
