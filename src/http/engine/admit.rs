@@ -12,6 +12,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 use tower::ServiceExt;
 
+use super::then::Then;
 use super::*;
 use crate::BoxError;
 use crate::coalesce::MakeKey;
@@ -46,15 +47,21 @@ where
     ResB: SharedBody,
 {
     let span = request_span(engine.config.name, &parts);
-    let work = async move {
-        let limit = engine.config.request_body_limit;
-        let answer = match read_body(&parts, body, limit).await {
-            Ok(bytes) => admitted(inner, engine, parts, bytes, key).await,
-            Err(refusal) => Ok(refusal),
-        };
-        record_answer(&answer);
-        answer
+    use futures::future::Either::{Left, Right};
+    let limit = engine.config.request_body_limit;
+    let read = async move {
+        let read = read_body(&parts, body, limit).await;
+        (parts, read)
     };
+    // The read, then the flight, in one place (see `Then`).
+    let work = Then::new(
+        read,
+        move |(parts, read)| match read {
+            Ok(bytes) => Left(admitted(inner, engine, parts, bytes, key)),
+            Err(refusal) => Right(std::future::ready(Ok(refusal))),
+        },
+        record_answer,
+    );
     match span {
         Some(span) => Box::pin(in_span(work, span)),
         None => Box::pin(work),

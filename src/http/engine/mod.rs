@@ -517,6 +517,7 @@ mod answer;
 mod join;
 mod kept_headers;
 mod run;
+mod then;
 
 use self::kept_headers::KeptHeaders;
 

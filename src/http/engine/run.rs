@@ -94,40 +94,40 @@ where
         metrics.flight_started();
         tracing::debug!("flight started");
         let _in_flight = metrics.in_flight();
-        let flown = match call.await {
-            // A `304` without a stage is shared as it is: no stage asked a conditional
-            // question, so it is the client's own answer.
-            Ok(response) if response.status() == http::StatusCode::NOT_MODIFIED => {
-                flown::collect(response, engine.config.body_limit, metrics).await
-            }
-            Ok(response) => shared(response, &engine.config, metrics).await,
+        let response = match call.await {
+            Ok(response) => response,
             Err(error) => {
                 tracing::debug!(ok = false, "flight completed");
                 return Err(Arc::new(error));
             }
         };
+        let flown = shared(response, &engine.config, metrics).await;
         tracing::debug!(ok = true, "flight completed");
         Ok(fresh(&engine, flown, &ask))
     }
 }
 
 /// A flight's response buffered to be shared, or as it came if the share predicate says
-/// it is not to be shared (followers then run on their own).
-async fn shared<B: SharedBody>(
+/// it is not to be shared (followers then run on their own). A `304` comes here only from
+/// a flight without a stage (a stage's freshens what it keeps): no stage asked a
+/// conditional question, so it is shared as it is. Not `async`: a future holds its
+/// arguments beside what it awaits, and the response would be held twice.
+fn shared<'a, B: SharedBody>(
     response: Response<B>,
     config: &Config,
-    metrics: &Metrics,
-) -> Flown<B> {
+    metrics: &'a Metrics,
+) -> impl Future<Output = Flown<B>> + Send + 'a {
+    use futures::future::Either;
     let (parts, body) = response.into_parts();
-    let shareable = config.share.allows(&parts);
+    let shareable = parts.status == http::StatusCode::NOT_MODIFIED || config.share.allows(&parts);
     let response = Response::from_parts(parts, body);
     if shareable {
-        return flown::collect(response, config.body_limit, metrics).await;
+        return Either::Left(flown::collect(response, config.body_limit, metrics));
     }
     metrics.response_not_shared();
     tracing::debug!("response not to be shared; followers run on their own");
     let one_at_a_time = config.unshared == Unshared::OneAfterAnother;
-    Flown::unshared(response, one_at_a_time)
+    Either::Right(std::future::ready(Flown::unshared(response, one_at_a_time)))
 }
 
 /// What a flight that ran shares: its response, and whom it answers.
