@@ -170,7 +170,7 @@ where
         .config
         .has_store
         .then(|| StoreKey::new(Some(&scope), &key));
-    let flight_key = FlightKey { scope, key, ask };
+    let flight_key = FlightKey::new(scope, key, ask);
     // Keys carry user ids: logs get a hash, and only when someone reads them.
     let key_hash = tracing::enabled!(tracing::Level::DEBUG).then(|| KeyHash::of(&flight_key));
     let request = Request::from_parts(parts, Either::Left(Full::new(bytes)));

@@ -217,11 +217,7 @@ where
                         span.record("coalesce.waited_on", running.ask.flight());
                     }
                     // Equal to this caller's key but for what it asks.
-                    self.flight_key = Some(FlightKey {
-                        scope: running.scope.clone(),
-                        key: running.key.clone(),
-                        ask: ask.clone(),
-                    });
+                    self.flight_key = Some(running.asking(ask.clone()));
                 }
                 refusal.is_none()
             },
