@@ -203,7 +203,12 @@ mod tests {
             b"",
             b"[1,]",
             b"{\"id\":01}",
+            // Member names that are not UTF-8, before the key and after it.
+            br#"{"\ud800":1,"id":"c-1"}"#,
+            b"{\"\xff\":1,\"id\":\"c-1\"}",
+            b"{\"id\":\"c-1\",\"\xc3\":1}",
         ] {
+            assert_eq!(parsed(not_json, "/id"), None);
             assert_eq!(Pointer::new("/id").find(not_json), None);
         }
     }
