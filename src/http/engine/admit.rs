@@ -47,7 +47,6 @@ where
     ResB: SharedBody,
 {
     let span = request_span(engine.config.name, &parts);
-    use futures::future::Either::{Left, Right};
     let limit = engine.config.request_body_limit;
     let read = async move {
         let read = read_body(&parts, body, limit).await;
@@ -57,8 +56,13 @@ where
     let work = Then::new(
         read,
         move |(parts, read)| match read {
-            Ok(bytes) => Left(admitted(inner, engine, parts, bytes, key)),
-            Err(refusal) => Right(std::future::ready(Ok(refusal))),
+            Ok(bytes) => admitted(inner, engine, parts, bytes, key),
+            // Boxed, off the common path: one `Either` more around the flight's future
+            // would be one more copy of it.
+            Err(refusal) => {
+                let refused: Boxed<_, _> = Box::pin(std::future::ready(Ok(refusal)));
+                futures::future::Either::Right(refused)
+            }
         },
         record_answer,
     );

@@ -2,6 +2,7 @@
 //! running for its key; a different request waits for that flight to end, then tries again.
 
 use std::panic;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use http::Response;
@@ -95,12 +96,13 @@ where
         let arrived = metrics.wait_started();
         let mut watch = None;
         loop {
-            let (run, mismatched) = match caller.attempt(&engine, &group) {
+            // `leader` is read inside `attempt`: a `run` borrowed here would keep its room
+            // in this future beside the wait it moves into.
+            let (run, leader, mismatched) = match caller.attempt(&engine, &group) {
                 Ok(attempt) => attempt,
                 // Boxed: off the common path (see `serve`).
                 Err(refusal) => return Box::pin(caller.refused(&engine, refusal)).await,
             };
-            let leader = run.is_leader();
             caller.entered(metrics, leader, mismatched);
             let watch = watch.get_or_insert_with(|| Watch {
                 metrics,
@@ -223,7 +225,10 @@ where
             },
         );
         match run {
-            Some(run) => Ok((run, mismatched)),
+            Some(run) => {
+                let leader = run.is_leader();
+                Ok((run, leader, mismatched))
+            }
             None => Err(refusal.expect("a caller is refused only by admission")),
         }
     }
@@ -311,9 +316,9 @@ where
     }
 }
 
-/// The flight a caller led or joined and whether it runs another request; or why the
-/// caller was refused.
-type Attempt<K, I, ResB, E> = Result<(RunOf<K, I, ResB, E>, bool), Refusal>;
+/// The flight a caller led or joined, whether it leads it and whether it runs another
+/// request; or why the caller was refused.
+type Attempt<K, I, ResB, E> = Result<(RunOf<K, I, ResB, E>, bool, bool), Refusal>;
 
 type RunOf<K, I, ResB, E> = crate::single_flight::Run<
     FlightKey<<I as MakeKey<Parts>>::Key, <K as MakeKey<Parts>>::Key>,
@@ -334,11 +339,16 @@ where
     F::Output: Send + 'static,
 {
     use futures::future::{Either, FutureExt};
+    // The plain wait unboxed; a detached lead and a wait with a deadline (a timer beside
+    // the run) boxed, so that every keyed request's future is not as large as theirs.
+    let boxed = |wait: Pin<Box<dyn Future<Output = Option<F::Output>> + Send>>| Either::Right(wait);
     match deadline {
-        _ if leader && detach => Either::Left(Either::Left(lead(run, true).map(Some))),
-        None => Either::Left(Either::Right(run.map(Some))),
-        _ if leader => Either::Left(Either::Right(run.map(Some))),
-        Some(deadline) => Either::Right(tokio::time::timeout_at(deadline, run).map(Result::ok)),
+        _ if leader && detach => boxed(Box::pin(lead(run, true).map(Some))),
+        None => Either::Left(run.map(Some)),
+        _ if leader => Either::Left(run.map(Some)),
+        Some(deadline) => boxed(Box::pin(
+            tokio::time::timeout_at(deadline, run).map(Result::ok),
+        )),
     }
 }
 

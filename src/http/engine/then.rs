@@ -26,9 +26,10 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    #[project_replace = StateReplace]
     enum State<A, F, B> {
-        First { #[pin] first: A, next: F },
+        // `next` is taken out when `first` completes (an `Option`, rather than the state
+        // replaced to take it, which copied the whole state out and back).
+        First { #[pin] first: A, next: Option<F> },
         Second { #[pin] second: B },
         Gone,
     }
@@ -42,7 +43,10 @@ where
 {
     pub(super) fn new(first: A, next: F, done: fn(&B::Output)) -> Self {
         Then {
-            state: State::First { first, next },
+            state: State::First {
+                first,
+                next: Some(next),
+            },
             done,
         }
     }
@@ -60,13 +64,11 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::First { first, .. } => {
+                StateProj::First { first, next } => {
                     let output = ready!(first.poll(cx));
-                    let StateReplace::First { next, .. } =
-                        this.state.as_mut().project_replace(State::Gone)
-                    else {
-                        unreachable!("the first future was running")
-                    };
+                    let next = next
+                        .take()
+                        .expect("taken once, when the first future completes");
                     this.state.set(State::Second {
                         second: next(output),
                     });
