@@ -103,9 +103,9 @@ pub struct DefaultScope {
 impl MakeKey<Parts> for DefaultScope {
     type Key = Vec<(usize, HeaderValue)>;
 
-    /// What [`credential_ignored`] and `headers([AUTHORIZATION, COOKIE])` say, in one pass
-    /// over the headers: every keyed request asks it, and two lookups by name and a pass for
-    /// the credentials cost twice as much.
+    // What `credential_ignored` and `headers([AUTHORIZATION, COOKIE])` say, in one pass
+    // over the headers: every keyed request asks it, and two lookups by name and a pass for
+    // the credentials cost twice as much.
     fn make_key(&self, parts: &Parts) -> Option<Self::Key> {
         let mut scope = Vec::new();
         for (name, value) in &parts.headers {
