@@ -29,8 +29,7 @@ use crate::store::{Store, StoreKey};
 /// Not an `async fn`, nor are the steps it awaits on the common path: every keyed
 /// request's future is moved whole into its box, and an `async fn` holds its arguments
 /// twice (as given and as its body's locals), the request head included (2.5 KB before).
-/// Boxed here, where it is made: each wrapper around it (a span, an `Either`) would be one
-/// more copy of it.
+/// Boxed here, where it is made (see [`boxed_in_span`]).
 pub(crate) fn serve<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
@@ -66,10 +65,7 @@ where
         },
         record_answer,
     );
-    match span {
-        Some(span) => Box::pin(in_span(work, span)),
-        None => Box::pin(work),
-    }
+    boxed_in_span(work, span)
 }
 
 /// The span of a keyed request: who served it, in OpenTelemetry's HTTP names where they

@@ -600,6 +600,23 @@ pub(crate) fn in_span<F: Future>(
     }
 }
 
+/// `work` boxed, in `span` if there is one (see [`in_span`]). A future is boxed where it is
+/// made: it is moved whole into its box, and each wrapper around it on the way (an
+/// `Either`, a span) would be one more copy of it.
+#[inline]
+pub(crate) fn boxed_in_span<F>(
+    work: F,
+    span: Option<tracing::Span>,
+) -> std::pin::Pin<Box<dyn Future<Output = F::Output> + Send>>
+where
+    F: Future + Send + 'static,
+{
+    match span {
+        Some(span) => Box::pin(in_span(work, span)),
+        None => Box::pin(work),
+    }
+}
+
 /// The layer's span `name` if it is the current span, to record on. A span no subscriber
 /// wants is never current (entered or not): the current span is then the app's, which may
 /// declare fields of the same names (OpenTelemetry's HTTP spans declare

@@ -36,8 +36,7 @@ where
     ReqB: Send + 'static,
     ResB: SharedBody,
 {
-    // Each way boxed where it is made: a future is moved whole into its box, and every
-    // wrapper around it (an `Either`, a span) would be one more copy of it.
+    // Each way boxed where it is made (see `boxed_in_span`).
     let span = (!spans_unseen()).then(|| {
         tracing::debug_span!(
             FLIGHT_SPAN,
@@ -48,24 +47,17 @@ where
     });
     let Some(key) = store_key else {
         // Without a store, the flight is the run itself.
-        let work = run_plain(inner, engine, req, ask);
-        return match span {
-            Some(span) => Box::pin(in_span(work, span)),
-            None => Box::pin(work),
-        };
+        return boxed_in_span(run_plain(inner, engine, req, ask), span);
     };
     let work = async move {
         let lease = match take_lease(&engine, &key, ask.fingerprint(), ask.headers()).await {
             Ok(lease) => lease,
             Err(done) => return Ok(done),
         };
-        let run = run_and_keep(inner, engine, req, Some(key), lease, ask);
+        let run = run_and_keep(inner, engine, req, key, lease, ask);
         run.await
     };
-    match span {
-        Some(span) => Box::pin(in_span(work, span)),
-        None => Box::pin(work),
-    }
+    boxed_in_span(work, span)
 }
 
 /// The run of a flight without a store (nor a stage, which needs one), the commonest: the
@@ -157,8 +149,8 @@ fn answered<K, I, St, B>(
     }
 }
 
-/// The run of a flight: calls the inner service (under the lease, if the flight holds
-/// one), buffers the response to share it, and keeps it (with a store) before the flight
+/// The run of a flight with a store: calls the inner service (under the lease, if the
+/// flight holds one), buffers the response to share it, and keeps it before the flight
 /// completes. Not an `async fn`, which would hold the request twice (see `serve`).
 #[allow(
     clippy::manual_async_fn,
@@ -168,7 +160,7 @@ pub(super) fn run_and_keep<S, K, I, St, ReqB, ResB>(
     inner: S,
     engine: Arc<Engine<K, I, St>>,
     mut req: InnerRequest<ReqB>,
-    store_key: Option<StoreKey>,
+    store_key: StoreKey,
     lease: Option<LeaseGuard>,
     ask: Ask,
 ) -> impl Future<Output = FlightResult<ResB, S::Error>> + Send + 'static
@@ -195,43 +187,36 @@ where
         let atomic = lease.as_ref().is_some_and(LeaseGuard::is_atomic);
         // What a stage keeps is filed under the request's URI (a cache's purges find it so).
         let target = engine.stage.as_ref().map(|_| req.uri().clone());
-        let flown = match inner.oneshot(req).await {
-            Ok(response) if response.status() == http::StatusCode::NOT_MODIFIED => {
-                // A stage sent validators of what it keeps (a cache revalidating a stale
+        let flown = match (inner.oneshot(req).await, &engine.stage) {
+            (Ok(response), Some(stage)) if response.status() == http::StatusCode::NOT_MODIFIED => {
+                // The stage sent validators of what it keeps (a cache revalidating a stale
                 // entry): the `304` freshens that entry, which is then the flight's
                 // response, kept again and shared as any other. A `304` for something else
                 // is a `502`: the callers never asked a conditional question.
-                match (&engine.stage, &store_key) {
-                    (Some(stage), Some(key)) => {
-                        let (parts, _) = response.into_parts();
-                        let freshen = stage.freshen(
-                            &engine.store,
-                            key,
-                            ask.fingerprint(),
-                            ask.headers(),
-                            &parts,
-                        );
-                        let freshened = Box::pin(freshen)
-                            .await
-                            .unwrap_or_else(crate::http::problem::unmatched_not_modified);
-                        Flown::Buffered(Arc::new(Buffered::whole(freshened)))
-                    }
-                    _ => flown::collect(response, config.body_limit, metrics).await,
-                }
+                let (parts, _) = response.into_parts();
+                let freshen = stage.freshen(
+                    &engine.store,
+                    &store_key,
+                    ask.fingerprint(),
+                    ask.headers(),
+                    &parts,
+                );
+                let freshened = Box::pin(freshen)
+                    .await
+                    .unwrap_or_else(crate::http::problem::unmatched_not_modified);
+                Flown::Buffered(Arc::new(Buffered::whole(freshened)))
             }
-            Ok(response) => shared(response, config, metrics).await,
-            Err(error) => {
-                if let Some(key) = store_key {
-                    let kept = keep_ran::<_, _, _, ResB>(
-                        &engine,
-                        key,
-                        lease,
-                        None,
-                        ask.headers(),
-                        target.as_ref(),
-                    );
-                    Box::pin(kept).await;
-                }
+            (Ok(response), _) => shared(response, config, metrics).await,
+            (Err(error), _) => {
+                let kept = keep_ran::<_, _, _, ResB>(
+                    &engine,
+                    store_key,
+                    lease,
+                    None,
+                    ask.headers(),
+                    target.as_ref(),
+                );
+                Box::pin(kept).await;
                 tracing::debug!(ok = false, "flight completed");
                 return Err(Arc::new(error));
             }
@@ -240,29 +225,27 @@ where
         // Kept before the lease is released and before the flight completes, so that a
         // duplicate, here or on another instance, either waits for this flight or finds the
         // response kept.
-        if let Some(key) = store_key {
-            let kept = Box::pin(keep_ran(
-                &engine,
-                key.clone(),
-                lease,
-                Some((&flown, answers.fingerprint(&ask))),
-                ask.headers(),
-                target.as_ref(),
-            ))
-            .await;
-            let settled = match kept {
-                Kept::Done => None,
-                Kept::Superseded(found) => {
-                    let settling = settle(&engine, key, found, &flown, answers, &ask, atomic);
-                    Box::pin(settling).await
-                }
-                Kept::Failed => unkept(config),
-                Kept::Discarded => Some(Done::NotCommitted),
-            };
-            if let Some(done) = settled {
-                tracing::debug!(ok = true, "flight completed with another run's answer");
-                return Ok(done);
+        let kept = Box::pin(keep_ran(
+            &engine,
+            store_key.clone(),
+            lease,
+            Some((&flown, answers.fingerprint(&ask))),
+            ask.headers(),
+            target.as_ref(),
+        ))
+        .await;
+        let settled = match kept {
+            Kept::Done => None,
+            Kept::Superseded(found) => {
+                let settling = settle(&engine, store_key, found, &flown, answers, &ask, atomic);
+                Box::pin(settling).await
             }
+            Kept::Failed => unkept(config),
+            Kept::Discarded => Some(Done::NotCommitted),
+        };
+        if let Some(done) = settled {
+            tracing::debug!(ok = true, "flight completed with another run's answer");
+            return Ok(done);
         }
         tracing::debug!(ok = true, "flight completed");
         Ok(Done::Fresh {
