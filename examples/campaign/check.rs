@@ -16,6 +16,8 @@
 //!    may be lost with it (reported on its own line, not hidden), even if a caller that
 //!    joined the run's flight got it just after the crash.
 //! 6. Nothing panicked.
+//! 7. Every instance recovers: once the faults healed, each answers a fresh request with a
+//!    `2xx` within 20 s.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -77,13 +79,14 @@ pub struct FaultWindow {
     pub end: f64,
 }
 
-const INVARIANTS: [&str; 6] = [
+const INVARIANTS: [&str; 7] = [
     "1 one answer",
     "2 own answer",
     "3 one effect",
     "4 no hang",
     "5 durable",
     "6 no panic",
+    "7 recovers",
 ];
 
 /// One store's result.
@@ -292,6 +295,13 @@ pub fn check(
     report.lost_with_store = lost.len();
     if !history.panics.is_empty() {
         flag(&mut report, INVARIANTS[5], "(instance stderr)");
+    }
+    for instance in &history.unrecovered {
+        flag(
+            &mut report,
+            INVARIANTS[6],
+            &format!("(instance {instance})"),
+        );
     }
     if !bad.is_empty() {
         let path = out.join(format!("violations-{}-seed{seed}.txt", mode_name(mode)));
@@ -522,6 +532,7 @@ mod tests {
             finals: HashMap::from([(key.to_owned(), Outcome::Answer(201, text("i0-2")))]),
             writes: HashMap::from([(key.to_owned(), (2, "i0-2".to_owned()))]),
             panics: Vec::new(),
+            unrecovered: Vec::new(),
         };
         let out = std::env::temp_dir();
         let report = check(Mode::Redis, &history, 2000.0, &out, 1).unwrap();
@@ -534,5 +545,21 @@ mod tests {
         // On a store that keeps its answers, the same history is two answers of one key.
         let report = check(Mode::RedisAof, &history, 2000.0, &out, 1).unwrap();
         assert_eq!(report.violations["1 one answer"], [key]);
+    }
+
+    /// An instance that answered no fresh request after the healing is a violation of its
+    /// own, whatever its keys' answers were.
+    #[test]
+    fn an_instance_that_never_served_again_is_a_violation() {
+        let history = crate::History {
+            unrecovered: vec![1],
+            ..crate::History::default()
+        };
+        let out = std::env::temp_dir();
+        let report = check(Mode::Cluster, &history, 2000.0, &out, 1).unwrap();
+        assert!(report.failed());
+        assert_eq!(report.violations["7 recovers"], ["(instance 1)"]);
+        let others: usize = report.violations.values().map(Vec::len).sum();
+        assert_eq!(others, 1);
     }
 }

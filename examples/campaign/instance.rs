@@ -76,6 +76,22 @@ struct App {
 }
 
 pub async fn run(args: InstanceArgs) -> Result<(), tower_coalesce::BoxError> {
+    // `CAMPAIGN_LOG=redis=debug,tower_coalesce=debug` (targets and levels): the instance's
+    // log, and its store client's, on its stderr, which the campaign keeps for an
+    // instance that did not recover.
+    if let Ok(spec) = std::env::var("CAMPAIGN_LOG") {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let targets: tracing_subscriber::filter::Targets = spec.parse()?;
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(std::io::stderr),
+            )
+            .with(targets)
+            .try_init()?;
+    }
     let timeout = Duration::from_millis(args.timeout_ms);
     let lease = Duration::from_millis(args.lease_ms);
     let poll = Duration::from_millis(100);

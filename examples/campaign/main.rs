@@ -236,6 +236,8 @@ pub struct History {
     /// Effective writes per key, and the run of the last, from the effects table.
     pub writes: HashMap<String, (i64, String)>,
     pub panics: Vec<String>,
+    /// Instances that answered no fresh request after the faults healed (by index).
+    pub unrecovered: Vec<usize>,
 }
 
 /// The system under test: the store's servers, the instances and their proxies. Each part
@@ -426,6 +428,11 @@ async fn run_mode(args: &Args, mode: Mode, duration: Duration) -> Result<check::
     println!("   workload done; healing and asking every answered key again");
     heal(&sut, &exe, clock, &history).await?;
     tokio::time::sleep(Duration::from_millis(2 * args.lease_ms)).await;
+    // Every instance must serve again once its store is back: one that stays cut off from
+    // it (its client wedged) answers every request with a 503 forever, which the checks
+    // below would only see as lost answers. The final pass then asks the others.
+    let unrecovered = recovered(&workload).await;
+    history.lock().unwrap().unrecovered = unrecovered;
     // Keys with an effect but no 2xx seen (their answer was lost with a killed instance,
     // or a timed-out client) are asked too, with the body the effect was written for.
     let effect_bodies: Vec<(String, String)> =
@@ -445,10 +452,25 @@ async fn run_mode(args: &Args, mode: Mode, duration: Duration) -> Result<check::
             .map(|(key, writes, run)| (key, (writes as i64, run)))
             .collect();
     }
-    for instance in &sut.instances {
+    let unrecovered = history.lock().unwrap().unrecovered.clone();
+    for (i, instance) in sut.instances.iter().enumerate() {
         let mut instance = instance.lock().await;
         stop_instance(&mut instance);
         let stderr = std::fs::read_to_string(&instance.stderr).unwrap_or_default();
+        let replaced = stderr
+            .lines()
+            .filter(|l| l.contains("stopped answering") && l.contains("replaced it"))
+            .count();
+        if replaced > 0 {
+            println!("   instance {i} replaced its store connection {replaced} times");
+        }
+        if unrecovered.contains(&i) {
+            let kept = args
+                .out
+                .join(format!("{}-seed{}-i{i}.stderr", mode.name(), args.seed));
+            std::fs::create_dir_all(&args.out)?;
+            std::fs::write(&kept, &stderr)?;
+        }
         for line in stderr.lines().filter(|l| l.contains("panicked")) {
             history.lock().unwrap().panics.push(line.to_owned());
         }
@@ -851,7 +873,11 @@ impl Workload {
     /// Even keys are payments (`/payments`, the key in `Idempotency-Key`), odd keys
     /// clients (`/clients`, the key in the body's `id`).
     fn route(k: u64) -> &'static str {
-        if k % 2 == 0 { "/payments" } else { "/clients" }
+        if k.is_multiple_of(2) {
+            "/payments"
+        } else {
+            "/clients"
+        }
     }
 
     /// The key's own body, and the one a reuse sends.
@@ -939,6 +965,43 @@ impl Workload {
 /// Asks every key that ever got a 2xx, or has an effect, once more, with the body that got
 /// it (retrying
 /// transport errors and 5xx a few times: the store may still be coming back).
+/// How long an instance has, after the faults healed, to answer a fresh request.
+const RECOVERY: Duration = Duration::from_secs(20);
+
+/// The instances that answered no fresh request with a `2xx` within [`RECOVERY`] of the
+/// faults healing. The probe's key is its own (no client's), so it is in no history.
+async fn recovered(workload: &Workload) -> Vec<usize> {
+    let probes = (0..workload.addrs.len()).map(|instance| async move {
+        let deadline = Instant::now() + RECOVERY;
+        for attempt in 0.. {
+            let key = format!(
+                "{}-{}-recovery-i{instance}-{attempt}",
+                workload.mode.name(),
+                workload.seed
+            );
+            let body = format!("{{\"probe\":{attempt}}}");
+            if let check::Outcome::Answer(200..=299, _) =
+                workload.send(instance, "/payments", &key, &body).await
+            {
+                return None;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        println!(
+            "   instance {instance} answered no fresh request within {RECOVERY:?} of the healing"
+        );
+        Some(instance)
+    });
+    futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 async fn final_pass(workload: &Workload, effect_bodies: Vec<(String, String)>) {
     let answered: Vec<(String, (String, &'static str))> = {
         let history = workload.history.lock().unwrap();
@@ -958,11 +1021,19 @@ async fn final_pass(workload: &Workload, effect_bodies: Vec<(String, String)>) {
         }
         seen.into_iter().collect()
     };
+    // Asked of the instances that recovered (of all, if none did: every answer is then lost).
+    let unrecovered = workload.history.lock().unwrap().unrecovered.clone();
+    let mut serving: Vec<usize> = (0..workload.addrs.len())
+        .filter(|i| !unrecovered.contains(i))
+        .collect();
+    if serving.is_empty() {
+        serving = (0..workload.addrs.len()).collect();
+    }
     let mut rng = Rng::new(workload.seed ^ 0xf1a1);
     let mut finals = HashMap::new();
     for chunk in answered.chunks(32) {
         let asks = chunk.iter().map(|(key, (body, route))| {
-            let instance = rng.below(workload.addrs.len() as u64) as usize;
+            let instance = serving[rng.below(serving.len() as u64) as usize];
             async move {
                 let mut outcome = workload.send(instance, route, key, body).await;
                 for _ in 0..10 {
