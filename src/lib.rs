@@ -97,7 +97,7 @@
 //!
 //! # Minimum supported Rust version
 //!
-//! Rust 1.85 (edition 2024). Raising it is not a breaking change.
+//! Rust 1.88 (edition 2024). Raising it is not a breaking change.
 //!
 //! [`CoalesceLayer`]: crate::coalesce::CoalesceLayer
 //! [`Group::run`]: crate::single_flight::Group::run

@@ -179,10 +179,10 @@ pub(super) fn invalidated(
         let Some(uri) = response.get(name).and_then(|v| v.to_str().ok()) else {
             continue;
         };
-        if let Some(path) = same_origin_path(uri, origin) {
-            if !paths.contains(&path) {
-                paths.push(path);
-            }
+        if let Some(path) = same_origin_path(uri, origin)
+            && !paths.contains(&path)
+        {
+            paths.push(path);
         }
     }
     Some(paths)

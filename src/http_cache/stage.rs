@@ -433,10 +433,8 @@ impl CacheStage {
         waited: bool,
         metrics: &Metrics,
     ) -> Result<Lease, BoxError> {
-        if waited {
-            if let Some(kept) = self.fresh_entry(store, key, fingerprint, asked).await? {
-                return Ok(Lease::Stored(kept));
-            }
+        if waited && let Some(kept) = self.fresh_entry(store, key, fingerprint, asked).await? {
+            return Ok(Lease::Stored(kept));
         }
         // The request asked for the origin (`no-cache`): a fresh entry it did not wait for
         // is no answer to it.

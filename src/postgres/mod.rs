@@ -1230,7 +1230,7 @@ fn hex_bytes(bytes: &[u8]) -> String {
 
 /// The bytes of lowercase hex, or `None` if it is not.
 fn unhex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     (0..hex.len())

@@ -192,10 +192,10 @@ pub(super) fn push_sender(
         match (push.kind, channel) {
             // `smessage`: a sharded channel's message, on a cluster.
             (PushKind::Message | PushKind::SMessage, Some(channel)) => {
-                if let Some(waiters) = waiters.upgrade() {
-                    if let Ok(channel) = std::str::from_utf8(channel) {
-                        waiters.wake(channel, None);
-                    }
+                if let Some(waiters) = waiters.upgrade()
+                    && let Ok(channel) = std::str::from_utf8(channel)
+                {
+                    waiters.wake(channel, None);
                 }
                 if let (Some(backplane), Some(Value::BulkString(message))) =
                     (backplane.upgrade(), push.data.get(1))

@@ -395,12 +395,11 @@ where
             // The flight may be only the lookup of a completed key (retries that arrived
             // together): replay rather than refuse.
             let asked = request.as_ref().map(|req| req.headers());
-            if let (Some(_), Some(key), Some(asked)) = (config.replay, &store_key, asked) {
-                if let Ok(Some(stored)) = engine.store.get(key).await {
-                    if answers(&stored, ask.fingerprint(), asked) {
-                        return Ok(replay(&stored, metrics));
-                    }
-                }
+            if let (Some(_), Some(key), Some(asked)) = (config.replay, &store_key, asked)
+                && let Ok(Some(stored)) = engine.store.get(key).await
+                && answers(&stored, ask.fingerprint(), asked)
+            {
+                return Ok(replay(&stored, metrics));
             }
             metrics.duplicate_refused();
             Ok(problem::in_progress())
