@@ -23,7 +23,7 @@ use support::{Counter, Gate, eventually};
 use tower_coalesce::http::Metrics;
 use tower_coalesce::idempotency::{IdempotencyLayer, OnStoreError};
 use tower_coalesce::redis::RedisStore;
-use tower_coalesce::store::FencingToken;
+use tower_coalesce::store::{FencingToken, Fingerprint, Store, StoreKey, StoredResponse};
 
 const TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -513,4 +513,70 @@ async fn a_killed_master_fails_over_to_its_replica_and_the_instances_follow() {
     // The other instance may still have to find the new master (503s until it has).
     let (replay, _) = until_available(instances[1].addr, &key).await;
     assert_eq!((replay.replayed, &replay.body), (true, &answer.body));
+}
+
+/// A cluster connection whose driver stopped running for good is replaced. (The fault
+/// campaign wedged redis-rs's cluster connection so, after a node restart while every
+/// connection was killed: from then on every command of that instance timed out, while the
+/// cluster served the others.) Here the connection is made on a runtime that is then no
+/// longer driven, so its driver never runs again: the first commands time out, and once
+/// none has had an answer for three timeouts the store makes a new connection and answers
+/// from then on.
+#[test]
+fn a_cluster_connection_that_stopped_answering_for_good_is_replaced() {
+    let Some(urls) = cluster_urls() else {
+        return;
+    };
+    let timeout = Duration::from_millis(200);
+    let frozen = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = frozen
+        .block_on(connect_cluster(&urls, timeout))
+        .with_prefix(prefix());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let key = StoreKey::from_bytes([9; 32]);
+        let first = store.get(&key).await;
+        assert!(
+            first
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("timed out")),
+            "the frozen connection answered: {first:?}"
+        );
+        let started = Instant::now();
+        let answered = loop {
+            match store.get(&key).await {
+                Ok(found) => break found,
+                Err(_) => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(10),
+                        "still no answer after 10 s"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        assert!(answered.is_none());
+        // The new connection does the store's work: a response kept and read back.
+        let response = Arc::new(StoredResponse::new(
+            StatusCode::CREATED,
+            axum::http::Version::HTTP_11,
+            axum::http::HeaderMap::new(),
+            "kept".into(),
+            Fingerprint::from_bytes([1; 32]),
+        ));
+        store
+            .put(key.clone(), response.clone(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let read = store.get(&key).await.unwrap().expect("kept");
+        assert_eq!(read.body(), response.body());
+    });
+    frozen.shutdown_background();
 }

@@ -3,17 +3,22 @@
 //! (plain on a single node, sharded on a cluster, where a plain message would be sent to
 //! every node of the cluster).
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use redis::aio::{ConnectionLike, ConnectionManager};
-use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+
+use super::cluster::Cluster;
 
 #[derive(Clone)]
 pub(super) enum Connection {
     /// A single Redis, through the connection manager, which reconnects on its own.
     Node(ConnectionManager),
     /// A Redis Cluster: each command goes to the master of its key's slot, and follows
-    /// `MOVED` and `ASK` redirections; it reconnects on its own too.
-    Cluster(ClusterConnection),
+    /// `MOVED` and `ASK` redirections; it reconnects on its own too, and is replaced when
+    /// it stops answering altogether (see [`Cluster`]).
+    Cluster(Arc<Cluster>),
 }
 
 impl Connection {
@@ -22,14 +27,36 @@ impl Connection {
     pub(super) async fn subscribe(&mut self, channel: &str) -> RedisResult<()> {
         match self {
             Connection::Node(conn) => conn.subscribe(channel).await,
-            Connection::Cluster(conn) => conn.ssubscribe(channel).await,
+            Connection::Cluster(cluster) => cluster.conn().ssubscribe(channel).await,
+        }
+    }
+
+    /// Subscribes to `channel` for the life of the store (the cache's changes): the
+    /// connections subscribe again after a reconnection, and a replaced cluster
+    /// connection's successor does too.
+    pub(super) async fn subscribe_for_good(&mut self, channel: &str) -> RedisResult<()> {
+        match self {
+            Connection::Node(conn) => conn.subscribe(channel).await,
+            Connection::Cluster(cluster) => cluster.subscribe_for_good(channel).await,
+        }
+    }
+
+    /// Watches one command: whether it gets an answer, which a cluster connection goes
+    /// by to tell that it stopped answering altogether.
+    pub(super) fn watch(&self) -> Watch {
+        Watch {
+            cluster: match self {
+                Connection::Node(_) => None,
+                Connection::Cluster(cluster) => Some(cluster.clone()),
+            },
+            sent: Instant::now(),
         }
     }
 
     pub(super) async fn unsubscribe(&mut self, channel: &str) -> RedisResult<()> {
         match self {
             Connection::Node(conn) => conn.unsubscribe(channel).await,
-            Connection::Cluster(conn) => conn.sunsubscribe(channel).await,
+            Connection::Cluster(cluster) => cluster.conn().sunsubscribe(channel).await,
         }
     }
 
@@ -47,7 +74,10 @@ impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Connection::Node(conn) => conn.req_packed_command(cmd),
-            Connection::Cluster(conn) => conn.req_packed_command(cmd),
+            Connection::Cluster(cluster) => {
+                let mut conn = cluster.conn();
+                Box::pin(async move { conn.req_packed_command(cmd).await })
+            }
         }
     }
 
@@ -59,14 +89,41 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Node(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Connection::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(cluster) => {
+                let mut conn = cluster.conn();
+                Box::pin(async move { conn.req_packed_commands(pipeline, offset, count).await })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Connection::Node(conn) => conn.get_db(),
-            Connection::Cluster(conn) => conn.get_db(),
+            Connection::Cluster(cluster) => cluster.conn().get_db(),
+        }
+    }
+}
+
+/// One command on its way: [`answered`](Watch::answered) when it got an answer (an error
+/// reply counts); dropped without one (timed out, or its caller stopped waiting), it
+/// counts as unanswered.
+pub(super) struct Watch {
+    cluster: Option<Arc<Cluster>>,
+    sent: Instant,
+}
+
+impl Watch {
+    pub(super) fn answered(mut self) {
+        if let Some(cluster) = self.cluster.take() {
+            cluster.answered();
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(cluster) = self.cluster.take() {
+            cluster.unanswered(self.sent);
         }
     }
 }

@@ -4,7 +4,11 @@
 //! [`RedisStore`] implements [`Store`] on a single Redis
 //! ([`connect`](RedisStore::connect)) or on a Redis Cluster
 //! ([`connect_cluster`](RedisStore::connect_cluster)); both connections reconnect on their
-//! own after Redis restarts. With it, an [`IdempotencyLayer`] runs each key once across all
+//! own after Redis restarts. A cluster connection that stops answering altogether (no
+//! command answered for three timeouts, while commands were sent) is replaced by a new
+//! one: the fault campaign wedged redis-rs's cluster connection for good, after a node
+//! restart while every connection was killed, in the versions up to the current one
+//! (1.8.2). With it, an [`IdempotencyLayer`] runs each key once across all
 //! the instances that share the Redis:
 //!
 //! 1. Within an instance, requests with the same key coalesce first, so Redis sees one
@@ -83,6 +87,7 @@
 //! [`FencingToken`]: crate::store::FencingToken
 //! [`IdempotencyLayer`]: crate::idempotency::IdempotencyLayer
 
+mod cluster;
 mod connection;
 mod lease;
 
@@ -244,7 +249,8 @@ impl RedisStore {
         let conn = tokio::time::timeout(timeout, client.get_async_connection())
             .await
             .map_err(|_| "timed out connecting to the redis cluster")??;
-        Self::ready(Connection::Cluster(conn), waiters, backplane, timeout).await
+        let cluster = cluster::Cluster::new(client, conn, timeout);
+        Self::ready(Connection::Cluster(cluster), waiters, backplane, timeout).await
     }
 
     /// Loads the scripts (into every master of a cluster) and makes the store.
@@ -317,7 +323,13 @@ impl RedisStore {
         what: &'static str,
         command: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, BoxError> {
-        match tokio::time::timeout(self.timeout, command).await {
+        let watch = self.conn.watch();
+        let answer = tokio::time::timeout(self.timeout, command).await;
+        // An error reply is an answer too; a timeout the client reports is not.
+        if matches!(&answer, Ok(Ok(_))) || matches!(&answer, Ok(Err(e)) if !e.is_timeout()) {
+            watch.answered();
+        }
+        match answer {
             Ok(result) => Ok(result?),
             Err(_) => Err(format!("redis {what} timed out after {:?}", self.timeout).into()),
         }
@@ -534,7 +546,10 @@ impl Store for RedisStore {
             tokio::spawn(async move {
                 loop {
                     let mut conn = store.conn.clone();
-                    match store.timed("SUBSCRIBE", conn.subscribe(&channel)).await {
+                    match store
+                        .timed("SUBSCRIBE", conn.subscribe_for_good(&channel))
+                        .await
+                    {
                         Ok(()) => return,
                         Err(error) => {
                             tracing::warn!(%error, "subscribing to the cache's changes failed; retrying");
