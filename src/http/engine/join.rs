@@ -197,7 +197,7 @@ where
                 let lead = "a caller leads at most one flight";
                 let (req, inner) = (self.request.take().expect(lead), self.inner.take());
                 ask.keep_headers(req.headers(), engine.reads_headers());
-                let flight = ask.lead();
+                let flight = ask.flight();
                 if let Some(span) = own_span(REQUEST_SPAN) {
                     span.record("coalesce.flight_id", flight);
                 }

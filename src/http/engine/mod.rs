@@ -378,8 +378,8 @@ struct Asked {
     /// The request's headers, kept by a leader whose request goes into its flight: they
     /// tell which responses and replays answer it when a response `Vary`s.
     headers: KeptHeaders,
-    /// The id of the flight this request leads, if it leads one: its followers' traces
-    /// name the flight they waited on.
+    /// The id of the flight this request leads, if it leads one (0: not asked yet): its
+    /// followers' traces name the flight they waited on.
     flight: std::sync::atomic::AtomicU64,
 }
 
@@ -395,19 +395,27 @@ impl Ask {
         }))
     }
 
-    /// Marks this request as the leader of a new flight, and returns the flight's id
-    /// (unique in the process, from 1).
-    fn lead(&self) -> u64 {
+    /// The id of the flight this request leads (unique in the process, from 1), made on
+    /// the first call: by its leader when it makes the flight's work, or by a follower
+    /// that joined in between the flight's registration and that (the registry's lock is
+    /// released before the work is made), which then names the same flight the leader
+    /// will. Only the asks of leaders are asked.
+    fn flight(&self) -> u64 {
         use std::sync::atomic::{AtomicU64, Ordering};
         static FLIGHTS: AtomicU64 = AtomicU64::new(1);
+        let id = self.0.flight.load(Ordering::Relaxed);
+        if id != 0 {
+            return id;
+        }
         let id = FLIGHTS.fetch_add(1, Ordering::Relaxed);
-        self.0.flight.store(id, Ordering::Relaxed);
-        id
-    }
-
-    /// The id of the flight this request leads (0: none yet).
-    fn flight(&self) -> u64 {
-        self.0.flight.load(std::sync::atomic::Ordering::Relaxed)
+        match self
+            .0
+            .flight
+            .compare_exchange(0, id, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => id,
+            Err(first) => first,
+        }
     }
 
     /// Keeps a copy of the request's headers, for [`headers`](Self::headers) once the
