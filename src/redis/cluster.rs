@@ -83,7 +83,9 @@ impl Cluster {
     pub(super) fn unanswered(self: &Arc<Self>, sent: Instant) {
         let since = {
             let mut silent = lock(&self.silent_since);
-            let since = silent.map_or(sent, |since| since.min(sent));
+            // The first unanswered command's time stands until an answer, or a failed
+            // replacement, resets it: the next try comes as long after that one.
+            let since = silent.unwrap_or(sent);
             *silent = Some(since);
             self.silent.store(true, Ordering::Release);
             since
@@ -118,7 +120,6 @@ impl Cluster {
             Ok(Ok(conn)) => conn,
             Ok(Err(error)) => {
                 tracing::warn!(%error, "the Redis Cluster connection stopped answering; a new one failed");
-                // Counted again from now: the next try after as long again.
                 *lock(&self.silent_since) = Some(Instant::now());
                 return;
             }
