@@ -9,8 +9,10 @@
 //! when the commands have timed out, and nothing answered, for a while, a new connection
 //! is made from the same client, and the commands go to it from then on.
 //!
-//! Only a timeout counts: an error the connection returns (refused, `CLUSTERDOWN`, a
-//! failover's `MOVED`) shows that its driver runs, and so does any answer. Replacing a
+//! What counts is a command that got no answer: it timed out, or its caller stopped
+//! waiting (the layer's own deadline may come first). An error the connection returns
+//! (refused, `CLUSTERDOWN`, a failover's `MOVED`) shows that its driver runs, as does any
+//! answer. Replacing a
 //! connection that was only slow costs one reconnection; its flights that waited for a
 //! release message then poll for it, as after any reconnection. The wedged task is left
 //! behind (nothing can stop it from outside): a task and its sockets, once per wedge.
@@ -33,7 +35,8 @@ pub(super) struct Cluster {
     timeout: Duration,
     current: RwLock<ClusterConnection>,
     /// Since when commands have gone unanswered with no answer in between (`None`:
-    /// answering), and whether that is `Some`, read without the lock on every answer.
+    /// answering); `silent` says whether it is `Some`, so that an answer, on every
+    /// command, takes no lock.
     silent_since: Mutex<Option<Instant>>,
     silent: AtomicBool,
     replacing: AtomicBool,

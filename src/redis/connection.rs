@@ -42,15 +42,12 @@ impl Connection {
     }
 
     /// Watches one command: whether it gets an answer, which a cluster connection goes
-    /// by to tell that it stopped answering altogether.
-    pub(super) fn watch(&self) -> Watch {
-        Watch {
-            cluster: match self {
-                Connection::Node(_) => None,
-                Connection::Cluster(cluster) => Some(cluster.clone()),
-            },
-            sent: Instant::now(),
-        }
+    /// by to tell that it stopped answering altogether. Nothing on a single node.
+    pub(super) fn watch(&self) -> Watch<'_> {
+        Watch(match self {
+            Connection::Node(_) => None,
+            Connection::Cluster(cluster) => Some((cluster, Instant::now())),
+        })
     }
 
     pub(super) async fn unsubscribe(&mut self, channel: &str) -> RedisResult<()> {
@@ -107,23 +104,20 @@ impl ConnectionLike for Connection {
 /// One command on its way: [`answered`](Watch::answered) when it got an answer (an error
 /// reply counts); dropped without one (timed out, or its caller stopped waiting), it
 /// counts as unanswered.
-pub(super) struct Watch {
-    cluster: Option<Arc<Cluster>>,
-    sent: Instant,
-}
+pub(super) struct Watch<'a>(Option<(&'a Arc<Cluster>, Instant)>);
 
-impl Watch {
+impl Watch<'_> {
     pub(super) fn answered(mut self) {
-        if let Some(cluster) = self.cluster.take() {
+        if let Some((cluster, _)) = self.0.take() {
             cluster.answered();
         }
     }
 }
 
-impl Drop for Watch {
+impl Drop for Watch<'_> {
     fn drop(&mut self) {
-        if let Some(cluster) = self.cluster.take() {
-            cluster.unanswered(self.sent);
+        if let Some((cluster, sent)) = self.0.take() {
+            cluster.unanswered(sent);
         }
     }
 }
