@@ -197,9 +197,9 @@ where
                 let lead = "a caller leads at most one flight";
                 let (req, inner) = (self.request.take().expect(lead), self.inner.take());
                 ask.keep_headers(req.headers(), engine.reads_headers());
-                let flight = ask.flight();
+                // The flight's id is made only for what would see it (`Ask::flight`).
                 if let Some(span) = own_span(REQUEST_SPAN) {
-                    span.record("coalesce.flight_id", flight);
+                    span.record("coalesce.flight_id", ask.flight());
                 }
                 let store_key = self.store_key.clone();
                 fly(

@@ -396,10 +396,12 @@ impl Ask {
     }
 
     /// The id of the flight this request leads (unique in the process, from 1), made on
-    /// the first call: by its leader when it makes the flight's work, or by a follower
-    /// that joined in between the flight's registration and that (the registry's lock is
-    /// released before the work is made), which then names the same flight the leader
-    /// will. Only the asks of leaders are asked.
+    /// the first call, by whichever span asks first: the leader's, the flight's, or a
+    /// follower's that joined in between the flight's registration and the making of its
+    /// work (the registry's lock is released before the work is made), which then names
+    /// the flight the others will. Only asked where a span would record it: the count it
+    /// comes from is one cache line for every worker, not to be touched per request for
+    /// nothing. Only the asks of leaders are asked.
     fn flight(&self) -> u64 {
         use std::sync::atomic::{AtomicU64, Ordering};
         static FLIGHTS: AtomicU64 = AtomicU64::new(1);
