@@ -27,46 +27,27 @@
 //! `bash benches/stores.sh` starts PostgreSQL (`fsync` on) and both Redis servers and runs
 //! this bench against them.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::future::join_all;
-use http::{Request, Response, StatusCode};
-use http_body_util::{Either, Full};
 use tokio::runtime::Runtime;
-use tower::util::BoxCloneSyncService;
-use tower::{Layer, ServiceExt, service_fn};
-use tower_coalesce::idempotency::IdempotencyLayer;
+use tower::{ServiceExt, service_fn};
 use tower_coalesce::store::{MemoryStore, Store};
 
-type Svc = BoxCloneSyncService<Request<Full<Bytes>>, Response<()>, Infallible>;
+#[path = "support/orders.rs"]
+mod orders;
+use orders::{Order, Svc, created, request};
 
+/// An instance on `store` whose handler answers at once.
 fn instance<St: Store>(store: St) -> Svc {
-    let handler = service_fn(|_: Request<Either<Full<Bytes>, Full<Bytes>>>| async {
-        let mut response = Response::new(Full::new(Bytes::from_static(b"order created")));
-        *response.status_mut() = StatusCode::CREATED;
-        Ok::<_, Infallible>(response)
-    });
-    let svc = IdempotencyLayer::new().store(store).layer(handler);
-    BoxCloneSyncService::new(svc.map_response(|response| {
-        assert!(response.status().is_success(), "{}", response.status());
-        response.map(drop)
-    }))
+    orders::instance(store, service_fn(|_: Order| async { Ok(created()) }))
 }
 
 fn fresh_key() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let run = std::process::id();
     format!("bench-{run}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
-fn request(key: &str) -> Request<Full<Bytes>> {
-    Request::post("/orders")
-        .header("idempotency-key", key)
-        .body(Full::new(Bytes::from_static(b"2 apples")))
-        .unwrap()
 }
 
 /// `callers` concurrent calls of one fresh key on each instance.
@@ -348,7 +329,7 @@ fn atomic_flights(rt: &Runtime) -> Option<Vec<(&'static str, Svc)>> {
 fn writing<St: Store>(store: St, pool: sqlx::PgPool, insert: std::sync::Arc<str>) -> Svc {
     use tower_coalesce::postgres::Tx;
 
-    let handler = service_fn(move |req: Request<Either<Full<Bytes>, Full<Bytes>>>| {
+    let handler = service_fn(move |req: Order| {
         let (pool, insert) = (pool.clone(), insert.clone());
         async move {
             let key = req.headers()["idempotency-key"]
@@ -361,16 +342,10 @@ fn writing<St: Store>(store: St, pool: sqlx::PgPool, insert: std::sync::Arc<str>
                 None => insert.execute(&pool).await,
             }
             .unwrap();
-            let mut response = Response::new(Full::new(Bytes::from_static(b"created")));
-            *response.status_mut() = StatusCode::CREATED;
-            Ok::<_, Infallible>(response)
+            Ok(created())
         }
     });
-    let svc = IdempotencyLayer::new().store(store).layer(handler);
-    BoxCloneSyncService::new(svc.map_response(|response| {
-        assert!(response.status().is_success(), "{}", response.status());
-        response.map(drop)
-    }))
+    orders::instance(store, handler)
 }
 
 /// The atomic flights, one after the other, 1,000 each, three times: prints each mean

@@ -12,51 +12,32 @@
 //! The stores are the ones given, as for the bench: `REDIS_URL`, `REDIS_DURABLE_URL`,
 //! `DATABASE_URL`. Prints, per store, the median and p90 of each phase in microseconds.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::{Either, Full};
-use tower::util::BoxCloneSyncService;
-use tower::{Layer, ServiceExt, service_fn};
-use tower_coalesce::idempotency::IdempotencyLayer;
+use tower::{ServiceExt, service_fn};
 use tower_coalesce::store::Store;
+
+#[path = "../support/orders.rs"]
+mod orders;
+use orders::{Order, Svc, created, request};
 
 const ROUNDS: usize = 300;
 const INSTANCES: usize = 4;
 const CALLERS: usize = 50;
 
-type Svc = BoxCloneSyncService<Request<Full<Bytes>>, Response<()>, Infallible>;
-
 /// When, and on which instance, the handler ran in this round.
 type Ran = Arc<Mutex<Option<(Instant, usize)>>>;
 
+/// The bench's instance, whose handler also says when and where it ran.
 fn instance<St: Store>(store: St, index: usize, ran: Ran) -> Svc {
-    let handler = service_fn(move |_: Request<Either<Full<Bytes>, Full<Bytes>>>| {
-        let ran = ran.clone();
-        async move {
-            let previous = ran.lock().unwrap().replace((Instant::now(), index));
-            assert!(previous.is_none(), "the key ran twice");
-            let mut response = Response::new(Full::new(Bytes::from_static(b"order created")));
-            *response.status_mut() = StatusCode::CREATED;
-            Ok::<_, Infallible>(response)
-        }
+    let handler = service_fn(move |_: Order| {
+        let previous = ran.lock().unwrap().replace((Instant::now(), index));
+        assert!(previous.is_none(), "the key ran twice");
+        async { Ok(created()) }
     });
-    let svc = IdempotencyLayer::new().store(store).layer(handler);
-    BoxCloneSyncService::new(svc.map_response(|response| {
-        assert!(response.status().is_success(), "{}", response.status());
-        response.map(drop)
-    }))
-}
-
-fn request(key: &str) -> Request<Full<Bytes>> {
-    Request::post("/orders")
-        .header("idempotency-key", key)
-        .body(Full::new(Bytes::from_static(b"2 apples")))
-        .unwrap()
+    orders::instance(store, handler)
 }
 
 /// One round: (start to the handler, handler to the running instance's last answer, that
