@@ -5,12 +5,15 @@
 //! and from there to the last answer of the instances that waited (the release message).
 //! The stores take turns round by round, so that the machine's drift lands on all alike.
 //!
-//!     bash -c 'source .ci/postgres.sh; source .ci/redis.sh; \
+//!     bash -c 'PG_FSYNC=on source .ci/postgres.sh; source .ci/redis.sh; \
 //!       start_redis_server REDIS_DURABLE_URL --save "" --appendonly yes --appendfsync always; \
-//!       cargo run --release --manifest-path benches/Cargo.toml --example store_phases'
+//!       cargo run --release --manifest-path benches/Cargo.toml --example store_phases -- 4'
 //!
 //! The stores are the ones given, as for the bench: `REDIS_URL`, `REDIS_DURABLE_URL`,
-//! `DATABASE_URL`. Prints, per store, the median and p90 of each phase in microseconds.
+//! `DATABASE_URL` (with `fsync` on, as the bench's `stores.sh` starts it). The argument is
+//! how many instances share each store (4, the bench's, unless given): with 1, no instance
+//! waits for another, so no release message is sent. Prints, per store, the median and p90
+//! of each phase in microseconds.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +27,6 @@ mod orders;
 use orders::{Order, Svc, created, request};
 
 const ROUNDS: usize = 300;
-const INSTANCES: usize = 4;
 const CALLERS: usize = 50;
 
 /// When, and on which instance, the handler ran in this round.
@@ -55,7 +57,7 @@ async fn round(instances: &[Svc], ran: &Ran, key: &str) -> [u64; 3] {
             }));
         }
     }
-    let mut last = [start; INSTANCES];
+    let mut last = vec![start; instances.len()];
     for call in calls {
         let (index, done) = call.await.unwrap();
         last[index] = last[index].max(done);
@@ -82,6 +84,10 @@ fn main() {
         .build()
         .unwrap();
     let env = |name| std::env::var(name).ok().filter(|u: &String| !u.is_empty());
+    let instances_per_store: usize = match std::env::args().nth(1) {
+        Some(n) => n.parse().expect("the first argument is how many instances"),
+        None => 4,
+    };
     let mut setups: Vec<(&str, Vec<Svc>, Ran)> = Vec::new();
     rt.block_on(async {
         let prefix = format!("tower-coalesce-phases:{}:", std::process::id());
@@ -92,7 +98,7 @@ fn main() {
             if let Some(url) = env(var) {
                 let ran = Ran::default();
                 let mut instances = Vec::new();
-                for index in 0..INSTANCES {
+                for index in 0..instances_per_store {
                     let store = tower_coalesce::redis::RedisStore::connect(&url)
                         .await
                         .unwrap();
@@ -109,7 +115,7 @@ fn main() {
             let table = format!("tc_phases_{}", std::process::id());
             let ran = Ran::default();
             let mut instances = Vec::new();
-            for index in 0..INSTANCES {
+            for index in 0..instances_per_store {
                 let store = tower_coalesce::postgres::PostgresStore::builder()
                     .table(&table)
                     .connect(&url)
@@ -146,7 +152,7 @@ fn main() {
         }
     });
     println!(
-        "phases of a 4 x 50 round, µs, median / p90 ({} rounds each):",
+        "phases of a {instances_per_store} x {CALLERS} round, µs, median / p90 ({} rounds each):",
         ROUNDS - 20
     );
     for ((name, _, _), phases) in setups.iter().zip(&phases) {
